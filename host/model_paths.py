@@ -1,0 +1,154 @@
+"""Where model files live, and the error that names a missing one.
+
+Hosted in ComfyUI: folders are registered with folder_paths (existing entries from extra_model_paths.yaml are
+kept) and files resolved through it. Standalone (CLI, tests): a search path of ComfyUI-style models folders,
+from --models-dir / set_models_dirs() and the FACEMEND_MODELS_DIR environment variable (os.pathsep-separated),
+each holding sub-folders named like ComfyUI's (facedetection/, facerestore_models/, ...).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ..pipelines.checkpoint_io import WEIGHT_EXTENSIONS
+from ..pipelines.errors import ModelFileNotFound
+
+ENV_VAR = "FACEMEND_MODELS_DIR"
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    name: str
+    extensions: tuple
+    holds: str
+
+
+# Folder names shared with ReActor / facerestore_cf / IPAdapter so users' existing files are found.
+FOLDERS = {
+    f.name: f
+    for f in (
+        ModelFolder("facedetection", WEIGHT_EXTENSIONS + (".onnx",), "face detectors and parsing nets (facexlib RetinaFace, YuNet)"),
+        ModelFolder("facerestore_models", WEIGHT_EXTENSIONS, "face restorers (GFPGAN, CodeFormer, RestoreFormer++, GPEN)"),
+        ModelFolder("insightface", (".onnx",), "ArcFace / SCRFD packs under insightface/models/<pack>/"),
+        ModelFolder("facemend_iqa", WEIGHT_EXTENSIONS + (".npz", ".mat"), "IQA metric weights and NIQE parameters"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class KnownFile:
+    folder: str
+    source: str
+    licence: str
+    size: str
+
+
+# Where to get each file a node can ask for. Shown in "missing file" errors and mirrored in the README table.
+KNOWN_FILES = {
+    "detection_Resnet50_Final.pth": KnownFile(
+        "facedetection", "https://github.com/xinntao/facexlib/releases/download/v0.1.0/detection_Resnet50_Final.pth",
+        "MIT (facexlib)", "104 MB"),
+    "detection_mobilenet0.25_Final.pth": KnownFile(
+        "facedetection", "https://github.com/xinntao/facexlib/releases/download/v0.1.0/detection_mobilenet0.25_Final.pth",
+        "MIT (facexlib)", "1.7 MB"),
+    "retinaface_mobilenet0.25_1mb.pth": KnownFile(
+        "facedetection", "https://github.com/biubug6/Face-Detector-1MB-with-landmark (weights/mobilenet0.25_Final.pth, renamed)",
+        "MIT", "1.8 MB"),
+    "GFPGANv1.3.pth": KnownFile(
+        "facerestore_models", "https://github.com/TencentARC/GFPGAN/releases/download/v1.3.0/GFPGANv1.3.pth",
+        "Apache-2.0", "349 MB"),
+    "GFPGANv1.4.pth": KnownFile(
+        "facerestore_models", "https://github.com/TencentARC/GFPGAN/releases/download/v1.3.0/GFPGANv1.4.pth",
+        "Apache-2.0", "349 MB"),
+    "niqe_pris_params.npz": KnownFile(
+        "facemend_iqa", "https://github.com/XPixelGroup/BasicSR/blob/master/basicsr/metrics/niqe_pris_params.npz",
+        "Apache-2.0 repo; LIVE NIQE parameters", "12 KB"),
+}
+
+_standalone_dirs: list[str] = []
+
+
+def set_models_dirs(dirs) -> None:
+    """Standalone search path (the CLI's --models-dir); earlier entries win."""
+    _standalone_dirs[:] = [os.path.abspath(os.path.expanduser(d)) for d in dirs]
+
+
+def _folder_paths():
+    """ComfyUI's folder_paths module when running inside ComfyUI, else None."""
+    import sys
+
+    fp = sys.modules.get("folder_paths")
+    if fp is not None and hasattr(fp, "folder_names_and_paths"):
+        return fp
+    return None
+
+
+def register_comfy_folders() -> None:
+    """Add our folders to ComfyUI, keeping any paths users configured (extra_model_paths.yaml)."""
+    fp = _folder_paths()
+    if fp is None:
+        return
+    for folder in FOLDERS.values():
+        default = os.path.join(fp.models_dir, folder.name)
+        if folder.name in fp.folder_names_and_paths:
+            paths, exts = fp.folder_names_and_paths[folder.name]
+            if default not in paths:
+                paths = list(paths) + [default]
+            fp.folder_names_and_paths[folder.name] = (list(paths), set(exts) | set(folder.extensions))
+        else:
+            fp.folder_names_and_paths[folder.name] = ([default], set(folder.extensions))
+
+
+def search_dirs(folder: str) -> list[str]:
+    """The directories searched for files of `folder`, in order."""
+    fp = _folder_paths()
+    if fp is not None:
+        return list(fp.get_folder_paths(folder))
+    roots = list(_standalone_dirs)
+    env = os.environ.get(ENV_VAR, "")
+    roots += [os.path.abspath(os.path.expanduser(p)) for p in env.split(os.pathsep) if p]
+    return [os.path.join(r, folder) for r in roots]
+
+
+def list_files(folder: str) -> list[str]:
+    """Names (relative to the folder) of the model files present, for loader combos. No I/O beyond listing."""
+    exts = FOLDERS[folder].extensions if folder in FOLDERS else WEIGHT_EXTENSIONS
+    fp = _folder_paths()
+    if fp is not None:
+        try:
+            return sorted(n for n in fp.get_filename_list(folder) if n.lower().endswith(exts))
+        except KeyError:
+            return []
+    names = set()
+    for d in search_dirs(folder):
+        if not os.path.isdir(d):
+            continue
+        for root, _, files in os.walk(d, followlinks=True):
+            for f in files:
+                if f.lower().endswith(exts):
+                    names.add(os.path.relpath(os.path.join(root, f), d).replace(os.sep, "/"))
+    return sorted(names)
+
+
+def missing_file_message(folder: str, name: str) -> str:
+    dirs = search_dirs(folder)
+    where = "\n".join(f"  - {d}" for d in dirs) if dirs else (
+        f"  (no models folder configured: pass --models-dir or set {ENV_VAR})")
+    msg = f"Model file '{name}' was not found in the '{folder}' folder. Searched:\n{where}\n"
+    known = KNOWN_FILES.get(os.path.basename(name))
+    if known:
+        msg += f"Get it from {known.source} ({known.size}, licence {known.licence}) and put it in models/{known.folder}/."
+    else:
+        msg += f"Put the file in models/{folder}/ (FaceMend never downloads models by itself)."
+    return msg
+
+
+def find_file(folder: str, name: str) -> str:
+    """Full path of `name` in `folder`, or ModelFileNotFound naming the file, the folders and where to get it."""
+    if os.path.isabs(name) and os.path.isfile(name):
+        return name
+    for d in search_dirs(folder):
+        path = os.path.join(d, name)
+        if os.path.isfile(path):
+            return path
+    raise ModelFileNotFound(missing_file_message(folder, name))
