@@ -46,6 +46,12 @@ def offload_device() -> torch.device:
     return mm.unet_offload_device() if mm is not None else torch.device("cpu")
 
 
+def intermediate_device() -> torch.device:
+    """Where IMAGE tensors live between nodes (ComfyUI keeps them on the CPU)."""
+    mm = _mm()
+    return mm.intermediate_device() if mm is not None else torch.device("cpu")
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """'auto' -> fp16 on CUDA (bf16 when the GPU prefers it is left to explicit choice), fp32 elsewhere."""
     if name not in DTYPES:

@@ -1,0 +1,37 @@
+"""Glue shared by the node modules: IMAGE/MASK layout conversion and device placement."""
+from __future__ import annotations
+
+import torch
+
+from ..host import device as dev
+from ..pipelines.image_io import check_images, split_alpha
+
+CATEGORY = "FaceMend"
+
+
+def image_to_bchw(image: torch.Tensor, device: torch.device | None = None, what: str = "image") -> torch.Tensor:
+    """ComfyUI IMAGE [B,H,W,C] (C 1..4; alpha dropped) -> validated [B,3,H,W] float on `device`."""
+    if image.ndim == 3:  # a single image without batch dimension, as some nodes emit
+        image = image[None]
+    x = image.to(device or dev.compute_device()).permute(0, 3, 1, 2)
+    x, _ = split_alpha(x)
+    return check_images(x.float(), what)
+
+
+def bchw_to_image(x: torch.Tensor) -> torch.Tensor:
+    """[B,3,H,W] -> ComfyUI IMAGE [B,H,W,3] float32 on the intermediate device."""
+    return x.detach().clamp(0, 1).permute(0, 2, 3, 1).float().contiguous().to(dev.intermediate_device())
+
+
+def mask_out(m: torch.Tensor) -> torch.Tensor:
+    """[B,1,H,W] -> ComfyUI MASK [B,H,W] on the intermediate device."""
+    return m.detach()[:, 0].float().contiguous().to(dev.intermediate_device())
+
+
+def mask_in(mask: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """ComfyUI MASK [B,H,W] or [H,W] -> [B,H,W] float on `device`."""
+    if mask is None:
+        return None
+    if mask.ndim == 2:
+        mask = mask[None]
+    return mask.to(device).float()

@@ -1,0 +1,139 @@
+"""Face geometry on tensors: the FFHQ 5-point template, batched similarity fitting, and affine warps
+between images and face crops with grid_sample (forward for alignment, inverse for paste-back).
+
+Pixel convention: integer coordinates are pixel centres (as in OpenCV's warpAffine), so an affine
+computed here can be compared with facexlib's. grid_sample uses align_corners=False, where a pixel
+coordinate x maps to the normalised coordinate (2x+1)/W - 1.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# facexlib / GFPGAN's FFHQ template for 512x512 crops: left eye, right eye, nose, left and right mouth corner.
+FFHQ_TEMPLATE_512 = (
+    (192.98138, 239.94708),
+    (318.90277, 240.1936),
+    (256.63416, 314.01935),
+    (201.26117, 371.41043),
+    (313.08905, 371.15118),
+)
+# facexlib pads aligned crops with this colour (it passes (135,133,132) to OpenCV on BGR images).
+BORDER_GRAY_RGB = (132 / 255, 133 / 255, 135 / 255)
+BORDER_MODES = ("constant", "reflect", "edge")
+# Supersampling factor cap: beyond 8x8 samples per pixel the remaining aliasing is invisible.
+MAX_SUPERSAMPLE = 8
+
+
+def face_template(crop_size: int, device=None) -> torch.Tensor:
+    """[5,2] template points for a square crop of crop_size (scaled from 512, as facexlib does)."""
+    return torch.tensor(FFHQ_TEMPLATE_512, dtype=torch.float32, device=device) * (crop_size / 512.0)
+
+
+def fit_similarity(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """Least-squares similarity (rotation, uniform scale, translation; no reflection) mapping src
+    points onto dst. src [N,P,2], dst [P,2] or [N,P,2] -> [N,2,3]. Closed form (Umeyama in 2-D)."""
+    src = src.double()
+    dst = dst.double().expand_as(src)
+    mu_s, mu_d = src.mean(1, keepdim=True), dst.mean(1, keepdim=True)
+    xs, xd = src - mu_s, dst - mu_d
+    norm = (xs ** 2).sum((1, 2)).clamp(min=1e-12)
+    a = (xs * xd).sum((1, 2)) / norm
+    b = (xs[..., 0] * xd[..., 1] - xs[..., 1] * xd[..., 0]).sum(1) / norm
+    m = torch.stack([torch.stack([a, -b], -1), torch.stack([b, a], -1)], 1)  # [N,2,2]
+    t = mu_d[:, 0] - (m @ mu_s[:, 0, :, None])[..., 0]
+    return torch.cat([m, t[..., None]], 2).float()
+
+
+def invert_affine(affine: torch.Tensor) -> torch.Tensor:
+    """Inverse of [N,2,3] affine maps."""
+    full = torch.cat([affine.double(), affine.new_tensor([0, 0, 1]).double().expand(affine.shape[0], 1, 3)], 1)
+    return torch.linalg.inv(full)[:, :2].to(affine.dtype)
+
+
+def affine_scale(affine: torch.Tensor) -> torch.Tensor:
+    """Linear scale factor of each [N,2,3] similarity (output pixels per input pixel)."""
+    return torch.linalg.det(affine[:, :, :2].double()).abs().sqrt().float()
+
+
+def apply_affine(affine: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Map points [N,P,2] with affines [N,2,3]."""
+    return points @ affine[:, :, :2].transpose(1, 2) + affine[:, None, :, 2]
+
+
+def _sample_coords(n_out: int, ss: int, device) -> torch.Tensor:
+    """Output pixel coordinates with ss x ss supersampling: [n_out*ss] sub-pixel centres."""
+    offs = (torch.arange(ss, device=device, dtype=torch.float32) + 0.5) / ss - 0.5
+    return (torch.arange(n_out, device=device, dtype=torch.float32)[:, None] + offs).reshape(-1)
+
+
+def supersample_factor(scale: float) -> int:
+    """Samples per output pixel (per axis) needed when one output pixel covers 1/scale input pixels."""
+    if not math.isfinite(scale) or scale <= 0:
+        return 1
+    return int(min(MAX_SUPERSAMPLE, max(1, math.ceil(1.0 / scale - 1e-3))))
+
+
+def warp_to_crops(images: torch.Tensor, image_index: torch.Tensor, affine: torch.Tensor, crop_size: int,
+                  border: str = "constant", border_value=BORDER_GRAY_RGB, antialias: bool = True) -> torch.Tensor:
+    """Cut N aligned crops out of a batch of images.
+
+    images [B,C,H,W]; image_index [N] (which image each face comes from); affine [N,2,3] image->crop.
+    Returns [N,C,S,S]. One grid_sample per source image with that image's faces stacked along the
+    height, so a huge photo is never duplicated per face. When a face is larger in the image than the
+    crop, each crop pixel averages ss x ss bilinear samples (area-like antialiasing).
+    """
+    if border not in BORDER_MODES:
+        raise ValueError(f"border must be one of {BORDER_MODES}, got {border!r}")
+    n, (b_count, c, h, w) = affine.shape[0], images.shape
+    out = images.new_empty((n, c, crop_size, crop_size))
+    if n == 0:
+        return out
+    dev = images.device
+    inv = invert_affine(affine.float()).to(dev)
+    scales = affine_scale(affine.float())
+    image_index = image_index.to(dev)
+    for b in range(b_count):
+        idx = (image_index == b).nonzero().flatten()
+        if idx.numel() == 0:
+            continue
+        ss = supersample_factor(float(scales[idx.cpu()].min())) if antialias else 1
+        coords = _sample_coords(crop_size, ss, dev)
+        u, v = coords[None, None, :], coords[None, :, None]
+        m = inv[idx]
+        x = m[:, 0, 0, None, None] * u + m[:, 0, 1, None, None] * v + m[:, 0, 2, None, None]
+        y = m[:, 1, 0, None, None] * u + m[:, 1, 1, None, None] * v + m[:, 1, 2, None, None]
+        grid = torch.stack([(2 * x + 1) / w - 1, (2 * y + 1) / h - 1], -1)  # [k, S*ss, S*ss, 2]
+        k = idx.numel()
+        pad = {"constant": "zeros", "reflect": "reflection", "edge": "border"}[border]
+        src = images[b:b + 1]
+        sampled = F.grid_sample(src, grid.reshape(1, k * crop_size * ss, crop_size * ss, 2).to(src.dtype),
+                                mode="bilinear", padding_mode=pad, align_corners=False)
+        sampled = sampled.reshape(c, k, crop_size * ss, crop_size * ss).transpose(0, 1)
+        if border == "constant":
+            # Normalised sampling: weights falling outside the image are dropped and the rest renormalised,
+            # so a crop pixel straddling the image edge holds image colours only (pasting it back adds no
+            # border colour); pixels with no image under them get the fill colour.
+            inside = ((x + 1).clamp(0, 1) * (w - x).clamp(0, 1) * (y + 1).clamp(0, 1) * (h - y).clamp(0, 1))
+            inside = inside[:, None].to(sampled.dtype)
+            if ss > 1:
+                sampled, inside = F.avg_pool2d(sampled, ss), F.avg_pool2d(inside, ss)
+            fill = torch.tensor(border_value[:c] if c <= len(border_value) else [border_value[0]] * c,
+                                device=dev, dtype=sampled.dtype)[None, :, None, None]
+            sampled = torch.where(inside > 1e-3, sampled / inside.clamp(min=1e-3), fill)
+        elif ss > 1:
+            sampled = F.avg_pool2d(sampled, ss)
+        out[idx] = sampled
+    return out
+
+
+def feather_mask(size: int, margin: float = 0.04, feather: float = 0.10, device=None) -> torch.Tensor:
+    """Soft [size,size] blend mask for a crop: 0 within `margin` of the crop edge, rising smoothly over
+    `feather` (fractions of the crop size) to 1. Separable, so the corners come out rounded."""
+    c = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) / size
+    d = torch.minimum(c, 1 - c)
+    t = ((d - margin) / max(feather, 1e-6)).clamp(0, 1)
+    ramp = t * t * (3 - 2 * t)  # smoothstep: no kink where the ramp meets 0 and 1
+    return ramp[:, None] * ramp[None, :]

@@ -1,0 +1,66 @@
+"""Colour fix: wavelet low/high split and AdaIN statistics, batched, any size."""
+import pytest
+import torch
+
+from facemend.pipelines.color_fix import adain_color_fix, color_fix, wavelet_decompose, wavelet_color_fix
+from facemend.pipelines.errors import InvalidImage
+
+from conftest import load_image, need_shared
+
+
+def _img(b, h, w, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, 3, h, w, generator=g)
+
+
+def test_wavelet_split_is_exact_and_low_band_is_smooth():
+    x = _img(2, 64, 48, 0)
+    high, low = wavelet_decompose(x, 5)
+    assert torch.allclose(high + low, x, atol=1e-6)
+    assert low.std() < x.std() / 4  # five blur levels (up to dilation 16) leave only slow variation
+
+
+def test_wavelet_fix_takes_colour_from_reference_and_detail_from_image():
+    photo = load_image(need_shared("faces", "clean", "ffhq_00000000.png"))
+    tinted = (photo * torch.tensor([0.6, 1.0, 1.3])[None, :, None, None] + 0.05).clamp(0, 1)
+    fixed = wavelet_color_fix(tinted, photo)
+    assert (fixed - photo).abs().mean() < 0.35 * (tinted - photo).abs().mean()
+    # Detail (high band) is the restored image's own.
+    kept = (wavelet_decompose(fixed)[0] - wavelet_decompose(tinted)[0]).abs().mean()
+    assert kept < 0.1 * wavelet_decompose(tinted)[0].abs().mean()  # only the final clamp to [0,1] differs
+
+
+def test_fix_against_itself_is_identity_and_batch_equals_singles():
+    x = _img(3, 40, 56, 1)
+    ref = _img(3, 20, 28, 2)
+    assert torch.allclose(wavelet_color_fix(x, x), x, atol=1e-5)
+    batched = wavelet_color_fix(x, ref)
+    singles = torch.cat([wavelet_color_fix(x[i:i + 1], ref[i:i + 1]) for i in range(3)])
+    assert torch.allclose(batched, singles, atol=1e-6)
+    assert torch.allclose(adain_color_fix(x, ref), torch.cat([adain_color_fix(x[i:i + 1], ref[i:i + 1])
+                                                             for i in range(3)]), atol=1e-6)
+
+
+def test_adain_matches_reference_statistics():
+    x = _img(2, 32, 32, 3) * 0.5
+    ref = _img(2, 32, 32, 4) * 0.3 + 0.6
+    out = adain_color_fix(x, ref)
+    assert torch.allclose(out.mean((2, 3)), ref.mean((2, 3)), atol=1e-3)
+    assert torch.allclose(out.std((2, 3)), ref.std((2, 3)), atol=2e-3)
+
+
+@pytest.mark.parametrize("hw", [(1, 1), (3, 17), (7, 7), (600, 9)])
+def test_any_size_and_reference_size(hw):
+    x = _img(1, *hw, 5)
+    for method in ("wavelet", "adain"):
+        out = color_fix(x, _img(1, 33, 21, 6), method)
+        assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_strength_blends_and_bad_reference_batch_is_an_error():
+    x, ref = _img(2, 16, 16, 7), _img(2, 16, 16, 8)
+    half = color_fix(x, ref, "wavelet", 0.5)
+    assert torch.allclose(half, (x + wavelet_color_fix(x, ref)) / 2, atol=1e-6)
+    assert torch.equal(color_fix(x, ref, "none"), x)
+    with pytest.raises(InvalidImage, match="batch"):
+        color_fix(x, _img(3, 16, 16, 9))
