@@ -1,0 +1,113 @@
+"""End to end in a real ComfyUI: the pack loads from custom_nodes/ (under an arbitrary folder name), its
+nodes appear in /object_info, and the shipped API workflow runs through /prompt.
+
+Needs a ComfyUI checkout in $COMFYUI_DIR and its requirements in this Python environment; skipped otherwise.
+The server runs with a temporary --base-directory, so the user's ComfyUI folders are not touched.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT, need_shared
+
+pytestmark = pytest.mark.comfyui
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url, timeout=10):
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def _post(url, payload):
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        raise AssertionError(f"/prompt refused the workflow: {err.read().decode()[:2000]}") from None
+
+
+@pytest.fixture(scope="module")
+def comfyui(tmp_path_factory):
+    if not COMFYUI_DIR or not Path(COMFYUI_DIR, "main.py").is_file():
+        pytest.skip("set COMFYUI_DIR to a ComfyUI checkout (with its requirements installed) to run this test")
+    base = tmp_path_factory.mktemp("comfy_base")
+    for sub in ("custom_nodes", "input", "output", "models", "user", "temp"):
+        (base / sub).mkdir()
+    (base / "custom_nodes" / "ComfyUI-FaceMend").symlink_to(ROOT, target_is_directory=True)
+    port = _free_port()
+    log = open(base / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+         "--base-directory", str(base), "--database-url", "sqlite:///:memory:", "--disable-auto-launch"],
+        cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while True:
+        try:
+            _get(url + "/system_stats", timeout=2)
+            break
+        except Exception:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail("ComfyUI did not start:\n" + (base / "server.log").read_text()[-4000:])
+            time.sleep(1)
+    yield url, base
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def test_pack_nodes_are_listed_with_tooltips(comfyui):
+    url, base = comfyui
+    info = _get(url + "/object_info", timeout=60)
+    ours = {k: v for k, v in info.items() if k.startswith("FaceMend_")}
+    log = (base / "server.log").read_text()
+    assert ours, "FaceMend nodes missing from /object_info; server log:\n" + log[-4000:]
+    import facemend
+    assert set(ours) == set(facemend.NODE_CLASS_MAPPINGS)
+    tips = ours["FaceMend_DetectAlign"]["input"]["required"]["selection"][1]
+    assert tips.get("tooltip")
+    assert "IMPORT FAILED" not in log or "ComfyUI-FaceMend" not in log.split("IMPORT FAILED")[1][:300]
+
+
+def test_demo_api_workflow_runs(comfyui):
+    url, base = comfyui
+    photo = need_shared("faces", "clean", "t1_six_faces.jpg")
+    Image.open(photo).convert("RGB").save(base / "input" / "example.png")
+    graph = json.loads((ROOT / "workflows" / "facemend_demo_api.json").read_text())
+    prompt_id = _post(url + "/prompt", {"prompt": graph, "client_id": "facemend-test"})["prompt_id"]
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        hist = _get(f"{url}/history/{prompt_id}")
+        if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
+            break
+        time.sleep(1)
+    entry = hist[prompt_id]
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    images = [img for out in entry["outputs"].values() for img in out.get("images", [])]
+    assert len(images) == 1
+    result = np.asarray(Image.open(base / "output" / images[0]["subfolder"] / images[0]["filename"]).convert("RGB"))
+    source = np.asarray(Image.open(base / "input" / "example.png"))
+    assert result.shape == source.shape
+    # The demo graph pastes the colour-fixed, otherwise untouched faces back: the photo comes back intact.
+    assert np.abs(result.astype(float) - source).mean() < 1.0

@@ -1,0 +1,138 @@
+"""Writes the shipped workflows in both ComfyUI formats from one description per preset, so the UI file
+(drag into ComfyUI) and the API file (POST to /prompt) cannot drift apart. A test regenerates them and
+compares with the committed files.
+
+    python workflows/generate.py      # rewrite workflows/*.json after changing a graph below
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+# Widget order of the ComfyUI core nodes we use (their INPUT_TYPES need ComfyUI to import).
+CORE_WIDGETS = {
+    "LoadImage": [("image", "COMBO"), ("upload", "IMAGEUPLOAD")],
+    "SaveImage": [("filename_prefix", "STRING")],
+}
+CORE_OUTPUTS = {"LoadImage": [("IMAGE", "IMAGE"), ("MASK", "MASK")], "SaveImage": []}
+CORE_LINK_INPUTS = {"LoadImage": [], "SaveImage": [("images", "IMAGE")]}
+
+# Each workflow: node id -> (class_type, widget values by name, links by input name -> (node id, output slot)).
+WORKFLOWS = {
+    "facemend_demo": {
+        "title": "FaceMend demo: detect -> align -> colour fix -> paste back (no model files needed)",
+        "nodes": {
+            1: ("LoadImage", {"image": "example.png", "upload": "image"}, {}),
+            2: ("FaceMend_DetectorLoader", {"model": "mtcnn (embedded)", "precision": "fp32", "anchors": "auto"}, {}),
+            3: ("FaceMend_DetectAlign", {"selection": "all", "face_index": 0, "score_threshold": 0.8,
+                                         "min_face_size": 16, "max_faces": 0, "crop_size": 512,
+                                         "detect_max_side": 1600, "border": "constant"},
+                {"image": (1, 0), "detector": (2, 0)}),
+            4: ("FaceMend_ColorFix", {"method": "wavelet", "strength": 1.0},
+                {"image": (3, 0), "reference": (3, 0)}),
+            5: ("FaceMend_PasteBack", {"feather": 0.1, "margin": 0.04},
+                {"image": (1, 0), "face_crops": (4, 0), "alignment": (3, 1)}),
+            6: ("SaveImage", {"filename_prefix": "facemend_demo"}, {"images": (5, 0)}),
+        },
+    },
+}
+
+
+def _node_classes():
+    try:
+        import facemend
+    except ImportError:  # run from a checkout without installing: load it like the tests do
+        sys.path.insert(0, str(HERE.parent / "tests"))
+        import conftest  # noqa: F401  (registers the checkout as `facemend`)
+        import facemend
+    return facemend.NODE_CLASS_MAPPINGS
+
+
+def _schema(class_type, classes):
+    """(widgets [(name, type)], link inputs [(name, type)], outputs [(name, type)]) in ComfyUI's order."""
+    if class_type in CORE_WIDGETS:
+        return CORE_WIDGETS[class_type], CORE_LINK_INPUTS[class_type], CORE_OUTPUTS[class_type]
+    cls = classes[class_type]
+    spec = cls.INPUT_TYPES()
+    widgets, links = [], []
+    for section in ("required", "optional"):
+        for name, s in spec.get(section, {}).items():
+            kind = s[0]
+            if isinstance(kind, list):
+                widgets.append((name, "COMBO"))
+            elif kind in ("INT", "FLOAT", "STRING", "BOOLEAN"):
+                widgets.append((name, kind))
+            else:
+                links.append((name, kind))
+    names = getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES)
+    return widgets, links, list(zip(names, cls.RETURN_TYPES))
+
+
+def api_format(wf, classes) -> dict:
+    out = {}
+    for nid, (ctype, widgets, links) in wf["nodes"].items():
+        inputs = {}
+        for name, _ in _schema(ctype, classes)[0]:
+            if name in widgets and name != "upload":
+                inputs[name] = widgets[name]
+        for name, (src, slot) in links.items():
+            inputs[name] = [str(src), slot]
+        out[str(nid)] = {"class_type": ctype, "inputs": inputs, "_meta": {"title": ctype}}
+    return out
+
+
+def ui_format(wf, classes) -> dict:
+    nodes, link_rows, link_id = [], [], 0
+    out_links: dict = {}
+    order = list(wf["nodes"])
+    for nid, (ctype, widgets, links) in wf["nodes"].items():
+        w_spec, l_spec, _ = _schema(ctype, classes)
+        types = dict(l_spec)
+        inputs = []
+        for name, kind in l_spec:
+            link = None
+            if name in links:
+                link_id += 1
+                src, slot = links[name]
+                src_type = _schema(wf["nodes"][src][0], classes)[2][slot][1]
+                link_rows.append([link_id, src, slot, nid, len(inputs), src_type])
+                out_links.setdefault((src, slot), []).append(link_id)
+                link = link_id
+            inputs.append({"name": name, "type": types[name], "link": link})
+        nodes.append({"id": nid, "type": ctype, "widgets": [widgets.get(n) for n, _ in w_spec], "inputs": inputs})
+    result = []
+    for i, n in enumerate(nodes):
+        outputs = [{"name": name, "type": kind, "links": out_links.get((n["id"], slot), []), "slot_index": slot}
+                   for slot, (name, kind) in enumerate(_schema(n["type"], classes)[2])]
+        result.append({"id": n["id"], "type": n["type"], "pos": [60 + 340 * order.index(n["id"]), 120 + 40 * (i % 2)],
+                       "size": [315, 180], "flags": {}, "order": i, "mode": 0, "inputs": n["inputs"],
+                       "outputs": outputs, "properties": {"Node name for S&R": n["type"]},
+                       "widgets_values": n["widgets"]})
+    return {"last_node_id": max(wf["nodes"]), "last_link_id": link_id, "nodes": result, "links": link_rows,
+            "groups": [], "config": {}, "extra": {"facemend_title": wf["title"]}, "version": 0.4}
+
+
+def build_all() -> dict:
+    classes = _node_classes()
+    files = {}
+    for name, wf in WORKFLOWS.items():
+        files[f"{name}.json"] = ui_format(wf, classes)
+        files[f"{name}_api.json"] = api_format(wf, classes)
+    return files
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, indent=1) + "\n"
+
+
+def main() -> None:
+    for name, obj in build_all().items():
+        (HERE / name).write_text(dumps(obj))
+        print("wrote", HERE / name)
+
+
+if __name__ == "__main__":
+    main()
