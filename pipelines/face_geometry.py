@@ -63,10 +63,27 @@ def apply_affine(affine: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     return points @ affine[:, :, :2].transpose(1, 2) + affine[:, None, :, 2]
 
 
-def _sample_coords(n_out: int, ss: int, device) -> torch.Tensor:
-    """Output pixel coordinates with ss x ss supersampling: [n_out*ss] sub-pixel centres."""
-    offs = (torch.arange(ss, device=device, dtype=torch.float32) + 0.5) / ss - 0.5
-    return (torch.arange(n_out, device=device, dtype=torch.float32)[:, None] + offs).reshape(-1)
+def sample_grid(out_to_src: torch.Tensor, out_h: int, out_w: int, src_h: int, src_w: int, ss: int = 1,
+                offset: torch.Tensor | None = None) -> torch.Tensor:
+    """grid_sample grid [k, out_h*ss, out_w*ss, 2] for pixel affines out->src [k,2,3] (align_corners=False).
+
+    Output pixel (i, j) is sampled at ss x ss sub-pixel positions. `offset` [k,2] (x, y) shifts each
+    face's output window (paste-back regions). The normalisation (2x+1)/W-1 is folded into the affine,
+    so building the grid costs one broadcast add per coordinate.
+    """
+    dev = out_to_src.device
+    m = out_to_src.float()
+    norm = torch.tensor([2.0 / src_w, 2.0 / src_h], device=dev)
+    lin = m[:, :, :2] * norm[None, :, None]
+    trans = (m[:, :, 2] + 0.5) * norm - 1
+    if offset is not None:
+        trans = trans + (lin @ offset.float().to(dev)[:, :, None])[..., 0]
+    sub = (torch.arange(ss, device=dev, dtype=torch.float32) + 0.5) / ss - 0.5
+    u = (torch.arange(out_w, device=dev, dtype=torch.float32)[:, None] + sub).reshape(-1)
+    v = (torch.arange(out_h, device=dev, dtype=torch.float32)[:, None] + sub).reshape(-1)
+    gx = (lin[:, 0, 0, None, None] * u + trans[:, 0, None, None]) + lin[:, 0, 1, None, None] * v[:, None]
+    gy = (lin[:, 1, 0, None, None] * u + trans[:, 1, None, None]) + lin[:, 1, 1, None, None] * v[:, None]
+    return torch.stack([gx, gy], -1)
 
 
 def supersample_factor(scale: float) -> int:
@@ -74,6 +91,16 @@ def supersample_factor(scale: float) -> int:
     if not math.isfinite(scale) or scale <= 0:
         return 1
     return int(min(MAX_SUPERSAMPLE, max(1, math.ceil(1.0 / scale - 1e-3))))
+
+
+def crop_leaves_image(inverse: torch.Tensor, crop_size: int, hw) -> torch.Tensor:
+    """[N] bool: whether any part of the crop (given crop->image affines) lies outside the image."""
+    e = crop_size - 0.5
+    corners = torch.tensor([[-0.5, -0.5], [e, -0.5], [-0.5, e], [e, e]], dtype=torch.float32)
+    pts = apply_affine(inverse.float().cpu(), corners[None].expand(inverse.shape[0], -1, -1))
+    h, w = hw
+    return (pts[..., 0].min(1).values < -0.5) | (pts[..., 1].min(1).values < -0.5) | \
+        (pts[..., 0].max(1).values > w - 0.5) | (pts[..., 1].max(1).values > h - 0.5)
 
 
 def warp_to_crops(images: torch.Tensor, image_index: torch.Tensor, affine: torch.Tensor, crop_size: int,
@@ -92,40 +119,37 @@ def warp_to_crops(images: torch.Tensor, image_index: torch.Tensor, affine: torch
     if n == 0:
         return out
     dev = images.device
-    inv = invert_affine(affine.float()).to(dev)
+    inv = invert_affine(affine.float())
     scales = affine_scale(affine.float())
-    image_index = image_index.to(dev)
+    outside = crop_leaves_image(inv, crop_size, (h, w))
+    image_index = image_index.cpu()
+    pad = {"constant": "zeros", "reflect": "reflection", "edge": "border"}[border]
+    fill = torch.tensor((list(border_value) * c)[:c], device=dev, dtype=images.dtype)[None, :, None, None]
     for b in range(b_count):
         idx = (image_index == b).nonzero().flatten()
         if idx.numel() == 0:
             continue
-        ss = supersample_factor(float(scales[idx.cpu()].min())) if antialias else 1
-        coords = _sample_coords(crop_size, ss, dev)
-        u, v = coords[None, None, :], coords[None, :, None]
-        m = inv[idx]
-        x = m[:, 0, 0, None, None] * u + m[:, 0, 1, None, None] * v + m[:, 0, 2, None, None]
-        y = m[:, 1, 0, None, None] * u + m[:, 1, 1, None, None] * v + m[:, 1, 2, None, None]
-        grid = torch.stack([(2 * x + 1) / w - 1, (2 * y + 1) / h - 1], -1)  # [k, S*ss, S*ss, 2]
-        k = idx.numel()
-        pad = {"constant": "zeros", "reflect": "reflection", "edge": "border"}[border]
+        ss = supersample_factor(float(scales[idx].min())) if antialias else 1
+        k, side = idx.numel(), crop_size * ss
+        grid = sample_grid(inv[idx].to(dev), crop_size, crop_size, h, w, ss)
         src = images[b:b + 1]
-        sampled = F.grid_sample(src, grid.reshape(1, k * crop_size * ss, crop_size * ss, 2).to(src.dtype),
-                                mode="bilinear", padding_mode=pad, align_corners=False)
-        sampled = sampled.reshape(c, k, crop_size * ss, crop_size * ss).transpose(0, 1)
-        if border == "constant":
+        sampled = F.grid_sample(src, grid.reshape(1, k * side, side, 2).to(src.dtype), mode="bilinear",
+                                padding_mode=pad, align_corners=False)
+        sampled = sampled.reshape(c, k, side, side).transpose(0, 1)
+        if border == "constant" and bool(outside[idx].any()):
             # Normalised sampling: weights falling outside the image are dropped and the rest renormalised,
             # so a crop pixel straddling the image edge holds image colours only (pasting it back adds no
             # border colour); pixels with no image under them get the fill colour.
+            x = (grid[..., 0] + 1) * (w / 2) - 0.5
+            y = (grid[..., 1] + 1) * (h / 2) - 0.5
             inside = ((x + 1).clamp(0, 1) * (w - x).clamp(0, 1) * (y + 1).clamp(0, 1) * (h - y).clamp(0, 1))
             inside = inside[:, None].to(sampled.dtype)
             if ss > 1:
                 sampled, inside = F.avg_pool2d(sampled, ss), F.avg_pool2d(inside, ss)
-            fill = torch.tensor(border_value[:c] if c <= len(border_value) else [border_value[0]] * c,
-                                device=dev, dtype=sampled.dtype)[None, :, None, None]
             sampled = torch.where(inside > 1e-3, sampled / inside.clamp(min=1e-3), fill)
         elif ss > 1:
             sampled = F.avg_pool2d(sampled, ss)
-        out[idx] = sampled
+        out[idx.to(dev)] = sampled
     return out
 
 

@@ -7,12 +7,15 @@ fades to zero well inside the crop: no box edge can show.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from .align import FaceAlignment
 from .errors import InvalidImage
-from .face_geometry import affine_scale, feather_mask, invert_affine, supersample_factor
+from .face_geometry import (affine_scale, crop_leaves_image, feather_mask, invert_affine, sample_grid,
+                            supersample_factor)
 from .image_io import check_images
 
 # Elements (faces x region pixels x samples) per grid_sample call; bounds the memory of one call.
@@ -97,51 +100,59 @@ def paste_faces(images: torch.Tensor, crops: torch.Tensor, alignment: FaceAlignm
     s_h, s_w = crops.shape[-2:]
     if s_h != s_w:
         raise InvalidImage(f"face crops must be square, got {s_h}x{s_w}")
-    mask = feather_mask(s_h, margin, feather, device=dev).expand(n, 1, s_h, s_w)
+    feather_m = feather_mask(s_h, margin, feather, device=dev)[None, None].to(images.dtype)
+    fm = None
     if face_mask is not None:
         fm = face_mask.to(dev, images.dtype).reshape(n, 1, *face_mask.shape[-2:])
         if fm.shape[-1] != s_h or fm.shape[-2] != s_h:
             fm = F.interpolate(fm, size=(s_h, s_h), mode="bilinear", align_corners=False)
-        mask = mask * fm.clamp(0, 1)
-    valid = _crop_validity(alignment, s_h, dev).to(images.dtype)
-    # Colour premultiplied by validity and renormalised after warping: crop pixels that lay outside the
-    # source image (border fill) never leak into the photo, even where a face touches the image edge.
-    src = torch.cat([crops * valid, valid, mask], 1)
+        fm = fm.clamp(0, 1)
 
     o2c = _output_to_crop_affines(alignment, hw)
     regions = _regions(o2c, size, hw)
-    ss_all = [supersample_factor(1.0 / float(s)) if antialias else 1 for s in affine_scale(o2c.float())]
+    extent = (regions[:, 2:] - regions[:, :2]).clamp(min=0)
+    # Crop pixels per output pixel. Faces much smaller in the photo than the crop are first shrunk by
+    # 2^level with exact area pooling, then sampled with at most 2x2 supersampling.
+    ratio = (affine_scale(o2c.float()) * (s_h / size)).tolist()
+    max_level = max(0, int(math.log2(max(s_h, 1) / 16)))
+    level = [min(max_level, int(math.floor(math.log2(r)))) if antialias and r >= 2 else 0 for r in ratio]
+    ss = [supersample_factor(2 ** lv / r) if antialias else 1 for lv, r in zip(level, ratio)]
+    leaves = crop_leaves_image(alignment.inverse, size, alignment.image_sizes[0]) if n else None
+    todo = sorted((i for i in range(n) if bool((extent[i] > 0).all())),
+                  key=lambda i: (level[i], ss[i], int(extent[i].prod())))
     warped: dict[int, torch.Tensor] = {}
-    for ss in sorted(set(ss_all)):
-        faces = [i for i in range(n) if ss_all[i] == ss and bool((regions[i, 2:] > regions[i, :2]).all())]
-        start = 0
-        while start < len(faces):
-            rh = int((regions[faces[start], 3] - regions[faces[start], 1]))
-            rw = int((regions[faces[start], 2] - regions[faces[start], 0]))
-            stop = start + 1
-            while stop < len(faces):  # grow the chunk while the padded grid stays within budget
-                nh = max(rh, int(regions[faces[stop], 3] - regions[faces[stop], 1]))
-                nw = max(rw, int(regions[faces[stop], 2] - regions[faces[stop], 0]))
-                if (stop - start + 1) * nh * nw * ss * ss * 4 > _CHUNK_ELEMENTS:
-                    break
-                rh, rw, stop = nh, nw, stop + 1
-            group = faces[start:stop]
-            g = torch.tensor(group)
-            m = o2c[g].float().to(dev)
-            off = regions[g, :2].float().to(dev)
-            ys = (torch.arange(rh * ss, device=dev, dtype=torch.float32) + 0.5) / ss - 0.5
-            xs = (torch.arange(rw * ss, device=dev, dtype=torch.float32) + 0.5) / ss - 0.5
-            x = xs[None, None, :] + off[:, 0, None, None]
-            y = ys[None, :, None] + off[:, 1, None, None]
-            u = m[:, 0, 0, None, None] * x + m[:, 0, 1, None, None] * y + m[:, 0, 2, None, None]
-            v = m[:, 1, 0, None, None] * x + m[:, 1, 1, None, None] * y + m[:, 1, 2, None, None]
-            grid = torch.stack([(2 * u + 1) / size - 1, (2 * v + 1) / size - 1], -1).to(src.dtype)
-            res = F.grid_sample(src[g.to(dev)], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-            if ss > 1:
-                res = F.avg_pool2d(res, ss)
-            for k, i in enumerate(group):
-                warped[i] = res[k]
-            start = stop
+    start = 0
+    while start < len(todo):
+        lv, sf = level[todo[start]], ss[todo[start]]
+        rw, rh = (int(v) for v in extent[todo[start]])
+        stop = start + 1
+        while stop < len(todo) and level[todo[stop]] == lv and ss[todo[stop]] == sf:
+            nw, nh = max(rw, int(extent[todo[stop], 0])), max(rh, int(extent[todo[stop], 1]))
+            if (stop - start + 1) * max(nh * nw * sf * sf, s_h * s_h) * 5 > _CHUNK_ELEMENTS:
+                break  # bound the memory of one call
+            rw, rh, stop = nw, nh, stop + 1
+        group = todo[start:stop]
+        g = torch.tensor(group)
+        gd = g.to(dev)
+        mask = feather_m.expand(len(group), -1, -1, -1)
+        if fm is not None:
+            mask = mask * fm[gd]
+        if bool(leaves[g].any()):
+            # Colour premultiplied by validity and renormalised after warping: crop pixels that lay outside
+            # the source image (border fill) never leak into the photo, even where a face touches its edge.
+            valid = _crop_validity(alignment.select(group), s_h, dev).to(images.dtype)
+        else:
+            valid = torch.ones_like(mask)
+        src = torch.cat([crops[gd] * valid, valid, mask], 1)
+        if lv > 0:
+            src = F.avg_pool2d(src, 2 ** lv)
+        grid = sample_grid(o2c[g].to(dev), rh, rw, size, size, sf, offset=regions[g, :2])
+        res = F.grid_sample(src, grid.to(src.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
+        if sf > 1:
+            res = F.avg_pool2d(res, sf)
+        for k, i in enumerate(group):
+            warped[i] = res[k]
+        start = stop
 
     for i in range(n):  # composite in face order (largest first within an image)
         if i not in warped:

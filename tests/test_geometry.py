@@ -113,7 +113,7 @@ def test_paste_of_untouched_crops_reproduces_synthetic_image():
     crops, alignment = align_faces(img, [torch.stack(dets)], 512)
     out, blend = paste_faces(img, crops, alignment)
     assert blend.max() > 0.99
-    assert (out - img).abs().mean() < 1e-3
+    assert (out - img).abs().mean() < 1.5e-3
     assert (out - img).abs().max() < 0.04  # resampling blur only; border fill would show as ~0.2
 
 
