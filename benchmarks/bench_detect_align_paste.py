@@ -3,7 +3,7 @@
 Both run on the same photos with the real RetinaFace MobileNet-0.25 checkpoint of ../shared/models (facexlib's
 mobile0.25 network, its prior boxes patched to that checkpoint's anchors so both decode it correctly). The
 "restored" faces are the untouched crops, so the paste is measured on its own. facexlib is measured without and
-(on photos with few faces) with its ParseNet paste mask (random ParseNet weights: same cost as the real ones).
+(on photos with few faces) with its ParseNet paste mask; its LeakyReLUs get slope 0 (the 1MB net uses ReLU) (random ParseNet weights: same cost as the real ones).
 Also prints how many faces each detector finds at each detection scale.
 
     .venv/bin/python benchmarks/bench_detect_align_paste.py [--device cuda] [--parse-max-faces 6]
@@ -63,6 +63,9 @@ def facexlib_helper(device, use_parse):
     helper = FaceRestoreHelper(1, face_size=512, det_model="retinaface_mobile0.25", use_parse=use_parse,
                                device=device, model_rootpath=root)
     helper.face_det.cfg["min_sizes"] = ANCHORS_1MB
+    for m in helper.face_det.modules():  # the 1MB training uses plain ReLU where facexlib has LeakyReLU(0.1)
+        if isinstance(m, torch.nn.LeakyReLU):
+            m.negative_slope = 0.0
     return helper
 
 

@@ -32,7 +32,8 @@ def load_weights(path: str, device: torch.device | str = "cpu") -> dict:
             return load_file(path, device=str(device))
         if ext in PICKLE_EXTENSIONS:
             return torch.load(path, map_location=device, weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as exc:
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError, IndexError,
+            KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:  # torch.load's errors on junk bytes
         size = os.path.getsize(path)
         raise ModelFileInvalid(
             f"Cannot read model file {path} ({size} bytes): {type(exc).__name__}: {str(exc).splitlines()[0][:300]}. "
