@@ -17,8 +17,10 @@ from .pipelines.image_io import list_images, read_image, side_by_side, write_ima
 from .pipelines.presets import PRESETS, FaceRestorePipeline
 
 
-def build_pipeline(preset: str = "demo", detector: str = EMBEDDED_MTCNN, device=None, **options) -> FaceRestorePipeline:
-    """The Python API: a ready pipeline for `preset`, models resolved through the model search path."""
+def build_pipeline(preset: str = "demo", detector: str = EMBEDDED_MTCNN, device=None, restorer: str | None = None,
+                   precision: str = "auto", **options) -> FaceRestorePipeline:
+    """The Python API: a ready pipeline for `preset`, models resolved through the model search path.
+    `restorer` overrides the preset's restorer file (a name in facerestore_models/ or a path)."""
     if preset not in PRESETS:
         raise FaceMendError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     device = torch.device(device) if device else dev.compute_device()
@@ -26,7 +28,15 @@ def build_pipeline(preset: str = "demo", detector: str = EMBEDDED_MTCNN, device=
         det = load_detector(EMBEDDED_MTCNN, device=device)
     else:
         det = load_detector(detector, model_paths.find_file("facedetection", detector), device=device)
-    return FaceRestorePipeline(detector=det, **options)
+    stages = []
+    if preset == "fast":
+        from .pipelines.restore import FaceRestorer
+
+        name = restorer or PRESETS[preset].needs[0][1]
+        net = FaceRestorer.from_file(model_paths.find_file("facerestore_models", name), device=device,
+                                     dtype=dev.resolve_dtype(precision, device))
+        stages.append(("restore", lambda faces: net(faces)))
+    return FaceRestorePipeline(detector=det, face_stages=stages, **options)
 
 
 def restore_files(inputs: list[str], out_dir: str, pipeline: FaceRestorePipeline, device=None,
@@ -131,6 +141,9 @@ def main(argv=None) -> int:
     p_restore.add_argument("--detector", default=EMBEDDED_MTCNN,
                            help="'mtcnn' (embedded) or a RetinaFace file name in models/facedetection/")
     p_restore.add_argument("--selection", default="all", choices=["all", "largest", "center"])
+    p_restore.add_argument("--restorer", default=None, help="restorer file in models/facerestore_models/ "
+                           "(preset fast; default GFPGANv1.4.pth)")
+    p_restore.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     p_restore.add_argument("--report", default=None, help="write a JSON report here")
     p_demo = sub.add_parser("demo", help="degrade and restore a public-domain photo (no downloads)")
     p_demo.add_argument("-o", "--out", default="demo_output")
@@ -153,7 +166,8 @@ def main(argv=None) -> int:
                 files += list_images(item) if os.path.isdir(item) else [item]
             if not files:
                 raise FaceMendError(f"no images found in {', '.join(args.inputs)}")
-            pipeline = build_pipeline(args.preset, args.detector, selection=args.selection)
+            pipeline = build_pipeline(args.preset, args.detector, restorer=args.restorer, precision=args.precision,
+                                      selection=args.selection)
             reports = restore_files(files, args.out, pipeline)
             if args.report:
                 with open(args.report, "w") as f:
