@@ -48,14 +48,19 @@ def fit_similarity(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
 
 
 def invert_affine(affine: torch.Tensor) -> torch.Tensor:
-    """Inverse of [N,2,3] affine maps."""
-    full = torch.cat([affine.double(), affine.new_tensor([0, 0, 1]).double().expand(affine.shape[0], 1, 3)], 1)
-    return torch.linalg.inv(full)[:, :2].to(affine.dtype)
+    """Inverse of [N,2,3] affine maps (closed form; no LAPACK call)."""
+    a = affine.double()
+    det = a[:, 0, 0] * a[:, 1, 1] - a[:, 0, 1] * a[:, 1, 0]
+    lin = torch.stack([torch.stack([a[:, 1, 1], -a[:, 0, 1]], -1),
+                       torch.stack([-a[:, 1, 0], a[:, 0, 0]], -1)], 1) / det[:, None, None]
+    trans = -(lin @ a[:, :, 2:])
+    return torch.cat([lin, trans], 2).to(affine.dtype)
 
 
 def affine_scale(affine: torch.Tensor) -> torch.Tensor:
     """Linear scale factor of each [N,2,3] similarity (output pixels per input pixel)."""
-    return torch.linalg.det(affine[:, :, :2].double()).abs().sqrt().float()
+    a = affine.double()
+    return (a[:, 0, 0] * a[:, 1, 1] - a[:, 0, 1] * a[:, 1, 0]).abs().sqrt().float()
 
 
 def apply_affine(affine: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
@@ -136,19 +141,21 @@ def warp_to_crops(images: torch.Tensor, image_index: torch.Tensor, affine: torch
         sampled = F.grid_sample(src, grid.reshape(1, k * side, side, 2).to(src.dtype), mode="bilinear",
                                 padding_mode=pad, align_corners=False)
         sampled = sampled.reshape(c, k, side, side).transpose(0, 1)
-        if border == "constant" and bool(outside[idx].any()):
-            # Normalised sampling: weights falling outside the image are dropped and the rest renormalised,
-            # so a crop pixel straddling the image edge holds image colours only (pasting it back adds no
-            # border colour); pixels with no image under them get the fill colour.
-            x = (grid[..., 0] + 1) * (w / 2) - 0.5
-            y = (grid[..., 1] + 1) * (h / 2) - 0.5
-            inside = ((x + 1).clamp(0, 1) * (w - x).clamp(0, 1) * (y + 1).clamp(0, 1) * (h - y).clamp(0, 1))
-            inside = inside[:, None].to(sampled.dtype)
-            if ss > 1:
-                sampled, inside = F.avg_pool2d(sampled, ss), F.avg_pool2d(inside, ss)
-            sampled = torch.where(inside > 1e-3, sampled / inside.clamp(min=1e-3), fill)
-        elif ss > 1:
+        if ss > 1:
             sampled = F.avg_pool2d(sampled, ss)
+        leave = outside[idx].nonzero().flatten()
+        if border == "constant" and leave.numel():
+            # Normalised sampling for crops reaching past the image edge: the weight that fell inside the
+            # image (a grid_sample of a stride-0 image of ones: no memory) renormalises the colour, so a crop
+            # pixel straddling the edge holds image colours only and pasting it back adds no border colour;
+            # pixels with no image under them get the fill colour.
+            ones = torch.ones((1, 1, 1, 1), device=dev, dtype=src.dtype).expand(leave.numel(), 1, h, w)
+            inside = F.grid_sample(ones, grid[leave.to(dev)].to(src.dtype), mode="bilinear", padding_mode="zeros",
+                                   align_corners=False)
+            if ss > 1:
+                inside = F.avg_pool2d(inside, ss)
+            part = sampled[leave.to(dev)]
+            sampled[leave.to(dev)] = torch.where(inside > 1e-3, part / inside.clamp(min=1e-3), fill)
         out[idx.to(dev)] = sampled
     return out
 
