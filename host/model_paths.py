@@ -60,6 +60,9 @@ KNOWN_FILES = {
     "GFPGANv1.4.pth": KnownFile(
         "facerestore_models", "https://github.com/TencentARC/GFPGAN/releases/download/v1.3.0/GFPGANv1.4.pth",
         "Apache-2.0", "349 MB"),
+    "codeformer.pth": KnownFile(
+        "facerestore_models", "https://github.com/sczhou/CodeFormer/releases/download/v0.1.0/codeformer.pth",
+        "NTU S-Lab License 1.0 (non-commercial)", "376 MB"),
     "niqe_pris_params.npz": KnownFile(
         "facemend_iqa", "https://github.com/XPixelGroup/BasicSR/blob/master/basicsr/metrics/niqe_pris_params.npz",
         "Apache-2.0 repo; LIVE NIQE parameters", "12 KB"),

@@ -38,6 +38,25 @@ WORKFLOWS = {
             6: ("SaveImage", {"filename_prefix": "facemend_demo"}, {"images": (5, 0)}),
         },
     },
+    "facemend_fast": {
+        "title": "FaceMend fast: detect -> GFPGAN -> wavelet colour fix against the input faces -> paste back",
+        "nodes": {
+            1: ("LoadImage", {"image": "example.png", "upload": "image"}, {}),
+            2: ("FaceMend_DetectorLoader", {"model": "mtcnn (embedded)", "precision": "fp32", "anchors": "auto"}, {}),
+            3: ("FaceMend_DetectAlign", {"selection": "all", "face_index": 0, "score_threshold": 0.8,
+                                         "min_face_size": 16, "max_faces": 0, "crop_size": 512,
+                                         "detect_max_side": 1600, "border": "constant"},
+                {"image": (1, 0), "detector": (2, 0)}),
+            4: ("FaceMend_RestorerLoader", {"model": "GFPGANv1.4.pth", "precision": "auto"}, {}),
+            5: ("FaceMend_RestoreFaces", {"visibility": 1.0, "fidelity": 0.5, "batch_size": 8, "seed": 0},
+                {"face_crops": (3, 0), "restorer": (4, 0)}),
+            6: ("FaceMend_ColorFix", {"method": "wavelet", "strength": 1.0},
+                {"image": (5, 0), "reference": (3, 0)}),
+            7: ("FaceMend_PasteBack", {"feather": 0.1, "margin": 0.04},
+                {"image": (1, 0), "face_crops": (6, 0), "alignment": (3, 1)}),
+            8: ("SaveImage", {"filename_prefix": "facemend_fast"}, {"images": (7, 0)}),
+        },
+    },
 }
 
 
