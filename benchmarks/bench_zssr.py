@@ -1,0 +1,144 @@
+"""ZSSR x2 on real faces: PSNR of bicubic vs ZSSR per image, the gain, and the speed.
+
+Every image of ../shared/faces/clean and ../shared/faces/aligned_gray_old is taken as ground truth, shrunk x2
+with bicubic (antialiased, a = -0.5: MATLAB's imresize kernel), and brought back x2 by (a) bicubic and (b) ZSSR.
+PSNR is over RGB in [0,1] with a 2-pixel border left out. Then the first 8 512x512 faces are tuned again as
+one batch (8 grouped networks) for the batched speed.
+
+    python benchmarks/bench_zssr.py                      # paper config (plateau policy, up to 3000 steps)
+    python benchmarks/bench_zssr.py --steps 300 --crop 64 # compressed policy, CPU-sized
+    python benchmarks/bench_zssr.py --device cuda
+
+Run from the repository root (loads this checkout as `facemend`).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("FACEMEND_SHARED", ROOT.parent / "shared"))
+
+
+def _load_facemend():
+    if "facemend" in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location("facemend", ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["facemend"] = module
+    spec.loader.exec_module(module)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--steps", type=int, default=0,
+                    help="max iterations per x2 step; 0 = the paper's 3000 with its plateau policy. With a "
+                         "smaller number the policy's windows are scaled to it (ZSSRConfig.scaled_policy) unless "
+                         "--policy paper")
+    ap.add_argument("--policy", choices=("scaled", "paper"), default="scaled")
+    ap.add_argument("--crop", type=int, default=128, help="training crop size (paper: 128)")
+    ap.add_argument("--bp", type=int, default=10, help="back-projection iterations (paper: 10)")
+    ap.add_argument("--no-ensemble", action="store_true", help="skip the 8-transform self-ensemble")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    ap.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
+    ap.add_argument("--batch", type=int, default=8, help="faces in the batched speed run (0 = skip it)")
+    ap.add_argument("--json", help="also write the figures here")
+    args = ap.parse_args(argv)
+
+    _load_facemend()
+    from facemend.pipelines import zssr as Z
+    from facemend.pipelines.image_io import list_images, read_image
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    folders = [SHARED / "faces" / "clean", SHARED / "faces" / "aligned_gray_old"]
+    missing = [str(f) for f in folders if not f.is_dir()]
+    if missing:
+        sys.exit(f"needs {missing} (the shared faces folder beside the checkout)")
+    paths = [p for f in folders for p in list_images(str(f))]
+    if args.limit:
+        paths = paths[: args.limit]
+
+    base = Z.ZSSRConfig(crop_size=args.crop, back_projection_iters=args.bp, self_ensemble=not args.no_ensemble)
+    if args.steps and args.steps < base.max_iters:
+        cfg = base.scaled_policy(args.steps) if args.policy == "scaled" else \
+            Z.ZSSRConfig(**{**base.__dict__, "max_iters": args.steps})
+    else:
+        cfg = base
+    print(f"device {device}, torch threads {torch.get_num_threads()}, config: max_iters {cfg.max_iters}, "
+          f"crop {cfg.crop_size}, policy {args.policy if args.steps else 'paper'} (min_iters {cfg.min_iters}, "
+          f"check every {cfg.lr_policy_check_every}, test every {cfg.run_test_every}, slope range "
+          f"{cfg.lr_slope_range}), back-projection {cfg.back_projection_iters}, self-ensemble {cfg.self_ensemble}")
+    print(f"{'image':34s} {'size':>9s} {'bicubic':>8s} {'ZSSR':>8s} {'gain':>7s} {'iters':>6s} {'sec':>7s}")
+    rows = []
+    hr_512 = []
+    for path in paths:
+        gt = read_image(path)[0].to(device)
+        lr = Z.downscale(gt, 2).clamp(0, 1)
+        bic = Z.bicubic_upscale(lr, 2)[..., : gt.shape[-2], : gt.shape[-1]]
+        _sync(device)
+        t0 = time.perf_counter()
+        out, report = Z.ZSSR(cfg, scale=2)(lr, seed=args.seed)
+        _sync(device)
+        sec = time.perf_counter() - t0
+        out = out[..., : gt.shape[-2], : gt.shape[-1]]
+        p_bic = float(Z.psnr(bic, gt, 2)[0])
+        p_z = float(Z.psnr(out, gt, 2)[0])
+        iters = report["stages"][0]["iterations"][0]
+        rows.append({"image": os.path.relpath(path, SHARED / "faces"), "size": list(gt.shape[-2:]),
+                     "psnr_bicubic": p_bic, "psnr_zssr": p_z, "gain_db": p_z - p_bic, "iterations": iters,
+                     "seconds": sec})
+        if tuple(gt.shape[-2:]) == (512, 512):
+            hr_512.append(gt)
+        print(f"{rows[-1]['image'][:34]:34s} {gt.shape[-1]:4d}x{gt.shape[-2]:<4d} {p_bic:8.2f} {p_z:8.2f} "
+              f"{p_z - p_bic:+7.2f} {iters:6d} {sec:7.1f}", flush=True)
+    gains = [r["gain_db"] for r in rows]
+    sec_512 = [r["seconds"] for r in rows if tuple(r["size"]) == (512, 512)]
+    summary = {"images": len(rows), "mean_gain_db": statistics.mean(gains), "min_gain_db": min(gains),
+               "mean_psnr_bicubic": statistics.mean(r["psnr_bicubic"] for r in rows),
+               "mean_psnr_zssr": statistics.mean(r["psnr_zssr"] for r in rows),
+               "seconds_per_512_face": statistics.mean(sec_512) if sec_512 else None}
+    print(f"mean gain {summary['mean_gain_db']:+.3f} dB over {len(rows)} images (min {summary['min_gain_db']:+.3f}); "
+          f"mean PSNR bicubic {summary['mean_psnr_bicubic']:.2f} -> ZSSR {summary['mean_psnr_zssr']:.2f}")
+    if sec_512:
+        print(f"seconds per 512 face (256 -> 512), one at a time: {summary['seconds_per_512_face']:.1f}")
+
+    if args.batch and len(hr_512) >= 1:
+        batch = torch.cat((hr_512 * args.batch)[: args.batch])
+        lr = Z.downscale(batch, 2).clamp(0, 1)
+        _sync(device)
+        t0 = time.perf_counter()
+        out, _ = Z.ZSSR(cfg, scale=2)(lr, seed=args.seed)
+        _sync(device)
+        sec = time.perf_counter() - t0
+        gain = (Z.psnr(out, batch, 2) - Z.psnr(Z.bicubic_upscale(lr, 2), batch, 2)).mean().item()
+        summary.update(batched_faces=len(batch), batched_seconds=sec, batched_seconds_per_face=sec / len(batch),
+                       batched_mean_gain_db=gain)
+        print(f"{len(batch)} faces batched (grouped networks): {sec:.1f} s, {sec / len(batch):.1f} s per face, "
+              f"mean gain {gain:+.3f} dB")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"config": cfg.__dict__, "device": str(device),
+                                               "threads": torch.get_num_threads(), "rows": rows,
+                                               "summary": summary}, indent=1))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

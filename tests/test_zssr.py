@@ -1,0 +1,244 @@
+"""Per-image tuning (pipelines/zssr.py, nodes/tune.py): classic ZSSR on real faces beats bicubic, interruption,
+determinism, grouped batching == one face alone, the NTIRE mode's report, quality losses and ID guard.
+
+Kept small for the CPU CI (two real faces at 96 px, a few dozen steps; about a minute on 2 cores). The full
+set at 512 is benchmarks/bench_zssr.py.
+"""
+import json
+
+import pytest
+import torch
+
+from facemend.pipelines import zssr as Z
+from facemend.pipelines.errors import Interrupted
+
+from conftest import load_image, need_shared
+
+# Reduced config: the paper's network, policy compressed into few steps, small crops.
+SMALL = dict(crop_size=32, back_projection_iters=10, self_ensemble=True)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from 2 threads and a single thread does not stall on a shared, loaded CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def faces():
+    """Two real faces (FFHQ colour, old greyscale photo): the central 320 px of the aligned 512 crop, resized to
+    96 px, as ground truth [2,3,96,96]."""
+    imgs = [load_image(need_shared("faces", "clean", "ffhq_00000000.png")),
+            load_image(need_shared("faces", "aligned_gray_old", "Hepburn01.png"))]
+    return torch.cat([Z.resize(im[..., 96:416, 96:416], (96, 96)).clamp(0, 1) for im in imgs])
+
+
+def _lr(gt):
+    return Z.downscale(gt, 2).clamp(0, 1)
+
+
+def test_zssr_beats_bicubic_on_real_faces(faces):
+    lr = _lr(faces)
+    cfg = Z.ZSSRConfig(**{**SMALL, "crop_size": 48}).scaled_policy(80)
+    zssr = Z.ZSSR(cfg)
+    out, report = zssr(lr, seed=0)
+    assert out.shape == faces.shape and out.min() >= 0 and out.max() <= 1
+    bic = Z.bicubic_upscale(lr, 2)
+    gain = Z.psnr(out, faces, 2) - Z.psnr(bic, faces, 2)
+    # the trained networks alone (no ensemble, no back-projection) must also beat bicubic: they learned
+    net_only = zssr.upscale_x2(lr, self_ensemble=False, back_projection_iters=0)
+    gain_net = Z.psnr(net_only, faces, 2) - Z.psnr(bic, faces, 2)
+    print(f"ZSSR x2 gain over bicubic (dB): {gain.tolist()}; network alone: {gain_net.tolist()}; "
+          f"{report['seconds']} s")
+    assert (gain > 0.3).all(), gain
+    assert (gain_net > 0.1).all(), gain_net
+    assert report["stages"][0]["iterations"] == [80, 80]
+
+
+def test_zssr_x4_runs_two_x2_steps(faces):
+    lr = Z.downscale(faces[:1], 4).clamp(0, 1)                       # 24 px
+    cfg = Z.ZSSRConfig(**{**SMALL, "crop_size": 16}, scale=4).scaled_policy(6)
+    calls = []
+    out, report = Z.ZSSR(cfg)(lr, seed=0, hook=calls.append)
+    assert out.shape[-2:] == (96, 96) and len(report["stages"]) == 2
+    assert sum(calls) == Z.ZSSR(cfg).total_steps() == 12
+
+
+def test_interrupt_stops_within_one_step_and_raises(faces):
+    lr = _lr(faces)
+    steps = []
+
+    def hook(n=1):
+        steps.append(n)
+        if len(steps) == 3:
+            raise Interrupted("stop")
+
+    with pytest.raises(Interrupted):
+        Z.zssr_upscale(lr, 2, seed=0, hook=hook, config=Z.ZSSRConfig(**SMALL).scaled_policy(50))
+    assert len(steps) == 3  # the hook runs after every step; nothing ran after it raised
+    steps.clear()
+    with pytest.raises(Interrupted):
+        Z.ntire_tune(faces, seed=0, hook=hook, steps=50, crop_size=32, batch_size=2)
+    assert len(steps) == 3
+
+
+def test_same_seed_same_output_different_seed_differs(faces):
+    lr = _lr(faces[:1])
+    cfg = Z.ZSSRConfig(**{**SMALL, "self_ensemble": False}).scaled_policy(8)
+    torch.manual_seed(1)                    # the global RNG must not matter
+    a, _ = Z.zssr_upscale(lr, 2, seed=7, config=cfg)
+    torch.manual_seed(2)
+    b, _ = Z.zssr_upscale(lr, 2, seed=7, config=cfg)
+    c, _ = Z.zssr_upscale(lr, 2, seed=8, config=cfg)
+    assert torch.equal(a, b)
+    assert (a - c).abs().max() > 1e-4
+    n1, _ = Z.ntire_tune(faces, seed=7, steps=4, crop_size=32, batch_size=2, validation_interval=2)
+    n2, _ = Z.ntire_tune(faces, seed=7, steps=4, crop_size=32, batch_size=2, validation_interval=2)
+    assert torch.equal(n1, n2)
+
+
+def test_grouped_batch_equals_each_face_alone(faces):
+    """Each face keeps its own weights, optimizer state and random stream: face i of a batch == face i alone
+    (same seed). Bit-level differences of the grouped convolution are rounding; Adam amplifies them where a
+    gradient is near zero (its step is +-lr whatever the gradient's size), so the comparison is tight for a
+    few steps and at the level of a close match (PSNR) for a longer run."""
+    lr = _lr(faces)
+    short = Z.ZSSRConfig(**SMALL).scaled_policy(4)
+    both, _ = Z.zssr_upscale(lr, 2, seed=3, config=short)
+    for i in range(2):
+        alone, _ = Z.zssr_upscale(lr[i:i + 1], 2, seed=3, config=short)
+        torch.testing.assert_close(both[i:i + 1], alone, atol=1e-5, rtol=0)
+    longer = Z.ZSSRConfig(**{**SMALL, "self_ensemble": False}).scaled_policy(20)
+    both, rep_b = Z.zssr_upscale(lr, 2, seed=3, config=longer)
+    for i in range(2):
+        alone, rep_a = Z.zssr_upscale(lr[i:i + 1], 2, seed=3, config=longer)
+        assert float(Z.psnr(both[i:i + 1], alone)) > 45
+        assert rep_b["stages"][0]["iterations"][i] == rep_a["stages"][0]["iterations"][0]
+    # the NTIRE mode (L1 on identity pairs) with a per-face quality loss
+    q = [(0.5, lambda im: 1 - im.mean((1, 2, 3)))]
+    kw = dict(steps=8, crop_size=32, batch_size=2, validation_interval=4, quality_losses=q)
+    both, _ = Z.ntire_tune(faces, seed=3, **kw)
+    for i in range(2):
+        alone, _ = Z.ntire_tune(faces[i:i + 1], seed=3, **kw)
+        torch.testing.assert_close(both[i:i + 1], alone, atol=1e-4, rtol=0)
+
+
+def test_ntire_tune_l1_only_report_and_size(faces):
+    out, report = Z.ntire_tune(faces, seed=0, steps=10, crop_size=32, batch_size=2, validation_interval=5)
+    assert out.shape == faces.shape
+    assert report["losses"] == "L1 only" and report["id_guard"] == "off"
+    assert report["steps_run"] == 10 and all(b in (5, 10) for b in report["best_step"])
+    assert len(report["validations"]) == 2
+    json.dumps(report)
+    # identity pairs with L1 only: the output stays the input up to a small residual
+    assert (out - faces).abs().mean() < 0.02
+
+
+def test_ntire_tune_quality_loss_is_used(faces):
+    """A (fake) NR-IQA loss that rewards brightness: the output gets brighter, the report names it."""
+    def brightness_loss(images):
+        return 1 - images.mean((1, 2, 3))
+
+    out, report = Z.ntire_tune(faces[:1], seed=0, steps=25, crop_size=32, batch_size=2, validation_interval=5,
+                               quality_losses=[(1.0, brightness_loss)], l1_weight=0.0,
+                               score_fn=lambda im: im.mean((1, 2, 3)))
+    assert "brightness_loss" in report["losses"] and report["score"] == "<lambda>"
+    assert out.mean() > faces[:1].mean() + 0.01
+
+
+def test_ntire_tune_id_guard_rejects_everything_returns_input(faces):
+    """The defined fallback: a face whose every validated output is rejected by the ID guard comes back
+    unchanged (bit-exact), and the report says why."""
+    def low_similarity(a, b):
+        return torch.full((a.shape[0],), 0.1)
+
+    out, report = Z.ntire_tune(faces, seed=0, steps=6, crop_size=32, batch_size=2, validation_interval=2,
+                               id_similarity=low_similarity, id_threshold=0.5)
+    assert torch.equal(out, faces)
+    assert report["best_step"] == [None, None] and report["rejected_validations"] == [3, 3]
+    assert all("rejected by the ID guard" in f for f in report["fallback"])
+    assert "low_similarity >= 0.5" == report["id_guard"]
+
+
+def test_tiny_and_bad_inputs():
+    tiny = torch.rand(1, 3, 5, 5)
+    out, report = Z.zssr_upscale(tiny, 2, config=Z.ZSSRConfig(max_iters=5))
+    assert out.shape[-2:] == (10, 10) and "bicubic" in report["fallback"]
+    out, report = Z.ntire_tune(tiny, steps=5)
+    assert torch.equal(out, tiny) and "unchanged" in report["fallback"]
+    from facemend.pipelines.errors import InvalidImage
+    with pytest.raises(InvalidImage):
+        Z.zssr_upscale(torch.full((1, 3, 16, 16), float("nan")), 2)
+    with pytest.raises(ValueError):
+        Z.ZSSR(scale=3)
+
+
+def test_tiled_full_image_pass_is_exact():
+    gens = Z._generators(2, 0)
+    net = Z.GroupedCNN.init(gens, 8, 16, 0.1, torch.device("cpu"))
+    x = torch.rand(2, 3, 40, 52)
+    torch.testing.assert_close(Z.GroupedCNN.apply_full(net.weights, x, tile=16),
+                               Z.GroupedCNN.apply_full(net.weights, x, tile=512), atol=1e-6, rtol=0)
+
+
+def test_node_contract_and_run(faces, monkeypatch):
+    from facemend.host import device as dev
+    from facemend.nodes.tune import NODES, PerImageTune
+
+    assert "FaceMend_PerImageTune" in NODES
+    spec = PerImageTune.INPUT_TYPES()
+    for section in spec.values():
+        for name, (kind, opts) in section.items():
+            assert opts.get("tooltip"), name
+    image = _lr(faces).permute(0, 2, 3, 1).contiguous()                   # IMAGE [2,48,48,3]
+    dev.set_device("cpu")
+    try:
+        node = PerImageTune()
+        out, report = node.run(image, mode="zssr", scale=2, steps=4, crop_size=32, self_ensemble=False)
+        assert out.shape == (2, 96, 96, 3)
+        assert json.loads(report)["stages"][0]["iterations"] == [4, 4]
+        out, report = node.run(faces.permute(0, 2, 3, 1), mode="ntire_tune", steps=4, crop_size=32,
+                               validation_interval=2)
+        rep = json.loads(report)
+        assert out.shape == (2, 96, 96, 3) and rep["losses"] == "L1 only" and "no IQA metric" in rep["note"]
+        # Cancel pressed while step 2 finishes: the node stops at the next step's check, with no output
+        updates = []
+        original_update = dev.Progress.update
+
+        def update(self, n=1):
+            updates.append(n)
+            original_update(self, n)
+            if len(updates) == 2:
+                dev.request_interrupt()
+
+        monkeypatch.setattr(dev.Progress, "update", update)
+        with pytest.raises(Interrupted):
+            node.run(image, mode="zssr", steps=50, crop_size=32)
+        assert updates == [1, 1]
+    finally:
+        dev.clear_interrupt()
+        dev.set_device(None)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 3), (1, 7, 5, 3), (1, 20, 14, 1), (1, 20, 14, 4), (20, 14, 3)])
+@pytest.mark.parametrize("mode", ["zssr", "ntire_tune"])
+def test_node_tiny_gray_rgba_and_unbatched_images(shape, mode):
+    """Defined behaviours: tiny images (< 8 px) come back bicubic-upscaled (zssr) or unchanged (ntire_tune);
+    gray is replicated to RGB, alpha dropped, a missing batch dimension added."""
+    from facemend.host import device as dev
+    from facemend.nodes.tune import PerImageTune
+
+    dev.set_device("cpu")
+    try:
+        image = torch.rand(shape)
+        out, report = PerImageTune().run(image, mode=mode, steps=2, crop_size=16, self_ensemble=False,
+                                         validation_interval=1)
+    finally:
+        dev.set_device(None)
+    h, w = (shape[-3], shape[-2])
+    factor = 2 if mode == "zssr" else 1
+    assert out.shape == (1, h * factor, w * factor, 3) and torch.isfinite(out).all()
+    assert ("fallback" in json.loads(report)) == (min(h, w) < 8 or mode == "ntire_tune")
