@@ -57,6 +57,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
+    ap.add_argument("--only", nargs="*", default=[], help="only images whose path contains one of these")
     ap.add_argument("--batch", type=int, default=8, help="faces in the batched speed run (0 = skip it)")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args(argv)
@@ -73,6 +74,8 @@ def main(argv=None):
     if missing:
         sys.exit(f"needs {missing} (the shared faces folder beside the checkout)")
     paths = [p for f in folders for p in list_images(str(f))]
+    if args.only:
+        paths = [p for p in paths if any(o in p for o in args.only)]
     if args.limit:
         paths = paths[: args.limit]
 
@@ -86,7 +89,8 @@ def main(argv=None):
           f"crop {cfg.crop_size}, policy {args.policy if args.steps else 'paper'} (min_iters {cfg.min_iters}, "
           f"check every {cfg.lr_policy_check_every}, test every {cfg.run_test_every}, slope range "
           f"{cfg.lr_slope_range}), back-projection {cfg.back_projection_iters}, self-ensemble {cfg.self_ensemble}")
-    print(f"{'image':34s} {'size':>9s} {'bicubic':>8s} {'ZSSR':>8s} {'gain':>7s} {'iters':>6s} {'sec':>7s}")
+    print(f"{'image':34s} {'size':>9s} {'bicubic':>8s} {'bic+BP':>8s} {'ZSSR':>8s} {'gain':>7s} {'iters':>6s} "
+          f"{'sec':>7s}")
     rows = []
     hr_512 = []
     for path in paths:
@@ -100,23 +104,28 @@ def main(argv=None):
         sec = time.perf_counter() - t0
         out = out[..., : gt.shape[-2], : gt.shape[-1]]
         p_bic = float(Z.psnr(bic, gt, 2)[0])
+        # back-projection alone (no network): what the learned residual adds on top of it
+        p_bp = float(Z.psnr(Z.back_projection(Z.bicubic_upscale(lr, 2), lr, cfg.back_projection_iters)
+                            [..., : gt.shape[-2], : gt.shape[-1]], gt, 2)[0])
         p_z = float(Z.psnr(out, gt, 2)[0])
         iters = report["stages"][0]["iterations"][0]
         rows.append({"image": os.path.relpath(path, SHARED / "faces"), "size": list(gt.shape[-2:]),
-                     "psnr_bicubic": p_bic, "psnr_zssr": p_z, "gain_db": p_z - p_bic, "iterations": iters,
-                     "seconds": sec})
+                     "psnr_bicubic": p_bic, "psnr_bicubic_bp": p_bp, "psnr_zssr": p_z, "gain_db": p_z - p_bic,
+                     "iterations": iters, "seconds": sec})
         if tuple(gt.shape[-2:]) == (512, 512):
             hr_512.append(gt)
-        print(f"{rows[-1]['image'][:34]:34s} {gt.shape[-1]:4d}x{gt.shape[-2]:<4d} {p_bic:8.2f} {p_z:8.2f} "
-              f"{p_z - p_bic:+7.2f} {iters:6d} {sec:7.1f}", flush=True)
+        print(f"{rows[-1]['image'][:34]:34s} {gt.shape[-1]:4d}x{gt.shape[-2]:<4d} {p_bic:8.2f} {p_bp:8.2f} "
+              f"{p_z:8.2f} {p_z - p_bic:+7.2f} {iters:6d} {sec:7.1f}", flush=True)
     gains = [r["gain_db"] for r in rows]
     sec_512 = [r["seconds"] for r in rows if tuple(r["size"]) == (512, 512)]
     summary = {"images": len(rows), "mean_gain_db": statistics.mean(gains), "min_gain_db": min(gains),
                "mean_psnr_bicubic": statistics.mean(r["psnr_bicubic"] for r in rows),
+               "mean_gain_bp_only_db": statistics.mean(r["psnr_bicubic_bp"] - r["psnr_bicubic"] for r in rows),
                "mean_psnr_zssr": statistics.mean(r["psnr_zssr"] for r in rows),
                "seconds_per_512_face": statistics.mean(sec_512) if sec_512 else None}
     print(f"mean gain {summary['mean_gain_db']:+.3f} dB over {len(rows)} images (min {summary['min_gain_db']:+.3f}); "
-          f"mean PSNR bicubic {summary['mean_psnr_bicubic']:.2f} -> ZSSR {summary['mean_psnr_zssr']:.2f}")
+          f"mean PSNR bicubic {summary['mean_psnr_bicubic']:.2f} -> ZSSR {summary['mean_psnr_zssr']:.2f}; "
+          f"back-projection alone {summary['mean_gain_bp_only_db']:+.3f} dB")
     if sec_512:
         print(f"seconds per 512 face (256 -> 512), one at a time: {summary['seconds_per_512_face']:.1f}")
 

@@ -1,8 +1,8 @@
 """Per-image tuning (pipelines/zssr.py, nodes/tune.py): classic ZSSR on real faces beats bicubic, interruption,
 determinism, grouped batching == one face alone, the NTIRE mode's report, quality losses and ID guard.
 
-Kept small for the CPU CI (two real faces at 96 px, a few dozen steps; about a minute on 2 cores). The full
-set at 512 is benchmarks/bench_zssr.py.
+Kept small for the CPU CI (two real faces at 96 px, a few dozen steps, one torch thread): about 35 s on 2 idle
+cores, under 2 minutes on a heavily shared machine. The full set at 512 is benchmarks/bench_zssr.py.
 """
 import json
 
