@@ -20,17 +20,21 @@ CORE_WIDGETS = {
 CORE_OUTPUTS = {"LoadImage": [("IMAGE", "IMAGE"), ("MASK", "MASK")], "SaveImage": []}
 CORE_LINK_INPUTS = {"LoadImage": [], "SaveImage": [("images", "IMAGE")]}
 
+# LoadImage -> embedded detector -> detect + align: nodes 1-3 of every shipped graph.
+_DETECT_NODES = {
+    1: ("LoadImage", {"image": "example.png", "upload": "image"}, {}),
+    2: ("FaceMend_DetectorLoader", {"model": "mtcnn (embedded)", "precision": "fp32", "anchors": "auto"}, {}),
+    3: ("FaceMend_DetectAlign", {"selection": "all", "face_index": 0, "score_threshold": 0.8, "min_face_size": 16,
+                                 "max_faces": 0, "crop_size": 512, "detect_max_side": 1600, "border": "constant"},
+        {"image": (1, 0), "detector": (2, 0)}),
+}
+
 # Each workflow: node id -> (class_type, widget values by name, links by input name -> (node id, output slot)).
 WORKFLOWS = {
     "facemend_demo": {
         "title": "FaceMend demo: detect -> align -> colour fix -> paste back (no model files needed)",
         "nodes": {
-            1: ("LoadImage", {"image": "example.png", "upload": "image"}, {}),
-            2: ("FaceMend_DetectorLoader", {"model": "mtcnn (embedded)", "precision": "fp32", "anchors": "auto"}, {}),
-            3: ("FaceMend_DetectAlign", {"selection": "all", "face_index": 0, "score_threshold": 0.8,
-                                         "min_face_size": 16, "max_faces": 0, "crop_size": 512,
-                                         "detect_max_side": 1600, "border": "constant"},
-                {"image": (1, 0), "detector": (2, 0)}),
+            **_DETECT_NODES,
             4: ("FaceMend_ColorFix", {"method": "wavelet", "strength": 1.0},
                 {"image": (3, 0), "reference": (3, 0)}),
             5: ("FaceMend_PasteBack", {"feather": 0.1, "margin": 0.04},
@@ -41,12 +45,7 @@ WORKFLOWS = {
     "facemend_fast": {
         "title": "FaceMend fast: detect -> GFPGAN -> wavelet colour fix against the input faces -> paste back",
         "nodes": {
-            1: ("LoadImage", {"image": "example.png", "upload": "image"}, {}),
-            2: ("FaceMend_DetectorLoader", {"model": "mtcnn (embedded)", "precision": "fp32", "anchors": "auto"}, {}),
-            3: ("FaceMend_DetectAlign", {"selection": "all", "face_index": 0, "score_threshold": 0.8,
-                                         "min_face_size": 16, "max_faces": 0, "crop_size": 512,
-                                         "detect_max_side": 1600, "border": "constant"},
-                {"image": (1, 0), "detector": (2, 0)}),
+            **_DETECT_NODES,
             4: ("FaceMend_RestorerLoader", {"model": "GFPGANv1.4.pth", "precision": "auto"}, {}),
             5: ("FaceMend_RestoreFaces", {"visibility": 1.0, "fidelity": 0.5, "batch_size": 8, "seed": 0},
                 {"face_crops": (3, 0), "restorer": (4, 0)}),
