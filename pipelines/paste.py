@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from .align import FaceAlignment
 from .errors import InvalidImage
-from .face_geometry import (affine_scale, crop_leaves_image, feather_mask, invert_affine, sample_grid,
-                            supersample_factor)
+from .face_geometry import (affine_scale, check_interpolation, crop_leaves_image, feather_mask, invert_affine,
+                            sample_grid, supersample_factor)
 from .image_io import check_images
 
 # Elements (faces x region pixels x samples) per grid_sample call; bounds the memory of one call.
@@ -80,15 +80,17 @@ def _check_inputs(images, crops, alignment, face_mask, image_mask):
 
 def paste_faces(images: torch.Tensor, crops: torch.Tensor, alignment: FaceAlignment, *,
                 margin: float = 0.04, feather: float = 0.10, face_mask: torch.Tensor | None = None,
-                image_mask: torch.Tensor | None = None, antialias: bool = True):
+                image_mask: torch.Tensor | None = None, antialias: bool = True, interpolation: str = "bilinear"):
     """Put N crops back into B images.
 
     images [B,3,H,W] (may be a resized version of the detected images); crops [N,3,s,s] (any s: a
     restorer or upscaler may have changed the crop resolution); face_mask: optional [N,h,w] mask in
     crop space (e.g. a face parsing mask), multiplied into the feather mask; image_mask: optional
-    [B or 1,H,W] limiting where faces may be pasted. Returns (images [B,3,H,W], blend mask [B,1,H,W]).
+    [B or 1,H,W] limiting where faces may be pasted; interpolation "bicubic" where crops are enlarged or
+    kept in size (sharper), "bilinear" as facexlib. Returns (images [B,3,H,W], blend mask [B,1,H,W]).
     """
     images = check_images(images, "paste-back image")
+    check_interpolation(interpolation)
     _check_inputs(images, crops, alignment, face_mask, image_mask)
     out = images.clone()
     total = images.new_zeros((images.shape[0], 1) + tuple(images.shape[-2:]))
@@ -147,7 +149,8 @@ def paste_faces(images: torch.Tensor, crops: torch.Tensor, alignment: FaceAlignm
         if lv > 0:
             src = F.avg_pool2d(src, 2 ** lv)
         grid = sample_grid(o2c[g].to(dev), rh, rw, size, size, sf, offset=regions[g, :2])
-        res = F.grid_sample(src, grid.to(src.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
+        mode = interpolation if sf == 1 and lv == 0 else "bilinear"
+        res = F.grid_sample(src, grid.to(src.dtype), mode=mode, padding_mode="zeros", align_corners=False)
         if sf > 1:
             res = F.avg_pool2d(res, sf)
         for k, i in enumerate(group):
@@ -163,7 +166,7 @@ def paste_faces(images: torch.Tensor, crops: torch.Tensor, alignment: FaceAlignm
         # Zero padding darkens colours only beyond the crop edge, where the mask is already 0.
         den = piece[3:4]
         a = torch.where(den > 1e-3, piece[4:5].clamp(0, 1), torch.zeros_like(den))
-        colour = piece[:3] / den.clamp(min=1e-3)
+        colour = (piece[:3] / den.clamp(min=1e-3)).clamp(0, 1)  # clamp: bicubic overshoot
         if image_mask is not None:
             a = a * image_mask[b if image_mask.shape[0] > 1 else 0, y0:y1, x0:x1].to(a)[None]
         region = out[b, :, y0:y1, x0:x1]

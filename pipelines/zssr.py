@@ -48,6 +48,7 @@ Pure torch: no ComfyUI or host imports.
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import asdict, dataclass, replace
@@ -64,6 +65,16 @@ Hook = Optional[Callable[[int], None]]
 # (weight, fn): fn(images [M,3,h,w] in [0,1]) -> [M] loss per image (differentiable), e.g. 1 - CLIP-IQA.
 QualityLoss = tuple
 MIN_SIDE = 8  # smaller images have nothing to learn from: defined fallbacks below
+
+
+def _trains(method):
+    """Hosts may call us under torch.inference_mode() (ComfyUI runs every node so) or no_grad; per-image
+    training needs autograd, and inference-mode tensors cannot enter it: leave both and copy the input."""
+    @functools.wraps(method)
+    def wrapper(self, images, *args, **kwargs):
+        with torch.inference_mode(False), torch.enable_grad():
+            return method(self, images.clone(), *args, **kwargs)
+    return wrapper
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -415,6 +426,7 @@ class ZSSR:
         """Units the hook is advanced by in total (for progress bars)."""
         return self.stages * self.config.max_iters
 
+    @_trains
     def __call__(self, images: torch.Tensor, seed: int = 0, hook: Hook = None) -> tuple[torch.Tensor, dict]:
         cfg = self.config
         images = check_images(images, "ZSSR input").float()
@@ -634,6 +646,7 @@ class NTIRETune:
             res = torch.where((rot == r)[..., None, None, None], torch.rot90(out, r, dims=(-2, -1)), res)
         return torch.where(flip[..., None, None, None], res.flip(-1), res)
 
+    @_trains
     def __call__(self, images: torch.Tensor, seed: int = 0, hook: Hook = None) -> tuple[torch.Tensor, dict]:
         cfg = self.config
         images = check_images(images, "per-image tune input").float()

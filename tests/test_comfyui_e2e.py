@@ -95,6 +95,9 @@ def test_demo_api_workflow_runs(comfyui):
     photo = need_shared("faces", "clean", "t1_six_faces.jpg")
     Image.open(photo).convert("RGB").save(base / "input" / "example.png")
     graph = json.loads((ROOT / "workflows" / "facemend_demo_api.json").read_text())
+    tune = [n for n in graph.values() if n["class_type"] == "FaceMend_PerImageTune"]
+    assert len(tune) == 1
+    tune[0]["inputs"]["steps"] = 10  # a CPU-sized run of the same graph
     prompt_id = _post(url + "/prompt", {"prompt": graph, "client_id": "facemend-test"})["prompt_id"]
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -107,7 +110,13 @@ def test_demo_api_workflow_runs(comfyui):
     images = [img for out in entry["outputs"].values() for img in out.get("images", [])]
     assert len(images) == 1
     result = np.asarray(Image.open(base / "output" / images[0]["subfolder"] / images[0]["filename"]).convert("RGB"))
-    source = np.asarray(Image.open(base / "input" / "example.png"))
-    assert result.shape == source.shape
-    # The demo graph pastes the colour-fixed, otherwise untouched faces back: the photo comes back intact.
-    assert np.abs(result.astype(float) - source).mean() < 1.0
+    source = Image.open(base / "input" / "example.png")
+    assert result.shape == (2 * source.height, 2 * source.width, 3)  # the demo is an x2 face super-resolution
+    # Away from the faces the photo is ComfyUI's own bicubic x2; on the six faces ZSSR changed it.
+    import torch
+    import torch.nn.functional as F
+    src = torch.from_numpy(np.asarray(source).copy()).permute(2, 0, 1)[None].float() / 255
+    bicubic = (F.interpolate(src, scale_factor=2, mode="bicubic").clamp(0, 1)[0].permute(1, 2, 0) * 255).numpy()
+    diff = np.abs(result.astype(float) - bicubic).max(-1)
+    assert np.median(diff) <= 1.0
+    assert (diff > 3).mean() > 0.002  # six faces' worth of pixels differ

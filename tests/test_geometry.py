@@ -147,3 +147,70 @@ def test_paste_has_no_seam_on_real_photo_with_modified_faces():
     # The same crops pasted with a hard (unfeathered) mask do show the step: the check can fail.
     _, hard = paste_faces(img, modified, alignment, margin=0.0, feather=1e-6)
     assert _max_jump(hard) > 0.5
+
+
+def _face_det(angle, scale, tx, ty):
+    """A detection row [15] whose landmarks are the 512 template moved by a known similarity."""
+    pts = apply_affine(_similarity(angle, scale, tx, ty)[None], face_template(512)[None])[0]
+    return torch.cat([torch.tensor([0.0, 0, 10, 10, 0.99]), pts.reshape(10)])
+
+
+def test_native_crops_are_exact_pixel_copies_sized_for_the_largest_face():
+    from facemend.pipelines.align import native_crop_size
+
+    img = torch.rand(1, 3, 300, 400, generator=torch.Generator().manual_seed(1))
+    dets = [torch.stack([_face_det(12, 0.2, 80, 60), _face_det(-5, 0.35, 200, 80)])]
+    size = native_crop_size(dets)
+    assert size == 184  # 0.35 * 512 = 179.2 image pixels, rounded up to a multiple of 8
+    crops, alignment = align_faces(img, dets, size, geometry="native")
+    for k in range(2):
+        a = alignment.affine[k]
+        assert torch.equal(a[:, :2], torch.eye(2)) and torch.equal(a[:, 2], a[:, 2].round())
+        x0, y0 = int(-a[0, 2]), int(-a[1, 2])
+        assert 0 <= x0 and x0 + size <= 400 and 0 <= y0 and y0 + size <= 300
+        assert torch.equal(crops[k], img[0, :, y0:y0 + size, x0:x0 + size])
+        # Centred where the FFHQ crop of that face is centred.
+        ffhq = align_faces(img, [dets[0][k:k + 1]], size)[1]
+        centre = apply_affine(ffhq.inverse, torch.full((1, 1, 2), (size - 1) / 2))[0, 0]
+        assert (centre - torch.tensor([x0 + (size - 1) / 2, y0 + (size - 1) / 2])).abs().max() <= 0.5
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_native_crops_upscaled_paste_onto_the_upscaled_photo_without_resampling(interpolation):
+    """Crops enlarged x2 paste onto the x2 photo on its own pixel grid: bicubic-enlarged crops pasted onto
+    the bicubic-enlarged photo change it by rounding only (an FFHQ crop would resample twice)."""
+    img = _smooth_image(160, 200, seed=2) * 0.5 + 0.5 * torch.rand(1, 3, 160, 200, generator=torch.Generator().manual_seed(3))
+    dets = [torch.stack([_face_det(8, 0.15, 40, 30), _face_det(0, 0.12, 120, 50)])]
+    crops, alignment = align_faces(img, dets, 80, geometry="native")
+    up = lambda x: torch.nn.functional.interpolate(x, scale_factor=2, mode="bicubic", align_corners=False)
+    big = up(img).clamp(0, 1)
+    out, blend = paste_faces(big, up(crops).clamp(0, 1), alignment, interpolation=interpolation)
+    assert blend.max() > 0.99
+    inner = blend[0, 0] > 0.99
+    # On the exact grid both modes sample at pixel centres; only the bicubic edge effects of the enlarged
+    # crops (outside the blend's full-weight area) differ.
+    assert (out - big)[..., inner].abs().max() < 1e-4
+
+
+def test_bicubic_warps_lose_less_detail_on_enlarged_faces():
+    """Align -> paste of untouched crops on a detailed photo where the face is enlarged into the crop:
+    bicubic sampling keeps closer to the original than bilinear (facexlib's)."""
+    img = torch.rand(1, 3, 200, 200, generator=torch.Generator().manual_seed(4))
+    img = torch.nn.functional.avg_pool2d(img, 3, 1, 1)  # some detail, not pure noise
+    dets = [torch.stack([_face_det(7, 0.3, 30, 20)])]
+    errors = {}
+    for mode in ("bilinear", "bicubic"):
+        crops, alignment = align_faces(img, dets, 256, interpolation=mode)
+        out, blend = paste_faces(img, crops, alignment, interpolation=mode)
+        inner = blend[0, 0] > 0.99
+        errors[mode] = float((out - img)[..., inner].abs().mean())
+    assert errors["bicubic"] < 0.8 * errors["bilinear"], errors
+
+
+def test_geometry_and_interpolation_names_are_checked():
+    img = torch.rand(1, 3, 64, 64)
+    dets = [torch.stack([_face_det(0, 0.1, 10, 10)])]
+    with pytest.raises(ValueError, match="geometry"):
+        align_faces(img, dets, 64, geometry="upright")
+    with pytest.raises(ValueError, match="interpolation"):
+        align_faces(img, dets, 64, interpolation="lanczos")

@@ -43,3 +43,32 @@ def test_api_workflow_matches_node_schemas(name):
                 assert value in kind or key == "model", f"{nid}.{key}={value!r} not in {kind}"
         for key in schema["required"]:
             assert key in node["inputs"], f"{nid}: required input {key} missing"
+
+
+@pytest.mark.parametrize("name", sorted(generate.WORKFLOWS))
+def test_ui_widget_values_line_up_with_the_frontend(name):
+    """widgets_values must have exactly the slots ComfyUI's frontend expects (it refuses or shifts the values
+    otherwise): one per widget input, plus the 'control after generate' value after seed inputs."""
+    ui = json.loads((ROOT / "workflows" / f"{name}.json").read_text())
+    for node in ui["nodes"]:
+        cls = facemend.NODE_CLASS_MAPPINGS.get(node["type"])
+        if cls is None:
+            assert len(node["widgets_values"]) == len(generate.CORE_WIDGETS[node["type"]])
+            continue
+        spec = cls.INPUT_TYPES()
+        values = list(node["widgets_values"])
+        for section in ("required", "optional"):
+            for key, opts in spec.get(section, {}).items():
+                kind = opts[0]
+                if not (isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN")):
+                    continue
+                value = values.pop(0)
+                if isinstance(kind, list):
+                    assert value in kind or key == "model", f"{node['type']}.{key}={value!r}"
+                elif kind == "BOOLEAN":
+                    assert isinstance(value, bool), f"{node['type']}.{key}={value!r}"
+                elif kind in ("INT", "FLOAT"):
+                    assert isinstance(value, (int, float)) and not isinstance(value, bool), f"{node['type']}.{key}"
+                    if key in ("seed", "noise_seed") or (len(opts) > 1 and opts[1].get("control_after_generate")):
+                        assert values.pop(0) in ("fixed", "increment", "decrement", "randomize")
+        assert values == [], f"{node['type']}: {len(values)} extra widget values"

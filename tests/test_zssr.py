@@ -176,6 +176,19 @@ def test_tiny_and_bad_inputs():
         Z.ZSSR(scale=3)
 
 
+@pytest.mark.parametrize("context", ["inference_mode", "no_grad"])
+def test_tuning_runs_under_the_hosts_inference_mode(context):
+    """ComfyUI executes every node under torch.inference_mode(): training must still work there."""
+    x = torch.rand(2, 3, 24, 24, generator=torch.Generator().manual_seed(0))
+    ref_z = Z.zssr_upscale(x, 2, config=Z.ZSSRConfig(max_iters=6, crop_size=16, self_ensemble=False))[0]
+    ref_t = Z.ntire_tune(x, steps=6, config=Z.NTIREConfig(crop_size=16, validation_interval=3))[0]
+    with getattr(torch, context)():
+        xi = x.clone()
+        out_z = Z.zssr_upscale(xi, 2, config=Z.ZSSRConfig(max_iters=6, crop_size=16, self_ensemble=False))[0]
+        out_t = Z.ntire_tune(xi, steps=6, config=Z.NTIREConfig(crop_size=16, validation_interval=3))[0]
+    assert torch.equal(out_z, ref_z) and torch.equal(out_t, ref_t)
+
+
 def test_tiled_full_image_pass_is_exact():
     gens = Z._generators(2, 0)
     net = Z.GroupedCNN.init(gens, 8, 16, 0.1, torch.device("cpu"))

@@ -16,30 +16,44 @@ HERE = Path(__file__).resolve().parent
 CORE_WIDGETS = {
     "LoadImage": [("image", "COMBO"), ("upload", "IMAGEUPLOAD")],
     "SaveImage": [("filename_prefix", "STRING")],
+    "ImageScaleBy": [("upscale_method", "COMBO"), ("scale_by", "FLOAT")],
 }
-CORE_OUTPUTS = {"LoadImage": [("IMAGE", "IMAGE"), ("MASK", "MASK")], "SaveImage": []}
-CORE_LINK_INPUTS = {"LoadImage": [], "SaveImage": [("images", "IMAGE")]}
+CORE_OUTPUTS = {"LoadImage": [("IMAGE", "IMAGE"), ("MASK", "MASK")], "SaveImage": [],
+                "ImageScaleBy": [("IMAGE", "IMAGE")]}
+CORE_LINK_INPUTS = {"LoadImage": [], "SaveImage": [("images", "IMAGE")], "ImageScaleBy": [("image", "IMAGE")]}
 
 # LoadImage -> embedded detector -> detect + align: nodes 1-3 of every shipped graph.
 _DETECT_NODES = {
     1: ("LoadImage", {"image": "example.png", "upload": "image"}, {}),
     2: ("FaceMend_DetectorLoader", {"model": "mtcnn (embedded)", "precision": "fp32", "anchors": "auto"}, {}),
     3: ("FaceMend_DetectAlign", {"selection": "all", "face_index": 0, "score_threshold": 0.8, "min_face_size": 16,
-                                 "max_faces": 0, "crop_size": 512, "detect_max_side": 1600, "border": "constant"},
+                                 "max_faces": 0, "crop_size": 512, "detect_max_side": 1600, "border": "constant",
+                                 "interpolation": "bilinear", "crop_geometry": "ffhq"},
         {"image": (1, 0), "detector": (2, 0)}),
 }
+# The demo crops each face's own pixels (no resampling) for ZSSR, pasted onto the x2 bicubic photo.
+_NATIVE_DETECT_NODES = {**_DETECT_NODES, 3: (_DETECT_NODES[3][0], {**_DETECT_NODES[3][1], "interpolation": "bicubic",
+                                                                   "crop_geometry": "native"}, _DETECT_NODES[3][2])}
 
 # Each workflow: node id -> (class_type, widget values by name, links by input name -> (node id, output slot)).
 WORKFLOWS = {
     "facemend_demo": {
-        "title": "FaceMend demo: detect -> align -> colour fix -> paste back (no model files needed)",
+        "title": "FaceMend demo: x2 face super-resolution with no model files: detect -> native face crops -> "
+                 "ZSSR x2 -> colour fix -> paste onto the x2 bicubic photo",
         "nodes": {
-            **_DETECT_NODES,
-            4: ("FaceMend_ColorFix", {"method": "wavelet", "strength": 1.0},
-                {"image": (3, 0), "reference": (3, 0)}),
-            5: ("FaceMend_PasteBack", {"feather": 0.1, "margin": 0.04},
-                {"image": (1, 0), "face_crops": (4, 0), "alignment": (3, 1)}),
-            6: ("SaveImage", {"filename_prefix": "facemend_demo"}, {"images": (5, 0)}),
+            **_NATIVE_DETECT_NODES,
+            4: ("FaceMend_PerImageTune", {"mode": "zssr", "scale": 2, "steps": 200, "learning_rate": 0.001,
+                                          "seed": 0, "crop_size": 64, "validation_interval": 100,
+                                          "l1_weight": 1.0, "clipiqa_weight": 0.1, "maniqa_weight": 0.1,
+                                          "id_threshold": 0.6, "back_projection_iters": 10,
+                                          "self_ensemble": False},
+                {"image": (3, 0)}),
+            5: ("FaceMend_ColorFix", {"method": "wavelet", "strength": 1.0},
+                {"image": (4, 0), "reference": (3, 0)}),
+            6: ("ImageScaleBy", {"upscale_method": "bicubic", "scale_by": 2.0}, {"image": (1, 0)}),
+            7: ("FaceMend_PasteBack", {"feather": 0.1, "margin": 0.04, "interpolation": "bicubic"},
+                {"image": (6, 0), "face_crops": (5, 0), "alignment": (3, 1)}),
+            8: ("SaveImage", {"filename_prefix": "facemend_demo"}, {"images": (7, 0)}),
         },
     },
     "facemend_fast": {
@@ -51,7 +65,7 @@ WORKFLOWS = {
                 {"face_crops": (3, 0), "restorer": (4, 0)}),
             6: ("FaceMend_ColorFix", {"method": "wavelet", "strength": 1.0},
                 {"image": (5, 0), "reference": (3, 0)}),
-            7: ("FaceMend_PasteBack", {"feather": 0.1, "margin": 0.04},
+            7: ("FaceMend_PasteBack", {"feather": 0.1, "margin": 0.04, "interpolation": "bilinear"},
                 {"image": (1, 0), "face_crops": (6, 0), "alignment": (3, 1)}),
             8: ("SaveImage", {"filename_prefix": "facemend_fast"}, {"images": (7, 0)}),
         },
@@ -89,6 +103,17 @@ def _schema(class_type, classes):
     return widgets, links, list(zip(names, cls.RETURN_TYPES))
 
 
+def _has_control_widget(class_type, name, kind, classes) -> bool:
+    """ComfyUI's frontend adds a 'control after generate' widget after INT inputs named seed/noise_seed or
+    flagged control_after_generate, and reads two widgets_values for them (a UI file without the second
+    value loads with every later widget shifted by one)."""
+    if kind != "INT" or class_type not in classes:
+        return False
+    spec = classes[class_type].INPUT_TYPES()
+    opts = {**spec.get("required", {}), **spec.get("optional", {})}[name]
+    return bool(len(opts) > 1 and opts[1].get("control_after_generate")) or name in ("seed", "noise_seed")
+
+
 def api_format(wf, classes) -> dict:
     out = {}
     for nid, (ctype, widgets, links) in wf["nodes"].items():
@@ -120,7 +145,12 @@ def ui_format(wf, classes) -> dict:
                 out_links.setdefault((src, slot), []).append(link_id)
                 link = link_id
             inputs.append({"name": name, "type": types[name], "link": link})
-        nodes.append({"id": nid, "type": ctype, "widgets": [widgets.get(n) for n, _ in w_spec], "inputs": inputs})
+        values = []
+        for n, kind in w_spec:
+            values.append(widgets.get(n))
+            if _has_control_widget(ctype, n, kind, classes):
+                values.append("fixed")  # the frontend's "control after generate" widget takes the next slot
+        nodes.append({"id": nid, "type": ctype, "widgets": values, "inputs": inputs})
     result = []
     for i, n in enumerate(nodes):
         outputs = [{"name": name, "type": kind, "links": out_links.get((n["id"], slot), []), "slot_index": slot}
