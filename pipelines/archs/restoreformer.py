@@ -286,8 +286,9 @@ def config_from_state_dict(sd: Mapping) -> RestoreFormerConfig:
     n_levels = _levels(sd, "encoder.down.")
     ch_mult = tuple(int(sd[f"encoder.down.{i}.block.0.conv2.weight"].shape[0]) // ch for i in range(n_levels))
     nrb = 1 + max(int(k.split(".")[4]) for k in sd if k.startswith("encoder.down.0.block."))
-    enc_attn = tuple(i for i in range(n_levels) if f"encoder.down.{i}.attn.0.q.weight" in sd)
-    dec_attn = tuple(i for i in reversed(range(n_levels)) if f"decoder.up.{i}.attn.0.q.weight" in sd)
+    has = lambda prefix: any(k.startswith(prefix) for k in sd)  # noqa: E731  (any key: a missing one is named later)
+    enc_attn = tuple(i for i in range(n_levels) if has(f"encoder.down.{i}.attn."))
+    dec_attn = tuple(i for i in reversed(range(n_levels)) if has(f"decoder.up.{i}.attn."))
     plus_plus = len(dec_attn) > len(enc_attn)
     emb = sd["quantize.embedding.weight"]
     return RestoreFormerConfig(
