@@ -63,6 +63,20 @@ KNOWN_FILES = {
     "codeformer.pth": KnownFile(
         "facerestore_models", "https://github.com/sczhou/CodeFormer/releases/download/v0.1.0/codeformer.pth",
         "NTU S-Lab License 1.0 (non-commercial)", "376 MB"),
+    "RestoreFormer++.ckpt": KnownFile(
+        "facerestore_models",
+        "https://github.com/wzhouxiff/RestoreFormerPlusPlus/releases/download/v1.0.0/RestoreFormer++.ckpt",
+        "Apache-2.0", "~294 MB"),
+    "RestoreFormer.ckpt": KnownFile(
+        "facerestore_models",
+        "https://github.com/wzhouxiff/RestoreFormerPlusPlus/releases/download/v1.0.0/RestoreFormer.ckpt",
+        "Apache-2.0", "~291 MB"),
+    "GPEN-BFR-512.pth": KnownFile(
+        "facerestore_models", "https://public-vigen-video.oss-cn-shanghai.aliyuncs.com/robin/models/GPEN-BFR-512.pth",
+        "academic and non-commercial use only (yangxy/GPEN)", "~284 MB"),
+    "GPEN-BFR-256.pth": KnownFile(
+        "facerestore_models", "https://public-vigen-video.oss-cn-shanghai.aliyuncs.com/robin/models/GPEN-BFR-256.pth",
+        "academic and non-commercial use only (yangxy/GPEN)", "~76 MB"),
     "niqe_pris_params.npz": KnownFile(
         "facemend_iqa", "https://github.com/XPixelGroup/BasicSR/blob/master/basicsr/metrics/niqe_pris_params.npz",
         "Apache-2.0 repo; LIVE NIQE parameters", "12 KB"),

@@ -1,4 +1,4 @@
-"""Nodes: face restorer loader and restore (GFPGAN v1.3/v1.4 and the other registered architectures)."""
+"""Nodes: face restorer loader and restore (GFPGAN v1.3/v1.4, CodeFormer, RestoreFormer(++), GPEN)."""
 from __future__ import annotations
 
 import os
@@ -26,8 +26,9 @@ def load_restorer(name: str, precision: str = "auto"):
 
 
 class FaceRestorerLoader:
-    DESCRIPTION = ("Loads a face restorer from models/facerestore_models/ (GFPGAN v1.3 / v1.4 in .pth or "
-                   ".safetensors; the architecture is recognised from the weights).")
+    DESCRIPTION = ("Loads a face restorer from models/facerestore_models/: GFPGAN v1.3 / v1.4, CodeFormer, "
+                   "RestoreFormer / RestoreFormer++ (.ckpt), GPEN-BFR 256/512/1024/2048, in .pth/.ckpt or "
+                   ".safetensors; the architecture is recognised from the weights.")
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = ("FACE_RESTORER",)
@@ -37,7 +38,8 @@ class FaceRestorerLoader:
     def INPUT_TYPES(cls):
         files = list_files("facerestore_models") or ["GFPGANv1.4.pth"]
         return {"required": {
-            "model": (files, {"tooltip": "Restorer weights in models/facerestore_models/ (e.g. GFPGANv1.4.pth)."}),
+            "model": (files, {"tooltip": "Restorer weights in models/facerestore_models/ (e.g. GFPGANv1.4.pth, codeformer.pth, "
+                      "RestoreFormer++.ckpt, GPEN-BFR-512.pth)."}),
             "precision": (["auto", "fp32", "fp16", "bf16"], {"default": "auto", "tooltip":
                           "auto: fp16 on GPUs that support it, fp32 on CPU. GFPGAN in fp16 stays within 1/255 "
                           "of fp32 on most pixels."}),
@@ -58,8 +60,8 @@ class RestoreFaces:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "face_crops": ("IMAGE", {"tooltip": "Aligned faces (512x512 for GFPGAN; other sizes are resized in "
-                                                "and back out)."}),
+            "face_crops": ("IMAGE", {"tooltip": "Aligned faces (512x512 for GFPGAN/CodeFormer/RestoreFormer, the "
+                                                "model's size for GPEN; other sizes are resized in and back out)."}),
             "restorer": ("FACE_RESTORER", {"tooltip": "From the FaceMend face restorer loader."}),
             "visibility": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip":
                            "Blend of restored (1) and input (0) faces."}),

@@ -77,7 +77,7 @@ class FaceRestorer:
     @classmethod
     def from_state_dict(cls, state_dict: Mapping, device: torch.device | str = "cpu",
                         dtype: torch.dtype = torch.float32, path: str = "<state dict>") -> "FaceRestorer":
-        sd = _tensors_only(unwrap_state_dict(state_dict))
+        sd = _tensors_only(archs.canonicalize(unwrap_state_dict(state_dict)))
         base = os.path.basename(path)
         spec = archs.find_arch(sd)
         if spec is None:

@@ -1,8 +1,8 @@
 """Face-restorer network architectures (pure PyTorch, official state-dict key names) and their recognition.
 
 Each supported architecture is an `ArchSpec`: a predicate that recognises its state dict, a builder that infers
-the constructor arguments from tensor shapes, and a few facts the restorer needs. To add an architecture
-(RestoreFormer++, GPEN, ...), write its module here and append a spec to `ARCHS`; its network must implement
+the constructor arguments from tensor shapes, and a few facts the restorer needs. To add an architecture,
+write its module here and append a spec to `ARCHS`; its network must implement
 
     forward(x: [B,3,S,S] in [-1,1], *, noise: str, generator: torch.Generator | None, fidelity: float)
         -> [B,3,S,S] in ~[-1,1]
@@ -44,6 +44,30 @@ def _gfpgan_build(sd: Mapping) -> nn.Module:
     return GFPGANv1Clean(config_from_state_dict(sd))
 
 
+def _restoreformer_matches(sd: Mapping) -> bool:
+    from .restoreformer import is_restoreformer
+
+    return is_restoreformer(sd)
+
+
+def _restoreformer_build(sd: Mapping) -> nn.Module:
+    from .restoreformer import RestoreFormer, config_from_state_dict
+
+    return RestoreFormer(config_from_state_dict(sd))
+
+
+def _gpen_matches(sd: Mapping) -> bool:
+    from .gpen import is_gpen
+
+    return is_gpen(sd)
+
+
+def _gpen_build(sd: Mapping) -> nn.Module:
+    from .gpen import GPEN, config_from_state_dict
+
+    return GPEN(config_from_state_dict(sd))
+
+
 def _codeformer_matches(sd: Mapping) -> bool:
     from .codeformer import is_codeformer
 
@@ -75,6 +99,23 @@ ARCHS: list[ArchSpec] = [
         # The code choice is an argmax over 1024 logits and spandrel marks CodeFormer fp16-unsafe: use bf16/fp32.
         fp16_ok=False,
     ),
+    ArchSpec(
+        name="RestoreFormer",
+        family="RestoreFormer / RestoreFormer++",
+        matches=_restoreformer_matches,
+        build=_restoreformer_build,
+        licence="Apache-2.0 (wzhouxiff/RestoreFormerPlusPlus)",
+        # Attention logits over 256-1024 positions and a nearest-code search: spandrel marks RestoreFormer
+        # fp16-unsafe (bf16 safe); fp16 requests run in bf16 (GPU) or fp32.
+        fp16_ok=False,
+    ),
+    ArchSpec(
+        name="GPEN",
+        family="GPEN (GPEN-BFR-256/512/1024/2048)",
+        matches=_gpen_matches,
+        build=_gpen_build,
+        licence="yangxy/GPEN: academic and non-commercial use only",
+    ),
 ]
 
 
@@ -90,6 +131,13 @@ def register(spec: ArchSpec) -> None:
     global SUPPORTED_DESCRIPTION
     ARCHS.insert(0, spec)
     SUPPORTED_DESCRIPTION = _describe_supported()
+
+
+def canonicalize(sd: Mapping) -> Mapping:
+    """Undo architecture-specific wrappers that the generic unwrapping does not know (RestoreFormer's 'vqvae.')."""
+    from .restoreformer import strip_prefix
+
+    return strip_prefix(sd)
 
 
 def find_arch(sd: Mapping) -> Optional[ArchSpec]:
@@ -118,9 +166,11 @@ _FOREIGN = [
     (lambda sd: _has(sd, "position_emb", "quantize.embedding.weight", "ft_layers."),
      "a CodeFormer variant with an unexpected layout"),
     (lambda sd: _has(sd, "quantize.embedding.weight") and _has(sd, "encoder.", "decoder."),
-     "RestoreFormer / RestoreFormer++ or another VQ autoencoder (not supported by this version)"),
+     "a VQ autoencoder (VQGAN-like) without RestoreFormer's cross-attention decoder"),
+    (lambda sd: _starts(sd, "convs.0.", "final_conv.", "final_linear.1."),
+     "a GPEN / StyleGAN2 discriminator (e.g. GPEN-BFR-512-D.pth, used only for training): use GPEN-BFR-512.pth"),
     (lambda sd: _has(sd, "ecd0.") or (_has(sd, "generator.") and _has(sd, "ecd")),
-     "GPEN (not supported by this version)"),
+     "a GPEN variant with an unexpected layout (e.g. the FullGenerator_SR super-resolution variant)"),
     (lambda sd: _has(sd, "ClassHead.", "BboxHead.", "LandmarkHead."), "a RetinaFace face detector (facexlib)"),
     (lambda sd: _starts(sd, "cp.") or _has(sd, "ffm.convblk"), "a BiSeNet face-parsing network (facexlib)"),
     (lambda sd: _has(sd, "out_img_conv.", "out_mask_conv."), "a ParseNet face-parsing network (facexlib)"),
