@@ -66,6 +66,16 @@ KNOWN_FILES = {
     "niqe_pris_params.npz": KnownFile(
         "facemend_iqa", "https://github.com/XPixelGroup/BasicSR/blob/master/basicsr/metrics/niqe_pris_params.npz",
         "Apache-2.0 repo; LIVE NIQE parameters", "12 KB"),
+    # pyiqa metrics (optional extra 'iqa'); the names pyiqa itself downloads, so existing copies can be reused.
+    "musiq_koniq_ckpt-e95806b9.pth": KnownFile(
+        "facemend_iqa", "https://huggingface.co/chaofengc/IQA-PyTorch-Weights/resolve/main/musiq_koniq_ckpt-e95806b9.pth",
+        "CC BY-NC-SA 4.0 (non-commercial)", "about 110 MB (27 M fp32 parameters)"),
+    "ckpt_koniq10k.pt": KnownFile(
+        "facemend_iqa", "https://huggingface.co/chaofengc/IQA-PyTorch-Weights/resolve/main/ckpt_koniq10k.pt",
+        "CC BY-NC-SA 4.0 (non-commercial)", "about 540 MB (136 M fp32 parameters)"),
+    "RN50.pt": KnownFile(
+        "facemend_iqa", "https://openaipublic.azureedge.net/clip/models/afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762/RN50.pt",
+        "MIT (OpenAI CLIP)", "about 250 MB (102 M parameters, fp16 TorchScript)"),
 }
 
 _standalone_dirs: list[str] = []
