@@ -69,13 +69,22 @@ KNOWN_FILES = {
     # pyiqa metrics (optional extra 'iqa'); the names pyiqa itself downloads, so existing copies can be reused.
     "musiq_koniq_ckpt-e95806b9.pth": KnownFile(
         "facemend_iqa", "https://huggingface.co/chaofengc/IQA-PyTorch-Weights/resolve/main/musiq_koniq_ckpt-e95806b9.pth",
-        "CC BY-NC-SA 4.0 (non-commercial)", "about 110 MB (27 M fp32 parameters)"),
+        "CC BY-NC-SA 4.0 (non-commercial)", "about 110 MB"),
     "ckpt_koniq10k.pt": KnownFile(
         "facemend_iqa", "https://huggingface.co/chaofengc/IQA-PyTorch-Weights/resolve/main/ckpt_koniq10k.pt",
-        "CC BY-NC-SA 4.0 (non-commercial)", "about 540 MB (136 M fp32 parameters)"),
+        "CC BY-NC-SA 4.0 (non-commercial)", "about 540 MB"),
     "RN50.pt": KnownFile(
         "facemend_iqa", "https://openaipublic.azureedge.net/clip/models/afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762/RN50.pt",
-        "MIT (OpenAI CLIP)", "about 250 MB (102 M parameters, fp16 TorchScript)"),
+        "MIT (OpenAI CLIP)", "about 250 MB"),
+    # ArcFace recognition models of the insightface packs, in insightface/models/<pack>/ (as insightface lays them out).
+    "w600k_r50.onnx": KnownFile(
+        "insightface", "https://github.com/deepinsight/insightface/releases/download/v0.7/buffalo_l.zip "
+        "(unzip to models/insightface/models/buffalo_l/)", "insightface models: non-commercial research only",
+        "part of the buffalo_l pack"),
+    "glintr100.onnx": KnownFile(
+        "insightface", "the insightface antelopev2 pack (python-package model zoo; unzip to "
+        "models/insightface/models/antelopev2/)", "insightface models: non-commercial research only",
+        "part of the antelopev2 pack"),
 }
 
 _standalone_dirs: list[str] = []

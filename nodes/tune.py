@@ -65,6 +65,11 @@ class PerImageTune:
                                       "real photos, as the paper's real-image config)."}),
             "self_ensemble": ("BOOLEAN", {"default": True, "tooltip":
                               "zssr: median of the 8 rotations/flips at test time (8x the test cost)."}),
+            "clipiqa": ("IQA_METRIC", {"tooltip": "ntire_tune: a CLIP-IQA metric (IQA metric loader) for the "
+                                                  "(1 - CLIP-IQA) loss term and the validation score."}),
+            "maniqa": ("IQA_METRIC", {"tooltip": "ntire_tune: a MANIQA metric (IQA metric loader) for the "
+                                                 "(1 - MANIQA) loss term and the validation score."}),
+            "id_model": ("FACE_ID", {"tooltip": "ntire_tune: an ArcFace model (ID model loader) for the ID guard."}),
         }}
 
     def run(self, image, mode="zssr", scale=2, steps=0, learning_rate=0.001, seed=0, crop_size=128,
