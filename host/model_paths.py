@@ -76,6 +76,13 @@ KNOWN_FILES = {
     "RN50.pt": KnownFile(
         "facemend_iqa", "https://openaipublic.azureedge.net/clip/models/afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762/RN50.pt",
         "MIT (OpenAI CLIP)", "about 250 MB"),
+    "pt_inception-2015-12-05-6726825d.pth": KnownFile(
+        "facemend_iqa", "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+        "pt_inception-2015-12-05-6726825d.pth", "Apache-2.0 (pytorch-fid)", "about 92 MB"),
+    "inception_FFHQ_512.pth": KnownFile(
+        "facemend_iqa", "the FFHQ-512 FID statistics linked from the NTIRE 2025 face restoration repository "
+        "(zhengchen1999/NTIRE2025_RealWorld_Face_Restoration, pretrained/; Google Drive), also used by VQFR",
+        "as its source states", "about 32 MB"),
     # ArcFace recognition models of the insightface packs, in insightface/models/<pack>/ (as insightface lays them out).
     "w600k_r50.onnx": KnownFile(
         "insightface", "https://github.com/deepinsight/insightface/releases/download/v0.7/buffalo_l.zip "
