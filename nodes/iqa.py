@@ -124,7 +124,7 @@ class IQAScore:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "image": ("IMAGE", {"tooltip": "Images or face crops to score (NIQE needs at least 96x96)."}),
+            "image": ("IMAGE", {"tooltip": "Images or face crops to score (NIQE needs at least 96x192)."}),
             "metric": ("IQA_METRIC", {"tooltip": "From the FaceMend IQA metric loader."}),
         }, "optional": {
             "batch_size": ("INT", {"default": 4, "min": 1, "max": 256, "tooltip":

@@ -115,8 +115,8 @@ class NIQE:
     """``NIQE(params)(images [N,3,H,W] in [0,1]) -> [N]`` NIQE scores (lower is better).
 
     variant 'pyiqa' (default) gives pyiqa's ``niqe``, what the NTIRE 2025 challenge scored; 'matlab' gives
-    BasicSR's ``calculate_niqe`` algorithm in double precision (see VARIANTS). Images must be at least 96x96
-    (one NIQE block); the right/bottom remainder beyond whole 96-pixel blocks is ignored, as in the
+    BasicSR's ``calculate_niqe`` algorithm in double precision (see VARIANTS). Images must hold at least two
+    whole 96x96 blocks (the references fail on fewer); the right/bottom remainder beyond whole 96-pixel blocks is ignored, as in the
     reference. Not differentiable (luma rounding, as the reference).
     """
 
@@ -211,8 +211,9 @@ class NIQE:
         if images.ndim != 4 or images.shape[1] not in (1, 3):
             raise InvalidImage(f"NIQE expects [N,3,H,W] (or [N,1,H,W]) images, got shape {tuple(images.shape)}")
         h, w = images.shape[-2:]
-        if h < BLOCK or w < BLOCK:
-            raise InvalidImage(f"NIQE needs images of at least {BLOCK}x{BLOCK} pixels (one block), got {w}x{h}")
+        if (h // BLOCK) * (w // BLOCK) < 2:
+            raise InvalidImage(f"NIQE needs at least two whole {BLOCK}x{BLOCK} blocks (e.g. {BLOCK}x{2 * BLOCK}) to fit "
+                               f"its Gaussian model, got a {w}x{h} image")
         y = rgb_to_y255(images.to(self.device), self.color_space).to(self.dtype).round()
         y = y[..., : (h // BLOCK) * BLOCK, : (w // BLOCK) * BLOCK]
         f1 = self._block_features(self._mscn_blocks(y, BLOCK))
@@ -229,6 +230,10 @@ class NIQE:
         mu_d = torch.where(nan, torch.zeros_like(feats), feats).sum(1) / (~nan).sum(1)  # nanmean over blocks
         valid = (~nan.any(-1)).to(feats.dtype)[..., None]  # blocks without NaN enter the covariance
         cnt = valid.sum(1, keepdim=True)
+        if bool((cnt < 2).any()):
+            bad = (cnt.flatten() < 2).nonzero().flatten().tolist()
+            raise InvalidImage(f"NIQE is undefined for image(s) {bad} of the batch: fewer than two 96x96 blocks have "
+                               "texture (flat or constant regions give no AGGD fit), as in the reference")
         clean = torch.where(nan, torch.zeros_like(feats), feats)
         m = (clean * valid).sum(1, keepdim=True) / cnt
         dev = (clean - m) * valid

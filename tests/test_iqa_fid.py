@@ -61,7 +61,7 @@ def test_fid_inception_loads_local_pytorch_fid_layout_without_download(tmp_path)
 
     torch.manual_seed(0)
     # The FID Inception has torchvision's Inception-v3 parameters with 1008 classes and no aux head: its layout.
-    ref = Inception3(num_classes=1008, aux_logits=False, init_weights=True).eval()
+    ref = Inception3(num_classes=1008, aux_logits=False, init_weights=False).eval()
     path = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
     torch.save(ref.state_dict(), path)
     net = FIDInception.from_file(str(path))

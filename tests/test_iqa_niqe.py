@@ -186,8 +186,12 @@ def test_matlab_half_matches_reference_imresize():
 
 def test_niqe_errors(params_path, tmp_path):
     niqe = NIQE.from_file(params_path)
-    with pytest.raises(InvalidImage, match="at least 96x96"):
+    with pytest.raises(InvalidImage, match="at least two whole 96x96 blocks"):
         niqe(torch.rand(1, 3, 95, 200))
+    with pytest.raises(InvalidImage, match="two whole"):
+        niqe(torch.rand(1, 3, 160, 160))  # one block: the references' covariance is undefined too
+    with pytest.raises(InvalidImage, match=r"image\(s\) \[1\]"):
+        niqe(torch.cat([torch.rand(1, 3, 96, 192), torch.full((1, 3, 96, 192), 0.5)]))  # flat image
     with pytest.raises(ValueError, match="variant"):
         NIQE.from_file(params_path, variant="basicsr")
     bad = tmp_path / "niqe_pris_params.npz"
