@@ -196,7 +196,11 @@ class NIQE:
         return torch.stack(feats, -1)
 
     def _mscn_blocks(self, y: torch.Tensor, block: int) -> torch.Tensor:
-        """[N,1,H,W] -> MSCN coefficients cut into blocks [N,K,block,block]."""
+        """[N,1,H,W] -> MSCN coefficients cut into blocks [N,K,block,block].
+
+        Kept as conv2d although a float64 conv2d is slow on CPUs: in flat (e.g. saturated) regions y - mu is a
+        rounding residual whose sign the AGGD fit counts, so the summation order shows in the score; conv2d's
+        order reproduces pyiqa and the scipy reference (summing the 49 taps directly moved NIQE by 1e-3)."""
         pad = self.window.shape[-1] // 2
         mu = F.conv2d(F.pad(y, (pad,) * 4, mode="replicate"), self.window)
         sq = F.conv2d(F.pad(y * y, (pad,) * 4, mode="replicate"), self.window)
