@@ -1,4 +1,5 @@
-"""Nodes: IQA metric loader and scoring, ArcFace ID model loader and ID similarity, best-of selection."""
+"""Nodes: IQA metric loader and scoring, ArcFace ID model loader and ID similarity, best-of selection,
+authenticity check."""
 from __future__ import annotations
 
 import json
@@ -263,10 +264,51 @@ class BestOf:
         return (bchw_to_image(best), json.dumps(report))
 
 
+class Authenticity:
+    DESCRIPTION = ("Authenticity check (IDM, ICCV 2023): restores the faces, then restores the result again, and "
+                   "reports whether the second pass keeps or improves quality and how far the identity drifts "
+                   "between f(x) and f(f(x)). An authentic restorer should be (nearly) idempotent.")
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("IMAGE", "IMAGE", "FLOAT", "FLOAT", "STRING")
+    RETURN_NAMES = ("restored", "restored_twice", "quality_gain", "id_drift", "report_json")
+    OUTPUT_TOOLTIPS = ("f(x)", "f(f(x))", "Mean score(f(f(x))) - score(f(x)), positive = better (metric's "
+                       "direction respected).", "Mean 1 - ID similarity(f(x), f(f(x))); 0 without an ID model.",
+                       "Per face: scores of x, f(x), f(f(x)), ID similarities, authentic flag.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "face_crops": ("IMAGE", {"tooltip": "Aligned faces to restore (as for Restore Faces)."}),
+            "restorer": ("FACE_RESTORER", {"tooltip": "From the FaceMend face restorer loader."}),
+            "metric": ("IQA_METRIC", {"tooltip": "Quality metric for f(x) and f(f(x))."}),
+        }, "optional": {
+            "id_model": ("FACE_ID", {"tooltip": "ArcFace model for the identity drift."}),
+            "fidelity": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip":
+                         "CodeFormer's w (ignored by GFPGAN)."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "tooltip": "Seed of both passes."}),
+        }}
+
+    def run(self, face_crops, restorer, metric, id_model=None, fidelity=0.5, seed=0):
+        from ..pipelines.authenticity import authenticity
+
+        x = image_to_bchw(face_crops, restorer.device, "face crops")
+        progress = dev.Progress(2 * x.shape[0])
+        hook = dev.step_hook(progress)
+
+        def restore(t):
+            return restorer(t, fidelity=fidelity, seed=seed, callback=hook)
+
+        fx, ffx, report = authenticity(restore, x, metric, id_model.similarity if id_model is not None else None)
+        return (bchw_to_image(fx), bchw_to_image(ffx), report["mean_quality_gain"],
+                report.get("mean_id_drift", 0.0), json.dumps(report))
+
+
 NODES = {
     "FaceMend_IQALoader": (IQAMetricLoader, "FaceMend IQA Metric Loader"),
     "FaceMend_IQAScore": (IQAScore, "FaceMend IQA Score"),
     "FaceMend_IDModelLoader": (IDModelLoader, "FaceMend ID Model Loader (ArcFace)"),
     "FaceMend_IDSimilarity": (IDSimilarity, "FaceMend ID Similarity"),
     "FaceMend_BestOf": (BestOf, "FaceMend Best-Of Selection"),
+    "FaceMend_Authenticity": (Authenticity, "FaceMend Authenticity Check (f(f(x)))"),
 }

@@ -126,9 +126,12 @@ def _quality_terms(clipiqa, clipiqa_weight, maniqa, maniqa_weight):
         s = _metric_scores(metric)
         scores.append(s)
         if weight:
-            def loss(images, s=s):
-                return 1.0 - s(images)
-            loss.name = f"(1 - {s.name})"
+            as_loss = getattr(metric, "as_loss", None)  # IQA_METRIC: range-scaled badness, = 1 - s for 0..1 metrics
+
+            def loss(images, s=s, as_loss=as_loss):
+                return as_loss(images).reshape(-1) if as_loss is not None else 1.0 - s(images)
+            loss.name = f"(1 - {s.name})" if as_loss is None or metric.score_range == (0.0, 1.0) else \
+                f"{s.name} loss"
             losses.append((float(weight), loss))
     if not scores:
         return [], None
