@@ -130,7 +130,7 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def evaluate_folder(outputs: str, out_dir: str = "report", inputs: str | None = None, metrics=("niqe",),
                     id_model: str | None = None, id_threshold: float = 0.6, fid_stats: str | None = None,
-                    niqe_variant: str = "pyiqa", log=print) -> dict:
+                    niqe_variant: str = "pyiqa", qalign: float | None = None, log=print) -> dict:
     """Score a folder of restored images: per-image NR-IQA (+ ID similarity to --inputs, + FID against stored
     statistics), the NTIRE 2025 score and low-ID count; writes report.json, per_image.csv, summary.png."""
     from .nodes.iqa import IQA_FOLDER, open_id_model, open_metric
@@ -145,7 +145,7 @@ def evaluate_folder(outputs: str, out_dir: str = "report", inputs: str | None = 
         fid = (FIDInception.from_file(model_paths.find_file(IQA_FOLDER, INCEPTION_FILE), dev.compute_device()),
                load_stats(model_paths.find_file(IQA_FOLDER, fid_stats)))
     report = evaluate(outputs, loaded, inputs, idm, fid, id_threshold, dev.compute_device(), log,
-                      dev.check_interrupt)
+                      dev.check_interrupt, {"qalign": qalign} if qalign is not None else None)
     paths = write_report(report, out_dir)
     ntire = report["ntire"]
     log(f"{report['images']} images: " + ", ".join(f"{k} {v:.4f}" for k, v in report["means"].items())
@@ -190,6 +190,8 @@ def main(argv=None) -> int:
                         help="low-ID threshold for images outside the NTIRE subsets (default 0.6)")
     p_eval.add_argument("--fid-stats", default=None, help="FID statistics in models/facemend_iqa/ "
                         "(e.g. inception_FFHQ_512.pth, or a pytorch-fid .npz)")
+    p_eval.add_argument("--qalign", type=float, default=None, help="mean Q-Align score of these outputs computed "
+                        "elsewhere (pyiqa's qalign needs ~15 GB of GPU memory), to complete the NTIRE score")
     args = parser.parse_args(argv)
 
     if args.models_dir:
@@ -204,7 +206,7 @@ def main(argv=None) -> int:
             run_demo(args.out)
         elif args.command == "evaluate":
             evaluate_folder(args.outputs, args.out, args.inputs, [m for m in args.metrics.split(",") if m],
-                            args.id_model, args.id_threshold, args.fid_stats, args.niqe_variant)
+                            args.id_model, args.id_threshold, args.fid_stats, args.niqe_variant, args.qalign)
         else:
             files = []
             for item in args.inputs:

@@ -36,8 +36,11 @@ def _dataset_of(path: str, root: str) -> Optional[str]:
 
 
 def evaluate(outputs_dir: str, metrics: dict, inputs_dir: Optional[str] = None, id_model=None, fid=None,
-             id_threshold: float = 0.6, device=None, log: Callable = print, interrupt: Callable = lambda: None) -> dict:
-    """metrics: name -> IQAMetric; id_model: ArcFaceONNX or None; fid: (FIDInception, (mu, sigma)) or None."""
+             id_threshold: float = 0.6, device=None, log: Callable = print, interrupt: Callable = lambda: None,
+             external_means: Optional[dict] = None) -> dict:
+    """metrics: name -> IQAMetric; id_model: ArcFaceONNX or None; fid: (FIDInception, (mu, sigma)) or None;
+    external_means: means computed elsewhere (e.g. {'qalign': 4.6} from pyiqa on a large GPU), used in the score
+    and listed under 'external_means'."""
     files = find_images(outputs_dir)
     if not files:
         raise FaceMendError(f"no images found under {outputs_dir}")
@@ -78,7 +81,14 @@ def evaluate(outputs_dir: str, metrics: dict, inputs_dir: Optional[str] = None, 
         from .fid import fid_from_features
 
         means["fid"] = fid_from_features(torch.cat(feats), fid[1])
-    terms = score_terms(**{k: v for k, v in means.items() if k in ("niqe", "clipiqa", "maniqa", "musiq", "fid")})
+    external = dict(external_means or {})
+    unknown = set(external) - {"niqe", "clipiqa", "maniqa", "musiq", "qalign", "fid"}
+    if unknown:
+        raise FaceMendError(f"unknown external metric(s) {sorted(unknown)}")
+    if external:
+        report["external_means"] = external
+    terms = score_terms(**{**{k: v for k, v in means.items() if k in ("niqe", "clipiqa", "maniqa", "musiq", "fid")},
+                           **external})
     report["ntire"] = {"score": sum(terms.values()), "terms": terms,
                        "missing_terms": [m for m in ("clipiqa", "maniqa", "musiq", "niqe", "qalign", "fid")
                                          if m not in terms],

@@ -59,7 +59,7 @@ def test_evaluate_writes_table_means_score_and_chart(setup, capsys):
     models, outputs, inputs, report_dir = setup
     code = main(["--models-dir", str(models), "--device", "cpu", "evaluate", str(outputs), "--inputs", str(inputs),
                  "-o", str(report_dir), "--metrics", "niqe", "--id-model", "models/buffalo_l/w600k_r50.onnx",
-                 "--fid-stats", "stats.npz", "--id-threshold", "0.999"])
+                 "--fid-stats", "stats.npz", "--id-threshold", "0.999", "--qalign", "4.5"])
     assert code == 0, capsys.readouterr().err
     report = json.loads((report_dir / "report.json").read_text())
     rows = {r["file"]: r for r in report["per_image"]}
@@ -70,8 +70,10 @@ def test_evaluate_writes_table_means_score_and_chart(setup, capsys):
     assert rows["julia.png"]["niqe"] == pytest.approx(float(niqe(load_image(outputs / "julia.png"))), abs=1e-5)
     # the NTIRE score is the formula of the means it has (NIQE + FID here) and says what is missing
     means = report["means"]
-    assert report["ntire"]["score"] == pytest.approx(sum(score_terms(niqe=means["niqe"], fid=means["fid"]).values()))
-    assert set(report["ntire"]["missing_terms"]) == {"clipiqa", "maniqa", "musiq", "qalign"}
+    assert report["ntire"]["score"] == pytest.approx(
+        sum(score_terms(niqe=means["niqe"], fid=means["fid"], qalign=4.5).values()))
+    assert set(report["ntire"]["missing_terms"]) == {"clipiqa", "maniqa", "musiq"}
+    assert report["external_means"] == {"qalign": 4.5}
     assert means["fid"] > 0
     # ID: blurred inputs vs sharp outputs are not identical: CelebA's 0.5 for two, the default 0.999 for julia
     gate = report["id_gate"]
