@@ -1,4 +1,4 @@
-"""Command line and Python API without ComfyUI: `python -m facemend restore|demo ...`."""
+"""Command line and Python API without ComfyUI: `python -m facemend restore|demo|evaluate ...`."""
 from __future__ import annotations
 
 import argparse
@@ -137,6 +137,34 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return 10 * torch.log10(torch.tensor(1.0 / max(mse, 1e-12))).item()
 
 
+def evaluate_folder(outputs: str, out_dir: str = "report", inputs: str | None = None, metrics=("niqe",),
+                    id_model: str | None = None, id_threshold: float = 0.6, fid_stats: str | None = None,
+                    niqe_variant: str = "pyiqa", qalign: float | None = None, log=print) -> dict:
+    """Score a folder of restored images: per-image NR-IQA (+ ID similarity to --inputs, + FID against stored
+    statistics), the NTIRE 2025 score and low-ID count; writes report.json, per_image.csv, summary.png."""
+    from .nodes.iqa import IQA_FOLDER, open_id_model, open_metric
+    from .pipelines.evaluate import evaluate, write_report
+
+    loaded = {name: open_metric(name, niqe_variant=niqe_variant) for name in metrics}
+    idm = open_id_model(id_model) if id_model else None
+    fid = None
+    if fid_stats:
+        from .pipelines.fid import INCEPTION_FILE, FIDInception, load_stats
+
+        fid = (FIDInception.from_file(model_paths.find_file(IQA_FOLDER, INCEPTION_FILE), dev.compute_device()),
+               load_stats(model_paths.find_file(IQA_FOLDER, fid_stats)))
+    report = evaluate(outputs, loaded, inputs, idm, fid, id_threshold, dev.compute_device(), log,
+                      dev.check_interrupt, {"qalign": qalign} if qalign is not None else None)
+    paths = write_report(report, out_dir)
+    ntire = report["ntire"]
+    log(f"{report['images']} images: " + ", ".join(f"{k} {v:.4f}" for k, v in report["means"].items())
+        + f"; NTIRE score {ntire['score']:.4f}" + ("" if ntire["complete"] else
+                                                  f" (without {', '.join(ntire['missing_terms'])})")
+        + (f"; low ID {report['id_gate']['low_count']} ({'pass' if report['id_gate']['passed'] else 'FAIL'})"
+           if "id_gate" in report else "") + f"; wrote {', '.join(paths)}")
+    return report
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m facemend", description=__doc__)
     parser.add_argument("--models-dir", action="append", default=[],
@@ -159,6 +187,22 @@ def main(argv=None) -> int:
     p_demo = sub.add_parser("demo", help="degrade and restore a public-domain photo (no downloads)")
     p_demo.add_argument("-o", "--out", default="demo_output")
     sub.add_parser("presets", help="list the presets")
+    p_eval = sub.add_parser("evaluate", help="score a folder of restored images (NR-IQA, ID similarity, FID, "
+                            "NTIRE 2025 score) into JSON, CSV and a PNG chart")
+    p_eval.add_argument("outputs", help="folder of restored images (sub-folders named like the NTIRE subsets "
+                        "get their ID thresholds)")
+    p_eval.add_argument("--inputs", default=None, help="folder of the inputs, matched by file name (for ID)")
+    p_eval.add_argument("-o", "--out", default="report", help="report folder (default: report/)")
+    p_eval.add_argument("--metrics", default="niqe", help="comma-separated from niqe, clipiqa, maniqa, musiq")
+    p_eval.add_argument("--niqe-variant", default="pyiqa", choices=["pyiqa", "matlab"])
+    p_eval.add_argument("--id-model", default=None, help="ArcFace ONNX in models/insightface/, e.g. "
+                        "models/buffalo_l/w600k_r50.onnx (needs --inputs)")
+    p_eval.add_argument("--id-threshold", type=float, default=0.6,
+                        help="low-ID threshold for images outside the NTIRE subsets (default 0.6)")
+    p_eval.add_argument("--fid-stats", default=None, help="FID statistics in models/facemend_iqa/ "
+                        "(e.g. inception_FFHQ_512.pth, or a pytorch-fid .npz)")
+    p_eval.add_argument("--qalign", type=float, default=None, help="mean Q-Align score of these outputs computed "
+                        "elsewhere (pyiqa's qalign needs ~15 GB of GPU memory), to complete the NTIRE score")
     args = parser.parse_args(argv)
 
     if args.models_dir:
@@ -171,6 +215,9 @@ def main(argv=None) -> int:
                 print(f"{spec.name}: {spec.description}")
         elif args.command == "demo":
             run_demo(args.out)
+        elif args.command == "evaluate":
+            evaluate_folder(args.outputs, args.out, args.inputs, [m for m in args.metrics.split(",") if m],
+                            args.id_model, args.id_threshold, args.fid_stats, args.niqe_variant, args.qalign)
         else:
             files = []
             for item in args.inputs:

@@ -80,6 +80,32 @@ KNOWN_FILES = {
     "niqe_pris_params.npz": KnownFile(
         "facemend_iqa", "https://github.com/XPixelGroup/BasicSR/blob/master/basicsr/metrics/niqe_pris_params.npz",
         "Apache-2.0 repo; LIVE NIQE parameters", "12 KB"),
+    # pyiqa metrics (optional extra 'iqa'); the names pyiqa itself downloads, so existing copies can be reused.
+    "musiq_koniq_ckpt-e95806b9.pth": KnownFile(
+        "facemend_iqa", "https://huggingface.co/chaofengc/IQA-PyTorch-Weights/resolve/main/musiq_koniq_ckpt-e95806b9.pth",
+        "CC BY-NC-SA 4.0 (non-commercial)", "about 110 MB"),
+    "ckpt_koniq10k.pt": KnownFile(
+        "facemend_iqa", "https://huggingface.co/chaofengc/IQA-PyTorch-Weights/resolve/main/ckpt_koniq10k.pt",
+        "CC BY-NC-SA 4.0 (non-commercial)", "about 540 MB"),
+    "RN50.pt": KnownFile(
+        "facemend_iqa", "https://openaipublic.azureedge.net/clip/models/afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762/RN50.pt",
+        "MIT (OpenAI CLIP)", "about 250 MB"),
+    "pt_inception-2015-12-05-6726825d.pth": KnownFile(
+        "facemend_iqa", "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+        "pt_inception-2015-12-05-6726825d.pth", "Apache-2.0 (pytorch-fid)", "about 92 MB"),
+    "inception_FFHQ_512.pth": KnownFile(
+        "facemend_iqa", "the FFHQ-512 FID statistics linked from the NTIRE 2025 face restoration repository "
+        "(zhengchen1999/NTIRE2025_RealWorld_Face_Restoration, pretrained/; Google Drive), also used by VQFR",
+        "as its source states", "about 32 MB"),
+    # ArcFace recognition models of the insightface packs, in insightface/models/<pack>/ (as insightface lays them out).
+    "w600k_r50.onnx": KnownFile(
+        "insightface", "https://github.com/deepinsight/insightface/releases/download/v0.7/buffalo_l.zip "
+        "(unzip to models/insightface/models/buffalo_l/)", "insightface models: non-commercial research only",
+        "part of the buffalo_l pack"),
+    "glintr100.onnx": KnownFile(
+        "insightface", "the insightface antelopev2 pack (python-package model zoo; unzip to "
+        "models/insightface/models/antelopev2/)", "insightface models: non-commercial research only",
+        "part of the antelopev2 pack"),
 }
 
 _standalone_dirs: list[str] = []

@@ -65,6 +65,11 @@ class PerImageTune:
                                       "real photos, as the paper's real-image config)."}),
             "self_ensemble": ("BOOLEAN", {"default": True, "tooltip":
                               "zssr: median of the 8 rotations/flips at test time (8x the test cost)."}),
+            "clipiqa": ("IQA_METRIC", {"tooltip": "ntire_tune: a CLIP-IQA metric (IQA metric loader) for the "
+                                                  "(1 - CLIP-IQA) loss term and the validation score."}),
+            "maniqa": ("IQA_METRIC", {"tooltip": "ntire_tune: a MANIQA metric (IQA metric loader) for the "
+                                                 "(1 - MANIQA) loss term and the validation score."}),
+            "id_model": ("FACE_ID", {"tooltip": "ntire_tune: an ArcFace model (ID model loader) for the ID guard."}),
         }}
 
     def run(self, image, mode="zssr", scale=2, steps=0, learning_rate=0.001, seed=0, crop_size=128,
@@ -121,9 +126,12 @@ def _quality_terms(clipiqa, clipiqa_weight, maniqa, maniqa_weight):
         s = _metric_scores(metric)
         scores.append(s)
         if weight:
-            def loss(images, s=s):
-                return 1.0 - s(images)
-            loss.name = f"(1 - {s.name})"
+            as_loss = getattr(metric, "as_loss", None)  # IQA_METRIC: range-scaled badness, = 1 - s for 0..1 metrics
+
+            def loss(images, s=s, as_loss=as_loss):
+                return as_loss(images).reshape(-1) if as_loss is not None else 1.0 - s(images)
+            loss.name = f"(1 - {s.name})" if as_loss is None or metric.score_range == (0.0, 1.0) else \
+                f"{s.name} loss"
             losses.append((float(weight), loss))
     if not scores:
         return [], None
