@@ -97,9 +97,38 @@ class IQAMetric:
         return f"IQAMetric({self.name}, {'lower' if self.lower_better else 'higher'} is better, {self.weights})"
 
 
+@contextlib.contextmanager
+def _pkg_resources_for_openai_clip():
+    """openai-clip does `from pkg_resources import packaging` at import, and setuptools >= 81 no longer ships
+    pkg_resources. Lend it a module holding only the standalone `packaging` while pyiqa imports it, then take
+    it back, so nothing else in the process ever sees a partial pkg_resources."""
+    import importlib.util
+    import sys
+    import types
+
+    if "pkg_resources" in sys.modules or importlib.util.find_spec("pkg_resources") is not None:
+        yield
+        return
+    import packaging.version  # noqa: F401  (clip uses packaging.version.parse)
+
+    stand_in = types.ModuleType("pkg_resources")
+    stand_in.packaging = sys.modules["packaging"]
+    sys.modules["pkg_resources"] = stand_in
+    try:
+        yield
+    finally:
+        if sys.modules.get("pkg_resources") is stand_in:
+            del sys.modules["pkg_resources"]
+
+
 def _import_pyiqa_archs():
     try:
-        import pyiqa.archs  # noqa: F401  (registers the architectures)
+        with _pkg_resources_for_openai_clip():
+            import pyiqa.archs  # noqa: F401  (registers the architectures)
+            try:
+                import pyiqa.archs.clipiqa_arch  # noqa: F401
+            except ImportError:
+                pass  # CLIP-IQA alone needs openai-clip: said when it is asked for
     except ImportError as exc:
         raise FaceMendError(
             f"This metric needs the optional 'iqa' extra (pyiqa, non-commercial licence): "
@@ -132,9 +161,26 @@ def build_pyiqa_net(name: str, weights_path: str | None = None) -> torch.nn.Modu
     spec = SPECS[name]
     _import_pyiqa_archs()
     if name == "clipiqa":
-        from pyiqa.archs.clipiqa_arch import CLIPIQA
+        try:
+            with _pkg_resources_for_openai_clip():
+                from pyiqa.archs import clipiqa_arch
+        except ImportError as exc:
+            raise FaceMendError(f"CLIP-IQA needs the openai-clip package (pip install openai-clip): {exc}") from exc
+        from pyiqa.archs.clip_model import build_model
 
-        return CLIPIQA(backbone=weights_path, pretrained=False)
+        state = _clip_state_dict(weights_path)
+        original = clipiqa_arch.load
+        # pyiqa's CLIP loader re-reads a half-consumed file handle when the file is not TorchScript; build the
+        # CLIP network from the state dict read here instead.
+        clipiqa_arch.load = lambda *_args, **_kwargs: build_model(dict(state)).float()
+        try:
+            net = clipiqa_arch.CLIPIQA(backbone=weights_path, pretrained=False)
+        finally:
+            clipiqa_arch.load = original
+        # pyiqa keeps CLIP in a list (out of its state dict); register it too, so that .to(device), the
+        # device lookup and requires_grad_(False) reach it.
+        net.clip_backbone = net.clip_model[0]
+        return net
     if name == "maniqa":
         from pyiqa.archs.maniqa_arch import MANIQA
 
@@ -145,6 +191,15 @@ def build_pyiqa_net(name: str, weights_path: str | None = None) -> torch.nn.Modu
 
         return MUSIQ(pretrained=False, **spec.options)
     raise KeyError(name)
+
+
+def _clip_state_dict(path: str) -> dict:
+    """OpenAI's RN50.pt is a TorchScript archive (tensors and TorchScript code, no pickle); a converted
+    state dict (.pth / .safetensors) is read with load_weights."""
+    try:
+        return torch.jit.load(path, map_location="cpu").state_dict()
+    except RuntimeError:
+        return unwrap_state_dict(load_weights(path, "cpu"))
 
 
 def _load_state(net: torch.nn.Module, path: str, name: str) -> None:

@@ -86,19 +86,35 @@ def test_maniqa_loads_official_layout_without_timm_download(tmp_path, monkeypatc
 
 
 def test_clipiqa_loads_a_local_clip_file(tmp_path):
-    try:
-        import clip  # noqa: F401
-    except Exception as exc:  # ImportError, or pkg_resources missing inside openai-clip
-        pytest.skip(f"CLIP-IQA needs openai-clip (and setuptools<81 for pkg_resources): {exc}")
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("clip") is None:
+        pytest.skip("CLIP-IQA needs openai-clip (the iqa extra)")
+    M._import_pyiqa_archs()
     from pyiqa.archs.clip_model import CLIP
 
+    assert "pkg_resources" not in sys.modules or importlib.util.find_spec("pkg_resources") is not None
+
     torch.manual_seed(0)
-    clip_net = CLIP(1024, 224, (3, 4, 6, 3), 64, 77, 49408, 512, 8, 12)  # OpenAI RN50 hyper-parameters
-    path = tmp_path / "RN50.pt"
-    torch.save(clip_net.state_dict(), path)
-    metric = M.load_metric("clipiqa", str(path))
-    s = metric.score(torch.rand(1, 3, 64, 64))
-    assert s.shape == (1,) and 0 <= float(s) <= 1
+    clip_net = CLIP(1024, 224, (3, 4, 6, 3), 64, None, 77, 49408, 512, 8, 12)  # OpenAI RN50 hyper-parameters
+    # OpenAI's release is a traced TorchScript archive; converted state dicts exist too: both must load.
+    archive, plain = tmp_path / "RN50.pt", tmp_path / "RN50_state.pth"
+    clip_net.eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(clip_net, (torch.rand(1, 3, 224, 224), torch.zeros(1, 77, dtype=torch.long)),
+                                 check_trace=False)
+    torch.jit.save(traced, archive)
+    torch.save(clip_net.state_dict(), plain)
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    scores = []
+    for path in (archive, plain):
+        metric = M.load_metric("clipiqa", str(path))
+        scores.append(metric.score(x))
+        assert scores[-1].shape == (2,) and ((0 <= scores[-1]) & (scores[-1] <= 1)).all()
+    assert torch.allclose(scores[0], scores[1], atol=1e-5)
+    loss = metric.as_loss(x.clone().requires_grad_(True))
+    assert loss.requires_grad
 
 
 def test_wrong_or_junk_weight_files_are_refused(tmp_path):
