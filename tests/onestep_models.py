@@ -62,11 +62,11 @@ def random_lora(model, targets, rank, gen, prefix="transformer.", std=0.05):
     return sd
 
 
-def make_tsdsr(root, rank=4, seq=12):
+def make_tsdsr(root, rank=4, seq=12, base_name="sd3-tiny"):
     """models/diffusers/sd3-tiny/{transformer,vae} + models/onestep_sr/tsdsr/{4 files}. Returns (base, lora)."""
     from safetensors.torch import save_file
 
-    base = os.path.join(root, "diffusers", "sd3-tiny")
+    base = os.path.join(root, "diffusers", base_name)
     lora = os.path.join(root, "onestep_sr", "tsdsr")
     os.makedirs(lora, exist_ok=True)
     tr, vae = tiny_sd3(), tiny_vae()
