@@ -102,7 +102,7 @@ class OneStepSR:
             return h
 
         m = tiled_apply(moments, x, tiles.encoder_tile, tiles.vae_overlap, scale=1 / self.vae_factor,
-                        blend="linear", align=self.vae_factor, max_batch=tiles.max_batch, hook=hook)
+                        blend="linear", align=self.vae_factor, max_batch=tiles.max_batch, hook=hook, even=True)
         mean, logvar = m.chunk(2, dim=1)
         std = torch.exp(0.5 * logvar.float().clamp(-30.0, 20.0))
         noise = torch.randn(mean.shape, generator=generator, device=generator.device, dtype=torch.float32)
@@ -126,7 +126,7 @@ class OneStepSR:
             return vae.decode(t / self.scaling_factor, return_dict=False)[0]
 
         return tiled_apply(dec, z0, tiles.decoder_tile, tiles.vae_overlap // self.vae_factor,
-                           scale=self.vae_factor, blend="linear", max_batch=tiles.max_batch, hook=hook)
+                           scale=self.vae_factor, blend="linear", max_batch=tiles.max_batch, hook=hook, even=True)
 
     # --- planning -----------------------------------------------------------------------------------------
     def output_size(self, h: int, w: int, scale: int) -> tuple[int, int]:

@@ -147,6 +147,14 @@ def load_tsdsr(base_dir: str, lora_dir: str, device="cpu", dtype=torch.float32) 
         merge_lora(model, pairs, 1.0, path, what)  # lora_alpha == rank in TSD-SR
     prompt = _load_tensor_file(os.path.join(lora_dir, "prompt_embeds.pt"))
     pooled = _load_tensor_file(os.path.join(lora_dir, "pool_embeds.pt"))
+    return tsdsr_from_modules(transformer, vae, prompt, pooled, device, dtype,
+                              f"TSD-SR on {os.path.basename(os.path.normpath(base_dir))}", base_dir)
+
+
+def tsdsr_from_modules(transformer, vae, prompt: torch.Tensor, pooled: torch.Tensor, device="cpu",
+                       dtype=torch.float32, description: str = "TSD-SR", where: str = "the model") -> OneStepSR:
+    """The TSD-SR step around an SD3 transformer and VAE whose LoRAs are already merged (also used by the
+    benchmark's real-size random models)."""
     if prompt.ndim == 2:
         prompt = prompt[None]
     if pooled.ndim == 1:
@@ -158,7 +166,7 @@ def load_tsdsr(base_dir: str, lora_dir: str, device="cpu", dtype=torch.float32) 
             f"(expects [..,{cfg.joint_attention_dim}] and [..,{cfg.pooled_projection_dim}]; the official files "
             "are [1,333,4096] and [1,2048])")
     if vae.config.latent_channels != cfg.in_channels:
-        raise ModelFileInvalid(f"{base_dir}: VAE latent channels {vae.config.latent_channels} != transformer "
+        raise ModelFileInvalid(f"{where}: VAE latent channels {vae.config.latent_channels} != transformer "
                                f"input channels {cfg.in_channels}; is this an SD3 folder?")
     _prepare((transformer, vae), device, dtype)
     prompt = prompt[:1].to(device, dtype)
@@ -175,8 +183,7 @@ def load_tsdsr(base_dir: str, lora_dir: str, device="cpu", dtype=torch.float32) 
 
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     return OneStepSR("TSD-SR", vae, denoise, update, [transformer, vae], size_multiple=factor * cfg.patch_size,
-                     tiles=TileSettings(latent_tile=64, latent_overlap=8),
-                     description=f"TSD-SR on {os.path.basename(os.path.normpath(base_dir))}")
+                     tiles=TileSettings(latent_tile=64, latent_overlap=8), description=description)
 
 
 # --- OSEDiff -----------------------------------------------------------------------------------------------
@@ -247,12 +254,20 @@ def load_osediff(base_dir: str, pkl_path: str, device="cpu", dtype=torch.float32
     _apply_osediff_state(unet, ckpt.unet, ckpt.rank_unet, pkl_path, "SD2.1 UNet")
     _apply_osediff_state(vae, ckpt.vae, ckpt.rank_vae, pkl_path, "VAE")
     scheduler = DDPMScheduler.from_pretrained(base_dir, subfolder="scheduler", local_files_only=True)
+    embeds = encode_prompt(base_dir, prompt, device, dtype)
+    return osediff_from_modules(unet, vae, scheduler, embeds, device, dtype,
+                                f"OSEDiff on {os.path.basename(os.path.normpath(base_dir))}")
+
+
+def osediff_from_modules(unet, vae, scheduler, embeds: torch.Tensor, device="cpu", dtype=torch.float32,
+                         description: str = "OSEDiff") -> OneStepSR:
+    """The OSEDiff step around an SD2.1 UNet and VAE whose LoRAs are already merged."""
     alpha = float(scheduler.alphas_cumprod[OSEDIFF_TIMESTEP])
     kind = scheduler.config.prediction_type
     if kind not in ("epsilon", "v_prediction"):
-        raise ModelFileInvalid(f"{base_dir}/scheduler: prediction_type {kind!r} is not supported")
-    embeds = encode_prompt(base_dir, prompt, device, dtype)
+        raise ModelFileInvalid(f"scheduler prediction_type {kind!r} is not supported (epsilon, v_prediction)")
     _prepare((unet, vae), device, dtype)
+    embeds = embeds.to(device, dtype)
 
     def denoise(z):
         n = z.shape[0]
@@ -268,5 +283,4 @@ def load_osediff(base_dir: str, pkl_path: str, device="cpu", dtype=torch.float32
         return x0.to(z.dtype)
 
     return OneStepSR("OSEDiff", vae, denoise, update, [unet, vae], size_multiple=8,
-                     tiles=TileSettings(latent_tile=96, latent_overlap=32),
-                     description=f"OSEDiff on {os.path.basename(os.path.normpath(base_dir))}")
+                     tiles=TileSettings(latent_tile=96, latent_overlap=32), description=description)

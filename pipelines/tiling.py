@@ -19,13 +19,18 @@ import torch
 BLENDS = ("gaussian", "linear", "none")
 
 
-def tile_starts(length: int, tile: int, overlap: int, align: int = 1) -> list[int]:
+def tile_starts(length: int, tile: int, overlap: int, align: int = 1, even: bool = False) -> list[int]:
     """Start offsets covering [0, length) with tiles of min(tile, length); starts are multiples of `align`
-    except possibly the last one (flush with the border), which must then be aligned by the caller's sizes."""
+    except possibly the last one (flush with the border), which must then be aligned by the caller's sizes.
+    even=False: the official grid (fixed stride, last tile flush); even=True: the same number of tiles spread
+    evenly, so every overlap is at least `overlap` and the last one is not much larger than the others."""
     if tile >= length:
         return [0]
     if overlap >= tile:
         raise ValueError(f"tile overlap {overlap} must be smaller than the tile size {tile}")
+    if even:
+        n = len(tile_starts(length, tile, overlap, align))
+        return [(i * (length - tile) // (n - 1)) // align * align for i in range(n - 1)] + [length - tile]
     stride = max((tile - overlap) // align * align, align)
     starts = list(range(0, length - tile, stride))
     last = length - tile
@@ -72,12 +77,12 @@ def blend_weights(h: int, w: int, blend: str, ramp_h: int = 0, ramp_w: int = 0,
 
 
 def tile_count(h: int, w: int, tile: int, overlap: int, align: int = 1) -> int:
-    return len(tile_starts(h, tile, overlap, align)) * len(tile_starts(w, tile, overlap, align))
+    return len(tile_starts(h, tile, overlap, align)) * len(tile_starts(w, tile, overlap, align))  # same when even
 
 
 def tiled_apply(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int, overlap: int,
                 scale: float = 1.0, blend: str = "gaussian", align: int = 1, max_batch: int = 0,
-                hook: Optional[Callable[[int], None]] = None) -> torch.Tensor:
+                hook: Optional[Callable[[int], None]] = None, even: bool = False) -> torch.Tensor:
     """Apply `fn` ([n,C,th,tw] -> [n,C',th*scale,tw*scale]) over overlapping tiles of x [N,C,H,W].
 
     Tiles of all N images go through `fn` together, at most `max_batch` items per call (0: all tiles of one
@@ -87,9 +92,9 @@ def tiled_apply(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, til
     """
     n, _, h, w = x.shape
     if max_batch and n > max_batch:  # more images than one call may take: one group of images at a time
-        return torch.cat([tiled_apply(fn, x[i:i + max_batch], tile, overlap, scale, blend, align, max_batch, hook)
-                          for i in range(0, n, max_batch)], dim=0)
-    ys, xs = tile_starts(h, tile, overlap, align), tile_starts(w, tile, overlap, align)
+        return torch.cat([tiled_apply(fn, x[i:i + max_batch], tile, overlap, scale, blend, align, max_batch, hook,
+                                      even) for i in range(0, n, max_batch)], dim=0)
+    ys, xs = tile_starts(h, tile, overlap, align, even), tile_starts(w, tile, overlap, align, even)
     th, tw = min(tile, h), min(tile, w)
     if len(ys) == 1 and len(xs) == 1:
         out = fn(x)

@@ -37,6 +37,14 @@ def test_tile_grid_is_the_official_one(length, tile, overlap):
     assert covered.all() and starts[-1] + tile == length
 
 
+@pytest.mark.parametrize("length,tile,overlap,align", [(2048, 1024, 64, 8), (256, 128, 8, 1), (1000, 96, 32, 2)])
+def test_even_tiles_cover_with_at_least_the_overlap(length, tile, overlap, align):
+    starts = tile_starts(length, tile, overlap, align, even=True)
+    assert len(starts) == len(tile_starts(length, tile, overlap, align))
+    assert starts[0] == 0 and starts[-1] == length - tile and all(s % align == 0 for s in starts)
+    assert all(b - a <= tile - overlap for a, b in zip(starts, starts[1:]))
+
+
 def test_gaussian_weights_are_the_official_ones():
     h = w = 64
     var = 0.01
@@ -67,8 +75,9 @@ def test_tiling_a_local_function_equals_the_untiled_result(blend, scale):
     calls = []
     out = tiled_apply(fn, x, tile, tile // 4, scale=scale, blend=blend, align=align, max_batch=4,
                       hook=lambda n: calls.append(n))
+    spread = tiled_apply(fn, x, tile, tile // 4, scale=scale, blend=blend, align=align, max_batch=4, even=True)
     with torch.no_grad():
-        assert torch.allclose(out, fn(x), atol=1e-5)
+        assert torch.allclose(out, fn(x), atol=1e-5) and torch.allclose(spread, fn(x), atol=1e-5)
     assert len(calls) == tile_count(x.shape[2], x.shape[3], tile, tile // 4, align) > 1
 
 
