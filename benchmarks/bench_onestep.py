@@ -52,23 +52,33 @@ SD21_VAE = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("U
 
 
 def real_size_model(backend: str, device, dtype):
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build in the target dtype: no fp32 copy of 2 B parameters on the way
+    try:
+        return _build_real(backend, device, dtype)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _build_real(backend, device, dtype):
     from diffusers import AutoencoderKL, DDPMScheduler, SD3Transformer2DModel, UNet2DConditionModel
 
     from facemend.pipelines.onestep_backends import osediff_from_modules, tsdsr_from_modules
 
-    torch.manual_seed(0)
     with torch.device(device):
         if backend == "tsdsr":
-            tr = SD3Transformer2DModel(**SD3_TRANSFORMER).to(dtype)
-            vae = AutoencoderKL(**SD3_VAE).to(dtype)
-            prompt = torch.randn(1, 333, 4096) * 0.1  # the official embeddings' shapes
-            pooled = torch.randn(1, 2048) * 0.1
+            tr = SD3Transformer2DModel(**SD3_TRANSFORMER)
+            vae = AutoencoderKL(**SD3_VAE)
+            prompt = torch.randn(1, 333, 4096, dtype=torch.float32) * 0.1  # the official embeddings' shapes
+            pooled = torch.randn(1, 2048, dtype=torch.float32) * 0.1
             return tsdsr_from_modules(tr, vae, prompt, pooled, device, dtype, "TSD-SR (real size, random)")
-        unet = UNet2DConditionModel(**SD21_UNET).to(dtype)
-        vae = AutoencoderKL(**SD21_VAE).to(dtype)
+        unet = UNet2DConditionModel(**SD21_UNET)
+        vae = AutoencoderKL(**SD21_VAE)
         sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               prediction_type="epsilon", steps_offset=1)
-        return osediff_from_modules(unet, vae, sched, torch.randn(1, 77, 1024) * 0.1, device, dtype,
+        embeds = torch.randn(1, 77, 1024, dtype=torch.float32) * 0.1
+        return osediff_from_modules(unet, vae, sched, embeds, device, dtype,
                                     "OSEDiff (real size, random)")
 
 
