@@ -111,7 +111,7 @@ class OneStepSR:
 
     def refine_latent(self, z: torch.Tensor, tiles: TileSettings, hook=None) -> torch.Tensor:
         h, w = z.shape[-2:]
-        if h * w <= tiles.latent_tile ** 2:  # the official rule: tile only latents larger than one tile's area
+        if _one_piece(h, w, tiles):
             pred = _batched(self.denoise, z, tiles.max_batch, hook)
         else:
             align = max(1, self.size_multiple // self.vae_factor)
@@ -145,7 +145,7 @@ class OneStepSR:
         f = self.vae_factor
         lh, lw = ph // f, pw // f
         enc = tile_count(ph, pw, t.encoder_tile, t.vae_overlap, f)
-        den = 1 if lh * lw <= t.latent_tile ** 2 else tile_count(lh, lw, t.latent_tile, t.latent_overlap)
+        den = 1 if _one_piece(lh, lw, t) else tile_count(lh, lw, t.latent_tile, t.latent_overlap)
         dec = tile_count(lh, lw, t.decoder_tile, t.vae_overlap // f)
         return (enc + den + dec) * groups
 
@@ -204,6 +204,12 @@ class OneStepSR:
                 if on_retry is not None:
                     on_retry(smaller, exc)
                 t = smaller
+
+
+def _one_piece(h: int, w: int, tiles: TileSettings) -> bool:
+    """The official rule (no tiling up to one tile's area), and no side over two tiles: a 16x512 latent would
+    exceed SD3's position-embedding grid (192 patches) in one piece."""
+    return h * w <= tiles.latent_tile ** 2 and max(h, w) <= 2 * tiles.latent_tile
 
 
 def _batched(fn, x: torch.Tensor, max_batch: int, hook=None) -> torch.Tensor:

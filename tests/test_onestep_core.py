@@ -163,6 +163,22 @@ def test_out_of_memory_retries_with_smaller_batches_and_tiles_then_fails_clearly
         transparent_refiner(denoise=lambda z: (_ for _ in ()).throw(ValueError("boom")))(x[:, :, :64, :64])
 
 
+def test_long_thin_images_are_tiled_not_run_in_one_piece():
+    shapes = []
+
+    def spy(z):
+        shapes.append(tuple(z.shape[-2:]))
+        return torch.zeros_like(z)
+
+    ref = transparent_refiner(denoise=spy)
+    t = TileSettings(latent_tile=16, latent_overlap=4)
+    ref(torch.rand(1, 3, 64, 128), tiles=t)  # latent 8x16: within one tile's area and sides -> one piece
+    assert shapes == [(8, 16)]
+    shapes.clear()
+    out = ref(torch.rand(1, 3, 16, 512), tiles=t)  # latent 2x64: area 128 <= 256, but 64 > 2 tiles wide
+    assert out.shape == (1, 3, 16, 512) and all(w <= 16 for _, w in shapes) and len(shapes) >= 1
+
+
 def test_bad_inputs():
     ref = transparent_refiner()
     with pytest.raises(ValueError, match="scale"):
