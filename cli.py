@@ -22,10 +22,12 @@ DEMO_TUNE_STEPS = 200  # ZSSR steps of the demo preset: about 20 s per batch of 
 
 def build_pipeline(preset: str = "demo", detector: str = EMBEDDED_MTCNN, device=None, restorer: str | None = None,
                    precision: str = "auto", tune_steps: int = DEMO_TUNE_STEPS, seed: int = 0,
+                   onestep_base: str | None = None, onestep_lora: str | None = None,
                    **options) -> FaceRestorePipeline:
     """The Python API: a ready pipeline for `preset`, models resolved through the model search path.
     `restorer` overrides the preset's restorer file (a name in facerestore_models/ or a path); `tune_steps`
-    is the demo preset's ZSSR step count."""
+    is the demo preset's ZSSR step count; `onestep_base` / `onestep_lora` the ntire preset's SD3 folder (in
+    diffusers/) and TSD-SR folder (in onestep_sr/)."""
     if preset not in PRESETS:
         raise FaceMendError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     device = torch.device(device) if device else dev.compute_device()
@@ -34,7 +36,7 @@ def build_pipeline(preset: str = "demo", detector: str = EMBEDDED_MTCNN, device=
     else:
         det = load_detector(detector, model_paths.find_file("facedetection", detector), device=device)
     stages = []
-    if preset == "fast":
+    if preset in ("fast", "ntire"):
         from .pipelines.restore import FaceRestorer
 
         name = restorer or PRESETS[preset].needs[0][1]
@@ -50,7 +52,27 @@ def build_pipeline(preset: str = "demo", detector: str = EMBEDDED_MTCNN, device=
         stages.append(("zssr_x2", lambda faces: ZSSR(config)(faces, seed=seed,
                                                              hook=lambda k=1: dev.check_interrupt())[0]))
         options = {"crop_size": 0, "geometry": "native", "upscale": 2, **options}
+    if preset == "ntire":
+        stages.append(("onestep_sr", _onestep_stage(device, precision, onestep_base, onestep_lora)))
+        options.setdefault("color_reference", "restore")  # AIIA: wavelet fix against the GFPGAN output
     return FaceRestorePipeline(detector=det, face_stages=stages, **options)
+
+
+def _onestep_stage(device, precision, base=None, lora=None, seed=0):
+    """TSD-SR at scale 1 on the face crops (the NTIRE 2025 AIIA setting: 512 crops, one tile, fp16 on GPU)."""
+    from .pipelines.onestep_backends import load_tsdsr
+
+    spec = dict((folder, name) for folder, name in PRESETS["ntire"].needs[1:])
+    base = base or spec["diffusers"]
+    lora = lora or spec["onestep_sr"]
+    base_dir = model_paths.find_dir("diffusers", base) or model_paths.expected_path("diffusers", base)
+    lora_dir = model_paths.find_dir("onestep_sr", lora) or model_paths.expected_path("onestep_sr", lora)
+    model = load_tsdsr(base_dir, lora_dir, device=device, dtype=dev.resolve_dtype(precision, device))
+
+    def stage(faces):
+        return model(faces, scale=1, seed=seed, is_oom=dev.is_oom)
+
+    return stage
 
 
 def restore_files(inputs: list[str], out_dir: str, pipeline: FaceRestorePipeline, device=None,
@@ -181,6 +203,10 @@ def main(argv=None) -> int:
     p_restore.add_argument("--restorer", default=None, help="restorer file in models/facerestore_models/ "
                            "(preset fast; default GFPGANv1.4.pth)")
     p_restore.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    p_restore.add_argument("--onestep-base", default=None, help="preset ntire: SD3-medium diffusers folder in "
+                           "models/diffusers/ (default stable-diffusion-3-medium-diffusers)")
+    p_restore.add_argument("--onestep-lora", default=None, help="preset ntire: TSD-SR folder in models/onestep_sr/ "
+                           "(default tsdsr)")
     p_restore.add_argument("--report", default=None, help="write a JSON report here")
     p_restore.add_argument("--tune-steps", type=int, default=DEMO_TUNE_STEPS,
                            help=f"ZSSR steps of the demo preset (default {DEMO_TUNE_STEPS})")
@@ -225,7 +251,8 @@ def main(argv=None) -> int:
             if not files:
                 raise FaceMendError(f"no images found in {', '.join(args.inputs)}")
             pipeline = build_pipeline(args.preset, args.detector, restorer=args.restorer, precision=args.precision,
-                                      selection=args.selection, tune_steps=args.tune_steps)
+                                      selection=args.selection, tune_steps=args.tune_steps,
+                                      onestep_base=args.onestep_base, onestep_lora=args.onestep_lora)
             reports = restore_files(files, args.out, pipeline)
             if args.report:
                 with open(args.report, "w") as f:

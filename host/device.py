@@ -22,6 +22,11 @@ def _mm():
     return None
 
 
+def is_hosted() -> bool:
+    """True inside ComfyUI (models are then offloaded between runs through its model management)."""
+    return _mm() is not None
+
+
 def set_device(device: str | torch.device | None) -> None:
     """Standalone override (the CLI's --device)."""
     global _forced_device

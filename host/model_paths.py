@@ -31,6 +31,8 @@ FOLDERS = {
         ModelFolder("facerestore_models", WEIGHT_EXTENSIONS, "face restorers (GFPGAN, CodeFormer, RestoreFormer++, GPEN)"),
         ModelFolder("insightface", (".onnx",), "ArcFace / SCRFD packs under insightface/models/<pack>/"),
         ModelFolder("facemend_iqa", WEIGHT_EXTENSIONS + (".npz", ".mat"), "IQA metric weights and NIQE parameters"),
+        ModelFolder("onestep_sr", WEIGHT_EXTENSIONS + (".pkl",), "one-step diffusion SR LoRAs and prompt embeddings "
+                    "(tsdsr/ folder, osediff.pkl)"),
     )
 }
 
@@ -77,6 +79,9 @@ KNOWN_FILES = {
     "GPEN-BFR-256.pth": KnownFile(
         "facerestore_models", "https://public-vigen-video.oss-cn-shanghai.aliyuncs.com/robin/models/GPEN-BFR-256.pth",
         "academic and non-commercial use only (yangxy/GPEN)", "~76 MB"),
+    "osediff.pkl": KnownFile(
+        "onestep_sr", "https://github.com/cswry/OSEDiff (preset/models/osediff.pkl; Google Drive link in its README)",
+        "Apache-2.0", "about 18 MB (4.4 M LoRA parameters in fp32, computed from the layout)"),
     "niqe_pris_params.npz": KnownFile(
         "facemend_iqa", "https://github.com/XPixelGroup/BasicSR/blob/master/basicsr/metrics/niqe_pris_params.npz",
         "Apache-2.0 repo; LIVE NIQE parameters", "12 KB"),
@@ -195,3 +200,29 @@ def find_file(folder: str, name: str) -> str:
         if os.path.isfile(path):
             return path
     raise ModelFileNotFound(missing_file_message(folder, name))
+
+
+def list_dirs(folder: str) -> list[str]:
+    """Names of the sub-folders of `folder` (diffusers model folders, LoRA folders) for loader combos."""
+    names = set()
+    for d in search_dirs(folder):
+        if os.path.isdir(d):
+            names.update(n for n in os.listdir(d) if os.path.isdir(os.path.join(d, n)))
+    return sorted(names)
+
+
+def find_dir(folder: str, name: str) -> str | None:
+    """Full path of the sub-folder `name` of `folder` (first match), or None."""
+    if os.path.isabs(name) and os.path.isdir(name):
+        return name
+    for d in search_dirs(folder):
+        path = os.path.join(d, name)
+        if os.path.isdir(path):
+            return path
+    return None
+
+
+def expected_path(folder: str, name: str) -> str:
+    """Where `name` should go: in the first searched `folder` (for "missing files" messages)."""
+    dirs = search_dirs(folder)
+    return os.path.join(dirs[0] if dirs else os.path.join("models", folder), name)

@@ -70,6 +70,26 @@ WORKFLOWS = {
             8: ("SaveImage", {"filename_prefix": "facemend_fast"}, {"images": (7, 0)}),
         },
     },
+    "facemend_ntire": {
+        "title": "FaceMend ntire: detect -> GFPGAN -> TSD-SR one-step refinement (scale 1) -> wavelet colour fix "
+                 "against the GFPGAN output -> paste back",
+        "nodes": {
+            **_DETECT_NODES,
+            4: ("FaceMend_RestorerLoader", {"model": "GFPGANv1.4.pth", "precision": "auto"}, {}),
+            5: ("FaceMend_RestoreFaces", {"visibility": 1.0, "fidelity": 0.5, "batch_size": 8, "seed": 0},
+                {"face_crops": (3, 0), "restorer": (4, 0)}),
+            6: ("FaceMend_OneStepSRLoader", {"backend": "tsdsr", "base_model": "stable-diffusion-3-medium-diffusers",
+                                             "lora": "tsdsr", "precision": "auto", "prompt": ""}, {}),
+            7: ("FaceMend_OneStepSR", {"scale": 1, "tile_size": 0, "tile_overlap": -1, "seed": 0,
+                                       "blend": "gaussian", "vae_tile_size": 1024, "max_batch": 4},
+                {"image": (5, 0), "sr_model": (6, 0)}),
+            8: ("FaceMend_ColorFix", {"method": "wavelet", "strength": 1.0},
+                {"image": (7, 0), "reference": (5, 0)}),
+            9: ("FaceMend_PasteBack", {"feather": 0.1, "margin": 0.04, "interpolation": "bilinear"},
+                {"image": (1, 0), "face_crops": (8, 0), "alignment": (3, 1)}),
+            10: ("SaveImage", {"filename_prefix": "facemend_ntire"}, {"images": (9, 0)}),
+        },
+    },
 }
 
 
