@@ -14,7 +14,6 @@ Run from the repository root (loads this checkout as `facemend`).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -24,23 +23,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("FACEMEND_SHARED", ROOT.parent / "shared"))
-
-
-def _load_facemend():
-    if "facemend" in sys.modules:
-        return
-    spec = importlib.util.spec_from_file_location("facemend", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["facemend"] = module
-    spec.loader.exec_module(module)
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, SHARED, load_facemend as _load_facemend, sync as _sync  # noqa: E402,F401
 
 
 def main(argv=None):

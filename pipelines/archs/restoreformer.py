@@ -32,6 +32,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+# The VQGAN building blocks both taming-transformers descendants share (same key names).
+from .codeformer import Downsample, Upsample, _group_norm
+
 PREFIX = "vqvae."
 
 
@@ -56,16 +59,12 @@ class RestoreFormerConfig:
         return len(self.dec_attn_levels) > len(self.enc_attn_levels)
 
 
-def _norm(ch: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, ch, eps=1e-6, affine=True)
-
-
 class ResnetBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int):
         super().__init__()
-        self.norm1 = _norm(c_in)
+        self.norm1 = _group_norm(c_in)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, 1, 1)
-        self.norm2 = _norm(c_out)
+        self.norm2 = _group_norm(c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1)
         self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
 
@@ -81,8 +80,8 @@ class MultiHeadAttnBlock(nn.Module):
     def __init__(self, ch: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.norm1 = _norm(ch)
-        self.norm2 = _norm(ch)
+        self.norm1 = _group_norm(ch)
+        self.norm2 = _group_norm(ch)
         self.q = nn.Conv2d(ch, ch, 1)
         self.k = nn.Conv2d(ch, ch, 1)
         self.v = nn.Conv2d(ch, ch, 1)
@@ -96,24 +95,6 @@ class MultiHeadAttnBlock(nn.Module):
         split = lambda t: t.reshape(b, self.heads, c // self.heads, h * w).transpose(2, 3)  # noqa: E731
         out = F.scaled_dot_product_attention(split(self.q(hy)), split(self.k(hx)), split(self.v(hx)))
         return x + self.proj_out(out.transpose(2, 3).reshape(b, c, h, w))
-
-
-class Downsample(nn.Module):
-    def __init__(self, ch: int):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, 2, 0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    def __init__(self, ch: int):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, 1, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 def _level(blocks: list, attns: list) -> nn.Module:
@@ -151,7 +132,7 @@ class Encoder(nn.Module):
             self.down.append(m)
         if c.enable_mid:
             self.mid = _mid(block_in, c.head_size)
-        self.norm_out = _norm(block_in)
+        self.norm_out = _group_norm(block_in)
         self.conv_out = nn.Conv2d(block_in, c.z_channels, 3, 1, 1)
         self.enable_mid = c.enable_mid
 
@@ -197,7 +178,7 @@ class Decoder(nn.Module):
                 m.upsample = Upsample(block_in)
             up.insert(0, m)
         self.up = nn.ModuleList(up)
-        self.norm_out = _norm(block_in)
+        self.norm_out = _group_norm(block_in)
         self.conv_out = nn.Conv2d(block_in, c.out_ch, 3, 1, 1)
         self.enable_mid = c.enable_mid
 
