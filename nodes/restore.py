@@ -67,13 +67,14 @@ class RestoreFaces:
                            "Blend of restored (1) and input (0) faces."}),
             "fidelity": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip":
                          "CodeFormer's w: higher keeps more of the input's identity. Ignored by GFPGAN."}),
-            "batch_size": ("INT", {"default": 8, "min": 1, "max": 64, "tooltip":
-                           "Faces per network call; halved automatically on out-of-memory."}),
+            "batch_size": ("INT", {"default": 0, "min": 0, "max": 64, "tooltip":
+                           "Faces per network call; halved automatically on out-of-memory. 0 = automatic: 8 on "
+                           "a GPU, 1 on a CPU (batching is no faster there and multiplies memory)."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "tooltip":
                      "Seed of GFPGAN's noise inputs (the official code draws them at random every run)."}),
         }}
 
-    def run(self, face_crops, restorer, visibility=1.0, fidelity=0.5, batch_size=8, seed=0):
+    def run(self, face_crops, restorer, visibility=1.0, fidelity=0.5, batch_size=0, seed=0):
         x = image_to_bchw(face_crops, restorer.device, "face crops")
         progress = dev.Progress(x.shape[0])
         hook = dev.step_hook(progress)

@@ -14,30 +14,30 @@ import torch.nn.functional as F
 from .errors import InvalidImage
 
 METHODS = ("wavelet", "adain", "none")
-
-
-def _kernel(channels: int, device, dtype) -> torch.Tensor:
-    k1 = torch.tensor([1.0, 2.0, 1.0], device=device, dtype=dtype)
-    k = (k1[:, None] * k1[None, :]) / 16.0
-    return k.expand(channels, 1, 3, 3).contiguous()
+_CPU_CHUNK_ELEMENTS = 1 << 20  # elements of one image per CPU chunk (a 512 face: 786k)
 
 
 def wavelet_blur(x: torch.Tensor, radius: int) -> torch.Tensor:
-    """Dilated 3x3 binomial blur with replicate padding (any image size, even smaller than radius)."""
-    c = x.shape[1]
-    padded = F.pad(x, (radius, radius, radius, radius), mode="replicate")
-    return F.conv2d(padded, _kernel(c, x.device, x.dtype), groups=c, dilation=radius)
+    """Dilated 3x3 binomial blur ([1,2,1]^2/16) with replicate padding (any image size, even smaller than
+    radius), as separable shifted sums: several times faster than a dilated depthwise conv on a CPU."""
+    r = int(radius)
+    p = F.pad(x, (r, r, r, r), mode="replicate")
+    h = p[..., :, : -2 * r] + 2 * p[..., :, r:-r] + p[..., :, 2 * r:]
+    return (h[..., : -2 * r, :] + 2 * h[..., r:-r, :] + h[..., 2 * r:, :]) / 16
+
+
+def wavelet_lowpass(x: torch.Tensor, levels: int = 5) -> torch.Tensor:
+    """The low frequency left after `levels` wavelet levels (blur radius 1, 2, 4, ...)."""
+    for i in range(levels):
+        x = wavelet_blur(x, 2 ** i)
+    return x
 
 
 def wavelet_decompose(x: torch.Tensor, levels: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
-    """(high frequencies summed over `levels`, remaining low frequency); high + low == x."""
-    high = torch.zeros_like(x)
-    low = x
-    for i in range(levels):
-        blurred = wavelet_blur(low, 2 ** i)
-        high = high + (low - blurred)
-        low = blurred
-    return high, low
+    """(high frequencies summed over `levels`, remaining low frequency); high + low == x. The per-level
+    differences telescope, so their sum is x minus the last low-pass."""
+    low = wavelet_lowpass(x, levels)
+    return x - low, low
 
 
 def _match_reference(target: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -53,9 +53,16 @@ def _match_reference(target: torch.Tensor, reference: torch.Tensor) -> torch.Ten
 
 def wavelet_color_fix(target: torch.Tensor, reference: torch.Tensor, levels: int = 5) -> torch.Tensor:
     reference = _match_reference(target, reference)
-    high, _ = wavelet_decompose(target, levels)
-    _, low = wavelet_decompose(reference, levels)
-    return (high + low).clamp(0, 1)
+    n = target.shape[0]
+    # On a CPU, a few images at a time keep the temporaries in cache: 6 faces at 512 take 0.16 s one at a time
+    # against 0.98 s all at once on 2 cores. A GPU takes the whole batch.
+    step = n if target.device.type != "cpu" else max(1, _CPU_CHUNK_ELEMENTS // max(1, target[0].numel()))
+    out = torch.empty_like(target)
+    for i in range(0, n, step):
+        t, r = target[i:i + step], reference[i:i + step]
+        lows = wavelet_lowpass(torch.cat([t, r]), levels)  # image and reference in one pass
+        out[i:i + step] = (t - lows[:t.shape[0]] + lows[t.shape[0]:]).clamp(0, 1)
+    return out
 
 
 def adain_color_fix(target: torch.Tensor, reference: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:

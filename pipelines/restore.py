@@ -159,9 +159,15 @@ class FaceRestorer:
         # NaN/inf (e.g. from an upstream node) become 0/1 rather than spreading through the network.
         return torch.nan_to_num(faces.float(), nan=0.0, posinf=1.0, neginf=0.0).clamp(0.0, 1.0)
 
+    def auto_batch_size(self) -> int:
+        """Faces per call when not told: 8 on a GPU; 1 on a CPU, where batching 512 px faces is no faster (GFPGAN
+        v1.4 on 2 cores: 5.1 s/face one at a time, 5.7 at 2 or 6 a call) and multiplies the activation memory
+        (whole-photo peak +3.1 GB at 6 a call against +0.5 GB)."""
+        return 1 if self.device.type == "cpu" else 8
+
     # no_grad rather than inference_mode: results stay ordinary tensors that later nodes may modify in place.
     @torch.no_grad()
-    def __call__(self, faces: torch.Tensor, visibility: float = 1.0, fidelity: float = 0.5, batch_size: int = 8,
+    def __call__(self, faces: torch.Tensor, visibility: float = 1.0, fidelity: float = 0.5, batch_size: int = 0,
                  noise: str = "random", seed: int = 0,
                  callback: Optional[Callable[[int], None]] = None) -> torch.Tensor:
         """Restore aligned faces.
@@ -172,7 +178,7 @@ class FaceRestorer:
         visibility: 1 = restored face, 0 = input (linear blend at the input size).
         fidelity: CodeFormer's w in [0, 1] (0: codebook only, 1: closest to the input); ignored by GFPGAN, like
             the official `weight=` argument.
-        batch_size: faces per network call; halved automatically on out-of-memory.
+        batch_size: faces per network call (0: auto_batch_size()); halved automatically on out-of-memory.
         noise / seed: "random" (official behaviour, reproducible with `seed`), "stored" (checkpoint buffers) or
             "none".
         callback: called with the number of faces finished after every chunk (progress / interruption hook).
@@ -192,7 +198,7 @@ class FaceRestorer:
                 callback(n)
             return result.copy_(faces)
         s = self.input_size
-        bs = max(1, int(batch_size))
+        bs = int(batch_size) if int(batch_size) > 0 else self.auto_batch_size()
         start = 0
         while start < n:
             chunk = faces[start:start + bs].to(self.device)

@@ -64,3 +64,33 @@ def test_strength_blends_and_bad_reference_batch_is_an_error():
     assert torch.equal(color_fix(x, ref, "none"), x)
     with pytest.raises(InvalidImage, match="batch"):
         color_fix(x, _img(3, 16, 16, 9))
+
+
+def _stablesr_wavelet_fix(target, reference, levels=5):
+    """StableSR's wavelet_color_fix written as the original does it: a dilated 3x3 binomial depthwise conv with
+    replicate padding per level, the per-level high bands accumulated, the reference's low band added."""
+    import torch.nn.functional as F
+
+    k1 = torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64)
+    kernel = ((k1[:, None] * k1[None, :]) / 16).expand(3, 1, 3, 3)
+
+    def decompose(x):
+        high, low = torch.zeros_like(x), x
+        for i in range(levels):
+            r = 2 ** i
+            blurred = F.conv2d(F.pad(low, (r, r, r, r), mode="replicate"), kernel, groups=3, dilation=r)
+            high, low = high + (low - blurred), blurred
+        return high, low
+
+    return (decompose(target)[0] + decompose(reference)[1]).clamp(0, 1)
+
+
+def test_wavelet_fix_equals_stablesr_formulation_in_batches_and_small_images(monkeypatch):
+    from facemend.pipelines import color_fix as C
+
+    monkeypatch.setattr(C, "_CPU_CHUNK_ELEMENTS", 2 * 3 * 96 * 80)  # chunks of 2, 2 and 1 images
+    g = torch.Generator().manual_seed(0)
+    for shape in ((5, 3, 96, 80), (2, 3, 7, 9)):  # several chunks; smaller than the largest radius (16)
+        t, r = torch.rand(shape, generator=g), torch.rand(shape, generator=g)
+        want = _stablesr_wavelet_fix(t.double(), r.double()).float()
+        assert (C.wavelet_color_fix(t, r) - want).abs().max() < 1e-5

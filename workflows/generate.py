@@ -61,7 +61,7 @@ WORKFLOWS = {
         "nodes": {
             **_DETECT_NODES,
             4: ("FaceMend_RestorerLoader", {"model": "GFPGANv1.4.pth", "precision": "auto"}, {}),
-            5: ("FaceMend_RestoreFaces", {"visibility": 1.0, "fidelity": 0.5, "batch_size": 8, "seed": 0},
+            5: ("FaceMend_RestoreFaces", {"visibility": 1.0, "fidelity": 0.5, "batch_size": 0, "seed": 0},
                 {"face_crops": (3, 0), "restorer": (4, 0)}),
             6: ("FaceMend_ColorFix", {"method": "wavelet", "strength": 1.0},
                 {"image": (5, 0), "reference": (3, 0)}),
@@ -76,7 +76,7 @@ WORKFLOWS = {
         "nodes": {
             **_DETECT_NODES,
             4: ("FaceMend_RestorerLoader", {"model": "GFPGANv1.4.pth", "precision": "auto"}, {}),
-            5: ("FaceMend_RestoreFaces", {"visibility": 1.0, "fidelity": 0.5, "batch_size": 8, "seed": 0},
+            5: ("FaceMend_RestoreFaces", {"visibility": 1.0, "fidelity": 0.5, "batch_size": 0, "seed": 0},
                 {"face_crops": (3, 0), "restorer": (4, 0)}),
             6: ("FaceMend_OneStepSRLoader", {"backend": "tsdsr", "base_model": "stable-diffusion-3-medium-diffusers",
                                              "lora": "tsdsr", "precision": "auto", "prompt": ""}, {}),
