@@ -17,7 +17,7 @@ from .pipelines.image_io import list_images, read_image, side_by_side, write_ima
 from .pipelines.presets import PRESETS, FaceRestorePipeline
 
 
-DEMO_TUNE_STEPS = 200  # ZSSR steps of the demo preset: about 20 s per batch of faces on 2 CPU cores
+DEMO_TUNE_STEPS = 200  # ZSSR steps of the demo preset: about 15 s per batch of faces on 2 CPU cores
 
 
 def build_pipeline(preset: str = "demo", detector: str = EMBEDDED_MTCNN, device=None, restorer: str | None = None,
