@@ -65,7 +65,9 @@ def _onestep_stage(device, precision, base=None, lora=None, seed=0):
     spec = dict((folder, name) for folder, name in PRESETS["ntire"].needs[1:])
     base = base or spec["diffusers"]
     lora = lora or spec["onestep_sr"]
-    base_dir = model_paths.find_dir("diffusers", base) or model_paths.expected_path("diffusers", base)
+    from .nodes.onestep import base_model_path
+
+    base_dir = base_model_path(base)  # a diffusers folder, or a single file in models/checkpoints/
     lora_dir = model_paths.find_dir("onestep_sr", lora) or model_paths.expected_path("onestep_sr", lora)
     model = load_tsdsr(base_dir, lora_dir, device=device, dtype=dev.resolve_dtype(precision, device))
 
@@ -204,7 +206,8 @@ def main(argv=None) -> int:
                            "(preset fast; default GFPGANv1.4.pth)")
     p_restore.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     p_restore.add_argument("--onestep-base", default=None, help="preset ntire: SD3-medium diffusers folder in "
-                           "models/diffusers/ (default stable-diffusion-3-medium-diffusers)")
+                           "models/diffusers/ (default stable-diffusion-3-medium-diffusers) or single file in "
+                           "models/checkpoints/ (sd3_medium.safetensors)")
     p_restore.add_argument("--onestep-lora", default=None, help="preset ntire: TSD-SR folder in models/onestep_sr/ "
                            "(default tsdsr)")
     p_restore.add_argument("--report", default=None, help="write a JSON report here")

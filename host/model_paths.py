@@ -82,6 +82,10 @@ KNOWN_FILES = {
     "osediff.pkl": KnownFile(
         "onestep_sr", "https://github.com/cswry/OSEDiff (preset/models/osediff.pkl; Google Drive link in its README)",
         "Apache-2.0", "about 18 MB (4.4 M LoRA parameters in fp32, computed from the layout)"),
+    # ComfyUI's own checkpoints/ folder (not registered by FaceMend; standalone: <models-dir>/checkpoints/).
+    "sd3_medium.safetensors": KnownFile(
+        "checkpoints", "https://huggingface.co/stabilityai/stable-diffusion-3-medium (gated; the _incl_clips "
+        "variants work too)", "Stability AI Community licence", "about 4.2 GB (2.03 B + 84 M parameters in fp16)"),
     "niqe_pris_params.npz": KnownFile(
         "facemend_iqa", "https://github.com/XPixelGroup/BasicSR/blob/master/basicsr/metrics/niqe_pris_params.npz",
         "Apache-2.0 repo; LIVE NIQE parameters", "12 KB"),

@@ -5,7 +5,7 @@ import os
 from dataclasses import replace
 
 from ..host import device as dev
-from ..host.model_paths import expected_path, find_dir, list_dirs, list_files
+from ..host.model_paths import expected_path, find_dir, list_dirs, list_files, search_dirs
 from .common import CATEGORY, bchw_to_image, image_to_bchw
 
 BASE_DEFAULTS = {"tsdsr": "stable-diffusion-3-medium-diffusers", "osediff": "stable-diffusion-2-1-base"}
@@ -13,8 +13,25 @@ LORA_DEFAULTS = {"tsdsr": "tsdsr", "osediff": "osediff.pkl"}
 _cache: dict = {}
 
 
-def _base_dir(name: str) -> str:
-    return find_dir("diffusers", name) or expected_path("diffusers", name)
+CHECKPOINTS = "checkpoints"  # ComfyUI's own folder of single-file checkpoints (sd3_medium*.safetensors)
+
+
+def _is_file_name(name: str) -> bool:
+    from ..pipelines.onestep_backends import SINGLE_FILE_EXTENSIONS
+
+    return name.lower().endswith(SINGLE_FILE_EXTENSIONS)
+
+
+def base_model_path(name: str) -> str:
+    """A diffusers folder in models/diffusers/, or a single file in models/checkpoints/ (names with an extension)."""
+    if not _is_file_name(name):
+        return find_dir("diffusers", name) or expected_path("diffusers", name)
+    if os.path.isabs(name) and os.path.isfile(name):
+        return name
+    for d in search_dirs(CHECKPOINTS):
+        if os.path.isfile(os.path.join(d, name)):
+            return os.path.join(d, name)
+    return expected_path(CHECKPOINTS, name)
 
 
 def _lora_path(backend: str, name: str) -> str:
@@ -22,8 +39,6 @@ def _lora_path(backend: str, name: str) -> str:
         return find_dir("onestep_sr", name) or expected_path("onestep_sr", name)
     if os.path.isabs(name) and os.path.isfile(name):
         return name
-    from ..host.model_paths import search_dirs
-
     for d in search_dirs("onestep_sr"):
         if os.path.isfile(os.path.join(d, name)):
             return os.path.join(d, name)
@@ -36,7 +51,7 @@ def load_onestep(backend: str, base_model: str = "", lora: str = "", precision: 
 
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    base_dir = _base_dir(base_model or BASE_DEFAULTS[backend])
+    base_dir = base_model_path(base_model or BASE_DEFAULTS[backend])
     lora_path = _lora_path(backend, lora or LORA_DEFAULTS[backend])
     device = dev.compute_device()
     dtype = dev.resolve_dtype(precision, device)
@@ -59,7 +74,8 @@ def load_onestep(backend: str, base_model: str = "", lora: str = "", precision: 
 
 class OneStepSRLoader:
     DESCRIPTION = ("Loads a one-step diffusion SR model. TSD-SR: the SD3-medium diffusers folder (transformer/ and "
-                   "vae/ are used, no text encoders) from models/diffusers/ and the TSD-SR folder models/onestep_sr/"
+                   "vae/ are used, no text encoders) from models/diffusers/, or the single file sd3_medium*.safetensors "
+                   "from models/checkpoints/, and the TSD-SR folder models/onestep_sr/"
                    "tsdsr/ with transformer.safetensors, vae.safetensors, prompt_embeds.pt, pool_embeds.pt. "
                    "OSEDiff: the SD2.1-base diffusers folder and models/onestep_sr/osediff.pkl. Missing files are "
                    "listed in the error with where they go.")
@@ -70,8 +86,8 @@ class OneStepSRLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        bases = list_dirs("diffusers")
-        bases = sorted(set(bases) | set(BASE_DEFAULTS.values()))
+        bases = sorted(set(list_dirs("diffusers")) | set(BASE_DEFAULTS.values()))
+        bases += [f for f in list_files(CHECKPOINTS) if f.lower().endswith(".safetensors")]
         loras = sorted(set(list_dirs("onestep_sr")) | set(list_files("onestep_sr")) | set(LORA_DEFAULTS.values()))
         return {"required": {
             "backend": (["tsdsr", "osediff"], {"default": "tsdsr", "tooltip":
@@ -79,7 +95,9 @@ class OneStepSRLoader:
                         "osediff: OSEDiff (SD2.1-base, one step at t=999; lighter, Apache-2.0)."}),
             "base_model": (bases, {"default": BASE_DEFAULTS["tsdsr"], "tooltip":
                            "Diffusers folder in models/diffusers/: stable-diffusion-3-medium-diffusers for TSD-SR, "
-                           "stable-diffusion-2-1-base for OSEDiff."}),
+                           "stable-diffusion-2-1-base for OSEDiff. TSD-SR also reads the single-file SD3-medium "
+                           "checkpoint in models/checkpoints/ (sd3_medium.safetensors or the _incl_clips variants; "
+                           "only the MMDiT and VAE are read)."}),
             "lora": (loras, {"default": LORA_DEFAULTS["tsdsr"], "tooltip":
                      "In models/onestep_sr/: the TSD-SR folder (tsdsr, or tsdsr-mse) or osediff.pkl."}),
             "precision": (["auto", "fp32", "fp16", "bf16"], {"default": "auto", "tooltip":

@@ -1,4 +1,5 @@
-"""TSD-SR and OSEDiff backends of the one-step refiner: load diffusers model folders + the official LoRA files.
+"""TSD-SR and OSEDiff backends of the one-step refiner: load diffusers model folders + the official LoRA files
+(TSD-SR's SD3 base also from a single-file checkpoint: sd3_single_file.py).
 
 TSD-SR (Microtreei/TSD-SR, test/test_tsdsr.py): SD3-medium transformer + VAE; LoRA rank 64 with lora_alpha = rank
 (scale 1) on the transformer (to_q/k/v, to_out.0, add_q/k/v_proj, proj, linear, proj_out) and on the VAE encoder;
@@ -34,7 +35,9 @@ OSEDIFF_DEFAULT_PROMPT = "face, portrait, person, high quality, detailed, sharp"
 
 # What each backend needs, for the "missing files" error: (path relative to the folder, what it is).
 SD3_SOURCE = ("https://huggingface.co/stabilityai/stable-diffusion-3-medium-diffusers (gated: accept the "
-              "Stability AI Community licence) -> models/diffusers/stable-diffusion-3-medium-diffusers/")
+              "Stability AI Community licence) -> models/diffusers/stable-diffusion-3-medium-diffusers/, "
+              "or instead the single file sd3_medium.safetensors (sd3_medium_incl_clips*.safetensors work too) from "
+              "https://huggingface.co/stabilityai/stable-diffusion-3-medium -> models/checkpoints/")
 SD21_SOURCE = ("https://huggingface.co/stabilityai/stable-diffusion-2-1-base (or a mirror; CreativeML "
                "Open RAIL++-M) -> models/diffusers/stable-diffusion-2-1-base/")
 TSDSR_SOURCE = ("the TSD-SR release (Google Drive / OneDrive links in https://github.com/Microtreei/TSD-SR): "
@@ -46,6 +49,7 @@ OSEDIFF_SOURCE = ("https://github.com/cswry/OSEDiff (preset/models/osediff.pkl, 
 SD3_PARTS = ("transformer", "vae")
 SD21_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 TSDSR_FILES = ("transformer.safetensors", "vae.safetensors", "prompt_embeds.pt", "pool_embeds.pt")
+SINGLE_FILE_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
 def _has_weights(folder: str) -> bool:
@@ -74,10 +78,18 @@ def missing_base_parts(base_dir: str, parts) -> list[str]:
     return missing
 
 
+def is_single_file(base: str) -> bool:
+    """A single-file checkpoint (models/checkpoints/) rather than a diffusers folder."""
+    return os.path.isfile(base) or base.lower().endswith(SINGLE_FILE_EXTENSIONS)
+
+
 def missing_files_error(backend: str, base_dir: str, base_missing: list, lora_missing: list, base_source: str,
                         lora_source: str) -> ModelFileNotFound:
     lines = [f"{backend}: model files are missing."]
-    if base_missing:
+    if base_missing and is_single_file(base_dir):
+        lines.append(f"Base model file {base_dir} does not exist.")
+        lines.append(f"  Get the diffusers folder or the single file from {base_source}")
+    elif base_missing:
         lines.append(f"Base model folder {base_dir}" + (" does not exist" if not os.path.isdir(base_dir) else "")
                      + "; it needs:")
         lines += [f"  - {os.path.join(base_dir, m)}" for m in base_missing]
@@ -123,16 +135,29 @@ def _prepare(modules, device, dtype):
 
 
 # --- TSD-SR ------------------------------------------------------------------------------------------------
-def load_tsdsr(base_dir: str, lora_dir: str, device="cpu", dtype=torch.float32) -> OneStepSR:
+def load_tsdsr(base_dir: str, lora_dir: str, device="cpu", dtype=torch.float32, transformer_config=None,
+               vae_config=None) -> OneStepSR:
+    """base_dir: an SD3-medium diffusers folder or a single-file checkpoint (sd3_medium*.safetensors). For single
+    files, transformer_config / vae_config (dict, config.json or its folder) replace the shipped SD3-medium
+    configs (tests use tiny ones)."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel
 
-    base_missing = missing_base_parts(base_dir, SD3_PARTS)
+    single = is_single_file(base_dir)
+    if single:
+        base_missing = [] if os.path.isfile(base_dir) else [os.path.basename(base_dir)]
+    else:
+        base_missing = missing_base_parts(base_dir, SD3_PARTS)
     lora_missing = [os.path.join(lora_dir, f) for f in TSDSR_FILES if not os.path.isfile(os.path.join(lora_dir, f))]
     if base_missing or lora_missing:
         raise missing_files_error("TSD-SR", base_dir, base_missing, lora_missing, SD3_SOURCE, TSDSR_SOURCE)
     # Merge in float32, then cast: LoRA deltas are small against fp16 weights.
-    transformer = _from_pretrained(SD3Transformer2DModel, base_dir, "transformer", torch.float32)
-    vae = _from_pretrained(AutoencoderKL, base_dir, "vae", torch.float32)
+    if single:
+        from .sd3_single_file import load_sd3_single_file
+
+        transformer, vae = load_sd3_single_file(base_dir, transformer_config, vae_config, torch.float32)
+    else:
+        transformer = _from_pretrained(SD3Transformer2DModel, base_dir, "transformer", torch.float32)
+        vae = _from_pretrained(AutoencoderKL, base_dir, "vae", torch.float32)
     for name, model, what in (("transformer.safetensors", transformer, "SD3 transformer"),
                               ("vae.safetensors", vae, "VAE")):
         path = os.path.join(lora_dir, name)
@@ -244,6 +269,10 @@ def load_osediff(base_dir: str, pkl_path: str, device="cpu", dtype=torch.float32
                  prompt: str = OSEDIFF_DEFAULT_PROMPT) -> OneStepSR:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
+    if is_single_file(base_dir):
+        raise ModelFileInvalid(
+            f"OSEDiff reads the SD2.1-base diffusers folder only, not a single-file checkpoint ({base_dir}): its "
+            f"prompt needs the tokenizer files a single file lacks. Get the folder from {SD21_SOURCE}")
     base_missing = missing_base_parts(base_dir, SD21_PARTS)
     lora_missing = [] if os.path.isfile(pkl_path) else [pkl_path]
     if base_missing or lora_missing:
