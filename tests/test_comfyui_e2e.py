@@ -43,6 +43,20 @@ def _post(url, payload):
         raise AssertionError(f"/prompt refused the workflow: {err.read().decode()[:2000]}") from None
 
 
+def run_prompt(url, graph, client_id="facemend-test", timeout=300) -> dict:
+    """POST an API graph to /prompt, wait for it, assert success; the history entry (outputs, status)."""
+    prompt_id = _post(url + "/prompt", {"prompt": graph, "client_id": client_id})["prompt_id"]
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        hist = _get(f"{url}/history/{prompt_id}")
+        if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
+            break
+        time.sleep(1)
+    entry = hist[prompt_id]
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    return entry
+
+
 @pytest.fixture(scope="module")
 def comfyui(tmp_path_factory):
     if not COMFYUI_DIR or not Path(COMFYUI_DIR, "main.py").is_file():
@@ -98,15 +112,7 @@ def test_demo_api_workflow_runs(comfyui):
     tune = [n for n in graph.values() if n["class_type"] == "FaceMend_PerImageTune"]
     assert len(tune) == 1
     tune[0]["inputs"]["steps"] = 10  # a CPU-sized run of the same graph
-    prompt_id = _post(url + "/prompt", {"prompt": graph, "client_id": "facemend-test"})["prompt_id"]
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        hist = _get(f"{url}/history/{prompt_id}")
-        if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
-            break
-        time.sleep(1)
-    entry = hist[prompt_id]
-    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    entry = run_prompt(url, graph)
     images = [img for out in entry["outputs"].values() for img in out.get("images", [])]
     assert len(images) == 1
     result = np.asarray(Image.open(base / "output" / images[0]["subfolder"] / images[0]["filename"]).convert("RGB"))

@@ -1,15 +1,12 @@
 """In a real ComfyUI (COMFYUI_DIR): the one-step SR loader finds tiny TSD-SR files in ComfyUI's models/diffusers/
 and models/onestep_sr/ folders, and an API graph LoadImage -> loader -> SR x2 -> SaveImage runs through /prompt."""
-import json
-import time
-
 import numpy as np
 import pytest
 from PIL import Image
 
 pytest.importorskip("diffusers")
 
-from test_comfyui_e2e import _get, _post, comfyui  # noqa: E402,F401  (the server fixture)
+from test_comfyui_e2e import _get, comfyui, run_prompt  # noqa: E402,F401  (the server fixture)
 
 pytestmark = pytest.mark.comfyui
 
@@ -33,14 +30,6 @@ def test_onestep_graph_runs_in_comfyui(comfyui):  # noqa: F811
                          "seed": 0}},
         "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "onestep"}},
     }
-    prompt_id = _post(url + "/prompt", {"prompt": graph, "client_id": "facemend-onestep"})["prompt_id"]
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        hist = _get(f"{url}/history/{prompt_id}")
-        if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
-            break
-        time.sleep(1)
-    entry = hist[prompt_id]
-    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    entry = run_prompt(url, graph, client_id="facemend-onestep")
     (img,) = [i for out in entry["outputs"].values() for i in out.get("images", [])]
     assert Image.open(base / "output" / img["subfolder"] / img["filename"]).size == (128, 96)
