@@ -60,3 +60,24 @@ def load_image(path) -> "torch.Tensor":
     from facemend.pipelines.image_io import read_image
 
     return read_image(str(path))[0]
+
+
+def smooth_faces_bgr(n: int, size: int, seed: int, noise: float = 0.1):
+    """Smooth random 'faces' (BGR uint8 HWC, like aligned crops rather than white noise): the restorer
+    equivalence tests feed these to the official pipelines, which take cv2 images."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, 8, 8, generator=g)
+    img = torch.nn.functional.interpolate(low, size=(size, size), mode="bicubic", align_corners=False)
+    img = (img + noise * torch.rand(n, 3, size, size, generator=g)).clamp(0, 1)
+    return (img * 255).round().to(torch.uint8).permute(0, 2, 3, 1).flip(-1).contiguous().numpy()
+
+
+def bgr_to_ours(faces_bgr):
+    """What a node hands over for those faces: RGB float32 [N,3,H,W] = uint8 / 255."""
+    import numpy as np
+    import torch
+
+    rgb = torch.from_numpy(np.ascontiguousarray(faces_bgr[..., ::-1]))
+    return rgb.permute(0, 3, 1, 2).contiguous().float() / 255.0

@@ -38,7 +38,7 @@ import torch
 from facemend.pipelines.errors import InvalidImage, ModelFileInvalid
 from facemend.pipelines.restore import FaceRestorer
 
-from conftest import need_shared
+from conftest import bgr_to_ours as _to_ours, need_shared, smooth_faces_bgr
 
 V14 = dict(num_style_feat=512, channel_multiplier=2, decoder_load_path=None, fix_decoder=False, num_mlp=8,
            input_is_latent=True, different_w=True, narrow=1, sft_half=True)
@@ -153,19 +153,8 @@ def _gfpganer_restore(net, faces_bgr_uint8: np.ndarray, seed: int) -> tuple[np.n
     return np.stack(floats), np.stack(uint8s)
 
 
-def _faces_uint8(n: int, size: int, seed: int) -> np.ndarray:
-    """Smooth random 'faces' (BGR uint8 HWC), like aligned crops rather than white noise."""
-    g = torch.Generator().manual_seed(seed)
-    low = torch.rand(n, 3, 8, 8, generator=g)
-    img = torch.nn.functional.interpolate(low, size=(size, size), mode="bicubic", align_corners=False)
-    img = (img + 0.15 * torch.rand(n, 3, size, size, generator=g)).clamp(0, 1)
-    return (img * 255).round().to(torch.uint8).permute(0, 2, 3, 1).flip(-1).contiguous().numpy()
-
-
-def _to_ours(faces_bgr_uint8: np.ndarray) -> torch.Tensor:
-    """What a node hands over: RGB float32 [N,3,H,W] = uint8 / 255."""
-    rgb = torch.from_numpy(np.ascontiguousarray(faces_bgr_uint8[..., ::-1]))
-    return rgb.permute(0, 3, 1, 2).contiguous().float() / 255.0
+def _faces_uint8(n: int, size: int, seed: int):
+    return smooth_faces_bgr(n, size, seed, noise=0.15)
 
 
 # ---------------------------------------------------------------------------------------------------------------

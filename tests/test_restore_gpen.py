@@ -33,6 +33,8 @@ from facemend.pipelines.archs.gpen import official_channels
 from facemend.pipelines.errors import ModelFileInvalid
 from facemend.pipelines.restore import FaceRestorer
 
+from conftest import bgr_to_ours as _to_ours, smooth_faces_bgr as _faces
+
 TOL = 1e-4            # ours vs reference on the [0,1] output (measured: ~1e-6 .. 4e-6)
 TOL_BATCH = 1e-5
 # Half precision vs fp32 (max, mean |diff| on [0,1]) on a 32 px narrow network; see test_half_precision.
@@ -89,18 +91,6 @@ def _build_reference(cls, size, cm, narrow, seed):
             if p.ndim == 1 or name.endswith("noise.weight"):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     return net
-
-
-def _faces(n, size, seed):
-    """Smooth random 'faces', BGR uint8 HWC."""
-    g = torch.Generator().manual_seed(seed)
-    img = torch.nn.functional.interpolate(torch.rand(n, 3, 8, 8, generator=g), size=(size, size), mode="bicubic")
-    img = (img + 0.1 * torch.rand(n, 3, size, size, generator=g)).clamp(0, 1)
-    return (img * 255).round().to(torch.uint8).permute(0, 2, 3, 1).flip(-1).contiguous().numpy()
-
-
-def _to_ours(faces_bgr):
-    return torch.from_numpy(np.ascontiguousarray(faces_bgr[..., ::-1])).permute(0, 3, 1, 2).float() / 255.0
 
 
 def _facegan_process(net, faces_bgr, in_size):

@@ -31,6 +31,8 @@ import torch
 from facemend.pipelines.errors import ModelFileInvalid
 from facemend.pipelines.restore import FaceRestorer
 
+from conftest import bgr_to_ours as _to_ours, smooth_faces_bgr as _faces
+
 # ours vs reference on the [0,1] output. Measured: 128 px architecture check ~4e-5, 512 path 2.3e-4 (random
 # weights drive raw outputs to about [-5, 5] through 30+ GroupNorm/attention layers; float reassociation).
 TOL = 5e-4
@@ -87,17 +89,6 @@ def _save_official_ckpt(net, path, extra=True):
     if extra:
         sd["loss.discriminator.main.0.weight"] = torch.zeros(4, 3, 4, 4)
     torch.save({"state_dict": sd, "epoch": 12, "global_step": 123}, path)
-
-
-def _faces(n, size, seed):
-    g = torch.Generator().manual_seed(seed)
-    img = torch.nn.functional.interpolate(torch.rand(n, 3, 8, 8, generator=g), size=(size, size), mode="bicubic")
-    img = (img + 0.1 * torch.rand(n, 3, size, size, generator=g)).clamp(0, 1)
-    return (img * 255).round().to(torch.uint8).permute(0, 2, 3, 1).flip(-1).contiguous().numpy()
-
-
-def _to_ours(faces_bgr):
-    return torch.from_numpy(np.ascontiguousarray(faces_bgr[..., ::-1])).permute(0, 3, 1, 2).float() / 255.0
 
 
 def _official_enhance(net, faces_bgr):

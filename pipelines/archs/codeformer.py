@@ -52,20 +52,23 @@ def _group_norm(ch: int) -> nn.GroupNorm:
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-swish-conv twice, plus a 1x1 conv on the shortcut when the width changes."""
+    """GroupNorm-swish-conv twice, plus a 1x1 conv on the shortcut when the width changes. The shortcut's
+    state-dict name differs between the VQGAN descendants (CodeFormer: conv_out; taming: nin_shortcut)."""
 
-    def __init__(self, c_in: int, c_out: int):
+    def __init__(self, c_in: int, c_out: int, shortcut_name: str = "conv_out"):
         super().__init__()
         self.norm1 = _group_norm(c_in)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, 1, 1)
         self.norm2 = _group_norm(c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1)
-        self.conv_out = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
+        self._shortcut_name = shortcut_name
+        setattr(self, shortcut_name, nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(F.silu(self.norm2(h)))
-        return h + (self.conv_out(x) if self.conv_out is not None else x)
+        shortcut = getattr(self, self._shortcut_name)
+        return h + (shortcut(x) if shortcut is not None else x)
 
 
 class AttnBlock(nn.Module):

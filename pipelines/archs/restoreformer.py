@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 
 # The VQGAN building blocks both taming-transformers descendants share (same key names).
-from .codeformer import Downsample, Upsample, _group_norm
+from .codeformer import Downsample, ResBlock, Upsample, _group_norm
 
 PREFIX = "vqvae."
 
@@ -59,19 +59,9 @@ class RestoreFormerConfig:
         return len(self.dec_attn_levels) > len(self.enc_attn_levels)
 
 
-class ResnetBlock(nn.Module):
+class ResnetBlock(ResBlock):
     def __init__(self, c_in: int, c_out: int):
-        super().__init__()
-        self.norm1 = _group_norm(c_in)
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, 1, 1)
-        self.norm2 = _group_norm(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1)
-        self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return (self.nin_shortcut(x) if self.nin_shortcut is not None else x) + h
+        super().__init__(c_in, c_out, shortcut_name="nin_shortcut")
 
 
 class MultiHeadAttnBlock(nn.Module):
