@@ -197,13 +197,21 @@ def missing_file_message(folder: str, name: str) -> str:
 
 def find_file(folder: str, name: str) -> str:
     """Full path of `name` in `folder`, or ModelFileNotFound naming the file, the folders and where to get it."""
-    if os.path.isabs(name) and os.path.isfile(name):
+    path = _first_match(folder, name, os.path.isfile)
+    if path is None:
+        raise ModelFileNotFound(missing_file_message(folder, name))
+    return path
+
+
+def _first_match(folder: str, name: str, exists) -> str | None:
+    """`name` itself when it is an absolute path that exists, else the first searched `folder` holding it."""
+    if os.path.isabs(name) and exists(name):
         return name
     for d in search_dirs(folder):
         path = os.path.join(d, name)
-        if os.path.isfile(path):
+        if exists(path):
             return path
-    raise ModelFileNotFound(missing_file_message(folder, name))
+    return None
 
 
 def list_dirs(folder: str) -> list[str]:
@@ -217,13 +225,7 @@ def list_dirs(folder: str) -> list[str]:
 
 def find_dir(folder: str, name: str) -> str | None:
     """Full path of the sub-folder `name` of `folder` (first match), or None."""
-    if os.path.isabs(name) and os.path.isdir(name):
-        return name
-    for d in search_dirs(folder):
-        path = os.path.join(d, name)
-        if os.path.isdir(path):
-            return path
-    return None
+    return _first_match(folder, name, os.path.isdir)
 
 
 def expected_path(folder: str, name: str) -> str:
