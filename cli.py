@@ -5,14 +5,16 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 
 import torch
 
 from .host import device as dev
 from .host import model_paths
+from .pipelines.detection import SELECTION_MODES
 from .pipelines.detectors import EMBEDDED_MTCNN, load_detector
-from .pipelines.errors import FaceMendError
+from .pipelines.errors import FaceMendError, Interrupted
 from .pipelines.image_io import list_images, read_image, side_by_side, write_image
 from .pipelines.presets import PRESETS, FaceRestorePipeline
 
@@ -22,43 +24,67 @@ DEMO_TUNE_STEPS = 200  # ZSSR steps of the demo preset: about 15 s per batch of 
 
 def build_pipeline(preset: str = "demo", detector: str = EMBEDDED_MTCNN, device=None, restorer: str | None = None,
                    precision: str = "auto", tune_steps: int = DEMO_TUNE_STEPS, seed: int = 0,
-                   onestep_base: str | None = None, onestep_lora: str | None = None,
+                   onestep_base: str | None = None, onestep_lora: str | None = None, progress=None,
                    **options) -> FaceRestorePipeline:
     """The Python API: a ready pipeline for `preset`, models resolved through the model search path.
     `restorer` overrides the preset's restorer file (a name in facerestore_models/ or a path); `tune_steps`
     is the demo preset's ZSSR step count; `onestep_base` / `onestep_lora` the ntire preset's SD3 folder (in
-    diffusers/) and TSD-SR folder (in onestep_sr/)."""
+    diffusers/) and TSD-SR folder (in onestep_sr/). `progress` (e.g. a CLIProgress) hears of the face work:
+    stage(name, total) when a face stage starts, then progress(n) as faces / steps finish."""
     if preset not in PRESETS:
         raise FaceMendError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    progress = progress or _NoProgress()
     device = torch.device(device) if device else dev.compute_device()
     if detector in (EMBEDDED_MTCNN, "mtcnn"):
         det = load_detector(EMBEDDED_MTCNN, device=device)
     else:
-        det = load_detector(detector, model_paths.find_file("facedetection", detector), device=device)
+        det = load_detector(detector, model_file("facedetection", detector), device=device)
     stages = []
     if preset in ("fast", "ntire"):
         from .pipelines.restore import FaceRestorer
 
         name = restorer or PRESETS[preset].needs[0][1]
-        net = FaceRestorer.from_file(model_paths.find_file("facerestore_models", name), device=device,
+        net = FaceRestorer.from_file(model_file("facerestore_models", name), device=device,
                                      dtype=dev.resolve_dtype(precision, device))
-        stages.append(("restore", lambda faces: net(faces)))
+
+        def restore(faces):
+            progress.stage("restore faces", faces.shape[0])
+            return net(faces, callback=progress)
+
+        stages.append(("restore", restore))
     if preset == "demo":
         from .pipelines.zssr import ZSSR, ZSSRConfig
 
         # CPU-friendly ZSSR: 64 px training crops, no 8x self-ensemble, the paper's plateau policy compressed
         # into tune_steps. Native pixel crops pasted onto the x2 bicubic photo: no resampling anywhere.
         config = ZSSRConfig(crop_size=64, self_ensemble=False).scaled_policy(int(tune_steps))
-        stages.append(("zssr_x2", lambda faces: ZSSR(config)(faces, seed=seed,
-                                                             hook=lambda k=1: dev.check_interrupt())[0]))
+
+        def zssr(faces):
+            z = ZSSR(config)
+            progress.stage(f"ZSSR x2 on {faces.shape[0]} face(s), steps", z.total_steps())
+            return z(faces, seed=seed, hook=progress)[0]
+
+        stages.append(("zssr_x2", zssr))
         options = {"crop_size": 0, "geometry": "native", "upscale": 2, **options}
     if preset == "ntire":
-        stages.append(("onestep_sr", _onestep_stage(device, precision, onestep_base, onestep_lora)))
+        stages.append(("onestep_sr", _onestep_stage(device, precision, onestep_base, onestep_lora,
+                                                    progress=progress)))
         options.setdefault("color_reference", "restore")  # AIIA: wavelet fix against the GFPGAN output
     return FaceRestorePipeline(detector=det, face_stages=stages, **options)
 
 
-def _onestep_stage(device, precision, base=None, lora=None, seed=0):
+def model_file(folder: str, name: str) -> str:
+    """A model named on the command line: a file of the models folders, else an explicit path to a file
+    (the pack's loaders read only inside the models folders; a CLI user may point anywhere on purpose)."""
+    try:
+        return model_paths.find_file(folder, name)
+    except FaceMendError:
+        if os.path.isfile(name):
+            return os.path.abspath(name)
+        raise
+
+
+def _onestep_stage(device, precision, base=None, lora=None, seed=0, progress=None):
     """TSD-SR at scale 1 on the face crops (the NTIRE 2025 AIIA setting: 512 crops, one tile, fp16 on GPU)."""
     from .pipelines.onestep_backends import load_tsdsr
 
@@ -67,38 +93,195 @@ def _onestep_stage(device, precision, base=None, lora=None, seed=0):
     lora = lora or spec["onestep_sr"]
     from .nodes.onestep import base_model_path
 
-    base_dir = base_model_path(base)  # a diffusers folder, or a single file in models/checkpoints/
-    lora_dir = model_paths.find_dir("onestep_sr", lora) or model_paths.expected_path("onestep_sr", lora)
+    # A diffusers folder, or a single file in models/checkpoints/; explicit paths are fine on the command line.
+    base_dir = os.path.abspath(base) if os.path.exists(base) else base_model_path(base)
+    lora_dir = os.path.abspath(lora) if os.path.isdir(lora) else (
+        model_paths.find_dir("onestep_sr", lora) or model_paths.expected_path("onestep_sr", lora))
     model = load_tsdsr(base_dir, lora_dir, device=device, dtype=dev.resolve_dtype(precision, device))
+    progress = progress or _NoProgress()
 
     def stage(faces):
-        return model(faces, scale=1, seed=seed, is_oom=dev.is_oom)
+        progress.stage("one-step SR", faces.shape[0])
+        out = model(faces, scale=1, seed=seed, is_oom=dev.is_oom)
+        progress(faces.shape[0])
+        return out
 
     return stage
 
 
-def restore_files(inputs: list[str], out_dir: str, pipeline: FaceRestorePipeline, device=None,
-                  suffix: str = "", log=print) -> list[dict]:
-    """Restore each image file (one at a time: photos differ in size) into out_dir as PNG.
-    Each output is written to a temporary name and renamed, so an interrupted run leaves no half file."""
-    device = torch.device(device) if device else dev.compute_device()
-    os.makedirs(out_dir, exist_ok=True)
-    reports = []
-    for path in inputs:
+class _NoProgress:
+    """The progress sink of build_pipeline when nobody watches: only checks for interruption."""
+
+    def stage(self, name: str, total: int) -> None:
+        pass
+
+    def __call__(self, n: int = 1) -> None:
         dev.check_interrupt()
-        image, alpha = read_image(path)
-        t = time.perf_counter()
-        out, report = pipeline(image.to(device))
-        report.update(input=path, seconds=round(time.perf_counter() - t, 3))
-        name = os.path.splitext(os.path.basename(path))[0] + suffix + ".png"
-        target = os.path.join(out_dir, name)
-        tmp = target + ".part.png"
-        write_image(tmp, out.cpu(), alpha)
+
+
+class CLIProgress(_NoProgress):
+    """tqdm bars on stderr: one over the images, one over the current image's face work (faces restored,
+    tuning steps), so a long run always shows where it is."""
+
+    def __init__(self, total_images: int, enabled: bool = True, file=None):
+        from tqdm import tqdm
+
+        self._tqdm = tqdm
+        self.enabled = enabled
+        self.file = file if file is not None else sys.stderr
+        self.images = tqdm(total=total_images, desc="images", unit="img", disable=not enabled, file=self.file,
+                           dynamic_ncols=True)
+        self.inner = None
+
+    def stage(self, name: str, total: int) -> None:
+        self._close_inner()
+        self.inner = self._tqdm(total=int(total), desc=f"  {name}", leave=False, disable=not self.enabled,
+                                file=self.file, dynamic_ncols=True)
+
+    def __call__(self, n: int = 1) -> None:
+        super().__call__(n)
+        if self.inner is not None:
+            self.inner.update(n)
+
+    def image_done(self) -> None:
+        self._close_inner()
+        self.images.update(1)
+
+    def write(self, line: str) -> None:
+        self._tqdm.write(line, file=self.file) if self.enabled else print(line, file=self.file)
+
+    def _close_inner(self) -> None:
+        if self.inner is not None:
+            self.inner.close()
+            self.inner = None
+
+    def close(self) -> None:
+        self._close_inner()
+        self.images.close()
+
+
+EXISTING_POLICIES = ("error", "overwrite", "skip")
+
+
+def plan_outputs(inputs: list[str], out_dir: str, suffix: str = "") -> list[tuple[str, str]]:
+    """(input, output path) pairs: <stem><suffix>.png in out_dir. Inputs sharing a stem (x.jpg and x.png, or two
+    folders' x.png) keep their extension in the name (x_jpg.png, x_png.png), then a counter, so no result
+    replaces another. An output that would be one of the inputs is refused."""
+    stems = [os.path.splitext(os.path.basename(p))[0] + suffix for p in inputs]
+    names = []
+    used: set = set()
+    for path, stem in zip(inputs, stems):
+        name = stem
+        if stems.count(stem) > 1:
+            name = f"{stem}_{os.path.splitext(path)[1].lstrip('.').lower() or 'noext'}"
+        candidate, k = name, 2
+        while candidate.lower() in used:
+            candidate, k = f"{name}_{k}", k + 1
+        used.add(candidate.lower())
+        names.append(os.path.join(out_dir, candidate + ".png"))
+    own = {os.path.realpath(p) for p in inputs}
+    clash = [t for t in names if os.path.realpath(t) in own]
+    if clash:
+        raise FaceMendError(f"the output {clash[0]} would replace an input image; choose another output folder (-o)")
+    return list(zip(inputs, names))
+
+
+def check_output_dir(out_dir: str, inputs_dirs=()) -> None:
+    """Refuse, before any model is loaded, an output folder that cannot take the results: a file, a path
+    that cannot be created, a folder we may not write to, or an input folder (results would mix with inputs)."""
+    real = os.path.realpath(out_dir)
+    for d in inputs_dirs:
+        if os.path.realpath(d) == real:
+            raise FaceMendError(f"the output folder {out_dir} is the input folder {d}: results would replace or "
+                                "mix with the inputs; choose another output folder (-o)")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise FaceMendError(f"the output folder {out_dir} is a file; give -o a folder")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".facemend-write-test-", dir=out_dir)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        raise FaceMendError(f"cannot write to the output folder {out_dir}: {exc.strerror or exc}; "
+                            "choose a writable folder with -o") from exc
+
+
+def check_existing(pairs: list[tuple[str, str]], existing: str) -> None:
+    """existing='error': refuse when any output exists already, naming them and the two ways on."""
+    present = [t for _, t in pairs if os.path.exists(t)]
+    if present and existing == "error":
+        more = f" and {len(present) - 3} more" if len(present) > 3 else ""
+        raise FaceMendError(f"{len(present)} output(s) exist already ({', '.join(present[:3])}{more}); "
+                            "pass --overwrite to replace them or --skip-existing to keep them")
+
+
+def write_output(target: str, image: torch.Tensor, alpha: torch.Tensor | None) -> None:
+    """Write a PNG under a hidden temporary name without an image extension, then rename: an interrupted
+    write leaves no file a later run would take for a result or an input."""
+    tmp = os.path.join(os.path.dirname(target) or ".", f".{os.path.basename(target)}.{os.getpid()}.part")
+    try:
+        with open(tmp, "wb") as f:
+            write_image(f, image, alpha, format="PNG")
         os.replace(tmp, target)
-        report["output"] = target
-        log(f"{path}: {sum(report['faces'])} face(s), {report['seconds']:.2f} s -> {target}")
-        reports.append(report)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def restore_files(inputs: list[str], out_dir: str, pipeline: FaceRestorePipeline, device=None,
+                  suffix: str = "", log=print, existing: str = "error", progress: CLIProgress | None = None,
+                  outputs: list[tuple[str, str]] | None = None) -> list[dict]:
+    """Restore each image file (one at a time: photos differ in size) into out_dir as PNG.
+
+    Existing outputs: existing='error' refuses before any work, 'overwrite' replaces them, 'skip' leaves them
+    (and their inputs) alone. An input that cannot be read or restored is reported and the run goes on: its
+    report holds 'error' instead of 'output'. Each output is written to a temporary name and renamed, so an
+    interrupted run leaves only complete files."""
+    if existing not in EXISTING_POLICIES:
+        raise ValueError(f"existing must be one of {EXISTING_POLICIES}, got {existing!r}")
+    device = torch.device(device) if device else dev.compute_device()
+    pairs = outputs if outputs is not None else plan_outputs(inputs, out_dir, suffix)
+    check_output_dir(out_dir)
+    check_existing(pairs, existing)
+    progress = progress or _NoProgress()
+    say = progress.write if isinstance(progress, CLIProgress) else log
+    reports = []
+    for path, target in pairs:
+        dev.check_interrupt()
+        if existing == "skip" and os.path.exists(target):
+            say(f"{path}: skipped, {target} exists")
+            reports.append({"input": path, "output": target, "skipped": True})
+        else:
+            try:
+                reports.append(_restore_one(path, target, pipeline, device, progress))
+                r = reports[-1]
+                say(f"{path}: {sum(r['faces'])} face(s), {r['seconds']:.2f} s -> {target}")
+            except Interrupted:
+                raise
+            except (FaceMendError, OSError, ValueError, RuntimeError) as exc:
+                message = str(exc) if isinstance(exc, FaceMendError) else f"{type(exc).__name__}: {exc}"
+                if isinstance(exc, RuntimeError) and dev.is_oom(exc):
+                    message = f"out of memory: {exc}"
+                reports.append({"input": path, "error": message})
+                say(f"{path}: FAILED, {message}")
+        if isinstance(progress, CLIProgress):
+            progress.image_done()
     return reports
+
+
+def _restore_one(path: str, target: str, pipeline, device, progress) -> dict:
+    image, alpha = read_image(path)
+    t = time.perf_counter()
+    out, report = pipeline(image.to(device))
+    if alpha is not None and alpha.shape[-2:] != out.shape[-2:]:  # the demo preset is x2: so is the alpha
+        import torch.nn.functional as F
+
+        alpha = F.interpolate(alpha, size=out.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
+    report.update(input=path, seconds=round(time.perf_counter() - t, 3))
+    write_output(target, out.cpu(), alpha)
+    report["output"] = target
+    return report
 
 
 def degrade(image: torch.Tensor) -> torch.Tensor:
@@ -189,41 +372,83 @@ def evaluate_folder(outputs: str, out_dir: str = "report", inputs: str | None = 
     return report
 
 
-def main(argv=None) -> int:
+def _global_options(parser: argparse.ArgumentParser, sub: bool) -> None:
+    """--models-dir / --device, accepted before and after the sub-command (the sub-command's copies land in
+    other attributes, so giving them in both places adds up instead of one replacing the other)."""
+    parser.add_argument("--models-dir", action="append", dest="sub_models_dir" if sub else "models_dir",
+                        default=argparse.SUPPRESS if sub else [], metavar="DIR",
+                        help="a ComfyUI-style models folder holding facedetection/, facerestore_models/, ... "
+                             "(repeatable, earlier wins); also $FACEMEND_MODELS_DIR")
+    parser.add_argument("--device", dest="sub_device" if sub else "device",
+                        default=argparse.SUPPRESS if sub else None,
+                        help="cpu, cuda, cuda:1, mps (default: the best available)")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m facemend", description=__doc__)
-    parser.add_argument("--models-dir", action="append", default=[],
-                        help="a ComfyUI-style models folder (repeatable); also $FACEMEND_MODELS_DIR")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
+    _global_options(parser, sub=False)
     sub = parser.add_subparsers(dest="command", required=True)
-    p_restore = sub.add_parser("restore", help="restore an image file or every image of a folder")
+
+    def add(name, **kw):
+        p = sub.add_parser(name, **kw)
+        _global_options(p, sub=True)
+        return p
+
+    p_restore = add("restore", help="restore an image file or every image of a folder",
+                    description="Restore image files into an output folder as PNG (<name>.png; inputs sharing a "
+                    "name get their extension added). Existing outputs are refused unless --overwrite or "
+                    "--skip-existing; an unreadable input is reported and the others still run (exit code 1 "
+                    "at the end, with the list); Ctrl-C leaves only complete outputs.")
     p_restore.add_argument("inputs", nargs="+", help="image files or folders")
-    p_restore.add_argument("-o", "--out", default="restored", help="output folder (default: restored/)")
-    p_restore.add_argument("--preset", default="demo", choices=sorted(PRESETS))
+    p_restore.add_argument("-o", "--out", default="restored", help="output folder (default: restored/); "
+                           "must not be an input folder")
+    p_restore.add_argument("--preset", default="demo", choices=sorted(PRESETS),
+                           help="demo (x2 ZSSR, no model files), fast (GFPGAN) or ntire (GFPGAN + TSD-SR); "
+                           "see `presets` (default demo)")
     p_restore.add_argument("--detector", default=EMBEDDED_MTCNN,
-                           help="'mtcnn' (embedded) or a RetinaFace file name in models/facedetection/")
-    p_restore.add_argument("--selection", default="all", choices=["all", "largest", "center"])
+                           help="'mtcnn' (embedded) or a RetinaFace file name in models/facedetection/ (or a path)")
+    p_restore.add_argument("--selection", default="all", choices=list(SELECTION_MODES),
+                           help="which faces per image: all, the largest, the one nearest the centre, or the one "
+                           "at --face-index (default all)")
+    p_restore.add_argument("--face-index", type=int, default=0,
+                           help="with --selection index: which face, counting from the largest (0)")
+    p_restore.add_argument("--score-threshold", type=float, default=0.8,
+                           help="minimum detector confidence (default 0.8)")
+    p_restore.add_argument("--min-face-size", type=float, default=16.0,
+                           help="ignore faces whose box is smaller than this many pixels, shorter side (default 16)")
+    p_restore.add_argument("--max-faces", type=int, default=0,
+                           help="restore at most this many faces per image, largest first (default 0: no limit)")
     p_restore.add_argument("--restorer", default=None, help="restorer file in models/facerestore_models/ "
-                           "(preset fast; default GFPGANv1.4.pth)")
-    p_restore.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+                           "or a path (presets fast and ntire; default GFPGANv1.4.pth)")
+    p_restore.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                           help="weights precision (default auto: fp16 on GPUs that support it, fp32 on CPU)")
     p_restore.add_argument("--onestep-base", default=None, help="preset ntire: SD3-medium diffusers folder in "
                            "models/diffusers/ (default stable-diffusion-3-medium-diffusers) or single file in "
                            "models/checkpoints/ (sd3_medium.safetensors)")
     p_restore.add_argument("--onestep-lora", default=None, help="preset ntire: TSD-SR folder in models/onestep_sr/ "
                            "(default tsdsr)")
-    p_restore.add_argument("--report", default=None, help="write a JSON report here")
+    p_restore.add_argument("--report", default=None, help="write a JSON report here (one entry per input; "
+                           "failed inputs carry 'error')")
     p_restore.add_argument("--tune-steps", type=int, default=DEMO_TUNE_STEPS,
                            help=f"ZSSR steps of the demo preset (default {DEMO_TUNE_STEPS})")
-    p_demo = sub.add_parser("demo", help="degrade and restore a public-domain photo (no downloads)")
-    p_demo.add_argument("-o", "--out", default="demo_output")
-    sub.add_parser("presets", help="list the presets")
-    p_eval = sub.add_parser("evaluate", help="score a folder of restored images (NR-IQA, ID similarity, FID, "
-                            "NTIRE 2025 score) into JSON, CSV and a PNG chart")
+    existing = p_restore.add_mutually_exclusive_group()
+    existing.add_argument("--overwrite", action="store_true", help="replace outputs that exist already "
+                          "(default: refuse to start when any exists)")
+    existing.add_argument("--skip-existing", action="store_true", help="leave outputs that exist already, and "
+                          "skip their inputs (resume an interrupted run)")
+    p_restore.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    p_demo = add("demo", help="degrade and restore a public-domain photo (no downloads)")
+    p_demo.add_argument("-o", "--out", default="demo_output", help="output folder (default: demo_output/)")
+    add("presets", help="list the presets")
+    p_eval = add("evaluate", help="score a folder of restored images (NR-IQA, ID similarity, FID, "
+                 "NTIRE 2025 score) into JSON, CSV and a PNG chart")
     p_eval.add_argument("outputs", help="folder of restored images (sub-folders named like the NTIRE subsets "
                         "get their ID thresholds)")
     p_eval.add_argument("--inputs", default=None, help="folder of the inputs, matched by file name (for ID)")
     p_eval.add_argument("-o", "--out", default="report", help="report folder (default: report/)")
     p_eval.add_argument("--metrics", default="niqe", help="comma-separated from niqe, clipiqa, maniqa, musiq")
-    p_eval.add_argument("--niqe-variant", default="pyiqa", choices=["pyiqa", "matlab"])
+    p_eval.add_argument("--niqe-variant", default="pyiqa", choices=["pyiqa", "matlab"],
+                        help="NIQE as pyiqa/BasicSR compute it (default) or as the original MATLAB code")
     p_eval.add_argument("--id-model", default=None, help="ArcFace ONNX in models/insightface/, e.g. "
                         "models/buffalo_l/w600k_r50.onnx (needs --inputs)")
     p_eval.add_argument("--id-threshold", type=float, default=0.6,
@@ -232,12 +457,62 @@ def main(argv=None) -> int:
                         "(e.g. inception_FFHQ_512.pth, or a pytorch-fid .npz)")
     p_eval.add_argument("--qalign", type=float, default=None, help="mean Q-Align score of these outputs computed "
                         "elsewhere (pyiqa's qalign needs ~15 GB of GPU memory), to complete the NTIRE score")
-    args = parser.parse_args(argv)
+    return parser
 
-    if args.models_dir:
-        model_paths.set_models_dirs(args.models_dir)
-    if args.device:
-        dev.set_device(args.device)
+
+def _collect_inputs(items: list[str]) -> tuple[list[str], list[dict]]:
+    """Image files named or found in folders, and a failure entry for each argument that is neither."""
+    files, failed = [], []
+    for item in items:
+        if os.path.isdir(item):
+            files += list_images(item)
+        elif os.path.isfile(item):
+            files.append(item)
+        else:
+            failed.append({"input": item, "error": f"no such file or folder: {item}"})
+    return files, failed
+
+
+def _restore_command(args) -> int:
+    files, failed = _collect_inputs(args.inputs)
+    for f in failed:
+        print(f"{f['input']}: FAILED, {f['error']}", file=sys.stderr)
+    if not files:
+        raise FaceMendError(f"no images found in {', '.join(args.inputs)}")
+    pairs = plan_outputs(files, args.out)
+    check_output_dir(args.out, [d for d in args.inputs if os.path.isdir(d)])
+    policy = "overwrite" if args.overwrite else "skip" if args.skip_existing else "error"
+    check_existing(pairs, policy)  # before loading any model
+    bars = CLIProgress(len(pairs), enabled=not args.no_progress)
+    try:
+        pipeline = build_pipeline(args.preset, args.detector, restorer=args.restorer, precision=args.precision,
+                                  selection=args.selection, face_index=args.face_index,
+                                  score_threshold=args.score_threshold, min_face_size=args.min_face_size,
+                                  max_faces=args.max_faces, tune_steps=args.tune_steps,
+                                  onestep_base=args.onestep_base, onestep_lora=args.onestep_lora, progress=bars)
+        reports = restore_files(files, args.out, pipeline, existing=policy, progress=bars, outputs=pairs)
+    finally:
+        bars.close()
+    reports = failed + reports
+    if args.report:
+        with open(args.report, "w") as f:
+            json.dump(reports, f, indent=1)
+    bad = [r for r in reports if "error" in r]
+    done = sum(1 for r in reports if "faces" in r)
+    skipped = sum(1 for r in reports if r.get("skipped"))
+    print(f"{done} restored, {skipped} skipped (output exists), {len(bad)} failed"
+          + "".join(f"\n  {r['input']}: {r['error']}" for r in bad), file=sys.stderr if bad else sys.stdout)
+    return 1 if bad else 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    models_dirs = args.models_dir + getattr(args, "sub_models_dir", [])
+    device = getattr(args, "sub_device", None) or args.device
+    if models_dirs:
+        model_paths.set_models_dirs(models_dirs)
+    if device:
+        dev.set_device(device)
     try:
         if args.command == "presets":
             for spec in PRESETS.values():
@@ -248,19 +523,11 @@ def main(argv=None) -> int:
             evaluate_folder(args.outputs, args.out, args.inputs, [m for m in args.metrics.split(",") if m],
                             args.id_model, args.id_threshold, args.fid_stats, args.niqe_variant, args.qalign)
         else:
-            files = []
-            for item in args.inputs:
-                files += list_images(item) if os.path.isdir(item) else [item]
-            if not files:
-                raise FaceMendError(f"no images found in {', '.join(args.inputs)}")
-            pipeline = build_pipeline(args.preset, args.detector, restorer=args.restorer, precision=args.precision,
-                                      selection=args.selection, tune_steps=args.tune_steps,
-                                      onestep_base=args.onestep_base, onestep_lora=args.onestep_lora)
-            reports = restore_files(files, args.out, pipeline)
-            if args.report:
-                with open(args.report, "w") as f:
-                    json.dump(reports, f, indent=1)
+            return _restore_command(args)
     except FaceMendError as exc:
+        if isinstance(exc, Interrupted):
+            print("interrupted: finished outputs are complete, the one in progress was not written", file=sys.stderr)
+            return 130
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

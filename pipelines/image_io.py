@@ -126,18 +126,21 @@ def to_uint8_array(image: torch.Tensor) -> np.ndarray:
             .permute(1, 2, 0).cpu().numpy())
 
 
-def write_image(path: str, image: torch.Tensor, alpha: torch.Tensor | None = None, quality: int = 95) -> None:
-    """Write [3,H,W] / [1,3,H,W] as 8-bit PNG/JPEG/WebP (alpha kept where the format has it)."""
+def write_image(path, image: torch.Tensor, alpha: torch.Tensor | None = None, quality: int = 95,
+                format: str | None = None) -> None:
+    """Write [3,H,W] / [1,3,H,W] as 8-bit PNG/JPEG/WebP (alpha kept where the format has it). `path` may be an
+    open binary file, then `format` ('PNG', 'JPEG', ...) names the format (else the path's extension does)."""
     arr = to_uint8_array(image)
     mode = "RGB"
-    ext = os.path.splitext(path)[1].lower()
+    ext = "." + format.lower() if format else os.path.splitext(str(path))[1].lower()
     if alpha is not None and ext in (".png", ".webp", ".tif", ".tiff"):
         a = alpha.reshape(alpha.shape[-2:]).detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy()
         arr = np.concatenate([arr, a[..., None]], axis=2)
         mode = "RGBA"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(arr, mode).save(path, quality=quality) if ext in (".jpg", ".jpeg", ".webp") \
-        else Image.fromarray(arr, mode).save(path)
+    if isinstance(path, (str, os.PathLike)):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    extra = {"quality": quality} if ext in (".jpg", ".jpeg", ".webp") else {}
+    Image.fromarray(arr, mode).save(path, format=format, **extra)
 
 
 def list_images(folder: str) -> list[str]:

@@ -49,6 +49,7 @@ class FaceRestorePipeline:
     color_reference: str = "input"  # "input" (the aligned crops) or the name of a face stage whose output to use
     score_threshold: float = 0.8
     selection: str = "all"
+    face_index: int = 0                  # with selection "index": which face, counting from the largest
     min_face_size: float = 16.0
     max_faces: int = 0
     crop_size: int = 512                # 0: the largest face's native resolution (align.native_crop_size)
@@ -64,7 +65,7 @@ class FaceRestorePipeline:
         report: dict = {"timings_s": {}}
         t0 = time.perf_counter()
         crops, alignment, _ = detect_and_align(
-            images, self.detector, score_threshold=self.score_threshold, mode=self.selection,
+            images, self.detector, score_threshold=self.score_threshold, mode=self.selection, index=self.face_index,
             min_size=self.min_face_size, max_faces=self.max_faces, crop_size=self.crop_size,
             detect_max_side=self.detect_max_side, interpolation=self.interpolation,
             geometry=self.geometry)
