@@ -479,8 +479,8 @@ def _restore_command(args) -> int:
         print(f"{f['input']}: FAILED, {f['error']}", file=sys.stderr)
     if not files:
         raise FaceMendError(f"no images found in {', '.join(args.inputs)}")
-    pairs = plan_outputs(files, args.out)
     check_output_dir(args.out, [d for d in args.inputs if os.path.isdir(d)])
+    pairs = plan_outputs(files, args.out)
     policy = "overwrite" if args.overwrite else "skip" if args.skip_existing else "error"
     check_existing(pairs, policy)  # before loading any model
     bars = CLIProgress(len(pairs), enabled=not args.no_progress)
