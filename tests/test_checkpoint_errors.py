@@ -6,8 +6,8 @@ from PIL import Image
 
 from facemend.cli import main
 from facemend.host import model_paths
-from facemend.pipelines.checkpoint_io import load_weights
-from facemend.pipelines.errors import ModelFileInvalid
+from facemend.pipelines.io.checkpoints import load_weights
+from facemend.pipelines.io.errors import ModelFileInvalid
 
 
 def _safetensors_bytes(tmp_path):

@@ -225,7 +225,7 @@ def test_restore_progress_counts_faces(tmp_path):
 
 # 13: model names are confined to the registered folders; explicit CLI paths stay allowed.
 def test_model_names_cannot_leave_the_models_folders(tmp_path, monkeypatch):
-    from facemend.pipelines.errors import ModelFileNotFound
+    from facemend.pipelines.io.errors import ModelFileNotFound
 
     models = tmp_path / "models"
     (models / "facerestore_models" / "sub").mkdir(parents=True)
