@@ -203,6 +203,11 @@ def find_file(folder: str, name: str) -> str:
     return path
 
 
+def find_optional_file(folder: str, name: str) -> str | None:
+    """Full path of the file `name` in `folder` (first match, inside the folders), or None."""
+    return _first_match(folder, name, os.path.isfile)
+
+
 def confined_path(directory: str, name: str) -> str | None:
     """`directory`/`name` when it stays inside `directory` (sub-folders and symlinked files are fine), else None:
     a node's model name such as '../x.pth' or '/etc/x' must not read outside the registered folders."""

@@ -5,7 +5,7 @@ import os
 from dataclasses import replace
 
 from ..host import device as dev
-from ..host.model_paths import expected_path, find_dir, list_dirs, list_files, search_dirs
+from ..host.model_paths import expected_path, find_dir, find_optional_file, list_dirs, list_files
 from .common import CATEGORY, bchw_to_image, image_to_bchw
 
 BASE_DEFAULTS = {"tsdsr": "stable-diffusion-3-medium-diffusers", "osediff": "stable-diffusion-2-1-base"}
@@ -26,23 +26,13 @@ def base_model_path(name: str) -> str:
     """A diffusers folder in models/diffusers/, or a single file in models/checkpoints/ (names with an extension)."""
     if not _is_file_name(name):
         return find_dir("diffusers", name) or expected_path("diffusers", name)
-    if os.path.isabs(name) and os.path.isfile(name):
-        return name
-    for d in search_dirs(CHECKPOINTS):
-        if os.path.isfile(os.path.join(d, name)):
-            return os.path.join(d, name)
-    return expected_path(CHECKPOINTS, name)
+    return find_optional_file(CHECKPOINTS, name) or expected_path(CHECKPOINTS, name)
 
 
 def _lora_path(backend: str, name: str) -> str:
     if backend == "tsdsr":
         return find_dir("onestep_sr", name) or expected_path("onestep_sr", name)
-    if os.path.isabs(name) and os.path.isfile(name):
-        return name
-    for d in search_dirs("onestep_sr"):
-        if os.path.isfile(os.path.join(d, name)):
-            return os.path.join(d, name)
-    return expected_path("onestep_sr", name)
+    return find_optional_file("onestep_sr", name) or expected_path("onestep_sr", name)
 
 
 def load_onestep(backend: str, base_model: str = "", lora: str = "", precision: str = "auto", prompt: str = ""):
