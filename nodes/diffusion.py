@@ -6,7 +6,7 @@ from dataclasses import replace
 
 from ..host import device as dev
 from ..host.model_paths import expected_path, find_dir, find_optional_file, list_dirs, list_files
-from .common import CATEGORY, bchw_to_image, image_to_bchw
+from .common import CATEGORY, bchw_to_image, empty_faces, image_to_bchw, no_faces
 
 BASE_DEFAULTS = {"tsdsr": "stable-diffusion-3-medium-diffusers", "osediff": "stable-diffusion-2-1-base"}
 LORA_DEFAULTS = {"tsdsr": "tsdsr", "osediff": "osediff.pkl"}
@@ -139,6 +139,8 @@ class OneStepSRNode:
 
     def run(self, image, sr_model, scale=1, tile_size=0, tile_overlap=-1, seed=0, blend="gaussian",
             vae_tile_size=1024, max_batch=4):
+        if no_faces(image):  # Detect + Align found no face: nothing to refine, the model stays where it is
+            return (empty_faces(image, int(scale)),)
         device = dev.compute_device()
         t = sr_model.tiles
         f = sr_model.vae_factor
