@@ -16,7 +16,8 @@ from .pipelines.face.detection import SELECTION_MODES
 from .pipelines.face.detectors import EMBEDDED_MTCNN, load_detector
 from .pipelines.io.errors import FaceMendError, Interrupted
 from .pipelines.io.images import list_images, read_image, side_by_side, write_image
-from .pipelines.presets import PRESETS, FaceRestorePipeline
+from .pipelines.presets import BYTES_PER_OUTPUT_PIXEL, MAX_OUTPUT_PIXELS, PRESETS, FaceRestorePipeline, \
+    check_output_size
 
 
 DEMO_TUNE_STEPS = 200  # ZSSR steps of the demo preset: about 15 s per batch of faces on 2 CPU cores
@@ -65,7 +66,7 @@ def build_pipeline(preset: str = "demo", detector: str = EMBEDDED_MTCNN, device=
             return z(faces, seed=seed, hook=progress)[0]
 
         stages.append(("zssr_x2", zssr))
-        options = {"crop_size": 0, "geometry": "native", "upscale": 2, **options}
+        options = {"crop_size": 0, "geometry": "native", "upscale": PRESETS["demo"].upscale, **options}
     if preset == "ntire":
         stages.append(("onestep_sr", _onestep_stage(device, precision, onestep_base, onestep_lora,
                                                     progress=progress)))
@@ -436,6 +437,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: refuse to start when any exists)")
     existing.add_argument("--skip-existing", action="store_true", help="leave outputs that exist already, and "
                           "skip their inputs (resume an interrupted run)")
+    p_restore.add_argument("--max-output-megapixels", type=float, default=MAX_OUTPUT_PIXELS / 1024 ** 2,
+                           help="refuse (before any work) an image whose output would be larger: the whole output "
+                           f"is in memory, about {BYTES_PER_OUTPUT_PIXEL} bytes a pixel at the peak (default "
+                           f"{MAX_OUTPUT_PIXELS // 1024 ** 2}; 0 = no limit)")
     p_restore.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     p_demo = add("demo", help="degrade and restore a public-domain photo (no downloads)")
     p_demo.add_argument("-o", "--out", default="demo_output", help="output folder (default: demo_output/)")
@@ -473,6 +478,25 @@ def _collect_inputs(items: list[str]) -> tuple[list[str], list[dict]]:
     return files, failed
 
 
+def _within_output_limit(files: list[str], upscale: int, limit: int) -> tuple[list[str], list[dict]]:
+    """Split off, from the image headers alone (no decoding), the inputs whose output would exceed `limit`."""
+    from PIL import Image
+
+    ok, refused = [], []
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+            check_output_size(h, w, upscale, limit, what=path)
+        except FaceMendError as exc:
+            refused.append({"input": path, "error": str(exc)})
+            continue
+        except Exception:  # unreadable: reported when its turn comes
+            pass
+        ok.append(path)
+    return ok, refused
+
+
 def _restore_command(args) -> int:
     files, failed = _collect_inputs(args.inputs)
     for f in failed:
@@ -480,6 +504,13 @@ def _restore_command(args) -> int:
     if not files:
         raise FaceMendError(f"no images found in {', '.join(args.inputs)}")
     check_output_dir(args.out, [d for d in args.inputs if os.path.isdir(d)])
+    limit = int(args.max_output_megapixels * 1024 ** 2)
+    files, too_big = _within_output_limit(files, PRESETS[args.preset].upscale, limit)
+    for f in too_big:
+        print(f"{f['input']}: REFUSED, {f['error']}", file=sys.stderr)
+    failed += too_big
+    if not files:
+        raise FaceMendError("nothing to restore: " + "; ".join(f["error"] for f in failed))
     pairs = plan_outputs(files, args.out)
     policy = "overwrite" if args.overwrite else "skip" if args.skip_existing else "error"
     check_existing(pairs, policy)  # before loading any model
@@ -488,7 +519,7 @@ def _restore_command(args) -> int:
         pipeline = build_pipeline(args.preset, args.detector, restorer=args.restorer, precision=args.precision,
                                   selection=args.selection, face_index=args.face_index,
                                   score_threshold=args.score_threshold, min_face_size=args.min_face_size,
-                                  max_faces=args.max_faces, tune_steps=args.tune_steps,
+                                  max_faces=args.max_faces, tune_steps=args.tune_steps, max_output_pixels=limit,
                                   onestep_base=args.onestep_base, onestep_lora=args.onestep_lora, progress=bars)
         reports = restore_files(files, args.out, pipeline, existing=policy, progress=bars, outputs=pairs)
     finally:

@@ -46,8 +46,8 @@ class FaceDetectorLoader:
 
 class FaceDetectAlign:
     DESCRIPTION = ("Finds faces in every image of the batch, picks them (all / largest / center / index), and "
-                   "warps each to the FFHQ 512 template. No face: an empty crop batch and count 0; the face nodes then do "
-                   "nothing and Paste Back returns the images unchanged.")
+                   "warps each to the FFHQ 512 template. No face: an empty crop batch and count 0; the face "
+                   "nodes then do nothing and Paste Back returns the images unchanged.")
     CATEGORY = CATEGORY
     FUNCTION = "run"
     RETURN_TYPES = ("IMAGE", "FACE_ALIGNMENT", "INT", "STRING")

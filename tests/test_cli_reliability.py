@@ -288,3 +288,33 @@ def test_every_option_has_help():
             if isinstance(action, argparse._SubParsersAction):
                 continue
             assert action.help, f"{name} {action.option_strings or action.dest} has no help text"
+
+
+# 11: the output size is bounded too, and an image over the bound is refused before any work.
+def test_output_size_limit_is_checked_before_any_work(tmp_path, capsys, monkeypatch):
+    from facemend.pipelines.io.errors import InvalidImage
+    from facemend.pipelines.presets import MAX_OUTPUT_PIXELS
+
+    assert MAX_OUTPUT_PIXELS < 16000 * 12000  # the 8000x6000 demo case (12.6 GB) is refused by default
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _gray(folder / "big.png", size=(400, 300))   # x2: 800x600 = 480000 px
+    _gray(folder / "small.png", size=(40, 30))
+    seen_at_build = []
+    real_build = cli.build_pipeline
+
+    def build(*a, **k):
+        seen_at_build.append(capsys.readouterr().err)
+        return real_build(*a, **k)
+
+    monkeypatch.setattr(cli, "build_pipeline", build)
+    out = tmp_path / "out"
+    code = main(["--device", "cpu", "restore", str(folder), "-o", str(out), "--max-output-megapixels", "0.25", *FAST])
+    assert code == 1 and os.listdir(out) == ["small.png"]
+    assert "big.png: REFUSED" in seen_at_build[0] and "800x600" in seen_at_build[0]  # said before the models load
+    assert "1 failed" in capsys.readouterr().err
+    # The Python API holds the same bound, per call.
+    pipe = real_build("demo", device="cpu", tune_steps=2, max_output_pixels=4 * 40 * 30 - 1)
+    with pytest.raises(InvalidImage, match="output limit"):
+        pipe(torch.rand(1, 3, 30, 40))
+    assert pipe.upscale == 2 and pipe(torch.rand(1, 3, 29, 40))[0].shape == (1, 3, 58, 80)
