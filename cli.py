@@ -20,6 +20,7 @@ from .pipelines.presets import BYTES_PER_OUTPUT_PIXEL, MAX_OUTPUT_PIXELS, PRESET
     check_output_size
 
 
+DEMO_LABELS = ("bicubic x2", "FaceMend")
 DEMO_TUNE_STEPS = 200  # ZSSR steps of the demo preset: about 15 s per batch of faces on 2 CPU cores
 
 
@@ -315,15 +316,16 @@ def run_demo(out_dir: str = "demo_output", device=None, log=print, tune_steps: i
     clean = demo_image()
     degraded = degrade(clean)
     os.makedirs(out_dir, exist_ok=True)
-    write_image(os.path.join(out_dir, "astronaut_degraded.png"), degraded)
+    write_output(os.path.join(out_dir, "astronaut_degraded.png"), degraded, None)
     pipeline = build_pipeline("demo", device=device, tune_steps=tune_steps)
     t = time.perf_counter()
     restored, report = pipeline(degraded.to(device))
     seconds = time.perf_counter() - t
     restored = restored.cpu()
     bicubic = upscale_bicubic(degraded)
-    write_image(os.path.join(out_dir, "astronaut_restored.png"), restored)
-    write_image(os.path.join(out_dir, "astronaut_before_after.png"), side_by_side(bicubic, restored))
+    write_output(os.path.join(out_dir, "astronaut_restored.png"), restored, None)
+    write_output(os.path.join(out_dir, "astronaut_before_after.png"),
+                 side_by_side(bicubic, restored, labels=DEMO_LABELS), None)
     summary = {"faces": sum(report["faces"]), "seconds": round(seconds, 2), "device": str(device),
                "tune_steps": int(tune_steps), "psnr_bicubic_db": round(_psnr(bicubic, clean), 2),
                "psnr_restored_db": round(_psnr(restored, clean), 2),

@@ -318,3 +318,23 @@ def test_output_size_limit_is_checked_before_any_work(tmp_path, capsys, monkeypa
     with pytest.raises(InvalidImage, match="output limit"):
         pipe(torch.rand(1, 3, 30, 40))
     assert pipe.upscale == 2 and pipe(torch.rand(1, 3, 29, 40))[0].shape == (1, 3, 58, 80)
+
+
+# 16: the demo's before/after picture says which half is which.
+def test_before_after_halves_are_labelled():
+    from facemend.cli import DEMO_LABELS
+    from facemend.pipelines.io.images import side_by_side
+
+    g = torch.Generator().manual_seed(0)
+    before, after = torch.rand(3, 240, 200, generator=g), torch.rand(3, 240, 200, generator=g)
+    plain = side_by_side(before, after)
+    labelled = side_by_side(before, after, labels=DEMO_LABELS)
+    assert labelled.shape == plain.shape == (3, 240, 408)
+    changed = (labelled - plain).abs().amax(0) > 1 / 255
+    rows, cols = changed.nonzero(as_tuple=True)
+    assert rows.max() < 40  # only a band at the top
+    left, right = cols[cols < 200], cols[cols >= 208] - 208
+    assert left.numel() > 500 and right.numel() > 500 and left.max() < 150 and right.max() < 150
+    for x0 in (0, 208):  # white text on a black box
+        box = labelled[:, :rows.max() + 1, x0:x0 + 40]
+        assert (box == 0).all(0).float().mean() > 0.4 and (box > 0.8).all(0).sum() > 10
