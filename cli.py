@@ -352,17 +352,17 @@ def evaluate_folder(outputs: str, out_dir: str = "report", inputs: str | None = 
                     niqe_variant: str = "pyiqa", qalign: float | None = None, log=print) -> dict:
     """Score a folder of restored images: per-image NR-IQA (+ ID similarity to --inputs, + FID against stored
     statistics), the NTIRE 2025 score and low-ID count; writes report.json, per_image.csv, summary.png."""
-    from .nodes.quality import IQA_FOLDER, open_id_model, open_metric
+    from .nodes.quality import ID_FOLDER, IQA_FOLDER, open_id_model, open_metric
     from .pipelines.quality.evaluate import evaluate, write_report
 
     loaded = {name: open_metric(name, niqe_variant=niqe_variant) for name in metrics}
-    idm = open_id_model(id_model) if id_model else None
+    idm = open_id_model(id_model, model_file(ID_FOLDER, id_model)) if id_model else None
     fid = None
     if fid_stats:
         from .pipelines.quality.fid import INCEPTION_FILE, FIDInception, load_stats
 
         fid = (FIDInception.from_file(model_paths.find_file(IQA_FOLDER, INCEPTION_FILE), dev.compute_device()),
-               load_stats(model_paths.find_file(IQA_FOLDER, fid_stats)))
+               load_stats(model_file(IQA_FOLDER, fid_stats)))
     report = evaluate(outputs, loaded, inputs, idm, fid, id_threshold, dev.compute_device(), log,
                       dev.check_interrupt, {"qalign": qalign} if qalign is not None else None)
     paths = write_report(report, out_dir)

@@ -43,10 +43,11 @@ def open_metric(name: str, weights_file: str = DEFAULT_FILE, niqe_variant: str =
     return _cache[key]
 
 
-def open_id_model(model: str = DEFAULT_ID_MODEL):
+def open_id_model(model: str = DEFAULT_ID_MODEL, path: str | None = None):
+    """ArcFace `model` from models/insightface/ (cached); `path`: a file the caller resolved (the CLI's own)."""
     from ..pipelines.quality.id_similarity import ArcFaceONNX
 
-    path = find_file(ID_FOLDER, model)
+    path = path or find_file(ID_FOLDER, model)
     device = dev.compute_device()
     key = ("id", os.path.abspath(path), os.path.getmtime(path), str(device))
     if key not in _cache:
