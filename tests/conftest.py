@@ -110,3 +110,16 @@ def reorder_tol(run, margin: float = 4.0) -> float:
     with torch.no_grad():
         err = (run(torch.float32).double() - run(torch.float64)).abs().max().item()
     return margin * max(err, rounding_bound(1, evaluations=1))
+
+
+def restorer_reorder_tol(restorer, x, **call_kw) -> float:
+    """reorder_tol for a FaceRestorer call on `x`: the same restorer in float64 (a copy) as the reference."""
+    import copy
+
+    import torch
+
+    def run(dtype):
+        r = restorer if dtype == restorer.dtype else copy.deepcopy(restorer).to(dtype=dtype)
+        return r(x.to(dtype), **call_kw)
+
+    return reorder_tol(run) if restorer.dtype == torch.float32 else float("nan")
