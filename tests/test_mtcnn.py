@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import load_image, need_shared
+from conftest import load_image, need_shared, reorder_tol
 
 from facemend.pipelines.face import mtcnn as M, mtcnn_nets as MN
 from facemend.pipelines.face.mtcnn import MTCNNDetector
@@ -300,9 +300,13 @@ def test_batch_equals_single_runs(det, six_faces_small):
     batch = det.detect(torch.cat([six_faces_small, flipped]))
     singles = [det.detect(six_faces_small)[0], det.detect(flipped)[0]]
     assert batch[0].shape[0] == 6
+    # Boxes, scores and landmarks move with the networks' float32 rounding (measured against float64 here).
+    d64 = MTCNNDetector.load(dtype=torch.float64)
+    tol = max(reorder_tol(lambda dt: (det if dt == torch.float32 else d64).detect(im.to(dt))[0])
+              for im in (six_faces_small, flipped))
     for b, s in zip(batch, singles):
         assert b.shape == s.shape
-        torch.testing.assert_close(b, s, atol=1e-3, rtol=0)
+        torch.testing.assert_close(b, s, atol=tol, rtol=0)
     # the mirrored image gives the mirrored faces (same count, boxes mirrored within a few pixels)
     w = six_faces_small.shape[-1]
     mirrored = torch.stack([w - 1 - batch[1][:, 2], batch[1][:, 1], w - 1 - batch[1][:, 0], batch[1][:, 3]], 1)
