@@ -200,7 +200,8 @@ def test_equivalence_stored_noise_all_layouts(tiny):
         assert fr.arch == "GFPGANv1Clean" and fr.input_size == 64
         got = fr(x01, noise="stored")
         diff = (got - ref01).abs().max().item()
-        assert diff < TOL_FP32, f"{kind}: max |ours - official| = {diff:.3g}"
+        tol = restorer_reorder_tol(fr, x01, noise="stored")  # two float32 evaluations of one network
+        assert diff <= tol, f"{kind}: max |ours - official| = {diff:.3g} > {tol:.3g}"
 
 
 def test_equivalence_with_gfpganer_pipeline(tiny, restorer):
@@ -209,7 +210,8 @@ def test_equivalence_with_gfpganer_pipeline(tiny, restorer):
     ref_float, ref_uint8 = _gfpganer_restore(tiny.net, faces, seed=7)
     got = restorer(_to_ours(faces), seed=7, batch_size=8)
     diff = (got - torch.from_numpy(ref_float)).abs().max().item()
-    assert diff < TOL_FP32, f"max |ours - GFPGANer| = {diff:.3g}"
+    tol = restorer_reorder_tol(restorer, _to_ours(faces), seed=7, batch_size=8)
+    assert diff <= tol, f"max |ours - GFPGANer| = {diff:.3g} > {tol:.3g}"
     ours_uint8 = (got * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).flip(-1).numpy()
     off = np.abs(ours_uint8.astype(int) - ref_uint8.astype(int))
     assert off.max() <= 1 and (off > 0).mean() < 1e-3, f"uint8 mismatch: {(off > 0).sum()} values"
