@@ -149,8 +149,10 @@ class CLIProgress(_NoProgress):
         self._close_inner()
         self.images.update(1)
 
-    def write(self, line: str) -> None:
-        self._tqdm.write(line, file=self.file) if self.enabled else print(line, file=self.file)
+    def write(self, line: str, err: bool = False) -> None:
+        """A log line (stdout; stderr for failures) that does not break the bars."""
+        out = sys.stderr if err else sys.stdout
+        self._tqdm.write(line, file=out) if self.enabled else print(line, file=out)
 
     def _close_inner(self) -> None:
         if self.inner is not None:
@@ -266,7 +268,10 @@ def restore_files(inputs: list[str], out_dir: str, pipeline: FaceRestorePipeline
                 if isinstance(exc, RuntimeError) and dev.is_oom(exc):
                     message = f"out of memory: {exc}"
                 reports.append({"input": path, "error": message})
-                say(f"{path}: FAILED, {message}")
+                if isinstance(progress, CLIProgress):
+                    progress.write(f"{path}: FAILED, {message}", err=True)
+                else:
+                    log(f"{path}: FAILED, {message}")
         if isinstance(progress, CLIProgress):
             progress.image_done()
     return reports
@@ -309,7 +314,8 @@ def demo_image() -> torch.Tensor:
     return torch.from_numpy(data.astronaut().copy()).permute(2, 0, 1)[None].float() / 255
 
 
-def run_demo(out_dir: str = "demo_output", device=None, log=print, tune_steps: int = DEMO_TUNE_STEPS) -> dict:
+def run_demo(out_dir: str = "demo_output", device=None, log=print, tune_steps: int = DEMO_TUNE_STEPS,
+             progress=None) -> dict:
     """Downscale the astronaut x2, restore it with the demo preset, and compare with plain bicubic x2 against
     the clean original, over the whole photo and over the face's box."""
     device = torch.device(device) if device else dev.compute_device()
@@ -317,10 +323,12 @@ def run_demo(out_dir: str = "demo_output", device=None, log=print, tune_steps: i
     degraded = degrade(clean)
     os.makedirs(out_dir, exist_ok=True)
     write_output(os.path.join(out_dir, "astronaut_degraded.png"), degraded, None)
-    pipeline = build_pipeline("demo", device=device, tune_steps=tune_steps)
+    pipeline = build_pipeline("demo", device=device, tune_steps=tune_steps, progress=progress)
     t = time.perf_counter()
     restored, report = pipeline(degraded.to(device))
     seconds = time.perf_counter() - t
+    if isinstance(progress, CLIProgress):
+        progress.image_done()
     restored = restored.cpu()
     bicubic = upscale_bicubic(degraded)
     write_output(os.path.join(out_dir, "astronaut_restored.png"), restored, None)
@@ -446,6 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_restore.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     p_demo = add("demo", help="degrade and restore a public-domain photo (no downloads)")
     p_demo.add_argument("-o", "--out", default="demo_output", help="output folder (default: demo_output/)")
+    p_demo.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     add("presets", help="list the presets")
     p_eval = add("evaluate", help="score a folder of restored images (NR-IQA, ID similarity, FID, "
                  "NTIRE 2025 score) into JSON, CSV and a PNG chart")
@@ -551,7 +560,11 @@ def main(argv=None) -> int:
             for spec in PRESETS.values():
                 print(f"{spec.name}: {spec.description}")
         elif args.command == "demo":
-            run_demo(args.out)
+            bars = CLIProgress(1, enabled=not args.no_progress)
+            try:
+                run_demo(args.out, progress=bars, log=bars.write)
+            finally:
+                bars.close()
         elif args.command == "evaluate":
             evaluate_folder(args.outputs, args.out, args.inputs, [m for m in args.metrics.split(",") if m],
                             args.id_model, args.id_threshold, args.fid_stats, args.niqe_variant, args.qalign)
