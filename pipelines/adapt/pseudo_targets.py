@@ -73,11 +73,11 @@ class PseudoTargetGenerator:
     @torch.no_grad()
     def __call__(self, restored: torch.Tensor, batch_size: int = 1, seed: Optional[int] = None,
                  callback: Optional[Callable[[int], None]] = None,
-                 on_step: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None) -> torch.Tensor:
+                 on_step: Optional[Callable[..., None]] = None) -> torch.Tensor:
         """restored: [N,3,H,W] RGB in [0,1] (the restorer's outputs on the user's faces). Returns targets of the
         same shape in [0,1], float32, on the input's device.
         callback(n): after every denoising step (n = faces in the batch), for progress and interruption.
-        on_step(i, x, noised_ref): after every constrained step (tests check the constraint with it)."""
+        on_step(i, x_before, x_after, noised_ref): after every constrained step (the constraint test uses it)."""
         seed = self.config.seed if seed is None else int(seed)
         n, _, h, w = restored.shape
         out = torch.empty((n, 3, h, w), dtype=torch.float32, device=restored.device)
@@ -111,9 +111,10 @@ class PseudoTargetGenerator:
             x, _ = sched.p_sample(model_out, x, t, self._noise(gens, x), clip_denoised=c.clip_denoised)
             if lowpass is not None and i >= c.reg_end_step:
                 ref_t = sched.q_sample(x_ref, t - 1, self._noise(gens, x_ref))
+                before = x
                 x = x - lowpass(x) + lowpass(ref_t)
                 if on_step is not None:
-                    on_step(i, x, ref_t)
+                    on_step(i, before, x, ref_t)
             if callback is not None:
                 callback(b)
         target = (x * 0.5 + 0.5).clamp(0.0, 1.0)
