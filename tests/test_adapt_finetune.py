@@ -21,9 +21,9 @@ from facemend.pipelines.adapt.finetune import AlreadyExists, FinetuneConfig, Fin
 from facemend.pipelines.adapt.perceptual import VGG16_FILE, find_vgg16, load_lpips_vgg
 from facemend.pipelines.adapt.prior import load_prior_unet
 from facemend.pipelines.adapt.pseudo_targets import PseudoTargetConfig, PseudoTargetGenerator
-from facemend.pipelines.archs.gfpgan import GFPGANConfig, GFPGANv1Clean
-from facemend.pipelines.errors import ModelFileNotFound
-from facemend.pipelines.restore import FaceRestorer
+from facemend.pipelines.restore.archs.gfpgan import GFPGANConfig, GFPGANv1Clean
+from facemend.pipelines.io.errors import ModelFileNotFound
+from facemend.pipelines.restore.restorer import FaceRestorer
 
 from conftest import FACES, load_image, need_shared
 from test_adapt_prior import tiny_config, tiny_official

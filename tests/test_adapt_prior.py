@@ -17,7 +17,7 @@ import torch
 
 from facemend.pipelines.adapt.prior import (PriorUNet, PriorUNetConfig, config_from_state_dict, load_prior_unet)
 from facemend.pipelines.adapt.schedule import SpacedSchedule
-from facemend.pipelines.errors import ModelFileInvalid
+from facemend.pipelines.io.errors import ModelFileInvalid
 
 from adapt_official import difface_unet, ufr_diffusion
 from conftest import need_shared

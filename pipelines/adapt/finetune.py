@@ -31,7 +31,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from ..errors import FaceMendError
+from ..io.errors import FaceMendError
 
 TRAINABLE = ("GFPGANv1Clean",)   # architectures whose forward pass is differentiable end to end here
 

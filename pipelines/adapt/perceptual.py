@@ -14,8 +14,8 @@ from typing import Optional
 
 import torch
 
-from ..checkpoint_io import load_weights, unwrap_state_dict
-from ..errors import ModelFileInvalid, ModelFileNotFound
+from ..io.checkpoints import load_weights, unwrap_state_dict
+from ..io.errors import ModelFileInvalid, ModelFileNotFound
 
 VGG16_FILE = "vgg16-397923af.pth"
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"

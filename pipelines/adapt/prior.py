@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..checkpoint_io import check_keys, load_weights
-from ..errors import ModelFileInvalid
+from ..io.checkpoints import check_keys, load_weights
+from ..io.errors import ModelFileInvalid
 
 PRIOR_FILE = "iddpm_ffhq512_ema500000.pth"
 
