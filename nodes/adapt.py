@@ -118,10 +118,11 @@ class AdaptRestorer:
     CATEGORY = CATEGORY
     FUNCTION = "run"
     OUTPUT_NODE = True
-    RETURN_TYPES = ("STRING", "IMAGE")
-    RETURN_NAMES = ("model_name", "loss_curve")
+    RETURN_TYPES = ("STRING", "IMAGE", "FACE_RESTORER")
+    RETURN_NAMES = ("model_name", "loss_curve", "adapted_restorer")
     OUTPUT_TOOLTIPS = ("File name of the adapted restorer in facerestore_models/ (for the restorer loader).",
-                       "The training loss per step.")
+                       "The training loss per step.",
+                       "The adapted restorer, loaded from the saved file (wire it to Restore Faces).")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -179,9 +180,12 @@ class AdaptRestorer:
         progress = dev.Progress(faces.shape[0] * gen.num_model_calls + cfg.steps)
         result, _ = adapt_restorer(faces, restorer, gen, lp, cfg, name, out_path, work_dir,
                                    hook=dev.step_hook(progress))
+        from ..pipelines.restore.restorer import FaceRestorer
+
         plot = read_image(result.plot_path)[0]
+        adapted = FaceRestorer.from_file(result.output_path, device=restorer.device, dtype=restorer.requested_dtype)
         return {"ui": {"text": [f"saved {result.output_path}"]},
-                "result": (os.path.basename(result.output_path), bchw_to_image(plot))}
+                "result": (os.path.basename(result.output_path), bchw_to_image(plot), adapted)}
 
 
 NODES = {

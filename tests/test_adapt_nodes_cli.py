@@ -104,7 +104,8 @@ def test_nodes_make_targets_and_adapt(models):
     assert (targets - restored).abs().mean() > 1e-3        # the prior changed the reference
     res = AdaptRestorer().run(restorer, prior, "node_model", steps=1, lpips_weight=0.0, micro_batch=1,
                               accumulate=1, start_step=1, reg_end_step=1, down_factor=16, face_crops=image)
-    name, plot = res["result"]
+    name, plot, adapted = res["result"]
     assert name == "node_model.safetensors" and plot.ndim == 4 and plot.shape[-1] == 3
     assert FaceRestorer.from_file(str(root / "facerestore_models" / name)).arch == "GFPGANv1Clean"
+    assert adapted.arch == "GFPGANv1Clean" and adapted(image.permute(0, 3, 1, 2)).shape == (1, 3, 48, 48)
     assert os.path.isfile(os.path.join("output", "facemend_adapt", "node_model", "node_model.log.json"))
