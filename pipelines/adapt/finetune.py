@@ -5,6 +5,11 @@ applied to our restorer networks (GFPGAN first):
 
     loss = 1.0 * L1(mean) + 0.1 * LPIPS-VGG (summed over the micro-batch, as the official code does)
            [+ 0.1 * GAN (vanilla, BCE-with-logits) - optional, off by default here]
+    GAN: Real-ESRGAN's UNetDiscriminatorSN from scratch, AdamW(2e-5) constant; D loss = BCE(D(real), 1) +
+    BCE(D(fake), 0) per micro-batch, unweighted; "real" = a folder of clean faces if given, else the pseudo
+    targets (the official fallback when no GAN data folder is configured). The official loop leaves D trainable
+    during G's adversarial loss after the first micro-batch (it re-freezes D only once per step); here D is frozen
+    for G's loss every time, as intended.
     AdamW(lr 2e-5, weight decay 0, betas 0.9/0.999); cosine annealing over all steps down to 5e-6;
     batch 16 as 4 micro-batches of 4 (gradient accumulation); a checkpoint every 2500 steps.
 
@@ -47,6 +52,9 @@ class FinetuneConfig:
     l1_weight: float = 1.0
     lpips_weight: float = 0.1
     lpips_sum: bool = True           # official: LPIPS summed over the micro-batch, L1 averaged
+    gan_weight: float = 0.0          # official 0.1 when the GAN is on
+    d_lr: float = 2e-5               # discriminator AdamW learning rate (constant)
+    d_num_feat: int = 64
     checkpoint_every: int = 2500
     seed: int = 0
     precision: str = "fp32"          # fp32 | bf16 | fp16: autocast on CUDA (CPU always fp32)
@@ -169,6 +177,13 @@ class Finetuner:
         self.device = restorer.device
         self.net = copy.deepcopy(restorer.net).float().to(self.device)
         self.lpips = lpips_net.to(self.device) if lpips_net is not None else None
+        self.disc = None
+        if config.gan_weight > 0:
+            from .discriminator import UNetDiscriminatorSN
+
+            with torch.random.fork_rng(devices=[]):        # seeded initial weights, global RNG untouched
+                torch.manual_seed(config.seed)
+                self.disc = UNetDiscriminatorSN(3, config.d_num_feat).to(self.device)
 
     # ---------------------------------------------------------------- data
     def _prepare(self, faces: torch.Tensor) -> torch.Tensor:
@@ -184,8 +199,15 @@ class Finetuner:
             return torch.autocast(device_type="cpu", enabled=False)
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16 if c.precision == "bf16" else torch.float16)
 
-    def loss_terms(self, x01: torch.Tensor, y01: torch.Tensor, generator: torch.Generator) -> dict:
-        """Losses of one micro-batch (x: inputs, y: pseudo targets, both [B,3,S,S] in [0,1] on the device)."""
+    def _bce(self, images: torch.Tensor, real: bool) -> torch.Tensor:
+        with self._autocast():
+            logits = self.disc(images).float()
+        return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, 1.0 if real else 0.0))
+
+    def loss_terms(self, x01: torch.Tensor, y01: torch.Tensor, generator: torch.Generator,
+                   keep_output: bool = False) -> dict:
+        """Generator losses of one micro-batch (x: inputs, y: pseudo targets, both [B,3,S,S] in [0,1] on the
+        device); with keep_output the network output ([-1, 1]) is returned as "output"."""
         c = self.config
         with self._autocast():
             out = self.net((x01 - 0.5) / 0.5, noise="random", generator=generator).float()
@@ -194,14 +216,22 @@ class Finetuner:
         if c.lpips_weight > 0:
             lp = self.lpips(out, target, normalize=False)
             terms["lpips"] = lp.sum() if c.lpips_sum else lp.mean()
-        terms["total"] = c.l1_weight * terms["l1"] + c.lpips_weight * terms.get("lpips", torch.zeros(()))
+        total = c.l1_weight * terms["l1"] + c.lpips_weight * terms.get("lpips", torch.zeros((), device=out.device))
+        if self.disc is not None:
+            self.disc.requires_grad_(False)
+            terms["gan"] = self._bce(out, real=True)
+            total = total + c.gan_weight * terms["gan"]
+        terms["total"] = total
+        if keep_output:
+            terms["output"] = out
         return terms
 
     # ---------------------------------------------------------------- training
     def run(self, inputs: torch.Tensor, targets: torch.Tensor, name: str, output_path: str, work_dir: str,
             hook: Optional[Callable[[int], None]] = None, log: Callable[[str], None] = lambda s: None,
-            ) -> FinetuneResult:
+            gan_real: Optional[torch.Tensor] = None) -> FinetuneResult:
         """Train on inputs[i] -> targets[i] ([N,3,H,W] in [0,1]); resume from the newest checkpoint in work_dir.
+        gan_real: clean faces for the discriminator's "real" side (default: the pseudo targets).
         hook(1) is called after every optimiser step (progress; raise there to interrupt: the newest checkpoint
         stays and a later call resumes from it)."""
         c = self.config
@@ -217,6 +247,11 @@ class Finetuner:
         for p in params:
             p.requires_grad_(True)
         opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay, betas=(0.9, 0.999))
+        opt_d = None
+        if self.disc is not None:
+            opt_d = torch.optim.AdamW(self.disc.parameters(), lr=c.d_lr, weight_decay=c.weight_decay,
+                                      betas=(0.9, 0.999))
+            reals = self._prepare(gan_real) if gan_real is not None else ys
         scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda" and c.precision == "fp16")
         history: list[dict] = []
         start = 0
@@ -231,10 +266,15 @@ class Finetuner:
                     f"{state['num_faces']} faces); use another work folder or the same settings to resume.")
             self.net.load_state_dict(state["net"])
             opt.load_state_dict(state["optimizer"])
+            if self.disc is not None:
+                self.disc.load_state_dict(state["disc"])
+                opt_d.load_state_dict(state["optimizer_d"])
             history = json.loads(state["history"])
             start = step0
             log(f"resuming from {os.path.basename(path)} (step {step0} of {c.steps})")
         self.net.train()
+        if self.disc is not None:
+            self.disc.train()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()
@@ -243,16 +283,28 @@ class Finetuner:
                 g["lr"] = cosine_lr(c, step)
             gen = torch.Generator().manual_seed(c.seed * 1_000_003 + step)
             opt.zero_grad(set_to_none=True)
+            if opt_d is not None:
+                opt_d.zero_grad(set_to_none=True)
             sums: dict = {}
             for _ in range(c.accumulate):
                 idx = torch.randint(0, n, (min(c.micro_batch, n),), generator=gen)
                 x = xs[idx].to(self.device)
                 y = ys[idx].to(self.device)
-                terms = self.loss_terms(x, y, gen)
+                terms = self.loss_terms(x, y, gen, keep_output=True)
+                out = terms.pop("output")
                 scaler.scale(terms["total"] / c.accumulate).backward()
+                if self.disc is not None:
+                    self.disc.requires_grad_(True)
+                    ridx = torch.randint(0, reals.shape[0], (min(c.micro_batch, reals.shape[0]),), generator=gen)
+                    terms["d_real"] = self._bce(reals[ridx].to(self.device) * 2 - 1, real=True)
+                    scaler.scale(terms["d_real"] / c.accumulate).backward()
+                    terms["d_fake"] = self._bce(out.detach(), real=False)
+                    scaler.scale(terms["d_fake"] / c.accumulate).backward()
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach()) / c.accumulate
             scaler.step(opt)
+            if opt_d is not None:
+                scaler.step(opt_d)
             scaler.update()
             if not all(math.isfinite(v) for v in sums.values()):
                 raise FaceMendError(f"the loss became {sums} at step {step + 1}; lower the learning rate "
@@ -261,10 +313,12 @@ class Finetuner:
             history.append(sums)
             done = step + 1
             if done % c.checkpoint_every == 0 or done == c.steps:
-                _atomic_save({"net": self.net.state_dict(), "optimizer": opt.state_dict(),
-                              "config": json.dumps(asdict(c)), "history": json.dumps(history), "name": name,
-                              "num_faces": n, "step": done},
-                             os.path.join(work_dir, f"step_{done:06d}.pt"))
+                state = {"net": self.net.state_dict(), "optimizer": opt.state_dict(),
+                         "config": json.dumps(asdict(c)), "history": json.dumps(history), "name": name,
+                         "num_faces": n, "step": done}
+                if self.disc is not None:
+                    state.update(disc=self.disc.state_dict(), optimizer_d=opt_d.state_dict())
+                _atomic_save(state, os.path.join(work_dir, f"step_{done:06d}.pt"))
             if hook is not None:
                 hook(1)
         elapsed = time.perf_counter() - t0
@@ -276,7 +330,8 @@ class Finetuner:
         save_new_safetensors(self.net.state_dict(), output_path, metadata=meta)
         losses = [h["total"] for h in history]
         plot_path = os.path.join(work_dir, f"{name}.loss.png")
-        plot_losses(losses, plot_path, title=f"{name}: L1 + LPIPS, {c.steps} steps (base {self.restorer.name})")
+        what = "L1 + LPIPS" + (" + GAN" if self.disc is not None else "")
+        plot_losses(losses, plot_path, title=f"{name}: {what}, {c.steps} steps (base {self.restorer.name})")
         log_path = os.path.join(work_dir, f"{name}.log.json")
         tmp = f"{log_path}.tmp{os.getpid()}"
         with open(tmp, "w") as fh:
