@@ -193,7 +193,7 @@ def adapt_folder(folder: str, restorer: str, name: str, prior: str = "iddpm_ffhq
                  work_dir: str | None = None, steps: int = 2000, lr: float = 2e-5, lpips_weight: float = 0.1,
                  micro_batch: int = 4, accumulate: int = 4, checkpoint_every: int = 250, precision: str = "fp32",
                  start_step: int = 150, reg_end_step: int = 90, down_factor: int = 8, seed: int = 20000,
-                 batch_size: int = 1, log=print) -> dict:
+                 batch_size: int = 1, gan_weight: float = 0.0, gan_real: str | None = None, log=print) -> dict:
     """Adapt a restorer to a folder of aligned face crops (pseudo targets from the diffusion prior, then
     fine-tuning); saves models/facerestore_models/<name>.safetensors. Re-running resumes in work_dir."""
     from .nodes.adapt import load_lpips
@@ -210,9 +210,10 @@ def adapt_folder(folder: str, restorer: str, name: str, prior: str = "iddpm_ffhq
     net = FaceRestorer.from_file(model_paths.find_file("facerestore_models", restorer), device=device)
     cfg = FinetuneConfig(steps=steps, lr=lr, lr_min=min(5e-6, lr), lpips_weight=lpips_weight,
                          micro_batch=micro_batch, accumulate=accumulate, checkpoint_every=checkpoint_every,
-                         precision=precision)
+                         precision=precision, gan_weight=gan_weight, d_lr=lr)
     lp = load_lpips(device) if lpips_weight > 0 else None
     faces = load_face_folder(folder, net.input_size)
+    reals = load_face_folder(gan_real, net.input_size) if gan_weight > 0 and gan_real else None
     gen = PseudoTargetGenerator(load_prior_unet(model_paths.find_file("facemend_priors", prior), device=device),
                                 PseudoTargetConfig(start_step=start_step, reg_end_step=reg_end_step,
                                                    down_factor=down_factor, seed=seed))
@@ -222,7 +223,7 @@ def adapt_folder(folder: str, restorer: str, name: str, prior: str = "iddpm_ffhq
                             if log is print else None)
     t0 = time.perf_counter()
     result, _ = adapt_restorer(faces, net, gen, lp, cfg, name, out_path, work_dir, batch_size=batch_size,
-                               hook=dev.step_hook(progress), log=log)
+                               hook=dev.step_hook(progress), log=log, gan_real=reals)
     if log is print:
         sys.stderr.write("\n")
     log(f"saved {result.output_path} ({faces.shape[0]} faces, {cfg.steps} steps, {time.perf_counter() - t0:.0f} s); "
@@ -294,6 +295,10 @@ def main(argv=None) -> int:
     p_adapt.add_argument("--down-factor", type=int, default=8, help="8 general (official), 16 SwinIR-like")
     p_adapt.add_argument("--seed", type=int, default=20000)
     p_adapt.add_argument("--batch-size", type=int, default=1, help="faces per prior call")
+    p_adapt.add_argument("--gan-weight", type=float, default=0.0, help="adversarial loss weight (official 0.1; "
+                         "0 = off)")
+    p_adapt.add_argument("--gan-real", default=None, help="folder of clean aligned faces for the discriminator "
+                         "(default: the pseudo targets)")
     args = parser.parse_args(argv)
 
     if args.models_dir:
@@ -309,7 +314,8 @@ def main(argv=None) -> int:
         elif args.command == "adapt":
             adapt_folder(args.folder, args.restorer, args.name, args.prior, args.work_dir, args.steps, args.lr,
                          args.lpips_weight, args.micro_batch, args.accumulate, args.checkpoint_every, args.precision,
-                         args.start_step, args.reg_end_step, args.down_factor, args.seed, args.batch_size)
+                         args.start_step, args.reg_end_step, args.down_factor, args.seed, args.batch_size,
+                         args.gan_weight, args.gan_real)
         elif args.command == "evaluate":
             evaluate_folder(args.outputs, args.out, args.inputs, [m for m in args.metrics.split(",") if m],
                             args.id_model, args.id_threshold, args.fid_stats, args.niqe_variant, args.qalign)

@@ -150,11 +150,17 @@ class AdaptRestorer:
             "face_crops": ("IMAGE", {"tooltip": "Aligned faces to adapt to. Or give a folder below."}),
             "folder": ("STRING", {"default": "", "tooltip":
                        "A folder of aligned square face crops (used when face_crops is not connected)."}),
+            "gan_weight": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0, "step": 0.01, "tooltip":
+                           "Adversarial loss weight (official 0.1 with the GAN on; 0 = off). Trains a Real-ESRGAN "
+                           "U-Net discriminator from scratch alongside."}),
+            "gan_real_folder": ("STRING", {"default": "", "tooltip":
+                                "Clean aligned faces for the discriminator's 'real' side (e.g. FFHQ crops). Empty: "
+                                "the pseudo targets (the official fallback)."}),
         }}
 
     def run(self, restorer, prior, name, steps=2000, learning_rate=2e-5, lpips_weight=0.1, micro_batch=4,
             accumulate=4, checkpoint_every=250, precision="fp32", start_step=150, reg_end_step=90, down_factor=8,
-            apply_filter=True, seed=20000, face_crops=None, folder=""):
+            apply_filter=True, seed=20000, face_crops=None, folder="", gan_weight=0.0, gan_real_folder=""):
         from ..pipelines.adapt.finetune import FinetuneConfig
         from ..pipelines.adapt.pseudo_targets import PseudoTargetGenerator
         from ..pipelines.adapt.run import adapt_restorer, load_face_folder
@@ -174,12 +180,15 @@ class AdaptRestorer:
         work_dir = os.path.join(model_paths.output_directory(), "facemend_adapt", name)
         cfg = FinetuneConfig(steps=int(steps), lr=float(learning_rate), lr_min=min(5e-6, float(learning_rate)),
                              lpips_weight=float(lpips_weight), micro_batch=int(micro_batch),
-                             accumulate=int(accumulate), checkpoint_every=int(checkpoint_every), precision=precision)
+                             accumulate=int(accumulate), checkpoint_every=int(checkpoint_every), precision=precision,
+                             gan_weight=float(gan_weight), d_lr=float(learning_rate))
+        gan_real = load_face_folder(str(gan_real_folder).strip(), restorer.input_size) \
+            if float(gan_weight) > 0 and str(gan_real_folder).strip() else None
         gen = PseudoTargetGenerator(prior, _pseudo_config(start_step, reg_end_step, down_factor, apply_filter, seed))
         lp = load_lpips(restorer.device) if cfg.lpips_weight > 0 else None
         progress = dev.Progress(faces.shape[0] * gen.num_model_calls + cfg.steps)
         result, _ = adapt_restorer(faces, restorer, gen, lp, cfg, name, out_path, work_dir,
-                                   hook=dev.step_hook(progress))
+                                   hook=dev.step_hook(progress), gan_real=gan_real)
         from ..pipelines.restore.restorer import FaceRestorer
 
         plot = read_image(result.plot_path)[0]

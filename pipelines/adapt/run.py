@@ -44,15 +44,15 @@ def make_or_load_targets(faces: torch.Tensor, restorer, generator: PseudoTargetG
 
 def adapt_restorer(faces: torch.Tensor, restorer, generator: PseudoTargetGenerator, lpips_net,
                    config: FinetuneConfig, name: str, output_path: str, work_dir: str, batch_size: int = 1,
-                   hook: Optional[Callable[[int], None]] = None,
-                   log: Callable[[str], None] = lambda s: None) -> tuple[FinetuneResult, torch.Tensor]:
+                   hook: Optional[Callable[[int], None]] = None, log: Callable[[str], None] = lambda s: None,
+                   gan_real: Optional[torch.Tensor] = None) -> tuple[FinetuneResult, torch.Tensor]:
     """Returns (the fine-tuning result, the pseudo targets). hook(1) after every prior step per face batch and
     every optimiser step (progress + interruption)."""
     if os.path.exists(output_path):
         raise FaceMendError(f"{output_path} exists; FaceMend never overwrites a model file. Choose another name.")
     targets = make_or_load_targets(faces, restorer, generator, work_dir, batch_size, hook, log)
     result = Finetuner(restorer, lpips_net, config).run(faces, targets, name, output_path, work_dir, hook=hook,
-                                                        log=log)
+                                                        log=log, gan_real=gan_real)
     return result, targets
 
 
