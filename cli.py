@@ -193,7 +193,8 @@ def adapt_folder(folder: str, restorer: str, name: str, prior: str = "iddpm_ffhq
                  work_dir: str | None = None, steps: int = 2000, lr: float = 2e-5, lpips_weight: float = 0.1,
                  micro_batch: int = 4, accumulate: int = 4, checkpoint_every: int = 250, precision: str = "fp32",
                  start_step: int = 150, reg_end_step: int = 90, down_factor: int = 8, seed: int = 20000,
-                 batch_size: int = 1, gan_weight: float = 0.0, gan_real: str | None = None, log=print) -> dict:
+                 batch_size: int = 1, gan_weight: float = 0.0, gan_real: str | None = None, respacing: str = "250",
+                 log=print) -> dict:
     """Adapt a restorer to a folder of aligned face crops (pseudo targets from the diffusion prior, then
     fine-tuning); saves models/facerestore_models/<name>.safetensors. Re-running resumes in work_dir."""
     from .nodes.adapt import load_lpips
@@ -216,7 +217,7 @@ def adapt_folder(folder: str, restorer: str, name: str, prior: str = "iddpm_ffhq
     reals = load_face_folder(gan_real, net.input_size) if gan_weight > 0 and gan_real else None
     gen = PseudoTargetGenerator(load_prior_unet(model_paths.find_file("facemend_priors", prior), device=device),
                                 PseudoTargetConfig(start_step=start_step, reg_end_step=reg_end_step,
-                                                   down_factor=down_factor, seed=seed))
+                                                   down_factor=down_factor, seed=seed, respacing=respacing))
     work_dir = work_dir or os.path.join("adapt_runs", name)
     total = faces.shape[0] * gen.num_model_calls + cfg.steps
     progress = dev.Progress(total, callback=lambda done, tot: sys.stderr.write(f"\radapt: {done}/{tot} steps")
@@ -295,6 +296,8 @@ def main(argv=None) -> int:
     p_adapt.add_argument("--down-factor", type=int, default=8, help="8 general (official), 16 SwinIR-like")
     p_adapt.add_argument("--seed", type=int, default=20000)
     p_adapt.add_argument("--batch-size", type=int, default=1, help="faces per prior call")
+    p_adapt.add_argument("--respacing", default="250", help="respaced schedule (official 250); the step options "
+                         "count in it")
     p_adapt.add_argument("--gan-weight", type=float, default=0.0, help="adversarial loss weight (official 0.1; "
                          "0 = off)")
     p_adapt.add_argument("--gan-real", default=None, help="folder of clean aligned faces for the discriminator "
@@ -315,7 +318,7 @@ def main(argv=None) -> int:
             adapt_folder(args.folder, args.restorer, args.name, args.prior, args.work_dir, args.steps, args.lr,
                          args.lpips_weight, args.micro_batch, args.accumulate, args.checkpoint_every, args.precision,
                          args.start_step, args.reg_end_step, args.down_factor, args.seed, args.batch_size,
-                         args.gan_weight, args.gan_real)
+                         args.gan_weight, args.gan_real, args.respacing)
         elif args.command == "evaluate":
             evaluate_folder(args.outputs, args.out, args.inputs, [m for m in args.metrics.split(",") if m],
                             args.id_model, args.id_threshold, args.fid_stats, args.niqe_variant, args.qalign)

@@ -33,11 +33,12 @@ def load_lpips(device):
     return load_lpips_vgg(find_vgg16(candidates), device=device)
 
 
-def _pseudo_config(start_step, reg_end_step, down_factor, apply_filter, seed):
+def _pseudo_config(start_step, reg_end_step, down_factor, apply_filter, seed, respacing="250", clip_denoised=True):
     from ..pipelines.adapt.pseudo_targets import PseudoTargetConfig
 
     return PseudoTargetConfig(start_step=int(start_step), reg_end_step=int(reg_end_step),
-                              down_factor=int(down_factor), apply_filter=bool(apply_filter), seed=int(seed))
+                              down_factor=int(down_factor), apply_filter=bool(apply_filter), seed=int(seed),
+                              respacing=str(respacing).strip(), clip_denoised=bool(clip_denoised))
 
 
 _PSEUDO_INPUTS = {
@@ -54,6 +55,11 @@ _PSEUDO_INPUTS = {
                      "The low-frequency constraint (ILVR). Off: plain DifFace-style diffusion from the output."}),
     "seed": ("INT", {"default": 20000, "min": 0, "max": 0xFFFFFFFF, "tooltip":
              "Seed (official 20000); face i uses seed + i, so a face's target does not depend on its batch."}),
+    "respacing": ("STRING", {"default": "250", "tooltip":
+                  "Respacing of the 1000-step schedule (official \"250\"); start_step and reg_end_step count in "
+                  "these respaced steps."}),
+    "clip_denoised": ("BOOLEAN", {"default": True, "tooltip": "Clamp each predicted clean image to [-1, 1] "
+                                                               "(official: on)."}),
 }
 
 
@@ -97,11 +103,12 @@ class PseudoTargets:
         }}
 
     def run(self, face_crops, restorer, prior, start_step=150, reg_end_step=90, down_factor=8, apply_filter=True,
-            seed=20000, batch_size=1):
+            seed=20000, respacing="250", clip_denoised=True, batch_size=1):
         from ..pipelines.adapt.pseudo_targets import PseudoTargetGenerator
 
         x = image_to_bchw(face_crops, restorer.device, "face crops")
-        gen = PseudoTargetGenerator(prior, _pseudo_config(start_step, reg_end_step, down_factor, apply_filter, seed))
+        gen = PseudoTargetGenerator(prior, _pseudo_config(start_step, reg_end_step, down_factor, apply_filter, seed,
+                                                          respacing, clip_denoised))
         progress = dev.Progress(x.shape[0] * (gen.num_model_calls + 1))
         hook = dev.step_hook(progress)
         dev.check_interrupt()
@@ -160,7 +167,8 @@ class AdaptRestorer:
 
     def run(self, restorer, prior, name, steps=2000, learning_rate=2e-5, lpips_weight=0.1, micro_batch=4,
             accumulate=4, checkpoint_every=250, precision="fp32", start_step=150, reg_end_step=90, down_factor=8,
-            apply_filter=True, seed=20000, face_crops=None, folder="", gan_weight=0.0, gan_real_folder=""):
+            apply_filter=True, seed=20000, respacing="250", clip_denoised=True, face_crops=None, folder="",
+            gan_weight=0.0, gan_real_folder=""):
         from ..pipelines.adapt.finetune import FinetuneConfig
         from ..pipelines.adapt.pseudo_targets import PseudoTargetGenerator
         from ..pipelines.adapt.run import adapt_restorer, load_face_folder
@@ -184,7 +192,8 @@ class AdaptRestorer:
                              gan_weight=float(gan_weight), d_lr=float(learning_rate))
         gan_real = load_face_folder(str(gan_real_folder).strip(), restorer.input_size) \
             if float(gan_weight) > 0 and str(gan_real_folder).strip() else None
-        gen = PseudoTargetGenerator(prior, _pseudo_config(start_step, reg_end_step, down_factor, apply_filter, seed))
+        gen = PseudoTargetGenerator(prior, _pseudo_config(start_step, reg_end_step, down_factor, apply_filter, seed,
+                                                          respacing, clip_denoised))
         lp = load_lpips(restorer.device) if cfg.lpips_weight > 0 else None
         progress = dev.Progress(faces.shape[0] * gen.num_model_calls + cfg.steps)
         result, _ = adapt_restorer(faces, restorer, gen, lp, cfg, name, out_path, work_dir,

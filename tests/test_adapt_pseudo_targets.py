@@ -123,6 +123,7 @@ def test_low_frequency_constraint_after_every_constrained_step(tiny):
 
 def test_invalid_settings_are_refused(tiny):
     _, ours = tiny
-    for bad in (dict(start_step=25), dict(start_step=0), dict(reg_end_step=0), dict(down_factor=5)):
+    for bad in (dict(start_step=25), dict(start_step=0), dict(reg_end_step=0), dict(down_factor=5),
+                dict(respacing="fast")):
         with pytest.raises(ValueError):
             PseudoTargetGenerator(ours, PseudoTargetConfig(**{**CFG.__dict__, **bad}))

@@ -59,7 +59,10 @@ class PseudoTargetGenerator:
     def __init__(self, unet: PriorUNet, config: PseudoTargetConfig = PseudoTargetConfig()):
         self.unet = unet
         self.config = config
-        self.schedule = SpacedSchedule(config.respacing)
+        try:
+            self.schedule = SpacedSchedule(config.respacing)
+        except ValueError as exc:
+            raise ValueError(f"respacing {config.respacing!r}: {exc} (expected e.g. \"250\" or \"ddim50\")") from exc
         config.validate(self.schedule.num_steps)
 
     @property
