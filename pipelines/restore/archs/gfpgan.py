@@ -11,7 +11,8 @@ This is the network of the official GFPGAN v1.2 / v1.3 / v1.4 checkpoints (Tence
   convolution with the shared weight, scale the output channels by the demodulation factor) - the same function
   without per-sample weights; the demodulation factors come from the squared weights with one small float32
   matmul. For a single face the weight itself is modulated (float32), which saves two elementwise passes.
-- In-place activations/updates on freshly computed tensors (inference module: no per-layer copies).
+- In-place activations/updates on freshly computed tensors (inference module: no per-layer copies); with autograd
+  on (fine-tuning, pipelines/adapt) the same arithmetic runs out of place.
 - Half precision: styles and demodulation factors are always float32; for fp16/bf16 activations the styles and
   weights are normalised first (the scale cancels in the demodulation) so no intermediate can overflow, and
   the RGB skip branch is accumulated in float32.
