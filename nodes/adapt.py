@@ -118,7 +118,7 @@ class PseudoTargets:
 
 
 class AdaptRestorer:
-    DESCRIPTION = ("Adapts a restorer (GFPGAN v1.3/v1.4) to your own photos: pseudo targets from the diffusion "
+    DESCRIPTION = ("Adapts a restorer (GFPGAN v1.3/v1.4, GPEN) to your own photos: pseudo targets from the diffusion "
                    "prior, then fine-tuning with L1 + LPIPS. Saves a NEW model in models/facerestore_models/ "
                    "(never overwrites); checkpoints and the pseudo targets go to output/facemend_adapt/<name>/, "
                    "and re-running with the same settings resumes there after an interruption.")
@@ -134,7 +134,7 @@ class AdaptRestorer:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "restorer": ("FACE_RESTORER", {"tooltip": "The restorer to adapt (GFPGAN v1.3/v1.4)."}),
+            "restorer": ("FACE_RESTORER", {"tooltip": "The restorer to adapt (GFPGAN v1.3/v1.4, GPEN)."}),
             "prior": ("DIFFUSION_PRIOR", {"tooltip": "From the FaceMend Diffusion Prior Loader."}),
             "name": ("STRING", {"default": "my_album", "tooltip":
                      "Name of the new model: facerestore_models/<name>.safetensors. Refused if it exists."}),

@@ -220,3 +220,31 @@ def test_gan_finetune_runs_and_resumes_exactly(setup, tmp_path):
     a = FaceRestorer.from_file(str(tmp_path / "a.safetensors")).net.state_dict()
     b = FaceRestorer.from_file(str(tmp_path / "b.safetensors")).net.state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_gpen_fine_tunes_and_reloads_and_codeformer_is_refused(setup, tmp_path):
+    from facemend.pipelines.io.errors import FaceMendError
+    from facemend.pipelines.restore.archs.gpen import GPEN, GPENConfig, official_channels
+
+    s = setup
+    arch = "GPEN"
+    torch.manual_seed(3)
+    net = GPEN(GPENConfig(size=S, channels=official_channels(S, 1, 0.125), style_dim=64, n_mlp=2))
+    first = "ecd0.0.0.weight"
+    base = tmp_path / f"{arch}.pth"
+    torch.save({"params_ema": net.state_dict()}, base)
+    restorer = FaceRestorer.from_file(str(base))
+    assert restorer.arch == arch
+    cfg = FinetuneConfig(steps=2, lr=1e-3, micro_batch=2, accumulate=1, checkpoint_every=2)
+    res = Finetuner(restorer, s["lpips"], cfg).run(s["faces"], s["targets"], "x", str(tmp_path / "x.safetensors"),
+                                                   str(tmp_path / "w"))
+    assert all(torch.isfinite(torch.tensor(res.losses)))
+    adapted = FaceRestorer.from_file(str(tmp_path / "x.safetensors"))
+    assert adapted.arch == arch
+    key = next(k for k in adapted.net.state_dict() if k == first or k.endswith(first))
+    assert not torch.equal(adapted.net.state_dict()[key], restorer.net.state_dict()[key])
+    assert adapted(s["faces"]).shape == s["faces"].shape
+    codeformer = type("R", (), {"arch": "CodeFormer", "name": "codeformer.pth",
+                                "spec": type("S", (), {"family": "CodeFormer"})()})()
+    with pytest.raises(FaceMendError, match="codeformer.pth is CodeFormer"):
+        Finetuner(codeformer, s["lpips"], cfg)

@@ -38,7 +38,9 @@ import torch.nn.functional as F
 
 from ..io.errors import FaceMendError
 
-TRAINABLE = ("GFPGANv1Clean",)   # architectures whose forward pass is differentiable end to end here
+# Architectures fine-tuned (and tested) end to end here. CodeFormer's official fine-tuning uses code-level losses
+# instead, and RestoreFormer would need a straight-through quantiser: not offered yet.
+TRAINABLE = ("GFPGANv1Clean", "GPEN")
 
 
 @dataclass(frozen=True)
