@@ -90,7 +90,30 @@ WORKFLOWS = {
             10: ("SaveImage", {"filename_prefix": "facemend_ntire"}, {"images": (9, 0)}),
         },
     },
-}
+
+    "facemend_adapt": {
+        "title": "FaceMend adapt: fine-tune GFPGAN on a folder of your aligned faces (diffusion-prior pseudo "
+                 "targets), then restore a photo with the adapted model",
+        "nodes": {
+            **_DETECT_NODES,
+            4: ("FaceMend_RestorerLoader", {"model": "GFPGANv1.4.pth", "precision": "fp32"}, {}),
+            5: ("FaceMend_DiffusionPriorLoader", {"model": "iddpm_ffhq512_ema500000.pth"}, {}),
+            6: ("FaceMend_AdaptRestorer", {"name": "my_album", "steps": 2000, "learning_rate": 2e-5,
+                                           "lpips_weight": 0.1, "micro_batch": 4, "accumulate": 4,
+                                           "checkpoint_every": 250, "precision": "fp32", "start_step": 150,
+                                           "reg_end_step": 90, "down_factor": 8, "apply_filter": True,
+                                           "seed": 20000, "respacing": "250", "clip_denoised": True,
+                                           "folder": "album_faces", "gan_weight": 0.0,
+                                           "gan_real_folder": ""},
+                {"restorer": (4, 0), "prior": (5, 0)}),
+            7: ("FaceMend_RestoreFaces", {"visibility": 1.0, "fidelity": 0.5, "batch_size": 0, "seed": 0},
+                {"face_crops": (3, 0), "restorer": (6, 2)}),
+            8: ("FaceMend_PasteBack", {"feather": 0.1, "margin": 0.04, "interpolation": "bilinear"},
+                {"image": (1, 0), "face_crops": (7, 0), "alignment": (3, 1)}),
+            9: ("SaveImage", {"filename_prefix": "facemend_adapt"}, {"images": (8, 0)}),
+            10: ("SaveImage", {"filename_prefix": "facemend_adapt_loss"}, {"images": (6, 1)}),
+        },
+    },}
 
 
 def _node_classes():
