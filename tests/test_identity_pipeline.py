@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from facemend.pipelines.errors import InvalidImage, ModelFileInvalid
+from facemend.pipelines.io.errors import InvalidImage, ModelFileInvalid
 from facemend.pipelines.identity.adaptive_scale import adaptive_id_scale
 from facemend.pipelines.identity.checkpoint import read_ip_adapter, read_restorerid
 from facemend.pipelines.identity.reference import Reference, clip_pixels, combine, reference_identity
@@ -132,7 +132,7 @@ def test_scale_zero_ignores_the_reference_in_the_attention_only(model):
 @pytest.fixture(scope="module")
 def arcface(tmp_path_factory):
     pytest.importorskip("onnxruntime", reason="onnxruntime (optional extra 'iqa') not installed")
-    from facemend.pipelines.face_id import ArcFaceONNX
+    from facemend.pipelines.quality.id_similarity import ArcFaceONNX
 
     path = tmp_path_factory.mktemp("insightface") / "w600k_r50.onnx"
     export_tiny_arcface(path)
@@ -140,7 +140,7 @@ def arcface(tmp_path_factory):
 
 
 def test_reference_from_real_photos(arcface):
-    from facemend.pipelines.detectors import load_detector
+    from facemend.pipelines.face.detectors import load_detector
 
     det = load_detector("mtcnn")
     a = load_image(need_shared("faces", "clean", "ffhq_00000000.png"))

@@ -18,8 +18,8 @@ from dataclasses import replace
 
 import torch
 
-from ..checkpoint_io import load_weights
-from ..errors import ModelFileInvalid
+from ..io.checkpoints import load_weights
+from ..io.errors import ModelFileInvalid
 from .structure_encoder import StructureEncoder, StructureEncoderConfig
 from .unet import RestorerIDUNet, UNetConfig
 

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..detection import select_faces
-from ..errors import InvalidImage
-from ..face_geometry import fit_similarity, warp_to_crops
-from ..face_id import ARCFACE_TEMPLATE_112, INPUT_SIZE
+from ..face.detection import select_faces
+from ..io.errors import InvalidImage
+from ..face.geometry import fit_similarity, warp_to_crops
+from ..quality.id_similarity import ARCFACE_TEMPLATE_112, INPUT_SIZE
 
 CLIP_SIZE = 224
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)   # OpenAI CLIP (CLIPImageProcessor defaults)

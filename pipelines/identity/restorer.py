@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import InvalidImage, ModelFileInvalid, ModelFileNotFound
+from ..io.errors import InvalidImage, ModelFileInvalid, ModelFileNotFound
 from .checkpoint import build_image_proj, build_struct, build_unet, build_vae, read_ip_adapter, read_restorerid
 from .layers import FP32GroupNorm
 from .reference import Reference
@@ -59,7 +59,7 @@ def load_image_encoder(path: str, dtype=torch.float32):
             raise ModelFileInvalid(f"Cannot load the CLIP vision model in {folder}: {str(exc).splitlines()[0]}") from exc
     if not os.path.isfile(path):
         raise ModelFileNotFound(f"CLIP vision model not found: {path}")
-    from ..checkpoint_io import load_weights
+    from ..io.checkpoints import load_weights
 
     sd = load_weights(path)
     try:

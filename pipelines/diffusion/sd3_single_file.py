@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from .errors import ModelFileInvalid, ModelFileNotFound
+from ..io.errors import ModelFileInvalid, ModelFileNotFound
 
 TRANSFORMER_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

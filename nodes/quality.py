@@ -10,7 +10,7 @@ import torch
 
 from ..host import device as dev
 from ..host.model_paths import find_file, list_files
-from ..pipelines.errors import FaceMendError, InvalidImage
+from ..pipelines.io.errors import FaceMendError, InvalidImage
 from .common import CATEGORY, bchw_to_image, image_to_bchw
 
 IQA_FOLDER = "facemend_iqa"
@@ -23,7 +23,7 @@ _cache: dict = {}
 def open_metric(name: str, weights_file: str = DEFAULT_FILE, niqe_variant: str = "pyiqa"):
     """IQAMetric `name` from models/facemend_iqa/ (the metric's official file name unless weights_file is given);
     cached per file, mtime and device. A missing file raises ModelFileNotFound naming it and where to get it."""
-    from ..pipelines import iqa_metrics as M
+    from ..pipelines.quality import metrics as M
 
     if name in M.NOT_SUPPORTED:
         raise FaceMendError(M.NOT_SUPPORTED[name])
@@ -34,7 +34,7 @@ def open_metric(name: str, weights_file: str = DEFAULT_FILE, niqe_variant: str =
     key = ("iqa", name, niqe_variant, os.path.abspath(path), os.path.getmtime(path), str(device))
     if key not in _cache:
         if name == "niqe":
-            from ..pipelines.iqa_niqe import NIQE
+            from ..pipelines.quality.niqe import NIQE
 
             _cache[key] = M.IQAMetric(M.SPECS[name], NIQE.from_file(path, device=device, variant=niqe_variant),
                                       weights=path)
@@ -44,7 +44,7 @@ def open_metric(name: str, weights_file: str = DEFAULT_FILE, niqe_variant: str =
 
 
 def open_id_model(model: str = DEFAULT_ID_MODEL):
-    from ..pipelines.face_id import ArcFaceONNX
+    from ..pipelines.quality.id_similarity import ArcFaceONNX
 
     path = find_file(ID_FOLDER, model)
     device = dev.compute_device()
@@ -70,7 +70,7 @@ def crop_landmarks(face_alignment, n: int, size: int) -> torch.Tensor | None:
     """Landmarks of each aligned face in crop pixels ([N,5,2]) from FACE_ALIGNMENT, rescaled to `size`."""
     if face_alignment is None:
         return None
-    from ..pipelines.face_geometry import apply_affine
+    from ..pipelines.face.geometry import apply_affine
 
     if len(face_alignment) != n:
         raise InvalidImage(f"the face alignment holds {len(face_alignment)} faces but the images hold {n}")
@@ -93,7 +93,7 @@ class IQAMetricLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        from ..pipelines.iqa_metrics import METRIC_NAMES
+        from ..pipelines.quality.metrics import METRIC_NAMES
 
         return {"required": {
             "metric": (list(METRIC_NAMES), {"default": "niqe", "tooltip":
@@ -192,7 +192,7 @@ class IDSimilarity:
         }}
 
     def run(self, input_faces, restored_faces, id_model, threshold=0.6, face_alignment=None):
-        from ..pipelines.ntire_score import id_gate
+        from ..pipelines.quality.ntire_score import id_gate
 
         a = image_to_bchw(input_faces, dev.compute_device(), "input faces")
         b = image_to_bchw(restored_faces, a.device, "restored faces")
@@ -238,7 +238,7 @@ class BestOf:
 
     def run(self, candidates_1, candidates_2, metric, candidates_3=None, candidates_4=None, input_faces=None,
             id_model=None, id_threshold=0.6):
-        from ..pipelines.best_of import select_best
+        from ..pipelines.quality.best_of import select_best
 
         device = metric.device
         cands = [image_to_bchw(c, device, f"candidates_{i + 1}")
@@ -290,7 +290,7 @@ class Authenticity:
         }}
 
     def run(self, face_crops, restorer, metric, id_model=None, fidelity=0.5, seed=0):
-        from ..pipelines.authenticity import authenticity
+        from ..pipelines.quality.authenticity import authenticity
 
         x = image_to_bchw(face_crops, restorer.device, "face crops")
         progress = dev.Progress(2 * x.shape[0])

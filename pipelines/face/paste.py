@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from .align import FaceAlignment
-from .errors import InvalidImage
-from .face_geometry import (affine_scale, check_interpolation, crop_leaves_image, feather_mask, invert_affine,
+from ..io.errors import InvalidImage
+from .geometry import (affine_scale, check_interpolation, crop_leaves_image, feather_mask, invert_affine,
                             sample_grid, supersample_factor)
-from .image_io import check_images
+from ..io.images import check_images
 
 # Elements (faces x region pixels x samples) per grid_sample call; bounds the memory of one call.
 _CHUNK_ELEMENTS = 1 << 25

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import FaceMendError, ModelFileInvalid
-from .face_geometry import face_template, fit_similarity, warp_to_crops
+from ..io.errors import FaceMendError, ModelFileInvalid
+from ..face.geometry import face_template, fit_similarity, warp_to_crops
 
 # insightface's arcface_dst (utils/face_align.py): eyes, nose, mouth corners in a 112x112 crop.
 ARCFACE_TEMPLATE_112 = ((38.2946, 51.6963), (73.5318, 51.5014), (56.0252, 71.7366),

@@ -21,14 +21,14 @@ def load_detector(name: str, path: str | None = None, device="cpu", dtype=torch.
     if name in (EMBEDDED_MTCNN, "mtcnn"):
         key = ("mtcnn", str(device), dtype)
         if key not in _cache:
-            from .detect_mtcnn import MTCNNDetector
+            from .mtcnn import MTCNNDetector
             _cache[key] = MTCNNDetector.load(device=device, dtype=dtype)
         return _cache[key]
     if path is None:
         raise ValueError(f"detector {name!r} needs a file path")
     key = (os.path.abspath(path), os.path.getmtime(path), str(device), dtype, anchors)
     if key not in _cache:
-        from .detect_retinaface import RetinaFaceDetector
+        from .retinaface import RetinaFaceDetector
         _cache[key] = RetinaFaceDetector.from_file(path, device=device, dtype=dtype, anchors=anchors)
     return _cache[key]
 

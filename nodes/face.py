@@ -5,11 +5,11 @@ import torch
 
 from ..host import device as dev
 from ..host.model_paths import find_file, list_files
-from ..pipelines.align import GEOMETRIES, FaceAlignment, detect_and_align
-from ..pipelines.detection import SELECTION_MODES
-from ..pipelines.detectors import ANCHOR_CHOICES, EMBEDDED_MTCNN, load_detector
-from ..pipelines.face_geometry import BORDER_MODES, INTERPOLATIONS
-from ..pipelines.paste import paste_faces
+from ..pipelines.face.align import GEOMETRIES, FaceAlignment, detect_and_align
+from ..pipelines.face.detection import SELECTION_MODES
+from ..pipelines.face.detectors import ANCHOR_CHOICES, EMBEDDED_MTCNN, load_detector
+from ..pipelines.face.geometry import BORDER_MODES, INTERPOLATIONS
+from ..pipelines.face.paste import paste_faces
 from .common import CATEGORY, bchw_to_image, image_to_bchw, mask_in, mask_out
 
 

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from . import archs
-from .checkpoint_io import check_keys, load_weights, unwrap_state_dict
-from .errors import InvalidImage, ModelFileInvalid
+from ..io.checkpoints import check_keys, load_weights, unwrap_state_dict
+from ..io.errors import InvalidImage, ModelFileInvalid
 
 RESIZE_IN = "bilinear"
 RESIZE_OUT = "bicubic"

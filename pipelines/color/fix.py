@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .errors import InvalidImage
+from ..io.errors import InvalidImage
 
 METHODS = ("wavelet", "adain", "none")
 _CPU_CHUNK_ELEMENTS = 1 << 20  # elements of one image per CPU chunk (a 512 face: 786k)

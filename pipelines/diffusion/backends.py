@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint_io import load_weights
-from .errors import ModelFileInvalid, ModelFileNotFound
+from ..io.checkpoints import load_weights
+from ..io.errors import ModelFileInvalid, ModelFileNotFound
 from .lora import lora_pairs, lora_rank, merge_lora
-from .onestep import OneStepSR, TileSettings
+from .refiner import OneStepSR, TileSettings
 
 BACKENDS = ("tsdsr", "osediff")
 

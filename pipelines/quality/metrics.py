@@ -6,7 +6,7 @@
   ``as_loss(images) -> [N]`` differentiable badness, lower is better, scaled by the metric's range to about
   0..1 (higher-better metrics: (hi - s) / (hi - lo), e.g. 1 - CLIP-IQA; lower-better: (s - lo) / (hi - lo)).
 
-NIQE is ours (pipelines/iqa_niqe.py, needs only the 12 KB pristine parameters). CLIP-IQA, MANIQA and MUSIQ are
+NIQE is ours (pipelines/quality/niqe.py, needs only the 12 KB pristine parameters). CLIP-IQA, MANIQA and MUSIQ are
 pyiqa's architectures (optional extra ``iqa``: pyiqa's code is PolyForm Noncommercial, its weights CC BY-NC-SA),
 built with ``pretrained=False`` and filled from the user's local weight file: nothing is ever downloaded.
 """
@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .checkpoint_io import load_weights, unwrap_state_dict
-from .errors import FaceMendError, ModelFileInvalid
-from .iqa_niqe import NIQE, PARAMS_FILE
+from ..io.checkpoints import load_weights, unwrap_state_dict
+from ..io.errors import FaceMendError, ModelFileInvalid
+from .niqe import NIQE, PARAMS_FILE
 
 HF_WEIGHTS = "https://huggingface.co/chaofengc/IQA-PyTorch-Weights/resolve/main/"
 

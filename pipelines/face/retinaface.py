@@ -29,9 +29,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint_io import check_keys, load_weights, unwrap_state_dict
+from ..io.checkpoints import check_keys, load_weights, unwrap_state_dict
 from .detection import nms, rescale_detections, resize_for_detection
-from .errors import InvalidImage, ModelFileInvalid, ModelFileNotFound
+from ..io.errors import InvalidImage, ModelFileInvalid, ModelFileNotFound
 
 log = logging.getLogger("facemend")
 
@@ -300,7 +300,7 @@ def decode(loc: torch.Tensor, ldm: torch.Tensor, priors: torch.Tensor, variance=
 # --------------------------------------------------------------------------------------------------------
 
 class RetinaFaceDetector:
-    """Batched RetinaFace detector implementing the FaceDetector contract of pipelines/detection.py."""
+    """Batched RetinaFace detector implementing the FaceDetector contract of pipelines/face/detection.py."""
 
     def __init__(self, net: RetinaFaceNet, anchors: str = "facexlib", name: str | None = None,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):

@@ -17,7 +17,7 @@ CHECKPOINTS = "checkpoints"  # ComfyUI's own folder of single-file checkpoints (
 
 
 def _is_file_name(name: str) -> bool:
-    from ..pipelines.onestep_backends import SINGLE_FILE_EXTENSIONS
+    from ..pipelines.diffusion.backends import SINGLE_FILE_EXTENSIONS
 
     return name.lower().endswith(SINGLE_FILE_EXTENSIONS)
 
@@ -47,7 +47,7 @@ def _lora_path(backend: str, name: str) -> str:
 
 def load_onestep(backend: str, base_model: str = "", lora: str = "", precision: str = "auto", prompt: str = ""):
     """Resolve the folders/files and load the backend (cached: one one-step model resident at a time)."""
-    from ..pipelines.onestep_backends import BACKENDS, OSEDIFF_DEFAULT_PROMPT, load_osediff, load_tsdsr
+    from ..pipelines.diffusion.backends import BACKENDS, OSEDIFF_DEFAULT_PROMPT, load_osediff, load_tsdsr
 
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

@@ -14,8 +14,8 @@ import os
 import numpy as np
 import torch
 
-from .checkpoint_io import load_weights, unwrap_state_dict
-from .errors import FaceMendError, ModelFileInvalid
+from ..io.checkpoints import load_weights, unwrap_state_dict
+from ..io.errors import FaceMendError, ModelFileInvalid
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 FEATURE_DIM = 2048

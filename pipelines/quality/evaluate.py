@@ -17,8 +17,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .errors import FaceMendError
-from .image_io import IMAGE_EXTENSIONS, read_image
+from ..io.errors import FaceMendError
+from ..io.images import IMAGE_EXTENSIONS, read_image
 from .ntire_score import ID_THRESHOLDS, id_gate, score_terms, weighted_mean
 
 

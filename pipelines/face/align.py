@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .detection import resize_for_detection, rescale_detections, select_faces
-from .face_geometry import (BORDER_GRAY_RGB, affine_scale, face_template, fit_similarity, invert_affine,
+from .geometry import (BORDER_GRAY_RGB, affine_scale, face_template, fit_similarity, invert_affine,
                             warp_to_crops)
-from .image_io import check_images
+from ..io.images import check_images
 
 
 @dataclass

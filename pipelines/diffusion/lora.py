@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import ModelFileInvalid
+from ..io.errors import ModelFileInvalid
 
 
 def lora_pairs(state_dict: dict, path: str, strip_prefixes=(), adapter_names=None) -> dict:

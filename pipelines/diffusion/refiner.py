@@ -5,7 +5,7 @@
 
 The backend supplies the denoiser call and the closed-form update (TSD-SR: flow matching at t=1000, z0 = z - v;
 OSEDiff: DDPM epsilon at t=999, z0 = (z - sqrt(1-a) eps) / sqrt(a)). Neither applies the VAE's shift_factor,
-and neither does this module. Everything runs in overlapping tiles (pipelines/tiling.py) so any image size fits:
+and neither does this module. Everything runs in overlapping tiles (pipelines/diffusion/tiling.py) so any image size fits:
 the encoder in pixel tiles, the denoiser in latent tiles (only when the latent is larger than one tile, the
 official rule: h*w > tile^2), the decoder in latent tiles. The posterior noise is drawn once for the whole
 latent from the seed, so tiling does not change it. The image is padded (replicate) to the model's size
@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .errors import FaceMendError, InvalidImage
+from ..io.errors import FaceMendError, InvalidImage
 from .tiling import BLENDS, tile_count, tiled_apply
 
 

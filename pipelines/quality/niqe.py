@@ -15,7 +15,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .errors import InvalidImage, ModelFileInvalid
+from ..io.errors import InvalidImage, ModelFileInvalid
 
 PARAMS_FILE = "niqe_pris_params.npz"
 BLOCK = 96
