@@ -125,18 +125,10 @@ class AdaptiveIDScale:
         return (adaptive_id_scale(float(musiq), alpha, beta, min_scale or None, max_scale or None),)
 
 
-def _id_similarity(id_model, faces: torch.Tensor, ref_embed: torch.Tensor) -> list:
-    """ArcFace cosine of each aligned FFHQ crop to the reference embedding."""
-    from ..pipelines.face.geometry import face_template, fit_similarity, warp_to_crops
-    from ..pipelines.quality.id_similarity import ARCFACE_TEMPLATE_112, INPUT_SIZE
+def _id_similarity(id_model, faces: torch.Tensor, ref) -> list:
+    from ..pipelines.identity.stage import similarity_to_reference
 
-    n, _, s, _ = faces.shape
-    affine = fit_similarity(face_template(s).expand(n, 5, 2), torch.tensor(ARCFACE_TEMPLATE_112)).to(faces.device)
-    crops = warp_to_crops(faces.float(), torch.arange(n, device=faces.device), affine, INPUT_SIZE,
-                          border="constant", border_value=(0.0, 0.0, 0.0), antialias=False)
-    emb = id_model.embed(crops)
-    ref = torch.nn.functional.normalize(ref_embed.to(emb.device).float(), dim=1)
-    return [round(float(v), 5) for v in (emb @ ref.T)[:, 0]]
+    return [round(float(v), 5) for v in similarity_to_reference(id_model, faces, ref)]
 
 
 class RestorerIDRestore:
@@ -205,7 +197,7 @@ class RestorerIDRestore:
         else:
             scales = torch.full((n,), float(id_scale))
         report["id_scale"] = [round(float(v), 5) for v in scales]
-        report["id_similarity_before"] = _id_similarity(id_model, faces, ref.id_embed)
+        report["id_similarity_before"] = _id_similarity(id_model, faces, ref)
         bs = int(batch_size) or (8 if device.type == "cuda" else 1)
         progress = dev.Progress(int(steps) * ((n + bs - 1) // bs))
         hook = dev.step_hook(progress)
@@ -226,7 +218,7 @@ class RestorerIDRestore:
                 restorer_id.to(dev.offload_device())
                 dev.soft_empty_cache()
         out = torch.cat(outs)
-        report["id_similarity_after"] = _id_similarity(id_model, out, ref.id_embed)
+        report["id_similarity_after"] = _id_similarity(id_model, out, ref)
         report["seconds"] = round(time.perf_counter() - t0, 3)
         return (bchw_to_image(out), json.dumps(report))
 
