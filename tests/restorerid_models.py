@@ -31,7 +31,7 @@ def randomise(module: torch.nn.Module, seed: int, norm_jitter: float = 0.1, scal
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
-            if p.ndim == 1 and ("norm" in name or name.split(".")[-2].isdigit() is False and "ln" in name):
+            if p.ndim == 1 and "norm" in name:
                 p.add_(torch.randn(p.shape, generator=g) * norm_jitter)
             elif p.ndim >= 2:
                 fan_in = p[0].numel()

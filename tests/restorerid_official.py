@@ -74,3 +74,19 @@ def omegaconf_stub():
         yield
     finally:
         del sys.modules["omegaconf"], sys.modules["omegaconf.listconfig"]
+
+
+def official_definitions(tmp_root: str, relpath: str, names, namespace: dict) -> dict:
+    """Execute only the named top-level definitions of an official file whose imports pull packages this
+    environment lacks (encoders/modules.py imports clip, kornia, open_clip; model.py basicsr)."""
+    import ast
+
+    root = _ldm_root(tmp_root)
+    source = open(os.path.join(root, relpath)).read()
+    tree = ast.parse(source)
+    keep = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name in names]
+    missing = set(names) - {n.name for n in keep}
+    assert not missing, f"{relpath} lacks {missing}"
+    ns = dict(namespace)
+    exec(compile(ast.Module(body=keep, type_ignores=[]), relpath, "exec"), ns)
+    return ns

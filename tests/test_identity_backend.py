@@ -201,3 +201,60 @@ def test_cross_attention_is_affine_in_the_scale():
         slope = f1 - f0
         assert slope.abs().max() > 1e-3
         assert (f3 - (f0 + 3 * slope)).abs().max() < 1e-5 * max(1.0, float(f3.abs().max()))
+
+
+def test_faceid_plus_projection_equals_official(tmp_path_factory):
+    """diffusers' IPAdapterFaceIDPlusImageProjection, filled by our key conversion, computes the official
+    ProjPlusModel (shortcut=False, FaceID-Plus v1) exactly; run at the real 768/512 widths with a 64-wide CLIP."""
+    import torch.nn as nn
+
+    from facemend.pipelines.identity.checkpoint import build_image_proj
+
+    ns = ro.official_definitions(str(tmp_path_factory.mktemp("rid")), "ldm/modules/encoders/modules.py",
+                                 ["reshape_tensor", "PerceiverAttention", "FeedForward", "FacePerceiverResampler",
+                                  "ProjPlusModel"], {"torch": torch, "nn": nn, "math": math})
+    torch.manual_seed(0)
+    official = ns["ProjPlusModel"](cross_attention_dim=768, id_embeddings_dim=512, clip_embeddings_dim=64).eval()
+    randomise(official, seed=2)
+    ours = build_image_proj(official.state_dict(), "ip-adapter-faceid-plus_sd15.bin")
+    g = torch.Generator().manual_seed(3)
+    emb, clip = torch.randn(2, 512, generator=g), torch.randn(2, 257, 64, generator=g)
+    with torch.no_grad():
+        ref = official(emb, clip, shortcut=False)
+        ours.clip_embeds = clip[:, None]
+        got = ours(emb)
+    assert got.shape == ref.shape == (2, 4, 768)
+    assert (got - ref).abs().max() < 1e-4 * max(1.0, float(ref.abs().max()))
+
+
+def test_vae_conversion_equals_official_ldm_autoencoder(tmp_path_factory):
+    """first_stage_model.* read into diffusers' AutoencoderKL gives the official LDM Encoder/Decoder's posterior
+    mean/std and decoding."""
+    import torch.nn as nn
+    import numpy as np_
+
+    from facemend.pipelines.identity.checkpoint import build_vae
+    from restorerid_models import _random, ldm_vae_shapes
+
+    ns = ro.official_definitions(str(tmp_path_factory.mktemp("rid")), "ldm/modules/diffusionmodules/model.py",
+                                 ["Normalize", "nonlinearity", "Upsample", "Downsample", "ResnetBlock", "AttnBlock",
+                                  "make_attn", "Encoder", "Decoder"],
+                                 {"torch": torch, "nn": nn, "np": np_, "math": math, "XFORMERS_IS_AVAILBLE": False})
+    dd = dict(ch=32, out_ch=3, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=[], in_channels=3,
+              resolution=32, z_channels=4, double_z=True)
+    enc, dec = ns["Encoder"](**dd).eval(), ns["Decoder"](**dd).eval()
+    sd = _random(ldm_vae_shapes(32, (1, 2), 1, 4), torch.Generator().manual_seed(4))
+    enc.load_state_dict({k[8:]: v for k, v in sd.items() if k.startswith("encoder.")}, strict=True)
+    dec.load_state_dict({k[8:]: v for k, v in sd.items() if k.startswith("decoder.")}, strict=True)
+    vae = build_vae(sd, "RestorerIDFull.ckpt")
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        moments = nn.functional.conv2d(enc(x), sd["quant_conv.weight"], sd["quant_conv.bias"])
+        mean, logvar = moments.chunk(2, dim=1)
+        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+        dist = vae.encode(x).latent_dist
+        ref_dec = dec(nn.functional.conv2d(z, sd["post_quant_conv.weight"], sd["post_quant_conv.bias"]))
+        got_dec = vae.decode(z).sample
+    assert (dist.mean - mean).abs().max() < 1e-4 and (dist.std - std).abs().max() < 1e-4
+    assert ref_dec.abs().max() > 1e-2 and (got_dec - ref_dec).abs().max() < 1e-4

@@ -164,3 +164,44 @@ def test_clip_input_reproduces_the_bgr_quirk():
     mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
     std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
     assert torch.allclose(px, (crop[:, [2, 1, 0]] - mean) / std)
+
+
+def test_clip_vision_single_file_equals_the_folder(tmp_path, files):
+    """ComfyUI keeps CLIP vision models as single files (models/clip_vision/*.safetensors, transformers' names)."""
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from facemend.pipelines.identity.restorer import load_image_encoder
+
+    cfg = CLIPVisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                           patch_size=32, image_size=224, projection_dim=16, hidden_act="gelu")
+    torch.manual_seed(0)
+    ref = CLIPVisionModelWithProjection(cfg).eval()
+    ref.save_pretrained(tmp_path / "folder")
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, tmp_path / "clip.safetensors")
+    a = load_image_encoder(str(tmp_path / "folder"))
+    b = load_image_encoder(str(tmp_path / "clip.safetensors"))
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        ha = a(x, output_hidden_states=True).hidden_states[-2]
+        hb = b(x, output_hidden_states=True).hidden_states[-2]
+    assert torch.equal(ha, hb)
+    save_file({"encoder.conv_in.weight": torch.zeros(1)}, tmp_path / "vae.safetensors")
+    with pytest.raises(ModelFileInvalid, match="CLIP vision"):
+        load_image_encoder(str(tmp_path / "vae.safetensors"))
+
+
+# Measured (tiny model, 2 steps, [0,1] output): fp16 max 1.3e-3 / mean 2.3e-4; bf16 max 1.0e-2 / mean 1.7e-3.
+HALF_TOL = {torch.float16: (1e-2, 2e-3), torch.bfloat16: (5e-2, 1e-2)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_stays_close(files, dtype):
+    """Half-precision weights with GroupNorm in fp32 against fp32 on the same tiny model and noise (2 steps)."""
+    half = RestorerID.load(**files, dtype=dtype)
+    full = RestorerID.load(**files)
+    faces = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    a = full.restore(faces, _ref(), ip_scale=0.5, steps=2, seed=0)
+    b = half.restore(faces, _ref(), ip_scale=0.5, steps=2, seed=0)
+    assert b.dtype == torch.float32
+    assert (a - b).abs().max() < HALF_TOL[dtype][0] and (a - b).abs().mean() < HALF_TOL[dtype][1]

@@ -70,7 +70,9 @@ def load_image_encoder(path: str, dtype=torch.float32):
         cfg = CLIPVisionConfig(hidden_size=hidden, intermediate_size=sd["vision_model.encoder.layers.0.mlp.fc1.weight"]
                                .shape[0], num_hidden_layers=layers, patch_size=patch,
                                image_size=patch * round((n_pos - 1) ** 0.5),
-                               projection_dim=sd["visual_projection.weight"].shape[0], **_VISION_TOWERS[hidden])
+                               projection_dim=sd["visual_projection.weight"].shape[0],
+                               **_VISION_TOWERS.get(hidden, dict(num_attention_heads=max(1, hidden // 64),
+                                                                 hidden_act="gelu")))
     except KeyError as exc:
         raise ModelFileInvalid(f"{os.path.basename(path)} is not a CLIP vision model with transformers' key names "
                                f"(no {exc}); RestorerID needs CLIP-ViT-H-14 (laion2B).") from exc
