@@ -33,11 +33,14 @@ def load_restorer_id(checkpoint=DEFAULT_CKPT, ip_adapter=DEFAULT_IP_ADAPTER, cli
     """Resolve the four sources in the models folders and load RestorerID (cached; one resident at a time)."""
     from ..pipelines.identity.restorer import RestorerID
 
+    if os.path.splitext(text_encoder)[1].lower() in (".safetensors", ".ckpt", ".pt", ".pth"):
+        text_path = find_file("checkpoints", text_encoder)  # an SD-1.x single file in ComfyUI's checkpoints/
+    else:
+        text_path = find_dir("diffusers", text_encoder)
+        if text_path is None:
+            raise ModelFileNotFound(missing_file_message("diffusers", text_encoder))
     paths = dict(checkpoint=find_file("restorer_id", checkpoint), ip_adapter=find_file("ipadapter", ip_adapter),
-                 image_encoder=_file_or_dir("clip_vision", clip_vision),
-                 text_encoder=find_dir("diffusers", text_encoder))
-    if paths["text_encoder"] is None:
-        raise ModelFileNotFound(missing_file_message("diffusers", text_encoder))
+                 image_encoder=_file_or_dir("clip_vision", clip_vision), text_encoder=text_path)
     device = dev.compute_device()
     dtype = dev.resolve_dtype(precision, device)
     key = tuple((p, os.path.getmtime(p)) for p in paths.values()) + (str(device), dtype)
@@ -76,9 +79,11 @@ class RestorerIDLoader:
                             {"default": DEFAULT_CLIP_VISION, "tooltip":
                              "CLIP-ViT-H-14 (laion2B) in models/clip_vision/: the transformers folder or the single "
                              "safetensors file."}),
-            "text_encoder": (choices(list_dirs("diffusers"), DEFAULT_TEXT_ENCODER), {"default": DEFAULT_TEXT_ENCODER,
-                             "tooltip": "A Stable Diffusion 1.5 diffusers folder in models/diffusers/; only "
-                                        "text_encoder/ and tokenizer/ are read."}),
+            "text_encoder": (choices(list_dirs("diffusers") + list_files("checkpoints"), DEFAULT_TEXT_ENCODER),
+                             {"default": DEFAULT_TEXT_ENCODER, "tooltip":
+                              "A Stable Diffusion 1.5 diffusers folder in models/diffusers/ (only text_encoder/ and "
+                              "tokenizer/ are read), or an SD-1.5 single-file checkpoint in models/checkpoints/ "
+                              "(its text encoder, with ComfyUI's own SD-1 tokenizer)."}),
             "precision": (["auto", "fp32", "fp16", "bf16"], {"default": "auto", "tooltip":
                           "auto: fp16 on GPUs (the official autocast setting), fp32 on CPU. GroupNorm runs in "
                           "fp32 either way."}),

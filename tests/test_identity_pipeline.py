@@ -205,3 +205,28 @@ def test_half_precision_stays_close(files, dtype):
     b = half.restore(faces, _ref(), ip_scale=0.5, steps=2, seed=0)
     assert b.dtype == torch.float32
     assert (a - b).abs().max() < HALF_TOL[dtype][0] and (a - b).abs().mean() < HALF_TOL[dtype][1]
+
+
+def test_text_encoder_from_an_sd15_single_file_equals_the_folder(tmp_path, files):
+    """SD-1.x single files keep CLIP-L under cond_stage_model.transformer.*; the tokenizer comes separately
+    (ComfyUI's sd1_tokenizer when hosted; here the tiny one)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from facemend.pipelines.identity.restorer import load_text_encoder
+
+    tok_dir = os.path.join(files["text_encoder"], "tokenizer")
+    cfg = CLIPTextConfig(vocab_size=56, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=1, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1)
+    torch.manual_seed(0)
+    ref = CLIPTextModel(cfg).eval()
+    sd = {f"cond_stage_model.transformer.text_model.{k.replace('text_model.', '', 1)}": v
+          for k, v in ref.state_dict().items()}  # the names LDM saved (transformers 4)
+    sd["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(1)  # the rest of an SD file, ignored
+    torch.save({"state_dict": sd}, tmp_path / "v1-5-pruned-emaonly.ckpt")
+    te, tok = load_text_encoder(str(tmp_path / "v1-5-pruned-emaonly.ckpt"), tokenizer_dir=tok_dir)
+    ids = tok(["best quality, high quality"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(te(input_ids=ids).last_hidden_state, ref(input_ids=ids).last_hidden_state)
+    with pytest.raises(ModelFileInvalid, match="no SD-1.x text encoder"):
+        load_text_encoder(files["checkpoint"], tokenizer_dir=tok_dir)

@@ -92,15 +92,72 @@ def load_image_encoder(path: str, dtype=torch.float32):
     return model.to(dtype).eval()
 
 
-def load_text_encoder(path: str, dtype=torch.float32):
-    """SD-1.5's CLIP-L text encoder and tokenizer from a diffusers model folder (text_encoder/, tokenizer/)."""
+TEXT_PREFIX = "cond_stage_model.transformer."
+
+
+def comfy_sd1_tokenizer() -> Optional[str]:
+    """ComfyUI's own copy of the SD-1.x CLIP tokenizer files (comfy/sd1_tokenizer/), when running inside it."""
+    import sys
+
+    comfy = sys.modules.get("comfy")
+    folder = os.path.join(os.path.dirname(comfy.__file__), "sd1_tokenizer") if comfy is not None and getattr(
+        comfy, "__file__", None) else None
+    return folder if folder and os.path.isfile(os.path.join(folder, "vocab.json")) else None
+
+
+def _text_encoder_from_file(path: str, tokenizer_dir: Optional[str], dtype):
+    """CLIP-L from an SD-1.x single-file checkpoint (cond_stage_model.transformer.text_model.*, transformers' names
+    as LDM saved them); the tokenizer from `tokenizer_dir` (ComfyUI's sd1_tokenizer when hosted)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from ..io.checkpoints import load_weights, unwrap_state_dict
+
+    sd = unwrap_state_dict(load_weights(path), preferred_keys=("state_dict",))
+    # LDM saved transformers-4 names (text_model.*); normalised here, matched to the installed version below.
+    sd = {k[len(TEXT_PREFIX):]: v for k, v in sd.items() if k.startswith(TEXT_PREFIX)}
+    sd = {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in sd.items()}
+    if "text_model.embeddings.token_embedding.weight" not in sd:
+        raise ModelFileInvalid(f"{os.path.basename(path)} has no SD-1.x text encoder ({TEXT_PREFIX}text_model.*): use "
+                               "a Stable Diffusion 1.5 checkpoint or diffusers folder.")
+    tokenizer_dir = tokenizer_dir or comfy_sd1_tokenizer()
+    if tokenizer_dir is None:
+        raise ModelFileNotFound(f"{os.path.basename(path)} holds the text encoder but no tokenizer: outside ComfyUI "
+                                "use the stable-diffusion-v1-5 diffusers folder (text_encoder/ + tokenizer/) instead.")
+    vocab, hidden = sd["text_model.embeddings.token_embedding.weight"].shape
+    sd.pop("text_model.embeddings.position_ids", None)
+    cfg = CLIPTextConfig(vocab_size=vocab, hidden_size=hidden, num_attention_heads=max(1, hidden // 64),
+                         intermediate_size=sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+                         num_hidden_layers=len({k.split(".")[3] for k in sd if k.startswith("text_model.encoder.layers.")}),
+                         max_position_embeddings=sd["text_model.embeddings.position_embedding.weight"].shape[0],
+                         hidden_act="quick_gelu", bos_token_id=vocab - 2, eos_token_id=vocab - 1)
+    with torch.device("meta"):
+        model = CLIPTextModel(cfg)
+    model = model.to_empty(device="cpu")
+    own = {k for k in model.state_dict() if not k.endswith("position_ids")}
+    if not any(k.startswith("text_model.") for k in own):  # transformers 5 drops the prefix
+        sd = {k[len("text_model."):]: v for k, v in sd.items()}
+    if own != set(sd):
+        raise ModelFileInvalid(f"{os.path.basename(path)}: the text encoder does not match CLIP-L: missing "
+                               f"{sorted(own - set(sd))[:3]}, unexpected {sorted(set(sd) - own)[:3]}.")
+    model.load_state_dict(sd, strict=False)
+    emb = getattr(model, "text_model", model).embeddings
+    if hasattr(emb, "position_ids"):
+        emb.position_ids.copy_(torch.arange(emb.position_ids.shape[-1])[None])
+    return model.to(dtype).eval(), CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+
+
+def load_text_encoder(path: str, dtype=torch.float32, tokenizer_dir: Optional[str] = None):
+    """SD-1.5's CLIP-L text encoder and tokenizer from a diffusers model folder (text_encoder/, tokenizer/), or
+    from an SD-1.x single-file checkpoint (then the tokenizer from `tokenizer_dir` / ComfyUI's sd1_tokenizer)."""
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    if os.path.isfile(path):
+        return _text_encoder_from_file(path, tokenizer_dir, dtype)
     te, tok = os.path.join(path, "text_encoder"), os.path.join(path, "tokenizer")
     if not (os.path.isdir(te) and os.path.isdir(tok)):
         raise ModelFileNotFound(f"{path} is not a Stable Diffusion 1.5 diffusers folder: it needs text_encoder/ and "
                                 "tokenizer/ (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5 in models/diffusers/; "
-                                "only those two sub-folders are read).")
+                                "only those two sub-folders are read), or give an SD-1.5 single-file checkpoint.")
     try:
         return (CLIPTextModel.from_pretrained(te, torch_dtype=dtype, local_files_only=True).eval(),
                 CLIPTokenizer.from_pretrained(tok, local_files_only=True))
@@ -120,7 +177,7 @@ class RestorerID:
 
     @classmethod
     def load(cls, checkpoint: str, ip_adapter: str, image_encoder: str, text_encoder: str,
-             device="cpu", dtype=torch.float32) -> "RestorerID":
+             device="cpu", dtype=torch.float32, tokenizer: Optional[str] = None) -> "RestorerID":
         for p in (checkpoint, ip_adapter):
             if not os.path.isfile(p):
                 raise ModelFileNotFound(f"Model file not found: {p}")
@@ -131,7 +188,7 @@ class RestorerID:
         del parts
         proj = build_image_proj(read_ip_adapter(ip_adapter), ip_adapter, dtype)
         enc = load_image_encoder(image_encoder, dtype)
-        te, tok = load_text_encoder(text_encoder, dtype)
+        te, tok = load_text_encoder(text_encoder, dtype, tokenizer)
         if proj.proj_in.in_features != enc.config.hidden_size:
             raise ModelFileInvalid(f"the CLIP vision model {image_encoder} is {enc.config.hidden_size} wide but the "
                                    f"FaceID-Plus projection expects {proj.proj_in.in_features}: use CLIP-ViT-H-14.")
