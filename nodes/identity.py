@@ -33,14 +33,14 @@ def load_restorer_id(checkpoint=DEFAULT_CKPT, ip_adapter=DEFAULT_IP_ADAPTER, cli
     """Resolve the four sources in the models folders and load RestorerID (cached; one resident at a time)."""
     from ..pipelines.identity.restorer import RestorerID
 
-    if os.path.splitext(text_encoder)[1].lower() in (".safetensors", ".ckpt", ".pt", ".pth"):
-        text_path = find_file("checkpoints", text_encoder)  # an SD-1.x single file in ComfyUI's checkpoints/
-    else:
-        text_path = find_dir("diffusers", text_encoder)
-        if text_path is None:
-            raise ModelFileNotFound(missing_file_message("diffusers", text_encoder))
     paths = dict(checkpoint=find_file("restorer_id", checkpoint), ip_adapter=find_file("ipadapter", ip_adapter),
-                 image_encoder=_file_or_dir("clip_vision", clip_vision), text_encoder=text_path)
+                 image_encoder=_file_or_dir("clip_vision", clip_vision))
+    if os.path.splitext(text_encoder)[1].lower() in (".safetensors", ".ckpt", ".pt", ".pth"):
+        paths["text_encoder"] = find_file("checkpoints", text_encoder)  # an SD-1.x single file
+    else:
+        paths["text_encoder"] = find_dir("diffusers", text_encoder)
+        if paths["text_encoder"] is None:
+            raise ModelFileNotFound(missing_file_message("diffusers", text_encoder))
     device = dev.compute_device()
     dtype = dev.resolve_dtype(precision, device)
     key = tuple((p, os.path.getmtime(p)) for p in paths.values()) + (str(device), dtype)

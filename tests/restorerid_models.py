@@ -139,7 +139,7 @@ def image_proj_shapes(id_dim=512, embed=64, clip=32, depth=1, tokens=4) -> dict:
     return s
 
 
-def make_restorerid_files(root, seed=0, optional_prefixes=True, fmt="ckpt") -> dict:
+def make_restorerid_files(root, seed=0, optional_prefixes=True, fmt="ckpt", checkpoint_only=False) -> dict:
     """models/restorer_id/RestorerIDFull.ckpt + models/ipadapter/ip-adapter-faceid-plus_sd15.bin +
     models/clip_vision/CLIP-ViT-H-14-laion2B-s32B-b79K/ + models/diffusers/stable-diffusion-v1-5/{text_encoder,
     tokenizer}: tiny, random, in the official layouts. Returns the paths."""
@@ -170,6 +170,8 @@ def make_restorerid_files(root, seed=0, optional_prefixes=True, fmt="ckpt") -> d
     else:
         paths["checkpoint"] = os.path.join(folder, "RestorerIDFull.ckpt")
         torch.save({"state_dict": sd, "global_step": 1, "epoch": 0}, paths["checkpoint"])
+    if checkpoint_only:
+        return paths
     os.makedirs(os.path.join(root, "ipadapter"), exist_ok=True)
     paths["ip_adapter"] = os.path.join(root, "ipadapter", "ip-adapter-faceid-plus_sd15.bin")
     torch.save({"image_proj": _random(image_proj_shapes(), g), "ip_adapter": {}}, paths["ip_adapter"])

@@ -59,9 +59,9 @@ def test_layout_generators_equal_the_official_dumps():
 
 def test_checkpoint_loads_with_and_without_optional_parts(tmp_path, files):
     full = read_restorerid(files["checkpoint"])
-    plain = make_restorerid_files(str(tmp_path / "a"), optional_prefixes=False)
+    plain = make_restorerid_files(str(tmp_path / "a"), optional_prefixes=False, checkpoint_only=True)
     assert read_restorerid(plain["checkpoint"]).keys() == full.keys()
-    st = make_restorerid_files(str(tmp_path / "b"), fmt="safetensors")
+    st = make_restorerid_files(str(tmp_path / "b"), fmt="safetensors", checkpoint_only=True)
     parts = read_restorerid(st["checkpoint"])
     assert all(torch.equal(parts["unet"][k], full["unet"][k]) for k in full["unet"])
 
