@@ -9,7 +9,6 @@ Random draws come from one CPU generator in the official order (posterior, x_T, 
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Callable, Optional
 
@@ -278,6 +277,3 @@ class RestorerID:
         if (th, tw) != (h, w):
             out = F.interpolate(out, size=(h, w), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
         return out
-
-    def describe(self) -> str:
-        return json.dumps({"files": self.files, "dtype": str(self.dtype), "unet": self.unet.cfg.__dict__})
