@@ -5,19 +5,20 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 
 import torch
 
+from .cli_files import (EXISTING_POLICIES, check_existing, check_output_dir, collect_inputs,  # noqa: F401
+                        plan_outputs, within_output_limit, write_output)
+from .cli_progress import CLIProgress, _NoProgress
 from .host import device as dev
 from .host import model_paths
 from .pipelines.face.detection import SELECTION_MODES
 from .pipelines.face.detectors import EMBEDDED_MTCNN, load_detector
 from .pipelines.io.errors import FaceMendError, Interrupted
-from .pipelines.io.images import list_images, read_image, side_by_side, write_image
-from .pipelines.presets import BYTES_PER_OUTPUT_PIXEL, MAX_OUTPUT_PIXELS, PRESETS, FaceRestorePipeline, \
-    check_output_size
+from .pipelines.io.images import read_image, side_by_side
+from .pipelines.presets import BYTES_PER_OUTPUT_PIXEL, MAX_OUTPUT_PIXELS, PRESETS, FaceRestorePipeline
 
 
 DEMO_LABELS = ("bicubic x2", "FaceMend")
@@ -142,128 +143,6 @@ def _identity_stage(detector, device, precision, reference, id_scale, steps, cfg
     model.to(device)
     return IdentityStage(model, ref, arcface, musiq=musiq, fixed_scale=id_scale, steps=steps, cfg=cfg, seed=seed,
                          hook=lambda n=1: dev.check_interrupt())
-
-
-class _NoProgress:
-    """The progress sink of build_pipeline when nobody watches: only checks for interruption."""
-
-    def stage(self, name: str, total: int) -> None:
-        pass
-
-    def __call__(self, n: int = 1) -> None:
-        dev.check_interrupt()
-
-
-class CLIProgress(_NoProgress):
-    """tqdm bars on stderr: one over the images, one over the current image's face work (faces restored,
-    tuning steps), so a long run always shows where it is."""
-
-    def __init__(self, total_images: int, enabled: bool = True, file=None):
-        from tqdm import tqdm
-
-        self._tqdm = tqdm
-        self.enabled = enabled
-        self.file = file if file is not None else sys.stderr
-        self.images = tqdm(total=total_images, desc="images", unit="img", disable=not enabled, file=self.file,
-                           dynamic_ncols=True)
-        self.inner = None
-
-    def stage(self, name: str, total: int) -> None:
-        self._close_inner()
-        self.inner = self._tqdm(total=int(total), desc=f"  {name}", leave=False, disable=not self.enabled,
-                                file=self.file, dynamic_ncols=True)
-
-    def __call__(self, n: int = 1) -> None:
-        super().__call__(n)
-        if self.inner is not None:
-            self.inner.update(n)
-
-    def image_done(self) -> None:
-        self._close_inner()
-        self.images.update(1)
-
-    def write(self, line: str, err: bool = False) -> None:
-        """A log line (stdout; stderr for failures) that does not break the bars."""
-        out = sys.stderr if err else sys.stdout
-        self._tqdm.write(line, file=out) if self.enabled else print(line, file=out)
-
-    def _close_inner(self) -> None:
-        if self.inner is not None:
-            self.inner.close()
-            self.inner = None
-
-    def close(self) -> None:
-        self._close_inner()
-        self.images.close()
-
-
-EXISTING_POLICIES = ("error", "overwrite", "skip")
-
-
-def plan_outputs(inputs: list[str], out_dir: str, suffix: str = "") -> list[tuple[str, str]]:
-    """(input, output path) pairs: <stem><suffix>.png in out_dir. Inputs sharing a stem (x.jpg and x.png, or two
-    folders' x.png) keep their extension in the name (x_jpg.png, x_png.png), then a counter, so no result
-    replaces another. An output that would be one of the inputs is refused."""
-    stems = [os.path.splitext(os.path.basename(p))[0] + suffix for p in inputs]
-    names = []
-    used: set = set()
-    for path, stem in zip(inputs, stems):
-        name = stem
-        if stems.count(stem) > 1:
-            name = f"{stem}_{os.path.splitext(path)[1].lstrip('.').lower() or 'noext'}"
-        candidate, k = name, 2
-        while candidate.lower() in used:
-            candidate, k = f"{name}_{k}", k + 1
-        used.add(candidate.lower())
-        names.append(os.path.join(out_dir, candidate + ".png"))
-    own = {os.path.realpath(p) for p in inputs}
-    clash = [t for t in names if os.path.realpath(t) in own]
-    if clash:
-        raise FaceMendError(f"the output {clash[0]} would replace an input image; choose another output folder (-o)")
-    return list(zip(inputs, names))
-
-
-def check_output_dir(out_dir: str, inputs_dirs=()) -> None:
-    """Refuse, before any model is loaded, an output folder that cannot take the results: a file, a path
-    that cannot be created, a folder we may not write to, or an input folder (results would mix with inputs)."""
-    real = os.path.realpath(out_dir)
-    for d in inputs_dirs:
-        if os.path.realpath(d) == real:
-            raise FaceMendError(f"the output folder {out_dir} is the input folder {d}: results would replace or "
-                                "mix with the inputs; choose another output folder (-o)")
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise FaceMendError(f"the output folder {out_dir} is a file; give -o a folder")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".facemend-write-test-", dir=out_dir)
-        os.close(fd)
-        os.remove(probe)
-    except OSError as exc:
-        raise FaceMendError(f"cannot write to the output folder {out_dir}: {exc.strerror or exc}; "
-                            "choose a writable folder with -o") from exc
-
-
-def check_existing(pairs: list[tuple[str, str]], existing: str) -> None:
-    """existing='error': refuse when any output exists already, naming them and the two ways on."""
-    present = [t for _, t in pairs if os.path.exists(t)]
-    if present and existing == "error":
-        more = f" and {len(present) - 3} more" if len(present) > 3 else ""
-        raise FaceMendError(f"{len(present)} output(s) exist already ({', '.join(present[:3])}{more}); "
-                            "pass --overwrite to replace them or --skip-existing to keep them")
-
-
-def write_output(target: str, image: torch.Tensor, alpha: torch.Tensor | None) -> None:
-    """Write a PNG under a hidden temporary name without an image extension, then rename: an interrupted
-    write leaves no file a later run would take for a result or an input."""
-    tmp = os.path.join(os.path.dirname(target) or ".", f".{os.path.basename(target)}.{os.getpid()}.part")
-    try:
-        with open(tmp, "wb") as f:
-            write_image(f, image, alpha, format="PNG")
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def restore_files(inputs: list[str], out_dir: str, pipeline: FaceRestorePipeline, device=None,
@@ -467,7 +346,7 @@ def _global_options(parser: argparse.ArgumentParser, sub: bool) -> None:
                         default=argparse.SUPPRESS if sub else [], metavar="DIR",
                         help="a ComfyUI-style models folder holding facedetection/, facerestore_models/, ... "
                              "(repeatable, earlier wins); also $FACEMEND_MODELS_DIR")
-    parser.add_argument("--device", dest="sub_device" if sub else "device",
+    parser.add_argument("--device", dest="sub_device" if sub else "device", metavar="DEVICE",
                         default=argparse.SUPPRESS if sub else None,
                         help="cpu, cuda, cuda:1, mps (default: the best available)")
 
@@ -591,47 +470,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _collect_inputs(items: list[str]) -> tuple[list[str], list[dict]]:
-    """Image files named or found in folders, and a failure entry for each argument that is neither."""
-    files, failed = [], []
-    for item in items:
-        if os.path.isdir(item):
-            files += list_images(item)
-        elif os.path.isfile(item):
-            files.append(item)
-        else:
-            failed.append({"input": item, "error": f"no such file or folder: {item}"})
-    return files, failed
-
-
-def _within_output_limit(files: list[str], upscale: int, limit: int) -> tuple[list[str], list[dict]]:
-    """Split off, from the image headers alone (no decoding), the inputs whose output would exceed `limit`."""
-    from PIL import Image
-
-    ok, refused = [], []
-    for path in files:
-        try:
-            with Image.open(path) as im:
-                w, h = im.size
-            check_output_size(h, w, upscale, limit, what=path)
-        except FaceMendError as exc:
-            refused.append({"input": path, "error": str(exc)})
-            continue
-        except Exception:  # unreadable: reported when its turn comes
-            pass
-        ok.append(path)
-    return ok, refused
-
-
 def _restore_command(args) -> int:
-    files, failed = _collect_inputs(args.inputs)
+    files, failed = collect_inputs(args.inputs)
     for f in failed:
         print(f"{f['input']}: FAILED, {f['error']}", file=sys.stderr)
     if not files:
         raise FaceMendError(f"no images found in {', '.join(args.inputs)}")
     check_output_dir(args.out, [d for d in args.inputs if os.path.isdir(d)])
     limit = int(args.max_output_megapixels * 1024 ** 2)
-    files, too_big = _within_output_limit(files, PRESETS[args.preset].upscale, limit)
+    files, too_big = within_output_limit(files, PRESETS[args.preset].upscale, limit)
     for f in too_big:
         print(f"{f['input']}: REFUSED, {f['error']}", file=sys.stderr)
     failed += too_big
