@@ -123,3 +123,21 @@ def restorer_reorder_tol(restorer, x, **call_kw) -> float:
         return r(x.to(dtype), **call_kw)
 
     return reorder_tol(run) if restorer.dtype == torch.float32 else float("nan")
+
+
+def modules_reorder_tol(fn, *args, margin: float = 4.0) -> float:
+    """reorder_tol for fn(*args), where args are float32 modules, tensors or anything else: the float64 reference
+    runs fn on float64 copies of the modules and floating tensors (other args pass as they are). For small
+    networks and reference comparisons: the official code's float32 error is of the same kind as ours."""
+    import copy
+
+    import torch
+
+    def cast(a, dtype):
+        if isinstance(a, torch.nn.Module):
+            return a if dtype == torch.float32 else copy.deepcopy(a).to(dtype=dtype)
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            return a.to(dtype)
+        return a
+
+    return reorder_tol(lambda dtype: fn(*(cast(a, dtype) for a in args)), margin)
