@@ -5,6 +5,7 @@ folder ComfyUI loads from custom_nodes/), whatever else is installed.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
@@ -141,3 +142,25 @@ def modules_reorder_tol(fn, *args, margin: float = 4.0) -> float:
         return a
 
     return reorder_tol(lambda dtype: fn(*(cast(a, dtype) for a in args)), margin)
+
+
+@contextlib.contextmanager
+def float_casts_follow(dtype, *modules):
+    """For the float64 reference run of official code that casts to float32 in places (`.float()`,
+    `x.type(self.dtype)` with a module attribute dtype = float32): those casts go to float64 while this is
+    active (dtype float32: nothing changes). Modules' float32 `dtype` attributes are set for good."""
+    import torch
+
+    if dtype != torch.float64:
+        yield
+        return
+    for net in modules:
+        for m in net.modules():
+            if getattr(m, "dtype", None) == torch.float32:
+                m.dtype = torch.float64
+    orig = torch.Tensor.float
+    torch.Tensor.float = lambda self, *a, **k: self.double()
+    try:
+        yield
+    finally:
+        torch.Tensor.float = orig

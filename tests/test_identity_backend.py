@@ -16,7 +16,6 @@ is a rounding of the same size.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import numpy as np
@@ -28,36 +27,17 @@ from facemend.pipelines.identity.structure_encoder import StructureEncoder
 from facemend.pipelines.identity.unet import IDBalance, LoRAAttention, RestorerIDUNet
 
 import restorerid_official as ro
-from conftest import modules_reorder_tol, rounding_bound
+from conftest import float_casts_follow, modules_reorder_tol, rounding_bound
 from restorerid_models import OFFICIAL_STRUCT_ARGS, OFFICIAL_UNET_ARGS, randomise, tiny_structure_encoder, tiny_unet
 
 LAYOUTS = "keys_restorerid_unet.txt", "keys_restorerid_structcond.txt"
-
-
-@contextlib.contextmanager
-def _official_in(dtype, *modules):
-    """The official code casts to float32 in places (`.float()`, `x.type(self.dtype)` with dtype float32), so for
-    its float64 reference run those casts go to float64 (float32 run: nothing changes)."""
-    if dtype != torch.float64:
-        yield
-        return
-    for net in modules:
-        for m in net.modules():
-            if getattr(m, "dtype", None) == torch.float32:
-                m.dtype = torch.float64
-    orig = torch.Tensor.float
-    torch.Tensor.float = lambda self, *a, **k: self.double()
-    try:
-        yield
-    finally:
-        torch.Tensor.float = orig
 
 
 def _official_tol(fn, *args):
     """modules_reorder_tol (margin 2) of an official call fn(*args)."""
     def run(*a):
         dtype = next(x.dtype for x in a if isinstance(x, torch.Tensor) and x.is_floating_point())
-        with _official_in(dtype, *(x for x in a if isinstance(x, torch.nn.Module))):
+        with float_casts_follow(dtype, *(x for x in a if isinstance(x, torch.nn.Module))):
             return fn(*a)
 
     return modules_reorder_tol(run, *args, margin=2.0)
