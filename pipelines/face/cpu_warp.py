@@ -123,16 +123,47 @@ def warp_planes(src: torch.Tensor, dst_to_src: np.ndarray, out_w: int, out_h: in
     return out
 
 
+_ONES: list = [torch.ones((1, 1, 1))]
+_ONES_CACHE_MAX = 1 << 22  # pixels: a 16 MiB plane at most is kept between calls
+
+
+def _ones(h: int, w: int) -> torch.Tensor:
+    """[1,h,w] of ones, a view of a cached plane (rows contiguous), so a warp of ones allocates nothing."""
+    cached = _ONES[0]
+    if cached.shape[1] < h or cached.shape[2] < w:
+        cached = torch.ones((1, max(h, cached.shape[1]), max(w, cached.shape[2])))
+        if cached[0].numel() > _ONES_CACHE_MAX:
+            return torch.ones((1, h, w))
+        _ONES[0] = cached
+    return cached[:, :h, :w]
+
+
+def area_pool(src: torch.Tensor, factor: int) -> torch.Tensor:
+    """F.avg_pool2d(src[None], factor)[0] for [C,h,w] (exact box means; a remainder row/column is dropped), with
+    OpenCV's single pass where the size divides (no OpenMP region: no stall when other processes hold the cores)."""
+    c, h, w = src.shape
+    if factor == 1:
+        return src
+    if h % factor or w % factor or not (interleaved(src) or src.stride(-1) == 1):
+        return torch.nn.functional.avg_pool2d(src[None], factor)[0]
+    size = (w // factor, h // factor)
+    if interleaved(src):
+        return torch.from_numpy(cv2.resize(src.permute(1, 2, 0).numpy(), size, interpolation=cv2.INTER_AREA)
+                                .reshape(size[1], size[0], c)).permute(2, 0, 1)
+    planes = src.numpy()
+    return torch.from_numpy(np.stack([cv2.resize(planes[k], size, interpolation=cv2.INTER_AREA) for k in range(c)]))
+
+
 def coverage(dst_to_src: np.ndarray, out_w: int, out_h: int, src_w: int, src_h: int, *, ss: int = 1,
-             interpolation: str = "bilinear") -> torch.Tensor:
+             interpolation: str = "bilinear", out: torch.Tensor | None = None) -> torch.Tensor:
     """[1,out_h,out_w]: the interpolation weight that falls inside the source (a warp of a plane of ones with a
     zero border), for renormalising colours warped with a zero border."""
     m = supersampled(np.asarray(dst_to_src, dtype=np.float64), ss)
     x0, y0, x1, y1 = source_region(m, out_w * ss, out_h * ss, src_w, src_h)
     if x1 <= x0 or y1 <= y0:
-        return torch.zeros((1, out_h, out_w))
-    ones = torch.ones((1, y1 - y0, x1 - x0))
+        return torch.zeros((1, out_h, out_w)) if out is None else out.zero_()
+    ones = _ones(y1 - y0, x1 - x0)
     shift = np.asarray(dst_to_src, dtype=np.float64).copy()
     shift[0, 2] -= x0
     shift[1, 2] -= y0
-    return warp_planes(ones, shift, out_w, out_h, ss=ss, interpolation=interpolation, whole_source=True)
+    return warp_planes(ones, shift, out_w, out_h, ss=ss, interpolation=interpolation, whole_source=True, out=out)

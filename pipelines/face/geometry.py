@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -201,11 +202,14 @@ def _warp_to_crops_cpu(images, image_index, inv, scales, outside, crop_size, bor
             cpu_warp.warp_planes(images[b], inv64[i], crop_size, crop_size, ss=ss, interpolation=mode,
                                  border=border, out=crop, whole_source=border == "reflect" and leaves)
             if mode == "bicubic":
-                crop.clamp_(0, 1)  # bicubic overshoots at edges
+                np.clip(crop.numpy(), 0, 1, out=crop.numpy())  # bicubic overshoots at edges
             if border == "constant" and leaves:
-                # As in the grid_sample path: colours renormalised by the weight that fell inside the image.
-                inside = cpu_warp.coverage(inv64[i], crop_size, crop_size, w, h, ss=ss, interpolation=mode)
-                crop.copy_(torch.where(inside > 1e-3, crop / inside.clamp(min=1e-3), fill))
+                # As in the grid_sample path: colours renormalised by the weight that fell inside the image
+                # (NumPy: single-threaded, see paste._composite_numpy).
+                inside = cpu_warp.coverage(inv64[i], crop_size, crop_size, w, h, ss=ss, interpolation=mode).numpy()
+                c = crop.numpy()
+                np.divide(c, np.maximum(inside, np.float32(1e-3)), out=c)
+                np.copyto(c, fill.numpy(), where=inside <= 1e-3)
     return out
 
 

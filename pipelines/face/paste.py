@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -203,7 +204,7 @@ def _paste_cpu(out, total, crops, alignment, o2c, regions, level, ss, leaves, fe
         if rw <= 0 or rh <= 0:
             continue
         lv, sf = level[i], ss[i]
-        pool = (lambda x: F.avg_pool2d(x[None], 2 ** lv)[0]) if lv else (lambda x: x)
+        pool = (lambda x: cpu_warp.area_pool(x, 2 ** lv)) if lv else (lambda x: x)
         if fm is not None:
             mask = feather_m[0] * fm[i]
         else:
@@ -235,6 +236,30 @@ def _paste_cpu(out, total, crops, alignment, o2c, regions, level, ss, leaves, fe
             cpu_warp.warp_planes(src, m, rw, rh, ss=sf, interpolation=mode, out=piece)
         else:
             cpu_warp.warp_planes(colour, m, rw, rh, ss=sf, interpolation=mode, out=piece[:3])
-            piece[3:4] = cpu_warp.coverage(m, rw, rh, side, side, ss=sf, interpolation=mode)
+            cpu_warp.coverage(m, rw, rh, side, side, ss=sf, interpolation=mode, out=piece[3:4])
             cpu_warp.warp_planes(mask, m, rw, rh, ss=sf, interpolation=mode, out=piece[4:5])
-        _composite(out, total, int(alignment.image_index[i]), regions[i], piece, image_mask)
+        _composite_numpy(out, total, int(alignment.image_index[i]), regions[i], piece, image_mask)
+
+
+def _composite_numpy(out, total, b, region_box, piece, image_mask) -> None:
+    """_composite's arithmetic, operation for operation (the same float32 roundings), in NumPy on views of the CPU
+    tensors: single-threaded per face, so a busy machine does not stall it in OpenMP barriers (measured 10x on a
+    2-core machine under load)."""
+    x0, y0, x1, y1 = (int(v) for v in region_box)
+    p = piece[:, : y1 - y0, : x1 - x0].numpy()
+    den, a, colour = p[3:4], p[4:5], p[:3]
+    inside = den > 1e-3
+    np.clip(a, 0, 1, out=a)
+    a *= inside
+    colour /= np.maximum(den, np.float32(1e-3))
+    np.clip(colour, 0, 1, out=colour)
+    if image_mask is not None:
+        a *= image_mask[b if image_mask.shape[0] > 1 else 0, y0:y1, x0:x1].to(torch.float32).numpy()[None]
+    region = out[b, :, y0:y1, x0:x1].numpy()
+    colour -= region
+    colour *= a
+    region += colour
+    t = total[b, :, y0:y1, x0:x1].numpy()
+    rest = np.float32(1) - t
+    rest *= a
+    t += rest
