@@ -79,6 +79,12 @@ class StagePeak:
             self.used = self.rss.used
 
 
+def throughput(restorer, args) -> None:
+    """The GPU throughput switches of FaceRestorer as asked on the command line (channels-last by default on CUDA)."""
+    channels_last = args.channels_last if args.channels_last is not None else torch.device(args.device).type == "cuda"
+    restorer.set_throughput(channels_last=channels_last, compile=args.compile or None)
+
+
 def need(*paths):
     missing = [str(p) for p in paths if not Path(p).exists()]
     if missing:
@@ -117,6 +123,7 @@ def stage_restore(args, device, dtype):
     import bench_restore as B
 
     official, ours = B.build_pair(device, dtype)
+    throughput(ours, args)
     rows = []
     for batch in ([1] if device.type == "cpu" else [8]) if args.quick else ([1, 4] if device.type == "cpu" else [1, 8, 32]):
         with StagePeak(device) as peak:
@@ -132,6 +139,7 @@ def stage_fast_preset(args, device, dtype):
 
     need(B.DETECTOR)
     reference, ours, detector = B.load_pair(device, dtype)
+    throughput(ours, args)
     photos = B.PHOTOS[:1] if args.quick else B.PHOTOS
     max_faces = (1 if device.type == "cpu" else 0) if args.quick else 0
     rows, warm = [], True
@@ -328,6 +336,9 @@ def main(argv=None):
     ap.add_argument("--stages", default="", help=f"comma-separated subset of {','.join(STAGES)}")
     ap.add_argument("--repeats", type=int, default=3, help="runs per case (the fastest or the median is kept)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--channels-last", dest="channels_last", action=argparse.BooleanOptionalAction, default=None,
+                    help="restorers in channels-last memory (default: on CUDA only)")
+    ap.add_argument("--compile", default="", help="torch.compile the restorers with this backend (e.g. inductor)")
     ap.add_argument("--out", default=str(HERE / "results"), help="folder for suite-<device>-<dtype>.json/.md")
     ap.add_argument("--readme", metavar="JSON", help="only rewrite the README's performance section from JSON")
     args = ap.parse_args(argv)

@@ -53,6 +53,26 @@ class FaceRestorer:
         self.requested_dtype = dtype
         self.dtype = self._usable_dtype(dtype)
         self.net.to(device=self.device, dtype=self.dtype)
+        self.channels_last = False
+        self._compiled = None  # torch.compile'd network (set_compile), else the network itself is called
+
+    def set_throughput(self, channels_last: bool | None = None, compile: bool | str | None = None) -> "FaceRestorer":
+        """GPU throughput switches (same results up to float rounding; tests/test_throughput.py).
+
+        channels_last: weights and faces in NHWC memory (tensor cores' native layout for fp16/bf16 convolutions).
+        compile: torch.compile the network (True: the default inductor backend; a string: that backend; False:
+            off). Compilation happens on the first call and again for each new batch shape; kept off by default
+            because it pays only on long GPU runs."""
+        if channels_last is not None:
+            self.channels_last = bool(channels_last)
+            self._apply_layout()
+        if compile is not None:
+            if compile is False:
+                self._compiled = None
+            else:
+                backend = "inductor" if compile is True else str(compile)
+                self._compiled = torch.compile(self.net, backend=backend, dynamic=False)
+        return self
 
     def _usable_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """float16 for an architecture that is not fp16-safe becomes bfloat16 (GPU with bf16) or float32."""
@@ -125,7 +145,16 @@ class FaceRestorer:
             self.requested_dtype = dtype
         self.dtype = self._usable_dtype(self.requested_dtype)
         self.net.to(device=self.device, dtype=self.dtype)
+        self._apply_layout()
         return self
+
+    def _apply_layout(self) -> None:
+        """4-D weights in the chosen memory format (Module.to(memory_format=) refuses the 5-D modulated-conv
+        weights of the StyleGAN decoders)."""
+        fmt = torch.channels_last if getattr(self, "channels_last", False) else torch.contiguous_format
+        for t in list(self.net.parameters()) + list(self.net.buffers()):
+            if t.ndim == 4:
+                t.data = t.data.contiguous(memory_format=fmt)
 
     def __repr__(self) -> str:
         return f"FaceRestorer({self.name}: {self.arch}, {self.input_size}px, {self.device}, {self.dtype})"
@@ -136,8 +165,10 @@ class FaceRestorer:
                            seed: int = 0) -> torch.Tensor:
         """The bare network on x in [-1,1] at input_size (any batch); float32 output, not clamped."""
         gen = torch.Generator().manual_seed(int(seed)) if noise == "random" else None
-        out = self.net(x.to(device=self.device, dtype=self.dtype), noise=noise, generator=gen,
-                       fidelity=float(fidelity))
+        x = x.to(device=self.device, dtype=self.dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out = (self._compiled or self.net)(x, noise=noise, generator=gen, fidelity=float(fidelity))
         return out.float()
 
     @staticmethod
