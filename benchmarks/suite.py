@@ -273,12 +273,13 @@ def markdown(result: dict) -> str:
              f"{result['date']}). Ratio = reference seconds / ours (above 1: FaceMend is faster).", "",
              "| stage | case | ours s | reference s | ratio | faces/s | peak MiB | reference | note |",
              "|---|---|---:|---:|---:|---:|---:|---|---|"]
+    cell = lambda text: str(text).replace("|", "\\|")  # noqa: E731  (a "|" in a note would split the row)
     for r in result["rows"]:
-        lines.append(f"| {r['stage']} | {r['case']} | {fmt(r['ours_s'], '.3f')} | {fmt(r['reference_s'], '.3f')} | "
-                     f"{fmt(r['ratio'], '.2f')} | {fmt(r['faces_per_s'], '.2f')} | {fmt(r['peak_mib'], '.0f')} | "
-                     f"{r['reference']} | {r['note']} |")
+        lines.append(f"| {r['stage']} | {cell(r['case'])} | {fmt(r['ours_s'], '.3f')} | "
+                     f"{fmt(r['reference_s'], '.3f')} | {fmt(r['ratio'], '.2f')} | {fmt(r['faces_per_s'], '.2f')} | "
+                     f"{fmt(r['peak_mib'], '.0f')} | {cell(r['reference'])} | {cell(r['note'])} |")
     for s in result["skipped"]:
-        lines.append(f"| {s['stage']} | skipped | | | | | | | {s['why']} |")
+        lines.append(f"| {s['stage']} | skipped | | | | | | | {cell(s['why'])} |")
     return "\n".join(lines) + "\n"
 
 

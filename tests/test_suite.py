@@ -25,12 +25,12 @@ RESULT = {
 def test_rows_table_and_readme_section(tmp_path, monkeypatch):
     suite = _suite()
     RESULT["rows"] = [suite.row("detect_align_paste", "t1 total", 0.5, 1.5, 6, 2 ** 20 * 30, "facexlib", "6/6"),
-                      suite.row("iqa", "niqe", 2.0, None, 4, None)]
+                      suite.row("iqa", "niqe", 2.0, None, 4, None, note="max |diff| 1e-7")]
     r = RESULT["rows"][0]
     assert r["ratio"] == pytest.approx(3.0) and r["faces_per_s"] == pytest.approx(12.0) and r["peak_mib"] == 30
     table = suite.markdown(RESULT)
     assert "| detect_align_paste | t1 total | 0.500 | 1.500 | 3.00 | 12.00 | 30 | facexlib | 6/6 |" in table
-    assert "| iqa | niqe | 2.000 | - | - | 2.00 | - |" in table
+    assert "| iqa | niqe | 2.000 | - | - | 2.00 | - |  | max \\|diff\\| 1e-7 |" in table
     assert "| onestep | skipped |" in table and "Some CPU, 2 torch threads" in table
 
     js = tmp_path / "r.json"
