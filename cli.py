@@ -1,4 +1,4 @@
-"""Command line and Python API without ComfyUI: `python -m facemend restore|demo|evaluate ...`."""
+"""Command line and Python API without ComfyUI: `python -m facemend restore|demo|evaluate|adapt ...`."""
 from __future__ import annotations
 
 import argparse
@@ -23,11 +23,13 @@ DEMO_TUNE_STEPS = 200  # ZSSR steps of the demo preset: about 15 s per batch of 
 def build_pipeline(preset: str = "demo", detector: str = EMBEDDED_MTCNN, device=None, restorer: str | None = None,
                    precision: str = "auto", tune_steps: int = DEMO_TUNE_STEPS, seed: int = 0,
                    onestep_base: str | None = None, onestep_lora: str | None = None,
-                   **options) -> FaceRestorePipeline:
+                   reference: list | None = None, id_scale: float | None = None, steps: int = 50,
+                   cfg: float = 4.0, **options) -> FaceRestorePipeline:
     """The Python API: a ready pipeline for `preset`, models resolved through the model search path.
     `restorer` overrides the preset's restorer file (a name in facerestore_models/ or a path); `tune_steps`
     is the demo preset's ZSSR step count; `onestep_base` / `onestep_lora` the ntire preset's SD3 folder (in
-    diffusers/) and TSD-SR folder (in onestep_sr/)."""
+    diffusers/) and TSD-SR folder (in onestep_sr/). id_preserve: `reference` photo paths of the person, `id_scale`
+    a fixed ID scale instead of the adaptive one (which needs MUSIQ's weights), `steps` / `cfg` of the sampler."""
     if preset not in PRESETS:
         raise FaceMendError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     device = torch.device(device) if device else dev.compute_device()
@@ -55,6 +57,9 @@ def build_pipeline(preset: str = "demo", detector: str = EMBEDDED_MTCNN, device=
     if preset == "ntire":
         stages.append(("onestep_sr", _onestep_stage(device, precision, onestep_base, onestep_lora)))
         options.setdefault("color_reference", "restore")  # AIIA: wavelet fix against the GFPGAN output
+    if preset == "id_preserve":
+        stages.append(("restorer_id", _identity_stage(det, device, precision, reference, id_scale, steps, cfg,
+                                                      seed or 42)))
     return FaceRestorePipeline(detector=det, face_stages=stages, **options)
 
 
@@ -75,6 +80,33 @@ def _onestep_stage(device, precision, base=None, lora=None, seed=0):
         return model(faces, scale=1, seed=seed, is_oom=dev.is_oom)
 
     return stage
+
+
+def _identity_stage(detector, device, precision, reference, id_scale, steps, cfg, seed):
+    """RestorerID with the reference photos' identity; per-face MUSIQ scale unless id_scale is given."""
+    from .nodes.identity import load_restorer_id
+    from .nodes.quality import open_id_model, open_metric
+    from .pipelines.identity.reference import combine, reference_identity
+    from .pipelines.identity.stage import IdentityStage
+
+    if not reference:
+        raise FaceMendError("preset id_preserve needs --reference photo.jpg [...]: one or more photos of the person")
+    arcface = open_id_model()
+    refs = []
+    for path in reference:
+        image, _ = read_image(path)
+        try:
+            refs.append(reference_identity(image.to(device), detector, arcface))
+        except FaceMendError as exc:
+            raise FaceMendError(f"{path}: {exc}") from exc
+    ref = combine(refs)
+    for entry, path in zip(ref.report, reference):
+        entry["reference"] = path
+    musiq = None if id_scale is not None else open_metric("musiq")
+    model = load_restorer_id(precision=precision)
+    model.to(device)
+    return IdentityStage(model, ref, arcface, musiq=musiq, fixed_scale=id_scale, steps=steps, cfg=cfg, seed=seed,
+                         hook=lambda n=1: dev.check_interrupt())
 
 
 def restore_files(inputs: list[str], out_dir: str, pipeline: FaceRestorePipeline, device=None,
@@ -189,6 +221,50 @@ def evaluate_folder(outputs: str, out_dir: str = "report", inputs: str | None = 
     return report
 
 
+def adapt_folder(folder: str, restorer: str, name: str, prior: str = "iddpm_ffhq512_ema500000.pth",
+                 work_dir: str | None = None, steps: int = 2000, lr: float = 2e-5, lpips_weight: float = 0.1,
+                 micro_batch: int = 4, accumulate: int = 4, checkpoint_every: int = 250, precision: str = "fp32",
+                 start_step: int = 150, reg_end_step: int = 90, down_factor: int = 8, seed: int = 20000,
+                 batch_size: int = 1, gan_weight: float = 0.0, gan_real: str | None = None, respacing: str = "250",
+                 log=print) -> dict:
+    """Adapt a restorer to a folder of aligned face crops (pseudo targets from the diffusion prior, then
+    fine-tuning); saves models/facerestore_models/<name>.safetensors. Re-running resumes in work_dir."""
+    from .nodes.adapt import load_lpips
+    from .pipelines.adapt.finetune import FinetuneConfig
+    from .pipelines.adapt.prior import load_prior_unet
+    from .pipelines.adapt.pseudo_targets import PseudoTargetConfig, PseudoTargetGenerator
+    from .pipelines.adapt.run import adapt_restorer, load_face_folder
+    from .pipelines.restore.restorer import FaceRestorer
+
+    device = dev.compute_device()
+    out_path = model_paths.expected_path("facerestore_models", f"{name}.safetensors")
+    if os.path.exists(out_path):
+        raise FaceMendError(f"{out_path} exists; FaceMend never overwrites a model file. Choose another --name.")
+    net = FaceRestorer.from_file(model_paths.find_file("facerestore_models", restorer), device=device)
+    cfg = FinetuneConfig(steps=steps, lr=lr, lr_min=min(5e-6, lr), lpips_weight=lpips_weight,
+                         micro_batch=micro_batch, accumulate=accumulate, checkpoint_every=checkpoint_every,
+                         precision=precision, gan_weight=gan_weight, d_lr=lr)
+    lp = load_lpips(device) if lpips_weight > 0 else None
+    faces = load_face_folder(folder, net.input_size)
+    reals = load_face_folder(gan_real, net.input_size) if gan_weight > 0 and gan_real else None
+    gen = PseudoTargetGenerator(load_prior_unet(model_paths.find_file("facemend_priors", prior), device=device),
+                                PseudoTargetConfig(start_step=start_step, reg_end_step=reg_end_step,
+                                                   down_factor=down_factor, seed=seed, respacing=respacing))
+    work_dir = work_dir or os.path.join("adapt_runs", name)
+    total = faces.shape[0] * gen.num_model_calls + cfg.steps
+    progress = dev.Progress(total, callback=lambda done, tot: sys.stderr.write(f"\radapt: {done}/{tot} steps")
+                            if log is print else None)
+    t0 = time.perf_counter()
+    result, _ = adapt_restorer(faces, net, gen, lp, cfg, name, out_path, work_dir, batch_size=batch_size,
+                               hook=dev.step_hook(progress), log=log, gan_real=reals)
+    if log is print:
+        sys.stderr.write("\n")
+    log(f"saved {result.output_path} ({faces.shape[0]} faces, {cfg.steps} steps, {time.perf_counter() - t0:.0f} s); "
+        f"loss curve {result.plot_path}, log {result.log_path}")
+    return {"output": result.output_path, "plot": result.plot_path, "log": result.log_path,
+            "resumed_from": result.resumed_from}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m facemend", description=__doc__)
     parser.add_argument("--models-dir", action="append", default=[],
@@ -210,6 +286,12 @@ def main(argv=None) -> int:
                            "models/checkpoints/ (sd3_medium.safetensors)")
     p_restore.add_argument("--onestep-lora", default=None, help="preset ntire: TSD-SR folder in models/onestep_sr/ "
                            "(default tsdsr)")
+    p_restore.add_argument("--reference", nargs="+", default=None, metavar="PHOTO",
+                           help="preset id_preserve: one or more photos of the person (largest face of each)")
+    p_restore.add_argument("--id-scale", type=float, default=None, help="preset id_preserve: a fixed ID scale "
+                           "instead of the adaptive exp((9.5 - MUSIQ)/10) per face")
+    p_restore.add_argument("--steps", type=int, default=50, help="preset id_preserve: DDIM steps (default 50)")
+    p_restore.add_argument("--cfg", type=float, default=4.0, help="preset id_preserve: guidance (default 4)")
     p_restore.add_argument("--report", default=None, help="write a JSON report here")
     p_restore.add_argument("--tune-steps", type=int, default=DEMO_TUNE_STEPS,
                            help=f"ZSSR steps of the demo preset (default {DEMO_TUNE_STEPS})")
@@ -232,6 +314,32 @@ def main(argv=None) -> int:
                         "(e.g. inception_FFHQ_512.pth, or a pytorch-fid .npz)")
     p_eval.add_argument("--qalign", type=float, default=None, help="mean Q-Align score of these outputs computed "
                         "elsewhere (pyiqa's qalign needs ~15 GB of GPU memory), to complete the NTIRE score")
+    p_adapt = sub.add_parser("adapt", help="adapt a restorer to a folder of your aligned faces (diffusion-prior "
+                             "pseudo targets + fine-tuning); saves facerestore_models/<name>.safetensors")
+    p_adapt.add_argument("folder", help="folder of aligned square face crops (FFHQ template, 512x512)")
+    p_adapt.add_argument("--restorer", default="GFPGANv1.4.pth", help="restorer in models/facerestore_models/")
+    p_adapt.add_argument("--name", required=True, help="name of the new model (never overwrites)")
+    p_adapt.add_argument("--prior", default="iddpm_ffhq512_ema500000.pth", help="prior in models/facemend_priors/")
+    p_adapt.add_argument("--work-dir", default=None, help="checkpoints, pseudo targets, loss curve and log "
+                         "(default adapt_runs/<name>/; re-running resumes there)")
+    p_adapt.add_argument("--steps", type=int, default=2000, help="optimiser steps (official 20000)")
+    p_adapt.add_argument("--lr", type=float, default=2e-5)
+    p_adapt.add_argument("--lpips-weight", type=float, default=0.1, help="0: L1 only (no VGG file needed)")
+    p_adapt.add_argument("--micro-batch", type=int, default=4)
+    p_adapt.add_argument("--accumulate", type=int, default=4)
+    p_adapt.add_argument("--checkpoint-every", type=int, default=250)
+    p_adapt.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p_adapt.add_argument("--start-step", type=int, default=150)
+    p_adapt.add_argument("--reg-end-step", type=int, default=90)
+    p_adapt.add_argument("--down-factor", type=int, default=8, help="8 general (official), 16 SwinIR-like")
+    p_adapt.add_argument("--seed", type=int, default=20000)
+    p_adapt.add_argument("--batch-size", type=int, default=1, help="faces per prior call")
+    p_adapt.add_argument("--respacing", default="250", help="respaced schedule (official 250); the step options "
+                         "count in it")
+    p_adapt.add_argument("--gan-weight", type=float, default=0.0, help="adversarial loss weight (official 0.1; "
+                         "0 = off)")
+    p_adapt.add_argument("--gan-real", default=None, help="folder of clean aligned faces for the discriminator "
+                         "(default: the pseudo targets)")
     args = parser.parse_args(argv)
 
     if args.models_dir:
@@ -244,6 +352,11 @@ def main(argv=None) -> int:
                 print(f"{spec.name}: {spec.description}")
         elif args.command == "demo":
             run_demo(args.out)
+        elif args.command == "adapt":
+            adapt_folder(args.folder, args.restorer, args.name, args.prior, args.work_dir, args.steps, args.lr,
+                         args.lpips_weight, args.micro_batch, args.accumulate, args.checkpoint_every, args.precision,
+                         args.start_step, args.reg_end_step, args.down_factor, args.seed, args.batch_size,
+                         args.gan_weight, args.gan_real, args.respacing)
         elif args.command == "evaluate":
             evaluate_folder(args.outputs, args.out, args.inputs, [m for m in args.metrics.split(",") if m],
                             args.id_model, args.id_threshold, args.fid_stats, args.niqe_variant, args.qalign)
@@ -255,7 +368,9 @@ def main(argv=None) -> int:
                 raise FaceMendError(f"no images found in {', '.join(args.inputs)}")
             pipeline = build_pipeline(args.preset, args.detector, restorer=args.restorer, precision=args.precision,
                                       selection=args.selection, tune_steps=args.tune_steps,
-                                      onestep_base=args.onestep_base, onestep_lora=args.onestep_lora)
+                                      onestep_base=args.onestep_base, onestep_lora=args.onestep_lora,
+                                      reference=args.reference, id_scale=args.id_scale, steps=args.steps,
+                                      cfg=args.cfg)
             reports = restore_files(files, args.out, pipeline)
             if args.report:
                 with open(args.report, "w") as f:

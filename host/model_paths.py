@@ -33,6 +33,12 @@ FOLDERS = {
         ModelFolder("facemend_iqa", WEIGHT_EXTENSIONS + (".npz", ".mat"), "IQA metric weights and NIQE parameters"),
         ModelFolder("onestep_sr", WEIGHT_EXTENSIONS + (".pkl",), "one-step diffusion SR LoRAs and prompt embeddings "
                     "(tsdsr/ folder, osediff.pkl)"),
+        ModelFolder("facemend_priors", WEIGHT_EXTENSIONS, "diffusion priors and loss networks for adapting a "
+                    "restorer (DifFace iddpm_ffhq512, VGG-16 for LPIPS)"),
+        ModelFolder("restorer_id", WEIGHT_EXTENSIONS, "RestorerID checkpoints (RestorerIDFull.ckpt)"),
+        # Shared with ComfyUI_IPAdapter_plus (models/ipadapter/) and ComfyUI itself (models/clip_vision/).
+        ModelFolder("ipadapter", WEIGHT_EXTENSIONS, "IP-Adapter files (ip-adapter-faceid-plus_sd15.bin)"),
+        ModelFolder("clip_vision", WEIGHT_EXTENSIONS, "CLIP image encoders (CLIP-ViT-H-14, file or folder)"),
     )
 }
 
@@ -82,6 +88,14 @@ KNOWN_FILES = {
     "osediff.pkl": KnownFile(
         "onestep_sr", "https://github.com/cswry/OSEDiff (preset/models/osediff.pkl; Google Drive link in its README)",
         "Apache-2.0", "about 18 MB (4.4 M LoRA parameters in fp32, computed from the layout)"),
+    # Adaptation (pipelines/adapt): the FFHQ-512 diffusion prior and the LPIPS backbone.
+    "iddpm_ffhq512_ema500000.pth": KnownFile(
+        "facemend_priors", "https://github.com/zsyOAOA/DifFace/releases/download/V1.0/iddpm_ffhq512_ema500000.pth",
+        "NTU S-Lab License 1.0 (non-commercial; DifFace)", "about 640 MB (159.8 M parameters in fp32)"),
+    "vgg16-397923af.pth": KnownFile(
+        "facemend_priors", "https://download.pytorch.org/models/vgg16-397923af.pth (torchvision; a copy in "
+        "torchvision's cache, torch.hub.get_dir()/checkpoints/, is used too)", "BSD-3-Clause (torchvision)",
+        "528 MB"),
     # ComfyUI's own checkpoints/ folder (not registered by FaceMend; standalone: <models-dir>/checkpoints/).
     "sd3_medium.safetensors": KnownFile(
         "checkpoints", "https://huggingface.co/stabilityai/stable-diffusion-3-medium (gated; the _incl_clips "
@@ -115,6 +129,22 @@ KNOWN_FILES = {
         "insightface", "the insightface antelopev2 pack (python-package model zoo; unzip to "
         "models/insightface/models/antelopev2/)", "insightface models: non-commercial research only",
         "part of the antelopev2 pack"),
+    # RestorerID (identity preservation from a reference photo).
+    "RestorerIDFull.ckpt": KnownFile(
+        "restorer_id", "https://huggingface.co/YingJiacheng/RestorerID (ckpt/RestorerIDFull.ckpt)",
+        "not stated on the model card (code README: Apache-2.0, but derived from StableSR: S-Lab 1.0, "
+        "non-commercial)", "about 4.5 GB (1.02 B + 52 M + 84 M parameters in fp32, computed from the layout; "
+        "larger if it includes the text and image encoders)"),
+    "ip-adapter-faceid-plus_sd15.bin": KnownFile(
+        "ipadapter", "https://huggingface.co/h94/IP-Adapter-FaceID (ip-adapter-faceid-plus_sd15.bin)",
+        "research / non-commercial only (IP-Adapter-FaceID model card; depends on insightface models)",
+        "about 150 MB (image_proj 33 M + LoRA/ip 45 M parameters in fp16)"),
+    "CLIP-ViT-H-14-laion2B-s32B-b79K": KnownFile(
+        "clip_vision", "https://huggingface.co/laion/CLIP-ViT-H-14-laion2B-s32B-b79K (folder with config.json + "
+        "model.safetensors; or h94/IP-Adapter models/image_encoder/)", "MIT", "about 2.5 GB in fp32 (632 M parameters)"),
+    "stable-diffusion-v1-5": KnownFile(
+        "diffusers", "https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5 (only text_encoder/ and "
+        "tokenizer/ are read)", "CreativeML OpenRAIL-M", "about 490 MB (text_encoder in fp32)"),
 }
 
 _standalone_dirs: list[str] = []
@@ -232,3 +262,11 @@ def expected_path(folder: str, name: str) -> str:
     """Where `name` should go: in the first searched `folder` (for "missing files" messages)."""
     dirs = search_dirs(folder)
     return os.path.join(dirs[0] if dirs else os.path.join("models", folder), name)
+
+
+def output_directory() -> str:
+    """ComfyUI's output folder when hosted, else the current directory (for run folders such as adaptation's)."""
+    fp = _folder_paths()
+    if fp is not None and hasattr(fp, "get_output_directory"):
+        return fp.get_output_directory()
+    return os.path.abspath("output")

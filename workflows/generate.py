@@ -90,6 +90,57 @@ WORKFLOWS = {
             10: ("SaveImage", {"filename_prefix": "facemend_ntire"}, {"images": (9, 0)}),
         },
     },
+
+    "facemend_adapt": {
+        "title": "FaceMend adapt: fine-tune GFPGAN on a folder of your aligned faces (diffusion-prior pseudo "
+                 "targets), then restore a photo with the adapted model",
+        "nodes": {
+            **_DETECT_NODES,
+            4: ("FaceMend_RestorerLoader", {"model": "GFPGANv1.4.pth", "precision": "fp32"}, {}),
+            5: ("FaceMend_DiffusionPriorLoader", {"model": "iddpm_ffhq512_ema500000.pth"}, {}),
+            6: ("FaceMend_AdaptRestorer", {"name": "my_album", "steps": 2000, "learning_rate": 2e-5,
+                                           "lpips_weight": 0.1, "micro_batch": 4, "accumulate": 4,
+                                           "checkpoint_every": 250, "precision": "fp32", "start_step": 150,
+                                           "reg_end_step": 90, "down_factor": 8, "apply_filter": True,
+                                           "seed": 20000, "respacing": "250", "clip_denoised": True,
+                                           "folder": "album_faces", "gan_weight": 0.0,
+                                           "gan_real_folder": ""},
+                {"restorer": (4, 0), "prior": (5, 0)}),
+            7: ("FaceMend_RestoreFaces", {"visibility": 1.0, "fidelity": 0.5, "batch_size": 0, "seed": 0},
+                {"face_crops": (3, 0), "restorer": (6, 2)}),
+            8: ("FaceMend_PasteBack", {"feather": 0.1, "margin": 0.04, "interpolation": "bilinear"},
+                {"image": (1, 0), "face_crops": (7, 0), "alignment": (3, 1)}),
+            9: ("SaveImage", {"filename_prefix": "facemend_adapt"}, {"images": (8, 0)}),
+            10: ("SaveImage", {"filename_prefix": "facemend_adapt_loss"}, {"images": (6, 1)}),
+        },
+    },
+    "facemend_id_preserve": {
+        "title": "FaceMend id_preserve: detect -> align -> RestorerID with a reference photo of the person and the "
+                 "adaptive ID scale exp((9.5 - MUSIQ)/10) per face -> wavelet colour fix -> paste back",
+        "nodes": {
+            **_DETECT_NODES,
+            4: ("LoadImage", {"image": "reference.png", "upload": "image"}, {}),
+            5: ("FaceMend_IDModelLoader", {"model": "models/buffalo_l/w600k_r50.onnx"}, {}),
+            6: ("FaceMend_IQALoader", {"metric": "musiq", "weights_file": "default", "niqe_variant": "pyiqa"},
+                {}),
+            7: ("FaceMend_RestorerIDLoader", {"checkpoint": "RestorerIDFull.ckpt",
+                                              "ip_adapter": "ip-adapter-faceid-plus_sd15.bin",
+                                              "clip_vision": "CLIP-ViT-H-14-laion2B-s32B-b79K",
+                                              "text_encoder": "stable-diffusion-v1-5", "precision": "auto"}, {}),
+            8: ("FaceMend_RestorerIDRestore", {"id_scale": 0.75, "seed": 42, "steps": 50, "cfg": 4.0, "alpha": 9.5,
+                                               "beta": 10.0, "prompt": "best quality, high quality",
+                                               "negative_prompt": "cartoon, 3d, paint, monochrome, lowres, bad "
+                                                                  "anatomy, worst quality, low quality",
+                                               "batch_size": 0},
+                {"face_crops": (3, 0), "restorer_id": (7, 0), "reference": (4, 0), "detector": (2, 0),
+                 "id_model": (5, 0), "musiq_metric": (6, 0)}),
+            9: ("FaceMend_ColorFix", {"method": "wavelet", "strength": 1.0},
+                {"image": (8, 0), "reference": (3, 0)}),
+            10: ("FaceMend_PasteBack", {"feather": 0.1, "margin": 0.04, "interpolation": "bilinear"},
+                 {"image": (1, 0), "face_crops": (9, 0), "alignment": (3, 1)}),
+            11: ("SaveImage", {"filename_prefix": "facemend_id_preserve"}, {"images": (10, 0)}),
+        },
+    },
 }
 
 
