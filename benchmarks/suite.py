@@ -7,7 +7,8 @@ ratio reference/ours), and the README's performance section generated from them.
 
 Stages (each reuses its benchmarks/bench_*.py functions, so the figures equal the standalone scripts'):
   detect_align_paste  RetinaFace + align + paste vs facexlib's FaceRestoreHelper (same weights, same photos)
-  restore             GFPGAN v1.4 FaceRestorer vs the official GFPGANv1Clean (same random v1.4 weights)
+  restore             GFPGAN v1.4 vs the official GFPGANv1Clean, CodeFormer vs the official module (same random
+                      weights; --restorers picks)
   fast_preset         align -> GFPGAN -> colour fix -> paste vs GFPGANer.enhance (same detections and weights)
   color_fix           wavelet colour fix vs StableSR's formulation (tests/test_color_fix.py)
   zssr                ZSSR x2 on real faces; reference: the paper's 54 s per image per scale (published)
@@ -119,13 +120,61 @@ def stage_detect_align_paste(args, device, dtype):
     return rows
 
 
+def _codeformer_pair(device, dtype):
+    """The official CodeFormer (spandrel_extra_arches' copy of the original module) with random weights (the
+    equivalence test's initialisation) and FaceMend's FaceRestorer loaded from the same file."""
+    import importlib
+    import tempfile
+
+    from test_restore_codeformer import _randomized
+
+    from facemend.pipelines.restore.restorer import FaceRestorer
+
+    cls = importlib.import_module("spandrel_extra_arches.architectures.CodeFormer").CodeFormer
+    torch.manual_seed(0)
+    ref = _randomized(cls(), seed=1)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "codeformer.pth")
+        torch.save({"params_ema": ref.state_dict()}, path)
+        ours = FaceRestorer.from_file(path, device=device, dtype=dtype)
+    return ref.to(device=device, dtype=ours.dtype).eval(), ours
+
+
+def _restore_codeformer(args, device, dtype, batch):
+    import bench_restore as B
+
+    ref, ours = _codeformer_pair(device, dtype)
+    throughput(ours, args)
+    faces = torch.rand(batch, 3, 512, 512, generator=torch.Generator().manual_seed(batch)).to(device)
+
+    def run_ref():
+        out = ref(((faces - 0.5) / 0.5).to(ours.dtype), weight=0.5)[0]
+        return (out.float().clamp(-1, 1) + 1) / 2
+
+    run_ours = lambda: ours(faces, fidelity=0.5, batch_size=batch)  # noqa: E731
+    with StagePeak(device) as peak:
+        t_ref, _ = B._time(run_ref, device, 1 if args.quick else args.repeats)
+        t_us, _ = B._time(run_ours, device, 1 if args.quick else args.repeats)
+    diff = float((run_ours() - run_ref()).abs().max())
+    return row("restore", f"CodeFormer, batch {batch}", t_us, t_ref, batch, peak.used,
+               "official CodeFormer (spandrel_extra_arches)", f"w 0.5; max |diff| {diff:.1e}")
+
+
 def stage_restore(args, device, dtype):
     import bench_restore as B
 
+    batches = ([1] if device.type == "cpu" else [8]) if args.quick else ([1, 4] if device.type == "cpu" else [1, 8, 32])
+    rows = []
+    if "codeformer" in args.restorers:
+        try:
+            rows += [_restore_codeformer(args, device, dtype, b) for b in batches]
+        except ImportError as exc:
+            print(f"   CodeFormer skipped: {exc}")
+    if "gfpgan" not in args.restorers:
+        return rows
     official, ours = B.build_pair(device, dtype)
     throughput(ours, args)
-    rows = []
-    for batch in ([1] if device.type == "cpu" else [8]) if args.quick else ([1, 4] if device.type == "cpu" else [1, 8, 32]):
+    for batch in batches:
         with StagePeak(device) as peak:
             r = B.compare(official, ours, batch, device, dtype, 1 if args.quick else args.repeats)
         rows.append(row("restore", f"GFPGAN v1.4, batch {batch}", r["ours_s_per_face"] * batch,
@@ -339,6 +388,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--channels-last", dest="channels_last", action=argparse.BooleanOptionalAction, default=None,
                     help="restorers in channels-last memory (default: on CUDA only)")
+    ap.add_argument("--restorers", default="gfpgan,codeformer", help="restorers of the restore stage")
     ap.add_argument("--compile", default="", help="torch.compile the restorers with this backend (e.g. inductor)")
     ap.add_argument("--out", default=str(HERE / "results"), help="folder for suite-<device>-<dtype>.json/.md")
     ap.add_argument("--readme", metavar="JSON", help="only rewrite the README's performance section from JSON")
