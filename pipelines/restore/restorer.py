@@ -37,6 +37,10 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
+# Batches of faces up to this size move to the restorer's device in one transfer (512 crops: ~680 faces).
+_STAGE_BYTES = 2 << 30
+
+
 def _tensors_only(sd: Mapping) -> dict:
     return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
@@ -221,13 +225,17 @@ class FaceRestorer:
         faces = self._check(faces)
         n, _, h, w = faces.shape
         out_device = faces.device
-        result = torch.empty((n, 3, h, w), dtype=torch.float32, device=out_device)
+        if faces.device != self.device and faces.numel() * 4 <= _STAGE_BYTES:
+            # One transfer for the whole batch (and one back) instead of two per chunk: on a GPU the chunks then
+            # follow each other without waiting for the host.
+            faces = faces.to(self.device)
+        result = torch.empty((n, 3, h, w), dtype=torch.float32, device=faces.device)
         if n == 0:
-            return result
+            return result.to(out_device)
         if float(visibility) == 0.0:
             if callback is not None:
                 callback(n)
-            return result.copy_(faces)
+            return result.copy_(faces).to(out_device)
         s = self.input_size
         bs = int(batch_size) if int(batch_size) > 0 else self.auto_batch_size()
         start = 0
@@ -245,11 +253,11 @@ class FaceRestorer:
                 continue
             if float(visibility) < 1.0:
                 restored = torch.lerp(chunk, restored, float(visibility))
-            result[start:start + chunk.shape[0]] = restored.to(out_device)
+            result[start:start + chunk.shape[0]] = restored.to(result.device)
             start += chunk.shape[0]
             if callback is not None:
                 callback(chunk.shape[0])
-        return result
+        return result.to(out_device)
 
     def _restore_chunk(self, chunk: torch.Tensor, s: int, fidelity: float, noise: str, seed: int) -> torch.Tensor:
         h, w = chunk.shape[-2:]
