@@ -110,3 +110,7 @@ def build_metric(name, device, maniqa_crops: int = 20):
             note = f"{maniqa_crops} crops of 224 per image"
         fn = M.IQAMetric(M.SPECS[name], net, module=net).score
     return fn, note
+
+
+if __name__ == "__main__":
+    main()
