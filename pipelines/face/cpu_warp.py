@@ -72,7 +72,7 @@ def source_region(dst_to_src: np.ndarray, out_w: int, out_h: int, src_w: int, sr
 
 def interleaved(t: torch.Tensor) -> bool:
     """Whether a [C,H,W] tensor is stored channels-last (HWC rows; e.g. a ComfyUI IMAGE permuted to CHW)."""
-    return t.shape[0] > 1 and t.stride(0) == 1 and t.stride(2) == t.shape[0]
+    return 1 < t.shape[0] <= 4 and t.stride(0) == 1 and t.stride(2) == t.shape[0]  # OpenCV: up to 4 channels
 
 
 def warp_planes(src: torch.Tensor, dst_to_src: np.ndarray, out_w: int, out_h: int, *, ss: int = 1,
