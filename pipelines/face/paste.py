@@ -131,7 +131,7 @@ def paste_faces(images: torch.Tensor, crops: torch.Tensor, alignment: FaceAlignm
     if cpu_warp.usable(images, crops) and (fm is None or not fm.requires_grad):
         _paste_cpu(out, total, crops, alignment, o2c, regions, level, ss, leaves, feather_m, fm, image_mask,
                    interpolation)
-        return out.clamp_(0, 1), total
+        return out, total  # each pasted region clamped in place (the rest is the checked input)
     todo = sorted((i for i in range(n) if bool((extent[i] > 0).all())),
                   key=lambda i: (level[i], ss[i], int(extent[i].prod())))
     warped: dict[int, torch.Tensor] = {}
@@ -261,6 +261,7 @@ def _composite_numpy(out, total, b, region_box, piece, image_mask) -> None:
     colour -= region
     colour *= a
     region += colour
+    np.clip(region, 0, 1, out=region)  # float rounding of the blend
     t = total[b, :, y0:y1, x0:x1].numpy()
     rest = np.float32(1) - t
     rest *= a
