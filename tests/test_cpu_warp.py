@@ -4,7 +4,9 @@ grid_sample path the GPU runs (taken here by float64 tensors, which cpu_warp lea
 Tolerance: the grid_sample path computes sample positions in float32 (relative error ~6e-8 on coordinates up
 to a few hundred pixels: ~3e-5 px), OpenCV in float64/fixed point; a position error dp moves a bilinear colour
 by at most |gradient| * dp <= dp (values in [0,1], neighbouring pixels differ by at most 1), and the float32
-colour sums of either path round at ~1e-7 per term: 2e-4 bounds both with room.
+colour sums of either path round at ~1e-7 per term: 2e-4 bounds both with room. OpenCV before 5 rounds sample
+positions to 1/32 pixel for float images too: then the bound is half a step times the largest neighbour
+difference (1/64, and 1 pixel of reach for bicubic taps: 0.02).
 """
 import math
 
@@ -18,7 +20,9 @@ from facemend.pipelines.face.paste import paste_faces
 from facemend.pipelines.io.errors import InvalidImage
 from facemend.pipelines.io.images import checked_view
 
-TOL = 2e-4
+import cv2
+
+TOL = 2e-4 if int(cv2.__version__.split(".")[0]) >= 5 else 0.02
 
 
 def _similarity(angle_deg, scale, tx, ty):

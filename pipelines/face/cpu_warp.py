@@ -4,9 +4,10 @@ written straight into the output tensor's planes, and only over the part of the 
 
 Why: on a CPU, grid_sample needs a materialised float grid (8 bytes per output pixel) and a second pass for the
 edge renormalisation; warpAffine computes its positions in fixed point on the fly and reads only the source
-region given to it (measured 5-20x faster per face; benchmarks/bench_detect_align_paste.py). OpenCV rounds
-sample positions to 1/32 pixel, so the colours differ from the grid_sample path by at most the local gradient
-times 1/64 pixel (float32 results otherwise). GPU tensors and other dtypes keep the grid_sample path.
+region given to it (measured 5-20x faster per face; benchmarks/bench_detect_align_paste.py). OpenCV 5 samples
+float images at exact positions (equal to the grid_sample path to ~2e-5); OpenCV 4 rounds them to 1/32 pixel
+(colours then differ by at most the local gradient times 1/64 pixel, as facexlib's crops do). GPU tensors and
+other dtypes keep the grid_sample path.
 """
 from __future__ import annotations
 
