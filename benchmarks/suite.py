@@ -361,6 +361,8 @@ def markdown(result: dict) -> str:
                      f"{fmt(r['peak_mib'], '.0f')} | {cell(r['reference'])} | {cell(r['note'])} |")
     for s in result["skipped"]:
         lines.append(f"| {s['stage']} | skipped | | | | | | | {cell(s['why'])} |")
+    if result.get("note"):
+        lines += ["", f"Note: {result['note']}."]
     return "\n".join(lines) + "\n"
 
 
