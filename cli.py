@@ -232,6 +232,9 @@ def main(argv=None) -> int:
                         "(e.g. inception_FFHQ_512.pth, or a pytorch-fid .npz)")
     p_eval.add_argument("--qalign", type=float, default=None, help="mean Q-Align score of these outputs computed "
                         "elsewhere (pyiqa's qalign needs ~15 GB of GPU memory), to complete the NTIRE score")
+    from .client.cli import add_api_parser, run_api  # headless client over ComfyUI servers
+
+    add_api_parser(sub)
     args = parser.parse_args(argv)
 
     if args.models_dir:
@@ -239,6 +242,8 @@ def main(argv=None) -> int:
     if args.device:
         dev.set_device(args.device)
     try:
+        if args.command == "api":
+            return run_api(args)
         if args.command == "presets":
             for spec in PRESETS.values():
                 print(f"{spec.name}: {spec.description}")
