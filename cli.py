@@ -36,7 +36,7 @@ def build_pipeline(preset: str = "demo", detector: str = EMBEDDED_MTCNN, device=
     else:
         det = load_detector(detector, model_paths.find_file("facedetection", detector), device=device)
     stages = []
-    if preset in ("fast", "ntire"):
+    if preset in ("fast", "ntire", "ntire_full"):
         from .pipelines.restore import FaceRestorer
 
         name = restorer or PRESETS[preset].needs[0][1]
@@ -52,9 +52,11 @@ def build_pipeline(preset: str = "demo", detector: str = EMBEDDED_MTCNN, device=
         stages.append(("zssr_x2", lambda faces: ZSSR(config)(faces, seed=seed,
                                                              hook=lambda k=1: dev.check_interrupt())[0]))
         options = {"crop_size": 0, "geometry": "native", "upscale": 2, **options}
-    if preset == "ntire":
+    if preset in ("ntire", "ntire_full"):
         stages.append(("onestep_sr", _onestep_stage(device, precision, onestep_base, onestep_lora)))
         options.setdefault("color_reference", "restore")  # AIIA: wavelet fix against the GFPGAN output
+    if preset == "ntire_full":
+        stages.append(("ntire_tune", _ntire_tune_stage(seed)))
     return FaceRestorePipeline(detector=det, face_stages=stages, **options)
 
 
@@ -75,6 +77,23 @@ def _onestep_stage(device, precision, base=None, lora=None, seed=0):
         return model(faces, scale=1, seed=seed, is_oom=dev.is_oom)
 
     return stage
+
+
+def _ntire_tune_stage(seed=0, steps=0, **config):
+    """The AIIA per-image tuning on the TSD-SR faces: L1 + 0.1 (1 - CLIP-IQA) + 0.1 (1 - MANIQA), ArcFace ID
+    guard, the best validated step kept (the same code the PerImageTune node runs; files of PRESETS['ntire_full'])."""
+    from .nodes.iqa import open_id_model, open_metric
+    from .nodes.tune import _id_similarity, _quality_terms
+    from .pipelines.zssr import NTIREConfig, NTIRETune
+
+    clipiqa, maniqa = open_metric("clipiqa"), open_metric("maniqa")
+    id_model = open_id_model(PRESETS["ntire_full"].needs[5][1])
+    losses, score = _quality_terms(clipiqa, 0.1, maniqa, 0.1)
+    config = NTIREConfig(**config)  # keyword overrides: smaller networks for quick runs
+    if steps:
+        config.steps = int(steps)
+    tuner = NTIRETune(config, quality_losses=losses, score_fn=score, id_similarity=_id_similarity(id_model))
+    return lambda faces: tuner(faces, seed=seed, hook=lambda k=1: dev.check_interrupt())[0]
 
 
 def restore_files(inputs: list[str], out_dir: str, pipeline: FaceRestorePipeline, device=None,
