@@ -37,7 +37,7 @@ class Progress:
     def started(self, name: str, server: str, attempt: int):
         with self.lock:
             self.running[name] = {"server": server, "fraction": 0.0, "node": "", "step": ""}
-            self._event(f"{name}: running on {server}" + (f" (attempt {attempt})" if attempt > 1 else ""))
+            self._event(f"{name}: sent to {server}" + (f" (attempt {attempt})" if attempt > 1 else ""))
 
     def update(self, name: str, fraction: float, node: str = "", step: str = ""):
         with self.lock:
