@@ -11,9 +11,9 @@ import torch
 
 from .host import device as dev
 from .host import model_paths
-from .pipelines.detectors import EMBEDDED_MTCNN, load_detector
-from .pipelines.errors import FaceMendError
-from .pipelines.image_io import list_images, read_image, side_by_side, write_image
+from .pipelines.face.detectors import EMBEDDED_MTCNN, load_detector
+from .pipelines.io.errors import FaceMendError
+from .pipelines.io.images import list_images, read_image, side_by_side, write_image
 from .pipelines.presets import PRESETS, FaceRestorePipeline
 
 
@@ -37,14 +37,14 @@ def build_pipeline(preset: str = "demo", detector: str = EMBEDDED_MTCNN, device=
         det = load_detector(detector, model_paths.find_file("facedetection", detector), device=device)
     stages = []
     if preset in ("fast", "ntire", "ntire_full"):
-        from .pipelines.restore import FaceRestorer
+        from .pipelines.restore.restorer import FaceRestorer
 
         name = restorer or PRESETS[preset].needs[0][1]
         net = FaceRestorer.from_file(model_paths.find_file("facerestore_models", name), device=device,
                                      dtype=dev.resolve_dtype(precision, device))
         stages.append(("restore", lambda faces: net(faces)))
     if preset == "demo":
-        from .pipelines.zssr import ZSSR, ZSSRConfig
+        from .pipelines.tune.zssr import ZSSR, ZSSRConfig
 
         # CPU-friendly ZSSR: 64 px training crops, no 8x self-ensemble, the paper's plateau policy compressed
         # into tune_steps. Native pixel crops pasted onto the x2 bicubic photo: no resampling anywhere.
@@ -62,12 +62,12 @@ def build_pipeline(preset: str = "demo", detector: str = EMBEDDED_MTCNN, device=
 
 def _onestep_stage(device, precision, base=None, lora=None, seed=0):
     """TSD-SR at scale 1 on the face crops (the NTIRE 2025 AIIA setting: 512 crops, one tile, fp16 on GPU)."""
-    from .pipelines.onestep_backends import load_tsdsr
+    from .pipelines.diffusion.backends import load_tsdsr
 
     spec = dict((folder, name) for folder, name in PRESETS["ntire"].needs[1:])
     base = base or spec["diffusers"]
     lora = lora or spec["onestep_sr"]
-    from .nodes.onestep import base_model_path
+    from .nodes.diffusion import base_model_path
 
     base_dir = base_model_path(base)  # a diffusers folder, or a single file in models/checkpoints/
     lora_dir = model_paths.find_dir("onestep_sr", lora) or model_paths.expected_path("onestep_sr", lora)
@@ -82,9 +82,9 @@ def _onestep_stage(device, precision, base=None, lora=None, seed=0):
 def _ntire_tune_stage(seed=0, steps=0, **config):
     """The AIIA per-image tuning on the TSD-SR faces: L1 + 0.1 (1 - CLIP-IQA) + 0.1 (1 - MANIQA), ArcFace ID
     guard, the best validated step kept (the same code the PerImageTune node runs; files of PRESETS['ntire_full'])."""
-    from .nodes.iqa import open_id_model, open_metric
+    from .nodes.quality import open_id_model, open_metric
     from .nodes.tune import _id_similarity, _quality_terms
-    from .pipelines.zssr import NTIREConfig, NTIRETune
+    from .pipelines.tune.ntire_refine import NTIREConfig, NTIRETune
 
     clipiqa, maniqa = open_metric("clipiqa"), open_metric("maniqa")
     id_model = open_id_model(PRESETS["ntire_full"].needs[5][1])
@@ -123,7 +123,7 @@ def restore_files(inputs: list[str], out_dir: str, pipeline: FaceRestorePipeline
 def degrade(image: torch.Tensor) -> torch.Tensor:
     """The demo's documented degradation of a clean [1,3,H,W] image: x2 antialiased bicubic downscale (the
     low-resolution setting ZSSR is made for; a blurred, noisy, JPEG-damaged face needs a trained restorer)."""
-    from .pipelines.zssr import downscale
+    from .pipelines.tune.engine import downscale
 
     return downscale(image, 2).clamp(0, 1)
 
@@ -185,14 +185,14 @@ def evaluate_folder(outputs: str, out_dir: str = "report", inputs: str | None = 
                     niqe_variant: str = "pyiqa", qalign: float | None = None, log=print) -> dict:
     """Score a folder of restored images: per-image NR-IQA (+ ID similarity to --inputs, + FID against stored
     statistics), the NTIRE 2025 score and low-ID count; writes report.json, per_image.csv, summary.png."""
-    from .nodes.iqa import IQA_FOLDER, open_id_model, open_metric
-    from .pipelines.evaluate import evaluate, write_report
+    from .nodes.quality import IQA_FOLDER, open_id_model, open_metric
+    from .pipelines.quality.evaluate import evaluate, write_report
 
     loaded = {name: open_metric(name, niqe_variant=niqe_variant) for name in metrics}
     idm = open_id_model(id_model) if id_model else None
     fid = None
     if fid_stats:
-        from .pipelines.fid import INCEPTION_FILE, FIDInception, load_stats
+        from .pipelines.quality.fid import INCEPTION_FILE, FIDInception, load_stats
 
         fid = (FIDInception.from_file(model_paths.find_file(IQA_FOLDER, INCEPTION_FILE), dev.compute_device()),
                load_stats(model_paths.find_file(IQA_FOLDER, fid_stats)))

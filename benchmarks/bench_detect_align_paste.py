@@ -24,12 +24,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 import conftest  # noqa: E402,F401  (loads this checkout as `facemend`)
 
-from facemend.pipelines.align import align_faces, detect_faces  # noqa: E402
-from facemend.pipelines.detect_mtcnn import MTCNNDetector  # noqa: E402
-from facemend.pipelines.detect_retinaface import RetinaFaceDetector  # noqa: E402
-from facemend.pipelines.detection import select_faces  # noqa: E402
-from facemend.pipelines.image_io import read_image  # noqa: E402
-from facemend.pipelines.paste import paste_faces  # noqa: E402
+from facemend.pipelines.face.align import align_faces, detect_faces  # noqa: E402
+from facemend.pipelines.face.mtcnn import MTCNNDetector  # noqa: E402
+from facemend.pipelines.face.retinaface import RetinaFaceDetector  # noqa: E402
+from facemend.pipelines.face.detection import select_faces  # noqa: E402
+from facemend.pipelines.io.images import read_image  # noqa: E402
+from facemend.pipelines.face.paste import paste_faces  # noqa: E402
 
 SHARED = conftest.SHARED
 PHOTOS = ["faces/clean/t1_six_faces.jpg", "faces/whole_lq_real/00.jpg", "faces/stress/crowd_many_tiny_faces.jpg",

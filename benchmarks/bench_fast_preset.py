@@ -46,12 +46,12 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import conftest  # noqa: E402,F401  (loads this checkout as `facemend`)
 
-from facemend.pipelines.align import align_faces, detect_faces  # noqa: E402
-from facemend.pipelines.color_fix import color_fix  # noqa: E402
-from facemend.pipelines.detect_retinaface import RetinaFaceDetector  # noqa: E402
-from facemend.pipelines.detection import select_faces  # noqa: E402
-from facemend.pipelines.paste import paste_faces  # noqa: E402
-from facemend.pipelines.restore import FaceRestorer  # noqa: E402
+from facemend.pipelines.face.align import align_faces, detect_faces  # noqa: E402
+from facemend.pipelines.color.fix import color_fix  # noqa: E402
+from facemend.pipelines.face.retinaface import RetinaFaceDetector  # noqa: E402
+from facemend.pipelines.face.detection import select_faces  # noqa: E402
+from facemend.pipelines.face.paste import paste_faces  # noqa: E402
+from facemend.pipelines.restore.restorer import FaceRestorer  # noqa: E402
 
 SHARED = conftest.SHARED
 DETECTOR = SHARED / "models/facedetection/retinaface_mobilenet0.25_1mb.pth"

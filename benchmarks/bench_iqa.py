@@ -27,7 +27,7 @@ from _common import ROOT, SHARED, load_facemend as _load_facemend, sync as _sync
 
 
 def _faces(n, size):
-    from facemend.pipelines.image_io import list_images, read_image
+    from facemend.pipelines.io.images import list_images, read_image
     import torch.nn.functional as F
 
     files = list_images(str(SHARED / "faces" / "aligned_lq_real"))[:n]
@@ -59,8 +59,8 @@ def main(argv=None):
     ap.add_argument("--maniqa-crops", type=int, default=20, help="MANIQA test crops per image (pyiqa: 20)")
     args = ap.parse_args(argv)
     _load_facemend()
-    from facemend.pipelines import iqa_metrics as M
-    from facemend.pipelines.iqa_niqe import NIQE
+    from facemend.pipelines.quality import metrics as M
+    from facemend.pipelines.quality.niqe import NIQE
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -77,7 +77,7 @@ def main(argv=None):
                 note = "pyiqa variant, float64"
             elif name == "fid":
                 from torchvision.models.inception import Inception3
-                from facemend.pipelines.fid import FIDInception, _local_weights
+                from facemend.pipelines.quality.fid import FIDInception, _local_weights
 
                 sd = Inception3(num_classes=1008, aux_logits=False, init_weights=False).state_dict()
                 with _local_weights(sd) as pfi:

@@ -1,4 +1,4 @@
-"""Speed of the embedded MTCNN detector (pipelines/detect_mtcnn.py), optionally next to the original package.
+"""Speed of the embedded MTCNN detector (pipelines/face/mtcnn.py), optionally next to the original package.
 
     .venv/bin/python benchmarks/bench_mtcnn.py [--device cuda] [--threads 1] [--reference-python /tmp/tfvenv/bin/python]
 
@@ -80,8 +80,8 @@ def main() -> int:
     import torch
 
     _load_facemend()
-    from facemend.pipelines.detect_mtcnn import MTCNNDetector
-    from facemend.pipelines.image_io import read_image
+    from facemend.pipelines.face.mtcnn import MTCNNDetector
+    from facemend.pipelines.io.images import read_image
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 import conftest  # noqa: E402,F401  (loads this checkout as `facemend`)
 
-from facemend.pipelines.onestep import TileSettings  # noqa: E402
+from facemend.pipelines.diffusion.refiner import TileSettings  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -64,7 +64,7 @@ def real_size_model(backend: str, device, dtype):
 def _build_real(backend, device, dtype):
     from diffusers import AutoencoderKL, DDPMScheduler, SD3Transformer2DModel, UNet2DConditionModel
 
-    from facemend.pipelines.onestep_backends import osediff_from_modules, tsdsr_from_modules
+    from facemend.pipelines.diffusion.backends import osediff_from_modules, tsdsr_from_modules
 
     with torch.device(device):
         if backend == "tsdsr":
@@ -85,7 +85,7 @@ def _build_real(backend, device, dtype):
 def tiny_model(backend: str, device, dtype, folder: str):
     from onestep_models import make_osediff, make_tsdsr
 
-    from facemend.pipelines.onestep_backends import load_osediff, load_tsdsr
+    from facemend.pipelines.diffusion.backends import load_osediff, load_tsdsr
 
     if backend == "tsdsr":
         base, lora = make_tsdsr(folder)

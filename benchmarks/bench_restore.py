@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 import conftest  # noqa: E402,F401  (loads this checkout as `facemend`)
 
-from facemend.pipelines.restore import FaceRestorer  # noqa: E402
+from facemend.pipelines.restore.restorer import FaceRestorer  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -32,7 +32,7 @@ def _import_checkout():
         mod = importlib.util.module_from_spec(spec)
         sys.modules["facemend"] = mod
         spec.loader.exec_module(mod)
-    from facemend.pipelines.detect_retinaface import RetinaFaceDetector
+    from facemend.pipelines.face.retinaface import RetinaFaceDetector
 
     return RetinaFaceDetector
 

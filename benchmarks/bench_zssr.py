@@ -47,8 +47,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     _load_facemend()
-    from facemend.pipelines import zssr as Z
-    from facemend.pipelines.image_io import list_images, read_image
+    from facemend.pipelines.tune import engine as E, zssr as Z
+    from facemend.pipelines.io.images import list_images, read_image
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -79,19 +79,19 @@ def main(argv=None):
     hr_512 = []
     for path in paths:
         gt = read_image(path)[0].to(device)
-        lr = Z.downscale(gt, 2).clamp(0, 1)
-        bic = Z.bicubic_upscale(lr, 2)[..., : gt.shape[-2], : gt.shape[-1]]
+        lr = E.downscale(gt, 2).clamp(0, 1)
+        bic = E.bicubic_upscale(lr, 2)[..., : gt.shape[-2], : gt.shape[-1]]
         _sync(device)
         t0 = time.perf_counter()
         out, report = Z.ZSSR(cfg, scale=2)(lr, seed=args.seed)
         _sync(device)
         sec = time.perf_counter() - t0
         out = out[..., : gt.shape[-2], : gt.shape[-1]]
-        p_bic = float(Z.psnr(bic, gt, 2)[0])
+        p_bic = float(E.psnr(bic, gt, 2)[0])
         # back-projection alone (no network): what the learned residual adds on top of it
-        p_bp = float(Z.psnr(Z.back_projection(Z.bicubic_upscale(lr, 2), lr, cfg.back_projection_iters)
+        p_bp = float(E.psnr(E.back_projection(E.bicubic_upscale(lr, 2), lr, cfg.back_projection_iters)
                             [..., : gt.shape[-2], : gt.shape[-1]], gt, 2)[0])
-        p_z = float(Z.psnr(out, gt, 2)[0])
+        p_z = float(E.psnr(out, gt, 2)[0])
         iters = report["stages"][0]["iterations"][0]
         rows.append({"image": os.path.relpath(path, SHARED / "faces"), "size": list(gt.shape[-2:]),
                      "psnr_bicubic": p_bic, "psnr_bicubic_bp": p_bp, "psnr_zssr": p_z, "gain_db": p_z - p_bic,
@@ -115,13 +115,13 @@ def main(argv=None):
 
     if args.batch and len(hr_512) >= 1:
         batch = torch.cat((hr_512 * args.batch)[: args.batch])
-        lr = Z.downscale(batch, 2).clamp(0, 1)
+        lr = E.downscale(batch, 2).clamp(0, 1)
         _sync(device)
         t0 = time.perf_counter()
         out, _ = Z.ZSSR(cfg, scale=2)(lr, seed=args.seed)
         _sync(device)
         sec = time.perf_counter() - t0
-        gain = (Z.psnr(out, batch, 2) - Z.psnr(Z.bicubic_upscale(lr, 2), batch, 2)).mean().item()
+        gain = (E.psnr(out, batch, 2) - E.psnr(E.bicubic_upscale(lr, 2), batch, 2)).mean().item()
         summary.update(batched_faces=len(batch), batched_seconds=sec, batched_seconds_per_face=sec / len(batch),
                        batched_mean_gain_db=gain)
         print(f"{len(batch)} faces batched (grouped networks): {sec:.1f} s, {sec / len(batch):.1f} s per face, "

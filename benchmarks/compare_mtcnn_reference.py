@@ -133,11 +133,11 @@ def main() -> int:
         mod = importlib.util.module_from_spec(spec)
         sys.modules["facemend"] = mod
         spec.loader.exec_module(mod)
-    from facemend.pipelines.detect_mtcnn import MTCNNDetector
+    from facemend.pipelines.face.mtcnn import MTCNNDetector
 
     det = MTCNNDetector.load(device=args.device)
     if args.numpy_ties:
-        import facemend.pipelines.detect_mtcnn as detect_mtcnn
+        import facemend.pipelines.face.mtcnn as detect_mtcnn
 
         detect_mtcnn.NUMPY_TIE_ORDER = True
     worst = {"box": 0.0, "lmk": 0.0, "score": 0.0}

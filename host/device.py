@@ -8,7 +8,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..pipelines.errors import Interrupted
+from ..pipelines.io.errors import Interrupted
 
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 _forced_device: Optional[torch.device] = None

@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from ..pipelines.checkpoint_io import WEIGHT_EXTENSIONS
-from ..pipelines.errors import ModelFileNotFound
+from ..pipelines.io.checkpoints import WEIGHT_EXTENSIONS
+from ..pipelines.io.errors import ModelFileNotFound
 
 ENV_VAR = "FACEMEND_MODELS_DIR"
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..host import device as dev
-from ..pipelines.color_fix import METHODS, color_fix
+from ..pipelines.color.fix import METHODS, color_fix
 from .common import CATEGORY, bchw_to_image, image_to_bchw
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..host import device as dev
-from ..pipelines.image_io import check_images, split_alpha
+from ..pipelines.io.images import check_images, split_alpha
 
 CATEGORY = "FaceMend"
 

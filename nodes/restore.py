@@ -12,7 +12,7 @@ _cache: dict = {}
 
 def load_restorer(name: str, precision: str = "auto"):
     """Resolve `name` in facerestore_models/ and load it (cached per file, mtime, device and dtype)."""
-    from ..pipelines.restore import FaceRestorer
+    from ..pipelines.restore.restorer import FaceRestorer
 
     path = find_file("facerestore_models", name)
     device = dev.compute_device()

@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 
 from ..host import device as dev
-from ..pipelines.zssr import MODES, NTIREConfig, NTIRETune, ZSSR, ZSSRConfig
+from ..pipelines.tune import MODES
+from ..pipelines.tune.ntire_refine import NTIREConfig, NTIRETune
+from ..pipelines.tune.zssr import ZSSR, ZSSRConfig
 from .common import CATEGORY, bchw_to_image, image_to_bchw
 
 

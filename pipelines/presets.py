@@ -13,9 +13,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .align import detect_and_align
-from .color_fix import color_fix
-from .paste import paste_faces
+from .face.align import detect_and_align
+from .color.fix import color_fix
+from .face.paste import paste_faces
 
 FaceStage = Callable[[torch.Tensor], torch.Tensor]  # [N,3,S,S] -> [N,3,S',S']
 

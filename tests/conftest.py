@@ -57,7 +57,7 @@ def shared_models_dir():
 
 def load_image(path) -> "torch.Tensor":
     """A real photo as [1,3,H,W] float in [0,1] (through the pack's own reader)."""
-    from facemend.pipelines.image_io import read_image
+    from facemend.pipelines.io.images import read_image
 
     return read_image(str(path))[0]
 

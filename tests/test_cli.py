@@ -6,7 +6,7 @@ import torch
 
 from facemend.cli import main, run_demo
 from facemend.host import device as dev
-from facemend.pipelines.errors import Interrupted
+from facemend.pipelines.io.errors import Interrupted
 
 from conftest import need_shared
 

@@ -31,7 +31,7 @@ PORTS = (int(os.environ.get("FACEMEND_TEST_PORT_LO", "8400")), int(os.environ.ge
 def _tiny_models(root):
     """GFPGAN (v1.3 and v1.4 names), TSD-SR, CLIP RN50-layout (for CLIP-IQA) and an ArcFace-shaped ONNX, all
     small and random, under the file names the shipped graphs ask for."""
-    from facemend.pipelines.archs.gfpgan import GFPGANConfig, GFPGANv1Clean
+    from facemend.pipelines.restore.archs.gfpgan import GFPGANConfig, GFPGANv1Clean
 
     torch.manual_seed(0)
     (root / "facerestore_models").mkdir(parents=True)
@@ -43,7 +43,7 @@ def _tiny_models(root):
 
     make_tsdsr(str(root), base_name="stable-diffusion-3-medium-diffusers")
     pytest.importorskip("pyiqa")
-    from facemend.pipelines import iqa_metrics as M
+    from facemend.pipelines.quality import metrics as M
 
     M._import_pyiqa_archs()
     from pyiqa.archs.clip_model import CLIP

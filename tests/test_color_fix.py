@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from facemend.pipelines.color_fix import adain_color_fix, color_fix, wavelet_decompose, wavelet_color_fix
-from facemend.pipelines.errors import InvalidImage
+from facemend.pipelines.color.fix import adain_color_fix, color_fix, wavelet_decompose, wavelet_color_fix
+from facemend.pipelines.io.errors import InvalidImage
 
 from conftest import load_image, need_shared
 
@@ -86,7 +86,7 @@ def _stablesr_wavelet_fix(target, reference, levels=5):
 
 
 def test_wavelet_fix_equals_stablesr_formulation_in_batches_and_small_images(monkeypatch):
-    from facemend.pipelines import color_fix as C
+    from facemend.pipelines.color import fix as C
 
     monkeypatch.setattr(C, "_CPU_CHUNK_ELEMENTS", 2 * 3 * 96 * 80)  # chunks of 2, 2 and 1 images
     g = torch.Generator().manual_seed(0)

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from facemend.pipelines.align import align_faces
-from facemend.pipelines.face_geometry import (apply_affine, face_template, feather_mask, fit_similarity,
+from facemend.pipelines.face.align import align_faces
+from facemend.pipelines.face.geometry import (apply_affine, face_template, feather_mask, fit_similarity,
                                               invert_affine, warp_to_crops)
-from facemend.pipelines.paste import paste_faces
+from facemend.pipelines.face.paste import paste_faces
 
 from conftest import FACES, load_image, need_shared
 
@@ -127,8 +127,8 @@ def test_paste_has_no_seam_on_real_photo_with_modified_faces():
     original + blend * (pasted - original), so a seam is a jump in the blend mask: a box or hard mask edge
     jumps from 0 to 1 between neighbouring pixels; the feathered mask must rise by little per pixel, and
     nowhere but inside the faces' crops."""
-    from facemend.pipelines.align import detect_and_align
-    from facemend.pipelines.detect_retinaface import RetinaFaceDetector
+    from facemend.pipelines.face.align import detect_and_align
+    from facemend.pipelines.face.retinaface import RetinaFaceDetector
 
     path = need_shared("faces", "clean", "t1_six_faces.jpg")
     weights = need_shared("models", "facedetection", "retinaface_mobilenet0.25_1mb.pth")
@@ -156,7 +156,7 @@ def _face_det(angle, scale, tx, ty):
 
 
 def test_native_crops_are_exact_pixel_copies_sized_for_the_largest_face():
-    from facemend.pipelines.align import native_crop_size
+    from facemend.pipelines.face.align import native_crop_size
 
     img = torch.rand(1, 3, 300, 400, generator=torch.Generator().manual_seed(1))
     dets = [torch.stack([_face_det(12, 0.2, 80, 60), _face_det(-5, 0.35, 200, 80)])]

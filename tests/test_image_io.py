@@ -4,8 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from facemend.pipelines.errors import InvalidImage
-from facemend.pipelines.image_io import check_images, read_image, write_image
+from facemend.pipelines.io.errors import InvalidImage
+from facemend.pipelines.io.images import check_images, read_image, write_image
 
 
 def test_grayscale_becomes_rgb(tmp_path):

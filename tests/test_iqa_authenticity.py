@@ -1,4 +1,4 @@
-"""Authenticity check f(x) / f(f(x)) (pipelines/authenticity.py, the FaceMend_Authenticity node)."""
+"""Authenticity check f(x) / f(f(x)) (pipelines/quality/authenticity.py, the FaceMend_Authenticity node)."""
 import json
 import os
 
@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from facemend.host import model_paths
-from facemend.nodes import iqa as N
-from facemend.pipelines.authenticity import authenticity
-from facemend.pipelines.iqa_metrics import SPECS, IQAMetric
-from facemend.pipelines.iqa_niqe import NIQE
+from facemend.nodes import quality as N
+from facemend.pipelines.quality.authenticity import authenticity
+from facemend.pipelines.quality.metrics import SPECS, IQAMetric
+from facemend.pipelines.quality.niqe import NIQE
 
 from conftest import load_image, need_shared
 
@@ -47,7 +47,7 @@ def test_idempotent_restorer_is_authentic_and_a_degrading_one_is_not(niqe, faces
 
 def test_authenticity_node_with_a_restorer_and_id_model(tmp_path, faces, niqe):
     pytest.importorskip("onnxruntime")
-    from facemend.pipelines.archs.gfpgan import GFPGANConfig, GFPGANv1Clean
+    from facemend.pipelines.restore.archs.gfpgan import GFPGANConfig, GFPGANv1Clean
     from facemend.nodes.restore import load_restorer
 
     (tmp_path / "facerestore_models").mkdir()

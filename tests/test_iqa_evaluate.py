@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 
 from facemend.cli import main
-from facemend.nodes import iqa as N
-from facemend.pipelines.image_io import write_image
-from facemend.pipelines.iqa_niqe import NIQE
-from facemend.pipelines.ntire_score import score_terms
+from facemend.nodes import quality as N
+from facemend.pipelines.io.images import write_image
+from facemend.pipelines.quality.niqe import NIQE
+from facemend.pipelines.quality.ntire_score import score_terms
 
 from conftest import load_image, need_shared
 

@@ -1,13 +1,13 @@
-"""ArcFace ONNX ID similarity (pipelines/face_id.py) with a tiny random ONNX model of ArcFace's I/O
+"""ArcFace ONNX ID similarity (pipelines/quality/id_similarity.py) with a tiny random ONNX model of ArcFace's I/O
 ([N,3,112,112] -> [N,512]) exported by the test: no insightface weights exist offline."""
 import pytest
 import torch
 
-from facemend.pipelines.errors import ModelFileInvalid
+from facemend.pipelines.io.errors import ModelFileInvalid
 
 pytest.importorskip("onnxruntime", reason="onnxruntime (optional extra 'iqa') not installed")
-from facemend.pipelines.face_id import ArcFaceONNX  # noqa: E402
-from facemend.pipelines.face_geometry import face_template  # noqa: E402
+from facemend.pipelines.quality.id_similarity import ArcFaceONNX  # noqa: E402
+from facemend.pipelines.face.geometry import face_template  # noqa: E402
 
 from conftest import load_image, need_shared  # noqa: E402
 

@@ -1,11 +1,11 @@
-"""FID (pipelines/fid.py): the Frechet distance against scipy and closed forms, statistics files in both layouts,
+"""FID (pipelines/quality/fid.py): the Frechet distance against scipy and closed forms, statistics files in both layouts,
 the FID Inception loaded from a local file in pytorch-fid's layout (random weights) without any download."""
 import numpy as np
 import pytest
 import torch
 
-from facemend.pipelines.errors import FaceMendError, ModelFileInvalid
-from facemend.pipelines.fid import FIDInception, feature_statistics, fid_from_features, frechet_distance, load_stats
+from facemend.pipelines.io.errors import FaceMendError, ModelFileInvalid
+from facemend.pipelines.quality.fid import FIDInception, feature_statistics, fid_from_features, frechet_distance, load_stats
 
 
 def _random_cov(d, seed):

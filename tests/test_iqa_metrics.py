@@ -1,4 +1,4 @@
-"""pyiqa metrics loaded from local files in the official layout (pipelines/iqa_metrics.py).
+"""pyiqa metrics loaded from local files in the official layout (pipelines/quality/metrics.py).
 
 No real IQA weights exist offline: each test builds the real pyiqa architecture with random weights, saves it
 as the official checkpoint is laid out (a flat state dict, as pyiqa's load_pretrained_network reads it),
@@ -10,10 +10,10 @@ loadable by design.
 import pytest
 import torch
 
-from facemend.pipelines.errors import FaceMendError, ModelFileInvalid
+from facemend.pipelines.io.errors import FaceMendError, ModelFileInvalid
 
 pytest.importorskip("pyiqa", reason="pyiqa (optional extra 'iqa') not installed")
-from facemend.pipelines import iqa_metrics as M  # noqa: E402
+from facemend.pipelines.quality import metrics as M  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""NIQE (pipelines/iqa_niqe.py) against two independent references on real photos.
+"""NIQE (pipelines/quality/niqe.py) against two independent references on real photos.
 
 1. pyiqa's own ``calculate_niqe`` (the function behind pyiqa's ``niqe``, which the NTIRE challenge used), fed the
    same pristine parameters: our default variant must give its numbers (skips when pyiqa is not installed).
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from facemend.pipelines.errors import InvalidImage, ModelFileInvalid
-from facemend.pipelines.iqa_niqe import NIQE, matlab_half
+from facemend.pipelines.io.errors import InvalidImage, ModelFileInvalid
+from facemend.pipelines.quality.niqe import NIQE, matlab_half
 
 from conftest import load_image, need_shared
 

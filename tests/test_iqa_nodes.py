@@ -1,4 +1,4 @@
-"""IQA nodes (nodes/iqa.py) called as ComfyUI calls them: NIQE loader/score on real faces, missing-file errors,
+"""IQA nodes (nodes/quality.py) called as ComfyUI calls them: NIQE loader/score on real faces, missing-file errors,
 ID similarity with an exported tiny ArcFace-shaped ONNX model, best-of selection with and without the ID gate."""
 import json
 import os
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from facemend.host import model_paths
-from facemend.nodes import iqa as N
-from facemend.pipelines.best_of import select_best
-from facemend.pipelines.errors import FaceMendError, ModelFileNotFound
+from facemend.nodes import quality as N
+from facemend.pipelines.quality.best_of import select_best
+from facemend.pipelines.io.errors import FaceMendError, ModelFileNotFound
 
 from conftest import load_image, need_shared
 

@@ -1,9 +1,9 @@
-"""The NTIRE 2025 score formula and ID gate (pipelines/ntire_score.py)."""
+"""The NTIRE 2025 score formula and ID gate (pipelines/quality/ntire_score.py)."""
 import math
 
 import pytest
 
-from facemend.pipelines.ntire_score import (DATASET_COUNTS, ID_THRESHOLDS, id_gate, ntire_score, score_terms,
+from facemend.pipelines.quality.ntire_score import (DATASET_COUNTS, ID_THRESHOLDS, id_gate, ntire_score, score_terms,
                                             weighted_mean)
 
 

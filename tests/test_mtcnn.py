@@ -1,4 +1,4 @@
-"""Embedded MTCNN detector (pipelines/detect_mtcnn.py): weights from the `mtcnn` PyPI package (never imported:
+"""Embedded MTCNN detector (pipelines/face/mtcnn.py): weights from the `mtcnn` PyPI package (never imported:
 it imports TensorFlow), exact layout conversion, TensorFlow-exact resize/crop operators, the package's NMS,
 real detections on shared photos, recorded outputs of the original package, batching and bad input.
 
@@ -16,10 +16,10 @@ import torch
 
 from conftest import load_image, need_shared
 
-from facemend.pipelines import detect_mtcnn as M
-from facemend.pipelines.detect_mtcnn import MTCNNDetector
-from facemend.pipelines.detection import box_iou
-from facemend.pipelines.errors import InvalidImage, ModelFileInvalid, ModelFileNotFound
+from facemend.pipelines.face import mtcnn as M, mtcnn_nets as MN
+from facemend.pipelines.face.mtcnn import MTCNNDetector
+from facemend.pipelines.face.detection import box_iou
+from facemend.pipelines.io.errors import InvalidImage, ModelFileInvalid, ModelFileNotFound
 
 SIX_FACES = ("faces", "clean", "t1_six_faces.jpg")
 
@@ -149,7 +149,7 @@ def test_layout_conversion_matches_keras_semantics(det):
     # R-Net: conv3 output [N,3,3,64] (NHWC) -> Permute((2,1,3)) -> Flatten -> Dense(fc4)
     feat = rng.standard_normal((4, 3, 3, 64)).astype(np.float32)
     ref = feat.transpose(0, 2, 1, 3).reshape(4, -1).astype(np.float64) @ w["rnet"][9] + w["rnet"][10]
-    ours = det.rnet.fc4(M._keras_flatten(torch.from_numpy(feat).permute(0, 3, 1, 2))).detach().numpy()
+    ours = det.rnet.fc4(MN._keras_flatten(torch.from_numpy(feat).permute(0, 3, 1, 2))).detach().numpy()
     np.testing.assert_allclose(ours, ref, atol=1e-4)
     # PReLU alphas per channel, shared over H and W
     assert torch.equal(det.pnet.prelu1.weight.cpu(), torch.from_numpy(w["pnet"][2].reshape(-1)))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import facemend
-from facemend.pipelines.errors import InvalidImage, ModelFileInvalid, ModelFileNotFound
+from facemend.pipelines.io.errors import InvalidImage, ModelFileInvalid, ModelFileNotFound
 
 from conftest import load_image, need_shared
 
@@ -59,7 +59,7 @@ def test_node_ids_and_input_names_are_permanent():
 
 
 def test_importing_does_no_model_loading():
-    from facemend.pipelines import detectors
+    from facemend.pipelines.face import detectors
     assert detectors._cache == {} or all(k for k in detectors._cache)  # nothing forced at import
     assert not torch.cuda.is_initialized()
 

@@ -11,8 +11,8 @@ pytest.importorskip("diffusers")
 
 from onestep_models import (TSDSR_TRANSFORMER_TARGETS, TSDSR_VAE_TARGETS, make_osediff, make_tsdsr,  # noqa: E402
                             random_lora, tiny_sd3)
-from facemend.pipelines.errors import ModelFileInvalid, ModelFileNotFound  # noqa: E402
-from facemend.pipelines.onestep_backends import load_osediff, load_tsdsr  # noqa: E402
+from facemend.pipelines.io.errors import ModelFileInvalid, ModelFileNotFound  # noqa: E402
+from facemend.pipelines.diffusion.backends import load_osediff, load_tsdsr  # noqa: E402
 
 torch.set_num_threads(1)
 

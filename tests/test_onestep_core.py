@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from facemend.pipelines.errors import Interrupted
-from facemend.pipelines.onestep import OneStepSR, OutOfMemory, TileSettings
-from facemend.pipelines.tiling import blend_weights, tile_count, tile_starts, tiled_apply
+from facemend.pipelines.io.errors import Interrupted
+from facemend.pipelines.diffusion.refiner import OneStepSR, OutOfMemory, TileSettings
+from facemend.pipelines.diffusion.tiling import blend_weights, tile_count, tile_starts, tiled_apply
 
 torch.set_num_threads(1)
 
@@ -183,7 +183,7 @@ def test_bad_inputs():
     ref = transparent_refiner()
     with pytest.raises(ValueError, match="scale"):
         ref(torch.rand(1, 3, 16, 16), scale=3)
-    from facemend.pipelines.errors import InvalidImage
+    from facemend.pipelines.io.errors import InvalidImage
 
     bad = torch.rand(1, 3, 16, 16)
     bad[0, 0, 0, 0] = float("nan")
@@ -196,7 +196,7 @@ def test_bad_inputs():
 def tsdsr(tmp_path_factory):
     pytest.importorskip("diffusers")
     from onestep_models import make_tsdsr
-    from facemend.pipelines.onestep_backends import load_tsdsr
+    from facemend.pipelines.diffusion.backends import load_tsdsr
 
     base, lora = make_tsdsr(str(tmp_path_factory.mktemp("models")))
     return load_tsdsr(base, lora)

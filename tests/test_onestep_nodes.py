@@ -11,7 +11,7 @@ pytest.importorskip("diffusers")
 import facemend  # noqa: E402
 from facemend.host import device as dev  # noqa: E402
 from facemend.host import model_paths  # noqa: E402
-from facemend.pipelines.errors import Interrupted, ModelFileNotFound  # noqa: E402
+from facemend.pipelines.io.errors import Interrupted, ModelFileNotFound  # noqa: E402
 
 torch.set_num_threads(1)
 

@@ -25,7 +25,7 @@ class StandInRestorer:
 
 def test_ntire_preset_chains_gfpgan_tsdsr_and_the_wavelet_fix_against_gfpgan(tmp_path, monkeypatch):
     from onestep_models import make_tsdsr
-    from facemend.pipelines import restore
+    from facemend.pipelines.restore import restorer as restore
 
     photo = need_shared("faces", "clean", "ffhq_00000000.png")
     make_tsdsr(str(tmp_path), base_name="stable-diffusion-3-medium-diffusers")
@@ -58,8 +58,8 @@ def test_ntire_preset_chains_gfpgan_tsdsr_and_the_wavelet_fix_against_gfpgan(tmp
 
 
 def test_ntire_preset_missing_tsdsr_files_are_listed(tmp_path, monkeypatch):
-    from facemend.pipelines import restore
-    from facemend.pipelines.errors import ModelFileNotFound
+    from facemend.pipelines.restore import restorer as restore
+    from facemend.pipelines.io.errors import ModelFileNotFound
 
     (tmp_path / "facerestore_models").mkdir()
     (tmp_path / "facerestore_models" / "GFPGANv1.4.pth").write_bytes(b"stand-in")

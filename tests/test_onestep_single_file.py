@@ -14,10 +14,10 @@ from sd3_original_layout import (TRANSFORMER_PREFIX, VAE_PREFIX, mmdit_original_
                                  sd3_transformer_to_original, single_file_state, vae_to_original)
 import facemend  # noqa: E402
 from facemend.host import model_paths  # noqa: E402
-from facemend.pipelines import sd3_single_file  # noqa: E402
-from facemend.pipelines.errors import ModelFileInvalid, ModelFileNotFound  # noqa: E402
-from facemend.pipelines.onestep_backends import load_osediff, load_tsdsr  # noqa: E402
-from facemend.pipelines.sd3_single_file import load_sd3_single_file  # noqa: E402
+from facemend.pipelines.diffusion import sd3_single_file  # noqa: E402
+from facemend.pipelines.io.errors import ModelFileInvalid, ModelFileNotFound  # noqa: E402
+from facemend.pipelines.diffusion.backends import load_osediff, load_tsdsr  # noqa: E402
+from facemend.pipelines.diffusion.sd3_single_file import load_sd3_single_file  # noqa: E402
 
 torch.set_num_threads(1)
 

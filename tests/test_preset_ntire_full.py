@@ -46,8 +46,8 @@ class _ID:
 
 @pytest.fixture
 def stand_ins(monkeypatch):
-    from facemend.nodes import iqa
-    from facemend.pipelines import restore
+    from facemend.nodes import quality as iqa
+    from facemend.pipelines.restore import restorer as restore
 
     torch.set_num_threads(1)
     made = {"restorer": _Blur(), "clipiqa": _Metric("clipiqa"), "maniqa": _Metric("maniqa"), "id": _ID(), "opened": []}
@@ -94,7 +94,7 @@ def _few_steps(real):
 
 
 def test_ntire_full_names_its_missing_metric_files(tmp_path, monkeypatch):
-    from facemend.pipelines.errors import ModelFileNotFound
+    from facemend.pipelines.io.errors import ModelFileNotFound
 
     model_paths.set_models_dirs([str(tmp_path)])
     try:

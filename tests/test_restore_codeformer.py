@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from facemend.pipelines.restore import FaceRestorer
+from facemend.pipelines.restore.restorer import FaceRestorer
 
 pytestmark = pytest.mark.slow
 

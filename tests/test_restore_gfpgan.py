@@ -1,4 +1,4 @@
-"""GFPGAN v1.3/v1.4 restorer (pipelines/restore.py, pipelines/archs/gfpgan.py) against the official code.
+"""GFPGAN v1.3/v1.4 restorer (pipelines/restore/restorer.py, pipelines/archs/gfpgan.py) against the official code.
 
 Reference: the official `GFPGANv1Clean` from the `gfpgan` wheel (1.3.8; Apache-2.0). `import gfpgan` pulls in
 basicsr, which is source-only and imports `torchvision.transforms.functional_tensor` (removed from torchvision),
@@ -35,8 +35,8 @@ import numpy as np
 import pytest
 import torch
 
-from facemend.pipelines.errors import InvalidImage, ModelFileInvalid
-from facemend.pipelines.restore import FaceRestorer
+from facemend.pipelines.io.errors import InvalidImage, ModelFileInvalid
+from facemend.pipelines.restore.restorer import FaceRestorer
 
 from conftest import bgr_to_ours as _to_ours, need_shared, smooth_faces_bgr
 

@@ -6,7 +6,7 @@ import torch
 import facemend
 from facemend.cli import main
 from facemend.host import model_paths
-from facemend.pipelines.archs.gfpgan import GFPGANConfig, GFPGANv1Clean
+from facemend.pipelines.restore.archs.gfpgan import GFPGANConfig, GFPGANv1Clean
 
 from conftest import need_shared
 

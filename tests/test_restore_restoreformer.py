@@ -28,8 +28,8 @@ import numpy as np
 import pytest
 import torch
 
-from facemend.pipelines.errors import ModelFileInvalid
-from facemend.pipelines.restore import FaceRestorer
+from facemend.pipelines.io.errors import ModelFileInvalid
+from facemend.pipelines.restore.restorer import FaceRestorer
 
 from conftest import bgr_to_ours as _to_ours, smooth_faces_bgr as _faces
 

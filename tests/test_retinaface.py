@@ -1,4 +1,4 @@
-"""RetinaFace detector (pipelines/detect_retinaface.py): equivalence with facexlib, the real Face-Detector-1MB
+"""RetinaFace detector (pipelines/face/retinaface.py): equivalence with facexlib, the real Face-Detector-1MB
 checkpoint on a real photo, batching, and defined errors for missing / corrupt / wrong model files."""
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import torch
 
 from conftest import load_image, need_shared
 
-from facemend.pipelines.detect_retinaface import (ANCHOR_CONFIGS, RetinaFaceDetector, RetinaFaceNet,
+from facemend.pipelines.face.retinaface import (ANCHOR_CONFIGS, RetinaFaceDetector, RetinaFaceNet,
                                                   infer_anchor_config)
-from facemend.pipelines.detection import box_iou
-from facemend.pipelines.errors import ModelFileInvalid, ModelFileNotFound
+from facemend.pipelines.face.detection import box_iou
+from facemend.pipelines.io.errors import ModelFileInvalid, ModelFileNotFound
 
 REAL_1MB = ("models", "facedetection", "retinaface_mobilenet0.25_1mb.pth")
 SIX_FACES = ("faces", "clean", "t1_six_faces.jpg")
@@ -358,7 +358,7 @@ def test_same_keys_other_shapes_is_refused(tmp_path):
 
 
 def test_bad_input_shape(real_1mb):
-    from facemend.pipelines.errors import InvalidImage
+    from facemend.pipelines.io.errors import InvalidImage
 
     with pytest.raises(InvalidImage):
         real_1mb.detect(torch.zeros(1, 4, 32, 32))

@@ -1,4 +1,4 @@
-"""Per-image tuning (pipelines/zssr.py, nodes/tune.py): classic ZSSR on real faces beats bicubic, interruption,
+"""Per-image tuning (pipelines/tune/zssr.py, nodes/tune.py): classic ZSSR on real faces beats bicubic, interruption,
 determinism, grouped batching == one face alone, the NTIRE mode's report, quality losses and ID guard.
 
 Kept small for the CPU CI (two real faces at 96 px, a few dozen steps, one torch thread): about 35 s on 2 idle
@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
-from facemend.pipelines import zssr as Z
-from facemend.pipelines.errors import Interrupted
+from facemend.pipelines.tune import engine as E, ntire_refine as NT, zssr as Z
+from facemend.pipelines.io.errors import Interrupted
 
 from conftest import load_image, need_shared
 
@@ -33,11 +33,11 @@ def faces():
     96 px, as ground truth [2,3,96,96]."""
     imgs = [load_image(need_shared("faces", "clean", "ffhq_00000000.png")),
             load_image(need_shared("faces", "aligned_gray_old", "Hepburn01.png"))]
-    return torch.cat([Z.resize(im[..., 96:416, 96:416], (96, 96)).clamp(0, 1) for im in imgs])
+    return torch.cat([E.resize(im[..., 96:416, 96:416], (96, 96)).clamp(0, 1) for im in imgs])
 
 
 def _lr(gt):
-    return Z.downscale(gt, 2).clamp(0, 1)
+    return E.downscale(gt, 2).clamp(0, 1)
 
 
 def test_zssr_beats_bicubic_on_real_faces(faces):
@@ -46,11 +46,11 @@ def test_zssr_beats_bicubic_on_real_faces(faces):
     zssr = Z.ZSSR(cfg)
     out, report = zssr(lr, seed=0)
     assert out.shape == faces.shape and out.min() >= 0 and out.max() <= 1
-    bic = Z.bicubic_upscale(lr, 2)
-    gain = Z.psnr(out, faces, 2) - Z.psnr(bic, faces, 2)
+    bic = E.bicubic_upscale(lr, 2)
+    gain = E.psnr(out, faces, 2) - E.psnr(bic, faces, 2)
     # the trained networks alone (no ensemble, no back-projection) must also beat bicubic: they learned
     net_only = zssr.upscale_x2(lr, self_ensemble=False, back_projection_iters=0)
-    gain_net = Z.psnr(net_only, faces, 2) - Z.psnr(bic, faces, 2)
+    gain_net = E.psnr(net_only, faces, 2) - E.psnr(bic, faces, 2)
     print(f"ZSSR x2 gain over bicubic (dB): {gain.tolist()}; network alone: {gain_net.tolist()}; "
           f"{report['seconds']} s")
     assert (gain > 0.3).all(), gain
@@ -59,7 +59,7 @@ def test_zssr_beats_bicubic_on_real_faces(faces):
 
 
 def test_zssr_x4_runs_two_x2_steps(faces):
-    lr = Z.downscale(faces[:1], 4).clamp(0, 1)                       # 24 px
+    lr = E.downscale(faces[:1], 4).clamp(0, 1)                       # 24 px
     cfg = Z.ZSSRConfig(**{**SMALL, "crop_size": 16}, scale=4).scaled_policy(6)
     calls = []
     out, report = Z.ZSSR(cfg)(lr, seed=0, hook=calls.append)
@@ -81,7 +81,7 @@ def test_interrupt_stops_within_one_step_and_raises(faces):
     assert len(steps) == 3  # the hook runs after every step; nothing ran after it raised
     steps.clear()
     with pytest.raises(Interrupted):
-        Z.ntire_tune(faces, seed=0, hook=hook, steps=50, crop_size=32, batch_size=2)
+        NT.ntire_tune(faces, seed=0, hook=hook, steps=50, crop_size=32, batch_size=2)
     assert len(steps) == 3
 
 
@@ -95,8 +95,8 @@ def test_same_seed_same_output_different_seed_differs(faces):
     c, _ = Z.zssr_upscale(lr, 2, seed=8, config=cfg)
     assert torch.equal(a, b)
     assert (a - c).abs().max() > 1e-4
-    n1, _ = Z.ntire_tune(faces, seed=7, steps=4, crop_size=32, batch_size=2, validation_interval=2)
-    n2, _ = Z.ntire_tune(faces, seed=7, steps=4, crop_size=32, batch_size=2, validation_interval=2)
+    n1, _ = NT.ntire_tune(faces, seed=7, steps=4, crop_size=32, batch_size=2, validation_interval=2)
+    n2, _ = NT.ntire_tune(faces, seed=7, steps=4, crop_size=32, batch_size=2, validation_interval=2)
     assert torch.equal(n1, n2)
 
 
@@ -115,19 +115,19 @@ def test_grouped_batch_equals_each_face_alone(faces):
     both, rep_b = Z.zssr_upscale(lr, 2, seed=3, config=longer)
     for i in range(2):
         alone, rep_a = Z.zssr_upscale(lr[i:i + 1], 2, seed=3, config=longer)
-        assert float(Z.psnr(both[i:i + 1], alone)) > 45
+        assert float(E.psnr(both[i:i + 1], alone)) > 45
         assert rep_b["stages"][0]["iterations"][i] == rep_a["stages"][0]["iterations"][0]
     # the NTIRE mode (L1 on identity pairs) with a per-face quality loss
     q = [(0.5, lambda im: 1 - im.mean((1, 2, 3)))]
     kw = dict(steps=8, crop_size=32, batch_size=2, validation_interval=4, quality_losses=q)
-    both, _ = Z.ntire_tune(faces, seed=3, **kw)
+    both, _ = NT.ntire_tune(faces, seed=3, **kw)
     for i in range(2):
-        alone, _ = Z.ntire_tune(faces[i:i + 1], seed=3, **kw)
+        alone, _ = NT.ntire_tune(faces[i:i + 1], seed=3, **kw)
         torch.testing.assert_close(both[i:i + 1], alone, atol=1e-4, rtol=0)
 
 
 def test_ntire_tune_l1_only_report_and_size(faces):
-    out, report = Z.ntire_tune(faces, seed=0, steps=10, crop_size=32, batch_size=2, validation_interval=5)
+    out, report = NT.ntire_tune(faces, seed=0, steps=10, crop_size=32, batch_size=2, validation_interval=5)
     assert out.shape == faces.shape
     assert report["losses"] == "L1 only" and report["id_guard"] == "off"
     assert report["steps_run"] == 10 and all(b in (5, 10) for b in report["best_step"])
@@ -142,7 +142,7 @@ def test_ntire_tune_quality_loss_is_used(faces):
     def brightness_loss(images):
         return 1 - images.mean((1, 2, 3))
 
-    out, report = Z.ntire_tune(faces[:1], seed=0, steps=25, crop_size=32, batch_size=2, validation_interval=5,
+    out, report = NT.ntire_tune(faces[:1], seed=0, steps=25, crop_size=32, batch_size=2, validation_interval=5,
                                quality_losses=[(1.0, brightness_loss)], l1_weight=0.0,
                                score_fn=lambda im: im.mean((1, 2, 3)))
     assert "brightness_loss" in report["losses"] and report["score"] == "<lambda>"
@@ -155,7 +155,7 @@ def test_ntire_tune_id_guard_rejects_everything_returns_input(faces):
     def low_similarity(a, b):
         return torch.full((a.shape[0],), 0.1)
 
-    out, report = Z.ntire_tune(faces, seed=0, steps=6, crop_size=32, batch_size=2, validation_interval=2,
+    out, report = NT.ntire_tune(faces, seed=0, steps=6, crop_size=32, batch_size=2, validation_interval=2,
                                id_similarity=low_similarity, id_threshold=0.5)
     assert torch.equal(out, faces)
     assert report["best_step"] == [None, None] and report["rejected_validations"] == [3, 3]
@@ -167,9 +167,9 @@ def test_tiny_and_bad_inputs():
     tiny = torch.rand(1, 3, 5, 5)
     out, report = Z.zssr_upscale(tiny, 2, config=Z.ZSSRConfig(max_iters=5))
     assert out.shape[-2:] == (10, 10) and "bicubic" in report["fallback"]
-    out, report = Z.ntire_tune(tiny, steps=5)
+    out, report = NT.ntire_tune(tiny, steps=5)
     assert torch.equal(out, tiny) and "unchanged" in report["fallback"]
-    from facemend.pipelines.errors import InvalidImage
+    from facemend.pipelines.io.errors import InvalidImage
     with pytest.raises(InvalidImage):
         Z.zssr_upscale(torch.full((1, 3, 16, 16), float("nan")), 2)
     with pytest.raises(ValueError):
@@ -181,20 +181,20 @@ def test_tuning_runs_under_the_hosts_inference_mode(context):
     """ComfyUI executes every node under torch.inference_mode(): training must still work there."""
     x = torch.rand(2, 3, 24, 24, generator=torch.Generator().manual_seed(0))
     ref_z = Z.zssr_upscale(x, 2, config=Z.ZSSRConfig(max_iters=6, crop_size=16, self_ensemble=False))[0]
-    ref_t = Z.ntire_tune(x, steps=6, config=Z.NTIREConfig(crop_size=16, validation_interval=3))[0]
+    ref_t = NT.ntire_tune(x, steps=6, config=NT.NTIREConfig(crop_size=16, validation_interval=3))[0]
     with getattr(torch, context)():
         xi = x.clone()
         out_z = Z.zssr_upscale(xi, 2, config=Z.ZSSRConfig(max_iters=6, crop_size=16, self_ensemble=False))[0]
-        out_t = Z.ntire_tune(xi, steps=6, config=Z.NTIREConfig(crop_size=16, validation_interval=3))[0]
+        out_t = NT.ntire_tune(xi, steps=6, config=NT.NTIREConfig(crop_size=16, validation_interval=3))[0]
     assert torch.equal(out_z, ref_z) and torch.equal(out_t, ref_t)
 
 
 def test_tiled_full_image_pass_is_exact():
-    gens = Z._generators(2, 0)
-    net = Z.GroupedCNN.init(gens, 8, 16, 0.1, torch.device("cpu"))
+    gens = E._generators(2, 0)
+    net = E.GroupedCNN.init(gens, 8, 16, 0.1, torch.device("cpu"))
     x = torch.rand(2, 3, 40, 52)
-    torch.testing.assert_close(Z.GroupedCNN.apply_full(net.weights, x, tile=16),
-                               Z.GroupedCNN.apply_full(net.weights, x, tile=512), atol=1e-6, rtol=0)
+    torch.testing.assert_close(E.GroupedCNN.apply_full(net.weights, x, tile=16),
+                               E.GroupedCNN.apply_full(net.weights, x, tile=512), atol=1e-6, rtol=0)
 
 
 def test_node_contract_and_run(faces, monkeypatch):

@@ -1,0 +1,182 @@
+"""Nodes: one-step diffusion SR loader (TSD-SR / OSEDiff) and the SR / refine node."""
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+from ..host import device as dev
+from ..host.model_paths import expected_path, find_dir, list_dirs, list_files, search_dirs
+from .common import CATEGORY, bchw_to_image, image_to_bchw
+
+BASE_DEFAULTS = {"tsdsr": "stable-diffusion-3-medium-diffusers", "osediff": "stable-diffusion-2-1-base"}
+LORA_DEFAULTS = {"tsdsr": "tsdsr", "osediff": "osediff.pkl"}
+_cache: dict = {}
+
+
+CHECKPOINTS = "checkpoints"  # ComfyUI's own folder of single-file checkpoints (sd3_medium*.safetensors)
+
+
+def _is_file_name(name: str) -> bool:
+    from ..pipelines.diffusion.backends import SINGLE_FILE_EXTENSIONS
+
+    return name.lower().endswith(SINGLE_FILE_EXTENSIONS)
+
+
+def base_model_path(name: str) -> str:
+    """A diffusers folder in models/diffusers/, or a single file in models/checkpoints/ (names with an extension)."""
+    if not _is_file_name(name):
+        return find_dir("diffusers", name) or expected_path("diffusers", name)
+    if os.path.isabs(name) and os.path.isfile(name):
+        return name
+    for d in search_dirs(CHECKPOINTS):
+        if os.path.isfile(os.path.join(d, name)):
+            return os.path.join(d, name)
+    return expected_path(CHECKPOINTS, name)
+
+
+def _lora_path(backend: str, name: str) -> str:
+    if backend == "tsdsr":
+        return find_dir("onestep_sr", name) or expected_path("onestep_sr", name)
+    if os.path.isabs(name) and os.path.isfile(name):
+        return name
+    for d in search_dirs("onestep_sr"):
+        if os.path.isfile(os.path.join(d, name)):
+            return os.path.join(d, name)
+    return expected_path("onestep_sr", name)
+
+
+def load_onestep(backend: str, base_model: str = "", lora: str = "", precision: str = "auto", prompt: str = ""):
+    """Resolve the folders/files and load the backend (cached: one one-step model resident at a time)."""
+    from ..pipelines.diffusion.backends import BACKENDS, OSEDIFF_DEFAULT_PROMPT, load_osediff, load_tsdsr
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    base_dir = base_model_path(base_model or BASE_DEFAULTS[backend])
+    lora_path = _lora_path(backend, lora or LORA_DEFAULTS[backend])
+    device = dev.compute_device()
+    dtype = dev.resolve_dtype(precision, device)
+    prompt = prompt or OSEDIFF_DEFAULT_PROMPT
+    stamp = tuple(os.path.getmtime(p) if os.path.exists(p) else 0 for p in (base_dir, lora_path))
+    key = (backend, os.path.abspath(base_dir), os.path.abspath(lora_path), stamp, str(device), dtype,
+           prompt if backend == "osediff" else "")
+    if key not in _cache:
+        _cache.clear()  # billions of parameters: never two resident
+        dev.soft_empty_cache()
+        # Hosted: load on the offload device and move to the GPU only while the SR node runs.
+        where = dev.offload_device() if dev.is_hosted() else device
+        if backend == "tsdsr":
+            model = load_tsdsr(base_dir, lora_path, device=where, dtype=dtype)
+        else:
+            model = load_osediff(base_dir, lora_path, device=where, dtype=dtype, prompt=prompt)
+        _cache[key] = model
+    return _cache[key]
+
+
+class OneStepSRLoader:
+    DESCRIPTION = ("Loads a one-step diffusion SR model. TSD-SR: the SD3-medium diffusers folder (transformer/ and "
+                   "vae/ are used, no text encoders) from models/diffusers/, or the single file sd3_medium*.safetensors "
+                   "from models/checkpoints/, and the TSD-SR folder models/onestep_sr/"
+                   "tsdsr/ with transformer.safetensors, vae.safetensors, prompt_embeds.pt, pool_embeds.pt. "
+                   "OSEDiff: the SD2.1-base diffusers folder and models/onestep_sr/osediff.pkl. Missing files are "
+                   "listed in the error with where they go.")
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("ONESTEP_SR",)
+    RETURN_NAMES = ("sr_model",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        bases = sorted(set(list_dirs("diffusers")) | set(BASE_DEFAULTS.values()))
+        bases += [f for f in list_files(CHECKPOINTS) if f.lower().endswith(".safetensors")]
+        loras = sorted(set(list_dirs("onestep_sr")) | set(list_files("onestep_sr")) | set(LORA_DEFAULTS.values()))
+        return {"required": {
+            "backend": (["tsdsr", "osediff"], {"default": "tsdsr", "tooltip":
+                        "tsdsr: TSD-SR (SD3-medium, one step at t=1000; the NTIRE 2025 AIIA face refiner). "
+                        "osediff: OSEDiff (SD2.1-base, one step at t=999; lighter, Apache-2.0)."}),
+            "base_model": (bases, {"default": BASE_DEFAULTS["tsdsr"], "tooltip":
+                           "Diffusers folder in models/diffusers/: stable-diffusion-3-medium-diffusers for TSD-SR, "
+                           "stable-diffusion-2-1-base for OSEDiff. TSD-SR also reads the single-file SD3-medium "
+                           "checkpoint in models/checkpoints/ (sd3_medium.safetensors or the _incl_clips variants; "
+                           "only the MMDiT and VAE are read)."}),
+            "lora": (loras, {"default": LORA_DEFAULTS["tsdsr"], "tooltip":
+                     "In models/onestep_sr/: the TSD-SR folder (tsdsr, or tsdsr-mse) or osediff.pkl."}),
+            "precision": (["auto", "fp32", "fp16", "bf16"], {"default": "auto", "tooltip":
+                          "auto: fp16 on GPUs (the official setting of both), fp32 on CPU."}),
+        }, "optional": {
+            "prompt": ("STRING", {"default": "", "multiline": False, "tooltip":
+                       "OSEDiff only: the text prompt (encoded once with SD2.1's text encoder; the official script "
+                       "adds RAM tags per image). Empty: a generic face prompt. TSD-SR uses its precomputed "
+                       "embeddings."}),
+        }}
+
+    def load(self, backend, base_model, lora, precision="auto", prompt=""):
+        return (load_onestep(backend, base_model, lora, precision, prompt),)
+
+
+class OneStepSRNode:
+    DESCRIPTION = ("One-step diffusion super-resolution / refinement (TSD-SR or OSEDiff): scale 1 refines (the "
+                   "NTIRE 2025 setting on 512 face crops), 2 and 4 upscale whole images. Large images run in "
+                   "overlapping latent tiles with blended borders; out of memory retries with smaller batches and "
+                   "tiles. Output is pixel-aligned with the input. Follow with Color Fix (wavelet) against the input.")
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("image",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "image": ("IMAGE", {"tooltip": "Images or face crops; a batch of same-size images runs together."}),
+            "sr_model": ("ONESTEP_SR", {"tooltip": "From the FaceMend one-step SR loader."}),
+            "scale": ([1, 2, 4], {"default": 1, "tooltip":
+                      "1: same-size refinement; 2 / 4: bicubic upscale, then the diffusion step restores detail."}),
+            "tile_size": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 64, "tooltip":
+                          "Denoiser tile in output pixels (0: the backend's default, TSD-SR 512, OSEDiff 768). "
+                          "Images up to this area run in one piece."}),
+            "tile_overlap": ("INT", {"default": -1, "min": -1, "max": 2048, "step": 8, "tooltip":
+                             "Overlap of neighbouring tiles in output pixels (-1: default, TSD-SR 64, OSEDiff 256)."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "tooltip":
+                     "Seed of the VAE posterior sample: same seed, same output."}),
+        }, "optional": {
+            "blend": (["gaussian", "linear"], {"default": "gaussian", "tooltip":
+                      "Tile weights: gaussian (the official TSD-SR/OSEDiff weights) or a linear cross-fade."}),
+            "vae_tile_size": ("INT", {"default": 1024, "min": 256, "max": 8192, "step": 64, "tooltip":
+                              "VAE encoder/decoder tile in output pixels; lower it when memory is short. On a CPU 512 is "
+                              "faster (the VAE's attention grows with the square of the tile area)."}),
+            "max_batch": ("INT", {"default": 4, "min": 1, "max": 64, "tooltip":
+                          "Images x tiles per network call; halved automatically on out-of-memory."}),
+        }}
+
+    def run(self, image, sr_model, scale=1, tile_size=0, tile_overlap=-1, seed=0, blend="gaussian",
+            vae_tile_size=1024, max_batch=4):
+        device = dev.compute_device()
+        t = sr_model.tiles
+        f = sr_model.vae_factor
+        if tile_size:
+            t = replace(t, latent_tile=max(16, int(tile_size) // f // 2 * 2))
+        if tile_overlap >= 0:
+            t = replace(t, latent_overlap=min(int(tile_overlap) // f, t.latent_tile // 2))
+        vt = max(256, int(vae_tile_size) // 64 * 64)
+        t = replace(t, blend=blend, encoder_tile=vt, decoder_tile=vt // f, max_batch=int(max_batch))
+        x = image_to_bchw(image, device, "image")
+        n, _, h, w = x.shape
+        progress = dev.Progress(sr_model.count_tiles(h, w, int(scale), t, n))
+        hook = dev.step_hook(progress)
+        dev.check_interrupt()
+        dev.free_memory(sr_model.model_bytes() + 2 * 1024 ** 3, device)
+        moved = sr_model.device != device
+        if moved:
+            sr_model.to(device)
+        try:
+            out = sr_model(x, scale=int(scale), seed=int(seed), tiles=t, hook=hook, is_oom=dev.is_oom)
+        finally:
+            if moved:
+                sr_model.to(dev.offload_device())
+                dev.soft_empty_cache()
+        return (bchw_to_image(out),)
+
+
+NODES = {
+    "FaceMend_OneStepSRLoader": (OneStepSRLoader, "FaceMend One-Step SR Loader (TSD-SR / OSEDiff)"),
+    "FaceMend_OneStepSR": (OneStepSRNode, "FaceMend One-Step Diffusion SR"),
+}

@@ -1,0 +1,314 @@
+"""Nodes: IQA metric loader and scoring, ArcFace ID model loader and ID similarity, best-of selection,
+authenticity check."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+
+from ..host import device as dev
+from ..host.model_paths import find_file, list_files
+from ..pipelines.io.errors import FaceMendError, InvalidImage
+from .common import CATEGORY, bchw_to_image, image_to_bchw
+
+IQA_FOLDER = "facemend_iqa"
+ID_FOLDER = "insightface"
+DEFAULT_FILE = "default"
+DEFAULT_ID_MODEL = "models/buffalo_l/w600k_r50.onnx"
+_cache: dict = {}
+
+
+def open_metric(name: str, weights_file: str = DEFAULT_FILE, niqe_variant: str = "pyiqa"):
+    """IQAMetric `name` from models/facemend_iqa/ (the metric's official file name unless weights_file is given);
+    cached per file, mtime and device. A missing file raises ModelFileNotFound naming it and where to get it."""
+    from ..pipelines.quality import metrics as M
+
+    if name in M.NOT_SUPPORTED:
+        raise FaceMendError(M.NOT_SUPPORTED[name])
+    if name not in M.SPECS:
+        raise ValueError(f"unknown IQA metric {name!r}; choose from {', '.join(M.METRIC_NAMES)}")
+    path = find_file(IQA_FOLDER, M.SPECS[name].file if weights_file in (DEFAULT_FILE, "", None) else weights_file)
+    device = dev.compute_device()
+    key = ("iqa", name, niqe_variant, os.path.abspath(path), os.path.getmtime(path), str(device))
+    if key not in _cache:
+        if name == "niqe":
+            from ..pipelines.quality.niqe import NIQE
+
+            _cache[key] = M.IQAMetric(M.SPECS[name], NIQE.from_file(path, device=device, variant=niqe_variant),
+                                      weights=path)
+        else:
+            _cache[key] = M.load_metric(name, path, device)
+    return _cache[key]
+
+
+def open_id_model(model: str = DEFAULT_ID_MODEL):
+    from ..pipelines.quality.id_similarity import ArcFaceONNX
+
+    path = find_file(ID_FOLDER, model)
+    device = dev.compute_device()
+    key = ("id", os.path.abspath(path), os.path.getmtime(path), str(device))
+    if key not in _cache:
+        _cache[key] = ArcFaceONNX.from_file(path, device)
+    return _cache[key]
+
+
+def score_images(metric, x: torch.Tensor, batch_size: int = 4, progress=None) -> torch.Tensor:
+    """[N,3,H,W] -> [N] scores, in batches, no autograd; interruptible between batches."""
+    out = []
+    with torch.no_grad():
+        for i in range(0, x.shape[0], max(int(batch_size), 1)):
+            dev.check_interrupt()
+            out.append(metric.score(x[i:i + batch_size]).float().cpu())
+            if progress is not None:
+                progress.update(min(batch_size, x.shape[0] - i))
+    return torch.cat(out)
+
+
+def crop_landmarks(face_alignment, n: int, size: int) -> torch.Tensor | None:
+    """Landmarks of each aligned face in crop pixels ([N,5,2]) from FACE_ALIGNMENT, rescaled to `size`."""
+    if face_alignment is None:
+        return None
+    from ..pipelines.face.geometry import apply_affine
+
+    if len(face_alignment) != n:
+        raise InvalidImage(f"the face alignment holds {len(face_alignment)} faces but the images hold {n}")
+    pts = apply_affine(face_alignment.affine.float(), face_alignment.landmarks.float())
+    return pts * (size / float(face_alignment.crop_size))
+
+
+def _rounded(values) -> list:
+    return [round(float(v), 5) for v in values]
+
+
+class IQAMetricLoader:
+    DESCRIPTION = ("Loads a no-reference image-quality metric. niqe needs only niqe_pris_params.npz (12 KB); "
+                   "clipiqa / maniqa / musiq are pyiqa's networks (optional 'iqa' extra, non-commercial licence) "
+                   "with their weight files in models/facemend_iqa/. Nothing is downloaded.")
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("IQA_METRIC",)
+    RETURN_NAMES = ("metric",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from ..pipelines.quality.metrics import METRIC_NAMES
+
+        return {"required": {
+            "metric": (list(METRIC_NAMES), {"default": "niqe", "tooltip":
+                       "niqe (lower is better), clipiqa, maniqa (0..1), musiq (0..100): the NTIRE 2025 metrics. "
+                       "Q-Align (~15 GB GPU memory) is not offered."}),
+            "weights_file": ([DEFAULT_FILE] + list_files(IQA_FOLDER), {"default": DEFAULT_FILE, "tooltip":
+                             "File in models/facemend_iqa/. default: the metric's official name "
+                             "(niqe_pris_params.npz, RN50.pt, ckpt_koniq10k.pt, musiq_koniq_ckpt-e95806b9.pth)."}),
+        }, "optional": {
+            "niqe_variant": (["pyiqa", "matlab"], {"default": "pyiqa", "tooltip":
+                             "niqe only. pyiqa: pyiqa's niqe (YIQ luma), what the NTIRE challenge scored. matlab: "
+                             "BasicSR's calculate_niqe algorithm (YCbCr luma) in double precision."}),
+        }}
+
+    def load(self, metric, weights_file=DEFAULT_FILE, niqe_variant="pyiqa"):
+        return (open_metric(metric, weights_file, niqe_variant),)
+
+
+class IQAScore:
+    DESCRIPTION = ("Scores every image of the batch with an IQA metric. Outputs the batch mean as FLOAT (wire it "
+                   "into e.g. the adaptive ID scale) and a JSON report with each image's score.")
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("FLOAT", "STRING")
+    RETURN_NAMES = ("mean_score", "report_json")
+    OUTPUT_TOOLTIPS = ("Mean score over the batch (see the metric's direction in the report).",
+                       "metric, lower_better, mean, per-image scores, seconds.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "image": ("IMAGE", {"tooltip": "Images or face crops to score (NIQE needs at least 96x192)."}),
+            "metric": ("IQA_METRIC", {"tooltip": "From the FaceMend IQA metric loader."}),
+        }, "optional": {
+            "batch_size": ("INT", {"default": 4, "min": 1, "max": 256, "tooltip":
+                           "Images per metric call (lower it if the GPU runs out of memory)."}),
+        }}
+
+    def run(self, image, metric, batch_size=4):
+        x = image_to_bchw(image, metric.device, "image")
+        t = time.perf_counter()
+        scores = score_images(metric, x, batch_size, dev.Progress(x.shape[0]))
+        mean = float(scores.mean())
+        report = {"metric": metric.name, "lower_better": metric.lower_better, "mean": round(mean, 5),
+                  "scores": _rounded(scores), "seconds": round(time.perf_counter() - t, 3)}
+        return (mean, json.dumps(report))
+
+
+class IDModelLoader:
+    DESCRIPTION = ("Loads an ArcFace face-recognition model (ONNX) from models/insightface/: buffalo_l's "
+                   "w600k_r50.onnx or antelopev2's glintr100.onnx (non-commercial insightface models; needs "
+                   "onnxruntime). Used for ID similarity and the ID gate.")
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("FACE_ID",)
+    RETURN_NAMES = ("id_model",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        files = list_files(ID_FOLDER) or [DEFAULT_ID_MODEL]
+        default = DEFAULT_ID_MODEL if DEFAULT_ID_MODEL in files else files[0]
+        return {"required": {
+            "model": (files, {"default": default, "tooltip":
+                      "ArcFace recognition ONNX under models/insightface/ (e.g. models/buffalo_l/w600k_r50.onnx). "
+                      "Detection models of the same packs (det_10g.onnx, scrfd) are refused."}),
+        }}
+
+    def load(self, model):
+        return (open_id_model(model),)
+
+
+class IDSimilarity:
+    DESCRIPTION = ("Identity similarity (ArcFace cosine) between each input face and its restored version, both "
+                   "warped with the input's five landmarks as the NTIRE 2025 check does. Counts faces below the "
+                   "threshold (the challenge fails a submission with more than 10).")
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("FLOAT", "INT", "STRING")
+    RETURN_NAMES = ("mean_similarity", "low_id_count", "report_json")
+    OUTPUT_TOOLTIPS = ("Mean cosine similarity over the faces (1 = same embedding).",
+                       "Faces whose similarity is below the threshold.",
+                       "Per-face similarity, threshold, low flags.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "input_faces": ("IMAGE", {"tooltip": "The faces before restoration (aligned crops)."}),
+            "restored_faces": ("IMAGE", {"tooltip": "The same faces after restoration, same size and order."}),
+            "id_model": ("FACE_ID", {"tooltip": "From the FaceMend ID model loader."}),
+        }, "optional": {
+            "threshold": ("FLOAT", {"default": 0.6, "min": -1.0, "max": 1.0, "step": 0.01, "tooltip":
+                          "Low-ID threshold. NTIRE 2025: CelebA 0.5, LFW / CelebChild 0.6, WIDER / WebPhoto 0.3."}),
+            "face_alignment": ("FACE_ALIGNMENT", {"tooltip":
+                               "Optional: the alignment of these crops, whose detected landmarks are then used. "
+                               "Without it the crops are taken as FFHQ-aligned (landmarks = the template)."}),
+        }}
+
+    def run(self, input_faces, restored_faces, id_model, threshold=0.6, face_alignment=None):
+        from ..pipelines.quality.ntire_score import id_gate
+
+        a = image_to_bchw(input_faces, dev.compute_device(), "input faces")
+        b = image_to_bchw(restored_faces, a.device, "restored faces")
+        if a.shape != b.shape:
+            raise InvalidImage(f"input faces {tuple(a.shape)} and restored faces {tuple(b.shape)} differ in size "
+                               "or count; ID similarity compares each face with its own restoration")
+        dev.check_interrupt()
+        sims = id_model.similarity(a, b, crop_landmarks(face_alignment, a.shape[0], a.shape[-1])).float().cpu()
+        gate = id_gate(sims.tolist(), default_threshold=threshold, max_low=10**9)
+        report = {"model": os.path.basename(getattr(id_model, "path", "")), "threshold": threshold,
+                  "similarities": _rounded(sims), "low": [p["low"] for p in gate["per_image"]],
+                  "low_id_count": gate["low_count"], "mean": round(float(sims.mean()), 5)}
+        return (float(sims.mean()), int(gate["low_count"]), json.dumps(report))
+
+
+class BestOf:
+    DESCRIPTION = ("Picks, per face, the best of several candidate restorations by an IQA metric, among the "
+                   "candidates whose identity stays close to the input (when an ID model and the input faces are "
+                   "connected). If no candidate of a face passes the ID gate, the one with the highest ID "
+                   "similarity is taken and the report says so.")
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("IMAGE", "STRING")
+    RETURN_NAMES = ("best", "report_json")
+    OUTPUT_TOOLTIPS = ("One image per face: the chosen candidate.",
+                       "Per face: every candidate's score (and ID similarity), the choice, the gate result.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "candidates_1": ("IMAGE", {"tooltip": "First candidate batch (e.g. restorer A's faces)."}),
+            "candidates_2": ("IMAGE", {"tooltip": "Second candidate batch: the same faces, same size and order."}),
+            "metric": ("IQA_METRIC", {"tooltip": "Quality metric deciding between candidates (its direction is "
+                                                 "respected: NIQE lower, others higher)."}),
+        }, "optional": {
+            "candidates_3": ("IMAGE", {"tooltip": "Optional third candidate batch."}),
+            "candidates_4": ("IMAGE", {"tooltip": "Optional fourth candidate batch."}),
+            "input_faces": ("IMAGE", {"tooltip": "The faces before restoration, for the ID gate."}),
+            "id_model": ("FACE_ID", {"tooltip": "ArcFace model for the ID gate (needs input_faces)."}),
+            "id_threshold": ("FLOAT", {"default": 0.6, "min": -1.0, "max": 1.0, "step": 0.01, "tooltip":
+                             "Candidates whose ID similarity to the input is below this are not chosen."}),
+        }}
+
+    def run(self, candidates_1, candidates_2, metric, candidates_3=None, candidates_4=None, input_faces=None,
+            id_model=None, id_threshold=0.6):
+        from ..pipelines.quality.best_of import select_best
+
+        device = metric.device
+        cands = [image_to_bchw(c, device, f"candidates_{i + 1}")
+                 for i, c in enumerate((candidates_1, candidates_2, candidates_3, candidates_4)) if c is not None]
+        for i, c in enumerate(cands[1:], 2):
+            if c.shape != cands[0].shape:
+                raise InvalidImage(f"candidates_{i} {tuple(c.shape)} differs from candidates_1 "
+                                   f"{tuple(cands[0].shape)}: candidates must be the same faces, same size")
+        progress = dev.Progress(len(cands) * cands[0].shape[0])
+        scores = torch.stack([score_images(metric, c, 4, progress) for c in cands])
+        sims = None
+        if (input_faces is None) != (id_model is None):
+            raise InvalidImage("the ID gate needs both input_faces and id_model (connect both or neither)")
+        if id_model is not None:
+            ref = image_to_bchw(input_faces, device, "input faces")
+            if ref.shape != cands[0].shape:
+                raise InvalidImage(f"input faces {tuple(ref.shape)} and candidates {tuple(cands[0].shape)} differ")
+            sims = torch.stack([id_model.similarity(ref, c).float().cpu() for c in cands])
+        choice, per_face = select_best(scores, metric.lower_better, sims, id_threshold)
+        stacked = torch.stack(cands)  # [K,N,3,H,W]
+        best = stacked[choice.to(stacked.device), torch.arange(stacked.shape[1], device=stacked.device)]
+        report = {"metric": metric.name, "lower_better": metric.lower_better, "faces": per_face}
+        return (bchw_to_image(best), json.dumps(report))
+
+
+class Authenticity:
+    DESCRIPTION = ("Authenticity check (IDM, ICCV 2023): restores the faces, then restores the result again, and "
+                   "reports whether the second pass keeps or improves quality and how far the identity drifts "
+                   "between f(x) and f(f(x)). An authentic restorer should be (nearly) idempotent.")
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("IMAGE", "IMAGE", "FLOAT", "FLOAT", "STRING")
+    RETURN_NAMES = ("restored", "restored_twice", "quality_gain", "id_drift", "report_json")
+    OUTPUT_TOOLTIPS = ("f(x)", "f(f(x))", "Mean score(f(f(x))) - score(f(x)), positive = better (metric's "
+                       "direction respected).", "Mean 1 - ID similarity(f(x), f(f(x))); 0 without an ID model.",
+                       "Per face: scores of x, f(x), f(f(x)), ID similarities, authentic flag.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "face_crops": ("IMAGE", {"tooltip": "Aligned faces to restore (as for Restore Faces)."}),
+            "restorer": ("FACE_RESTORER", {"tooltip": "From the FaceMend face restorer loader."}),
+            "metric": ("IQA_METRIC", {"tooltip": "Quality metric for f(x) and f(f(x))."}),
+        }, "optional": {
+            "id_model": ("FACE_ID", {"tooltip": "ArcFace model for the identity drift."}),
+            "fidelity": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip":
+                         "CodeFormer's w (ignored by GFPGAN)."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "tooltip": "Seed of both passes."}),
+        }}
+
+    def run(self, face_crops, restorer, metric, id_model=None, fidelity=0.5, seed=0):
+        from ..pipelines.quality.authenticity import authenticity
+
+        x = image_to_bchw(face_crops, restorer.device, "face crops")
+        progress = dev.Progress(2 * x.shape[0])
+        hook = dev.step_hook(progress)
+
+        def restore(t):
+            return restorer(t, fidelity=fidelity, seed=seed, callback=hook)
+
+        fx, ffx, report = authenticity(restore, x, metric, id_model.similarity if id_model is not None else None)
+        return (bchw_to_image(fx), bchw_to_image(ffx), report["mean_quality_gain"],
+                report.get("mean_id_drift", 0.0), json.dumps(report))
+
+
+NODES = {
+    "FaceMend_IQALoader": (IQAMetricLoader, "FaceMend IQA Metric Loader"),
+    "FaceMend_IQAScore": (IQAScore, "FaceMend IQA Score"),
+    "FaceMend_IDModelLoader": (IDModelLoader, "FaceMend ID Model Loader (ArcFace)"),
+    "FaceMend_IDSimilarity": (IDSimilarity, "FaceMend ID Similarity"),
+    "FaceMend_BestOf": (BestOf, "FaceMend Best-Of Selection"),
+    "FaceMend_Authenticity": (Authenticity, "FaceMend Authenticity Check (f(f(x)))"),
+}

@@ -1,0 +1,1 @@
+"""Colour correction of a restored image against a reference (wavelet, AdaIN)."""

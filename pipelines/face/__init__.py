@@ -1,0 +1,1 @@
+"""Face detection (MTCNN, RetinaFace), the detection contract and selection, alignment, paste-back, geometry."""

@@ -1,0 +1,1 @@
+"""Identity preservation from a reference photo (RestorerID, adaptive ID scale)."""

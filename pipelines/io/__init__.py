@@ -1,0 +1,1 @@
+"""Reading and writing images and weight files, and the errors every stage raises."""

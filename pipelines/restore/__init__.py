@@ -1,0 +1,1 @@
+"""Coarse face restoration: the batched restorer and its network architectures (archs/)."""

@@ -1,0 +1,222 @@
+"""Per-image tuning, NTIRE mode:
+
+* ``ntire_tune`` -- the "ZSSR" stage of the NTIRE 2025 AIIA entry (methods.md 4.2): the same residual CNN at
+  scale 1, trained on identity pairs cut from the image's multi-scale copies (6 copies at
+  linspace(1/max_scale, 1, 7)[1:], max_scale = min(5, short side / 128), picked with probability ~ scale^2;
+  random crops, rot90 with p 0.5, horizontal flip with p 0.5; ``batch_size`` crops per step), loss
+  ``l1_weight * L1 + sum(weight * fn(output))`` over the caller's NR-IQA loss terms, Adam with cosine decay to
+  lr/1000, validation on the whole image every ``validation_interval`` steps keeping the best-scoring output
+  per face, and an ID guard that rejects candidates whose identity similarity to the input is below
+  ``id_threshold``. (AIIA used a GroupNorm/SiLU ResNet with a tanh output; the pack uses the plain ZSSR CNN
+  with a residual over the input, so that with L1 only the network starts at -- and stays near -- identity.)
+
+The grouped training engine (batching, seeds, interruption) is tune/engine.py.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..io.images import check_images
+from .engine import (MIN_SIDE, GroupedCNN, Hook, _Adam, _batch_to_faces, _faces_to_batch, _generators, _train_step,
+                     _trains, resize)
+
+# (weight, fn): fn(images [M,3,h,w] in [0,1]) -> [M] loss per image (differentiable), e.g. 1 - CLIP-IQA.
+QualityLoss = tuple
+
+
+@dataclass
+class NTIREConfig:
+    """NTIRE 2025 AIIA per-image tuning (methods.md 4.2), with the step count cut to a practical default."""
+    steps: int = 500                     # AIIA: 8000
+    learning_rate: float = 1e-3
+    final_lr_ratio: float = 1e-3         # cosine decay to learning_rate * this
+    crop_size: int = 128
+    batch_size: int = 8
+    num_scales: int = 6
+    validation_interval: int = 100
+    l1_weight: float = 1.0
+    id_threshold: float = 0.6
+    width: int = 64
+    depth: int = 8
+    init_variance: float = 0.1
+    tile_size: int = 512
+
+
+# ----------------------------------------------------------------------------------------------------------
+# NTIRE 2025 AIIA per-image tuning
+
+def _loss_name(fn) -> str:
+    return str(getattr(fn, "name", None) or getattr(fn, "__name__", None) or type(fn).__name__)
+
+
+class NTIRETune:
+    """IQA-guided same-size refinement: ``NTIRETune(config, quality_losses, score_fn, id_similarity)(images,
+    seed, hook) -> (images, report)``.
+
+    quality_losses: [(weight, fn)], fn(images [M,3,h,w]) -> [M] loss per image (e.g. 1 - CLIP-IQA), added to
+        ``l1_weight * L1``; none -> L1 only (the report says so).
+    score_fn(images [N,3,H,W]) -> [N], higher is better: validation score (default: minus the L1 distance of
+        the whole-image output to the input, i.e. the identity pair at full size).
+    id_similarity(a, b) -> [N] cosine: candidates below ``id_threshold`` are rejected.
+    Fallback: a face with no accepted candidate (all rejected by the ID guard) is returned unchanged.
+    """
+
+    def __init__(self, config: Optional[NTIREConfig] = None, quality_losses: Optional[Sequence] = None,
+                 score_fn: Optional[Callable] = None, id_similarity: Optional[Callable] = None, **overrides):
+        self.config = replace(config or NTIREConfig(), **overrides)
+        self.quality_losses = [(float(wt), fn) for wt, fn in (quality_losses or []) if float(wt) != 0.0]
+        self.score_fn = score_fn
+        self.id_similarity = id_similarity
+
+    def total_steps(self) -> int:
+        return self.config.steps
+
+    def losses_used(self) -> str:
+        if not self.quality_losses:
+            return "L1 only"
+        return " + ".join([f"{self.config.l1_weight:g} x L1"] +
+                          [f"{wt:g} x {_loss_name(fn)}" for wt, fn in self.quality_losses])
+
+    def _copies(self, images: torch.Tensor, crop: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        h, w = images.shape[-2:]
+        short = min(h, w)
+        max_scale = max(1.0, min(5.0, short / 128.0))
+        scales = np.linspace(1.0 / max_scale, 1.0, self.config.num_scales + 1)[1:]
+        copies = []
+        for s in scales:
+            size = (max(crop, round(h * s)), max(crop, round(w * s)))
+            copies.append(resize(images, size).clamp(0, 1))
+        p = torch.tensor(scales, dtype=torch.float64) ** 2
+        return copies, p / p.sum()
+
+    def _crops(self, copies, probs, crop, gens, device) -> torch.Tensor:
+        """[n, B, 3, crop, crop] identity-pair crops, each face from its own generator."""
+        cfg = self.config
+        n, b = len(gens), cfg.batch_size
+        cum = probs.cumsum(0)
+        u = torch.stack([torch.rand(b, 6, generator=g, dtype=torch.float64) for g in gens])     # [n,b,6]
+        which = (u[..., 0:1] > cum[:-1]).sum(-1)                                                 # [n,b]
+        out = torch.empty(n, b, 3, crop, crop, device=device, dtype=copies[0].dtype)
+        ar = torch.arange(crop)
+        for j, cp in enumerate(copies):                       # a loop over the (6) scales, not the faces
+            sel = (which == j).nonzero()
+            if sel.numel() == 0:
+                continue
+            f, s = sel[:, 0], sel[:, 1]
+            hh, ww = cp.shape[-2:]
+            y0 = torch.floor(u[f, s, 1] * (hh - crop + 1)).long().clamp(max=hh - crop)
+            x0 = torch.floor(u[f, s, 2] * (ww - crop + 1)).long().clamp(max=ww - crop)
+            rows = (y0[:, None] + ar[None]).to(device)
+            cols = (x0[:, None] + ar[None]).to(device)
+            fd = f.to(device)
+            patch = cp[fd[:, None, None], :, rows[:, :, None], cols[:, None, :]]            # [m,c,c,3]
+            out[fd, s.to(device)] = patch.permute(0, 3, 1, 2)
+        # RandomRotate90 (p 0.5, k uniform in 0..3) and HorizontalFlip (p 0.5), as albumentations draws them
+        rot = torch.where(u[..., 3] < 0.5, torch.floor(u[..., 4] * 4).long().clamp(max=3), 0).to(device)
+        flip = (u[..., 5] < 0.5).to(device)
+        res = out
+        for r in (1, 2, 3):
+            res = torch.where((rot == r)[..., None, None, None], torch.rot90(out, r, dims=(-2, -1)), res)
+        return torch.where(flip[..., None, None, None], res.flip(-1), res)
+
+    @_trains
+    def __call__(self, images: torch.Tensor, seed: int = 0, hook: Hook = None) -> tuple[torch.Tensor, dict]:
+        cfg = self.config
+        images = check_images(images, "per-image tune input").float()
+        n, _, h, w = images.shape
+        device = images.device
+        hook = hook or (lambda k=1: None)
+        t0 = time.perf_counter()
+        report = {"mode": "ntire_tune", "faces": n, "seed": int(seed), "losses": self.losses_used(),
+                  "score": _loss_name(self.score_fn) if self.score_fn else "-L1(output, input)",
+                  "id_guard": (f"{_loss_name(self.id_similarity)} >= {cfg.id_threshold:g}"
+                               if self.id_similarity else "off"),
+                  "config": asdict(cfg)}
+        if min(h, w) < MIN_SIDE:
+            hook(cfg.steps)
+            report.update(fallback=f"input unchanged: smaller than {MIN_SIDE} px", steps_run=0,
+                          best_step=[None] * n, seconds=round(time.perf_counter() - t0, 3))
+            return images, report
+        crop = min(cfg.crop_size, h, w)
+        gens = _generators(n, seed)
+        net = GroupedCNN.init(gens, cfg.depth, cfg.width, cfg.init_variance, device)
+        adam = _Adam(net.weights)
+        copies, probs = self._copies(images, crop)
+        idx = torch.arange(n, device=device)
+        best = images.clone()
+        best_score = torch.full((n,), -math.inf, dtype=torch.float64)
+        best_step: list[Optional[int]] = [None] * n
+        rejected = [0] * n
+        history = []
+        last_l1 = None
+        steps = max(0, int(cfg.steps))
+        interval = max(1, int(cfg.validation_interval))
+        for step in range(1, steps + 1):
+            # cosine annealing (eta_min = lr * final_lr_ratio), lr of the step about to be taken
+            frac = (step - 1) / max(1, steps)
+            eta_min = cfg.learning_rate * cfg.final_lr_ratio
+            cur_lr = eta_min + (cfg.learning_rate - eta_min) * (1 + math.cos(math.pi * frac)) / 2
+            crops = self._crops(copies, probs, crop, gens, device)                    # [n,B,3,c,c]
+            inputs = _faces_to_batch(crops)
+            parts: dict = {}
+
+            def loss_fn(out, crops=crops, parts=parts):
+                o = _batch_to_faces(out, n)                                           # [n,B,3,c,c]
+                l1 = (o - crops).abs().flatten(1).mean(1)
+                parts["l1"] = l1.detach()
+                total = cfg.l1_weight * l1
+                if self.quality_losses:
+                    flat = o.clamp(0, 1).reshape(-1, *o.shape[2:])
+                    for wt, fn in self.quality_losses:
+                        total = total + wt * fn(flat).reshape(n, -1).mean(1)
+                return total
+
+            losses = _train_step(net, adam, idx, torch.full((n,), cur_lr, dtype=torch.float64), inputs, loss_fn)
+            last_l1 = parts["l1"]
+            hook(1)
+            if step % interval == 0 or step == steps:
+                out = GroupedCNN.apply_full(net.weights, images, cfg.tile_size)
+                with torch.no_grad():
+                    score = (self.score_fn(out) if self.score_fn else
+                             -(out - images).abs().flatten(1).mean(1)).detach().double().cpu().reshape(n)
+                    if self.id_similarity is not None:
+                        sim = self.id_similarity(out, images).detach().double().cpu().reshape(n)
+                        ok = sim >= cfg.id_threshold
+                    else:
+                        sim, ok = None, torch.ones(n, dtype=torch.bool)
+                better = ok & (score > best_score)
+                if bool(better.any()):
+                    sel = better.nonzero().flatten()
+                    best[sel.to(device)] = out[sel.to(device)]
+                    best_score[sel] = score[sel]
+                    for i in sel.tolist():
+                        best_step[i] = step
+                for i in (~ok).nonzero().flatten().tolist():
+                    rejected[i] += 1
+                history.append({"step": step, "loss": losses.tolist(), "score": score.tolist(),
+                                **({"id_similarity": sim.tolist()} if sim is not None else {}),
+                                "accepted": ok.tolist()})
+                hook(0)
+        report.update(
+            steps_run=steps, best_step=best_step,
+            best_score=[None if not math.isfinite(s) else s for s in best_score.tolist()],
+            rejected_validations=rejected, validations=history,
+            final_l1=last_l1.tolist() if last_l1 is not None else None,
+            fallback=[None if b is not None else
+                      ("input unchanged: every candidate was rejected by the ID guard" if rejected[i] else
+                       "input unchanged: no validation ran (0 steps)") for i, b in enumerate(best_step)],
+            seconds=round(time.perf_counter() - t0, 3))
+        return best, report
+
+
+def ntire_tune(images: torch.Tensor, *, seed: int = 0, hook: Hook = None, config: Optional[NTIREConfig] = None,
+               quality_losses: Optional[Sequence] = None, score_fn: Optional[Callable] = None,
+               id_similarity: Optional[Callable] = None, **overrides) -> tuple[torch.Tensor, dict]:
+    """NTIRE AIIA per-image tuning of a batch [N,3,H,W] in [0,1] -> (same-size images, report)."""
+    return NTIRETune(config, quality_losses, score_fn, id_similarity, **overrides)(images, seed=seed, hook=hook)
