@@ -21,11 +21,13 @@ def _bar(fraction: float, width: int = 20) -> str:
 
 
 class Progress:
-    def __init__(self, total: int, stream=None, live: bool | None = None, interval: float = 0.5):
+    def __init__(self, total: int, stream=None, live: bool | None = None, interval: float = 0.5,
+                 log_every: float = 30.0):
         self.total = total
         self.stream = stream or sys.stderr
         self.live = self.stream.isatty() if live is None else live
         self.interval = interval
+        self.log_every = log_every
         self.start = time.monotonic()
         self.lock = threading.Lock()
         self.running: dict = {}  # job name -> dict(server, fraction, node, step)
@@ -37,14 +39,20 @@ class Progress:
     def started(self, name: str, server: str, attempt: int):
         with self.lock:
             self.running[name] = {"server": server, "fraction": 0.0, "node": "", "step": ""}
+            self._last = time.monotonic() if not self.live else self._last
             self._event(f"{name}: sent to {server}" + (f" (attempt {attempt})" if attempt > 1 else ""))
 
     def update(self, name: str, fraction: float, node: str = "", step: str = ""):
         with self.lock:
             if name in self.running:
                 self.running[name].update(fraction=fraction, node=node, step=step)
-                if self.live and time.monotonic() - self._last >= self.interval:
+                now = time.monotonic()
+                if self.live and now - self._last >= self.interval:
                     self._redraw()
+                elif not self.live and now - self._last >= self.log_every:  # a log still shows a long run move
+                    self.stream.write("\n".join(self._lines()) + "\n")
+                    self.stream.flush()
+                    self._last = now
 
     def finished(self, name: str, status: str, message: str = ""):
         with self.lock:

@@ -92,3 +92,21 @@ def test_atomic_write_leaves_no_half_file(tmp_path, monkeypatch):
     with pytest.raises(Boom):
         R._write_atomic(target, b"new" * 1000)
     assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]
+
+
+def test_progress_lines_show_each_image_and_the_run_with_an_eta():
+    import io
+
+    from facemend.client.progress import Progress
+
+    out = io.StringIO()
+    p = Progress(4, stream=out, live=False, log_every=0)
+    p.started("a", "http://s1", 1)
+    p.started("b", "http://s2", 2)
+    p.update("a", 0.5, "FaceMend_PerImageTune", "100/200")
+    p.finished("b", "done", "1 file(s)")
+    text = out.getvalue()
+    assert "b: sent to http://s2 (attempt 2)" in text
+    assert "a @ http://s1 [##########----------]  50% FaceMend_PerImageTune 100/200" in text
+    last = text.strip().splitlines()[-1]
+    assert last.startswith("b: done: 1 file(s) | 1/4") and "running 1" in last and "ETA " in last
