@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .progress import Progress
-from .server import PromptRejected, Server, ServerUnavailable
+from .server import PromptRejected, Server, ServerBusy, ServerUnavailable
 from .websocket import WebSocket, WebSocketClosed
 from .workflow import image_input_node, with_image
 
@@ -152,7 +152,7 @@ class _ServerState:
 class Runner:
     def __init__(self, servers, graph: dict, out_dir, per_server: int = 2, retries: int = 2,
                  image_node: str | None = None, skip_existing: bool = True, timeout: float = 0,
-                 progress: Progress | None = None, log=None, poll_interval: float = 2.0):
+                 progress: Progress | None = None, log=None, poll_interval: float = 2.0, busy_grace: float = 600.0):
         self.servers = [s if isinstance(s, Server) else Server(s) for s in servers]
         if not self.servers:
             raise ValueError("give at least one ComfyUI server URL")
@@ -165,6 +165,7 @@ class Runner:
         self.skip_existing = skip_existing
         self.timeout = timeout
         self.poll_interval = poll_interval
+        self.busy_grace = busy_grace  # seconds a server may leave every request unanswered before it counts as gone
         self.progress = progress
         self.run_id = uuid.uuid4().hex[:8]
         self.cancelled = threading.Event()
@@ -296,6 +297,11 @@ class Runner:
             if not self.cancelled.is_set():
                 st.dead = str(exc)
                 self.progress.note(f"server {url} is unavailable ({exc}); its jobs go to the other servers")
+                if job.prompt_id:  # a server that is only slow must not keep running a job that runs elsewhere
+                    try:
+                        st.server.cancel([job.prompt_id])
+                    except ServerUnavailable:
+                        pass
             error = f"server unavailable: {exc}"
         except (PromptRejected, JobFailed) as exc:
             error = str(exc)
@@ -320,6 +326,7 @@ class Runner:
 
     def _execute(self, st: _ServerState, job: Job):
         server = st.server
+        job.prompt_id = None
         data = job.path.read_bytes()
         upload = server.upload_image(data, f"facemend_{self.run_id}_{job.name}{job.path.suffix.lower()}")
         graph = with_image(self.graph, self.image_node, upload)
@@ -341,6 +348,7 @@ class Runner:
     def _wait(self, st, job, pid, events, n_nodes) -> dict:
         started = time.monotonic()
         last_poll = 0.0
+        busy_since = None
         seen_nodes: set = set()
         while True:
             if self.cancelled.is_set():
@@ -372,7 +380,14 @@ class Runner:
             now = time.monotonic()
             if finished or now - last_poll >= (self.poll_interval if st.ws_ok else 1.0):
                 last_poll = now
-                entry = st.server.history(pid)
+                try:
+                    entry = st.server.history(pid)
+                    busy_since = None
+                except ServerBusy:
+                    busy_since = busy_since or now
+                    if now - busy_since > self.busy_grace:
+                        raise
+                    continue
                 if entry and entry.get("status", {}).get("completed") is not None:
                     if entry["status"].get("status_str") != "success" or not entry["status"]["completed"]:
                         raise JobFailed(execution_error_text(entry))

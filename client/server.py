@@ -16,6 +16,10 @@ class ServerUnavailable(ConnectionError):
     """The server cannot be reached or broke the connection: its jobs can run elsewhere."""
 
 
+class ServerBusy(ServerUnavailable):
+    """A request timed out: the server is there but slow (a loaded CPU, a model loading); worth waiting for."""
+
+
 class PromptRejected(RuntimeError):
     """ComfyUI answered /prompt with an error (validation): the message is ComfyUI's own text."""
 
@@ -32,7 +36,7 @@ def format_prompt_error(body: dict) -> str:
 
 
 class Server:
-    def __init__(self, url: str, headers: dict | None = None, timeout: float = 30.0):
+    def __init__(self, url: str, headers: dict | None = None, timeout: float = 60.0):
         url = url.rstrip("/")
         if "://" not in url:
             url = "http://" + url
@@ -62,7 +66,10 @@ class Server:
                 raise ServerUnavailable(f"{self.url}{path}: HTTP {err.code} {body[:300]!r}") from None
             raise _HTTPStatus(err.code, body) from None
         except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError, OSError) as err:
-            raise ServerUnavailable(f"{self.url}: {getattr(err, 'reason', err)}") from None
+            reason = getattr(err, "reason", err)
+            if isinstance(err, (socket.timeout, TimeoutError)) or isinstance(reason, (socket.timeout, TimeoutError)):
+                raise ServerBusy(f"{self.url}{path}: no answer in {timeout or self.timeout:.0f} s") from None
+            raise ServerUnavailable(f"{self.url}: {reason}") from None
 
     def get_json(self, path: str, timeout: float | None = None):
         return json.loads(self._request("GET", path, timeout=timeout))
@@ -72,8 +79,11 @@ class Server:
         return json.loads(raw) if raw.strip() else None
 
     def alive(self) -> bool:
+        """Whether the server answers (a slow answer counts: only a refused or broken connection is 'gone')."""
         try:
-            self.get_json("/system_stats", timeout=5)
+            self.get_json("/system_stats", timeout=10)
+            return True
+        except ServerBusy:
             return True
         except (ServerUnavailable, _HTTPStatus, ValueError):
             return False
@@ -125,9 +135,10 @@ class Server:
         ids = list(prompt_ids)
         if not ids:
             return
-        self.post_json("/queue", {"delete": ids})
+        self._request("POST", "/queue", json.dumps({"delete": ids}).encode(), "application/json", timeout=10)
         for pid in ids:
-            self.post_json("/interrupt", {"prompt_id": pid})
+            self._request("POST", "/interrupt", json.dumps({"prompt_id": pid}).encode(), "application/json",
+                          timeout=10)
 
     def ws_url(self) -> str:
         parts = urllib.parse.urlsplit(self.url)
