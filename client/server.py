@@ -81,7 +81,7 @@ class Server:
     def alive(self) -> bool:
         """Whether the server answers (a slow answer counts: only a refused or broken connection is 'gone')."""
         try:
-            self.get_json("/system_stats", timeout=10)
+            self.get_json("/system_stats", timeout=min(10.0, self.timeout))
             return True
         except ServerBusy:
             return True

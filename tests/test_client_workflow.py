@@ -110,3 +110,26 @@ def test_progress_lines_show_each_image_and_the_run_with_an_eta():
     assert "a @ http://s1 [##########----------]  50% FaceMend_PerImageTune 100/200" in text
     last = text.strip().splitlines()[-1]
     assert last.startswith("b: done: 1 file(s) | 1/4") and "running 1" in last and "ETA " in last
+
+
+def test_a_silent_server_is_busy_and_a_closed_port_is_gone():
+    """Only a refused connection fails a job over at once; a server that accepts and stays silent (a loaded CPU,
+    a model loading) is waited for."""
+    import socket
+
+    from facemend.client.server import Server, ServerBusy, ServerUnavailable
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        silent = Server(f"http://127.0.0.1:{listener.getsockname()[1]}", timeout=0.5)
+        with pytest.raises(ServerBusy):
+            silent.get_json("/system_stats")
+        assert silent.alive()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    closed = Server(f"http://127.0.0.1:{port}", timeout=0.5)
+    with pytest.raises(ServerUnavailable) as err:
+        closed.get_json("/system_stats")
+    assert not isinstance(err.value, ServerBusy) and not closed.alive()
