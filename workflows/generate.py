@@ -295,7 +295,7 @@ def layout(wf, classes) -> tuple[dict, list, int]:
     for n in nodes:
         if _is_loader(n, wf):
             consumers = [m for m in chain if any(src == n for src, _ in nodes[m][2].values())]
-            col = min(depth[m] for m in consumers)
+            col = min((depth[m] for m in consumers), default=0)
             loaders_of.setdefault(col, []).append(n)
     sizes = {n: node_size(nodes[n][0], classes) for n in nodes}
     loader_row_h = max((sum(sizes[n][1] for n in ls) + GAP_Y * (len(ls) - 1) for ls in loaders_of.values()),
@@ -329,11 +329,15 @@ def layout(wf, classes) -> tuple[dict, list, int]:
 def model_note(wf) -> str:
     lines = []
     for nid, (ctype, widgets, _) in wf["nodes"].items():
+        known = False
         for (cls, name), where in NOTE_MODELS.items():
             if cls == ctype and name in widgets:
+                known = True
                 text = where(widgets[name])
                 if text and text not in lines:
                     lines.append(text)
+        if not known and _is_loader(nid, wf):  # a loader without a NOTE_MODELS row still gets a line
+            lines.append(f"{ctype}: the files named in its widgets (the README's model table says where)")
     head = wf["title"] + "\n\n"
     if not lines:
         return head + ("Model files: none. Everything this graph needs ships with the pack (the embedded MTCNN "
