@@ -131,6 +131,25 @@ def test_every_shipped_api_graph_runs_with_random_weight_files(servers, photos, 
     assert [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")] == []
 
 
+def test_string_outputs_are_written_beside_the_image(servers, photos, tmp_path):
+    """A STRING shown in the UI (core PreviewAny on DetectAlign's faces_json) arrives as <input>.json."""
+    from facemend.client import Runner, load_workflow
+    from facemend.client.progress import Progress
+
+    graph = load_workflow("fast")
+    graph["3"]["inputs"]["crop_size"] = 128
+    graph["90"] = {"class_type": "PreviewAny", "inputs": {"source": ["3", 3]}}
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "b.png").symlink_to(photos / "b.png")
+    report = Runner([servers["steady"].url], graph, tmp_path / "out", progress=Progress(1, live=False)).run([one])
+    assert report["jobs"][0]["status"] == "done", report["jobs"][0]["error"]
+    assert report["jobs"][0]["outputs"][0].endswith("b.png")
+    text = json.loads((tmp_path / "out" / "b.json").read_text())["90"]["text"][0]
+    faces = json.loads(text)
+    assert faces["crop_size"] == 128 and faces["image_sizes"] == [[192, 192]] and len(faces["faces"]) == 1
+
+
 def test_workflow_templates_lists_the_ui_graphs_and_serves_each(servers):
     gen = _generate()
     url = servers["steady"].url
