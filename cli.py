@@ -1,4 +1,4 @@
-"""Command line and Python API without ComfyUI: `python -m facemend restore|demo|evaluate ...`."""
+"""Command line and Python API without ComfyUI: `python -m facemend restore|demo|evaluate|adapt ...`."""
 from __future__ import annotations
 
 import argparse
@@ -208,6 +208,50 @@ def evaluate_folder(outputs: str, out_dir: str = "report", inputs: str | None = 
     return report
 
 
+def adapt_folder(folder: str, restorer: str, name: str, prior: str = "iddpm_ffhq512_ema500000.pth",
+                 work_dir: str | None = None, steps: int = 2000, lr: float = 2e-5, lpips_weight: float = 0.1,
+                 micro_batch: int = 4, accumulate: int = 4, checkpoint_every: int = 250, precision: str = "fp32",
+                 start_step: int = 150, reg_end_step: int = 90, down_factor: int = 8, seed: int = 20000,
+                 batch_size: int = 1, gan_weight: float = 0.0, gan_real: str | None = None, respacing: str = "250",
+                 log=print) -> dict:
+    """Adapt a restorer to a folder of aligned face crops (pseudo targets from the diffusion prior, then
+    fine-tuning); saves models/facerestore_models/<name>.safetensors. Re-running resumes in work_dir."""
+    from .nodes.adapt import load_lpips
+    from .pipelines.adapt.finetune import FinetuneConfig
+    from .pipelines.adapt.prior import load_prior_unet
+    from .pipelines.adapt.pseudo_targets import PseudoTargetConfig, PseudoTargetGenerator
+    from .pipelines.adapt.run import adapt_restorer, load_face_folder
+    from .pipelines.restore.restorer import FaceRestorer
+
+    device = dev.compute_device()
+    out_path = model_paths.expected_path("facerestore_models", f"{name}.safetensors")
+    if os.path.exists(out_path):
+        raise FaceMendError(f"{out_path} exists; FaceMend never overwrites a model file. Choose another --name.")
+    net = FaceRestorer.from_file(model_paths.find_file("facerestore_models", restorer), device=device)
+    cfg = FinetuneConfig(steps=steps, lr=lr, lr_min=min(5e-6, lr), lpips_weight=lpips_weight,
+                         micro_batch=micro_batch, accumulate=accumulate, checkpoint_every=checkpoint_every,
+                         precision=precision, gan_weight=gan_weight, d_lr=lr)
+    lp = load_lpips(device) if lpips_weight > 0 else None
+    faces = load_face_folder(folder, net.input_size)
+    reals = load_face_folder(gan_real, net.input_size) if gan_weight > 0 and gan_real else None
+    gen = PseudoTargetGenerator(load_prior_unet(model_paths.find_file("facemend_priors", prior), device=device),
+                                PseudoTargetConfig(start_step=start_step, reg_end_step=reg_end_step,
+                                                   down_factor=down_factor, seed=seed, respacing=respacing))
+    work_dir = work_dir or os.path.join("adapt_runs", name)
+    total = faces.shape[0] * gen.num_model_calls + cfg.steps
+    progress = dev.Progress(total, callback=lambda done, tot: sys.stderr.write(f"\radapt: {done}/{tot} steps")
+                            if log is print else None)
+    t0 = time.perf_counter()
+    result, _ = adapt_restorer(faces, net, gen, lp, cfg, name, out_path, work_dir, batch_size=batch_size,
+                               hook=dev.step_hook(progress), log=log, gan_real=reals)
+    if log is print:
+        sys.stderr.write("\n")
+    log(f"saved {result.output_path} ({faces.shape[0]} faces, {cfg.steps} steps, {time.perf_counter() - t0:.0f} s); "
+        f"loss curve {result.plot_path}, log {result.log_path}")
+    return {"output": result.output_path, "plot": result.plot_path, "log": result.log_path,
+            "resumed_from": result.resumed_from}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m facemend", description=__doc__)
     parser.add_argument("--models-dir", action="append", default=[],
@@ -251,6 +295,32 @@ def main(argv=None) -> int:
                         "(e.g. inception_FFHQ_512.pth, or a pytorch-fid .npz)")
     p_eval.add_argument("--qalign", type=float, default=None, help="mean Q-Align score of these outputs computed "
                         "elsewhere (pyiqa's qalign needs ~15 GB of GPU memory), to complete the NTIRE score")
+    p_adapt = sub.add_parser("adapt", help="adapt a restorer to a folder of your aligned faces (diffusion-prior "
+                             "pseudo targets + fine-tuning); saves facerestore_models/<name>.safetensors")
+    p_adapt.add_argument("folder", help="folder of aligned square face crops (FFHQ template, 512x512)")
+    p_adapt.add_argument("--restorer", default="GFPGANv1.4.pth", help="restorer in models/facerestore_models/")
+    p_adapt.add_argument("--name", required=True, help="name of the new model (never overwrites)")
+    p_adapt.add_argument("--prior", default="iddpm_ffhq512_ema500000.pth", help="prior in models/facemend_priors/")
+    p_adapt.add_argument("--work-dir", default=None, help="checkpoints, pseudo targets, loss curve and log "
+                         "(default adapt_runs/<name>/; re-running resumes there)")
+    p_adapt.add_argument("--steps", type=int, default=2000, help="optimiser steps (official 20000)")
+    p_adapt.add_argument("--lr", type=float, default=2e-5)
+    p_adapt.add_argument("--lpips-weight", type=float, default=0.1, help="0: L1 only (no VGG file needed)")
+    p_adapt.add_argument("--micro-batch", type=int, default=4)
+    p_adapt.add_argument("--accumulate", type=int, default=4)
+    p_adapt.add_argument("--checkpoint-every", type=int, default=250)
+    p_adapt.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p_adapt.add_argument("--start-step", type=int, default=150)
+    p_adapt.add_argument("--reg-end-step", type=int, default=90)
+    p_adapt.add_argument("--down-factor", type=int, default=8, help="8 general (official), 16 SwinIR-like")
+    p_adapt.add_argument("--seed", type=int, default=20000)
+    p_adapt.add_argument("--batch-size", type=int, default=1, help="faces per prior call")
+    p_adapt.add_argument("--respacing", default="250", help="respaced schedule (official 250); the step options "
+                         "count in it")
+    p_adapt.add_argument("--gan-weight", type=float, default=0.0, help="adversarial loss weight (official 0.1; "
+                         "0 = off)")
+    p_adapt.add_argument("--gan-real", default=None, help="folder of clean aligned faces for the discriminator "
+                         "(default: the pseudo targets)")
     from .client.cli import add_api_parser, run_api  # headless client over ComfyUI servers
 
     add_api_parser(sub)
@@ -268,6 +338,11 @@ def main(argv=None) -> int:
                 print(f"{spec.name}: {spec.description}")
         elif args.command == "demo":
             run_demo(args.out)
+        elif args.command == "adapt":
+            adapt_folder(args.folder, args.restorer, args.name, args.prior, args.work_dir, args.steps, args.lr,
+                         args.lpips_weight, args.micro_batch, args.accumulate, args.checkpoint_every, args.precision,
+                         args.start_step, args.reg_end_step, args.down_factor, args.seed, args.batch_size,
+                         args.gan_weight, args.gan_real, args.respacing)
         elif args.command == "evaluate":
             evaluate_folder(args.outputs, args.out, args.inputs, [m for m in args.metrics.split(",") if m],
                             args.id_model, args.id_threshold, args.fid_stats, args.niqe_variant, args.qalign)

@@ -33,6 +33,8 @@ FOLDERS = {
         ModelFolder("facemend_iqa", WEIGHT_EXTENSIONS + (".npz", ".mat"), "IQA metric weights and NIQE parameters"),
         ModelFolder("onestep_sr", WEIGHT_EXTENSIONS + (".pkl",), "one-step diffusion SR LoRAs and prompt embeddings "
                     "(tsdsr/ folder, osediff.pkl)"),
+        ModelFolder("facemend_priors", WEIGHT_EXTENSIONS, "diffusion priors and loss networks for adapting a "
+                    "restorer (DifFace iddpm_ffhq512, VGG-16 for LPIPS)"),
     )
 }
 
@@ -82,6 +84,14 @@ KNOWN_FILES = {
     "osediff.pkl": KnownFile(
         "onestep_sr", "https://github.com/cswry/OSEDiff (preset/models/osediff.pkl; Google Drive link in its README)",
         "Apache-2.0", "about 18 MB (4.4 M LoRA parameters in fp32, computed from the layout)"),
+    # Adaptation (pipelines/adapt): the FFHQ-512 diffusion prior and the LPIPS backbone.
+    "iddpm_ffhq512_ema500000.pth": KnownFile(
+        "facemend_priors", "https://github.com/zsyOAOA/DifFace/releases/download/V1.0/iddpm_ffhq512_ema500000.pth",
+        "NTU S-Lab License 1.0 (non-commercial; DifFace)", "about 640 MB (159.8 M parameters in fp32)"),
+    "vgg16-397923af.pth": KnownFile(
+        "facemend_priors", "https://download.pytorch.org/models/vgg16-397923af.pth (torchvision; a copy in "
+        "torchvision's cache, torch.hub.get_dir()/checkpoints/, is used too)", "BSD-3-Clause (torchvision)",
+        "528 MB"),
     # ComfyUI's own checkpoints/ folder (not registered by FaceMend; standalone: <models-dir>/checkpoints/).
     "sd3_medium.safetensors": KnownFile(
         "checkpoints", "https://huggingface.co/stabilityai/stable-diffusion-3-medium (gated; the _incl_clips "
@@ -232,3 +242,11 @@ def expected_path(folder: str, name: str) -> str:
     """Where `name` should go: in the first searched `folder` (for "missing files" messages)."""
     dirs = search_dirs(folder)
     return os.path.join(dirs[0] if dirs else os.path.join("models", folder), name)
+
+
+def output_directory() -> str:
+    """ComfyUI's output folder when hosted, else the current directory (for run folders such as adaptation's)."""
+    fp = _folder_paths()
+    if fp is not None and hasattr(fp, "get_output_directory"):
+        return fp.get_output_directory()
+    return os.path.abspath("output")

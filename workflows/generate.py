@@ -130,6 +130,29 @@ WORKFLOWS = {
             14: ("SaveImage", {"filename_prefix": "facemend_ntire_full"}, {"images": (13, 0)}),
         },
     },
+    "facemend_adapt": {
+        "title": "FaceMend adapt: fine-tune GFPGAN on a folder of your aligned faces (diffusion-prior pseudo "
+                 "targets), then restore a photo with the adapted model",
+        "nodes": {
+            **_DETECT_NODES,
+            4: ("FaceMend_RestorerLoader", {"model": "GFPGANv1.4.pth", "precision": "fp32"}, {}),
+            5: ("FaceMend_DiffusionPriorLoader", {"model": "iddpm_ffhq512_ema500000.pth"}, {}),
+            6: ("FaceMend_AdaptRestorer", {"name": "my_album", "steps": 2000, "learning_rate": 2e-5,
+                                           "lpips_weight": 0.1, "micro_batch": 4, "accumulate": 4,
+                                           "checkpoint_every": 250, "precision": "fp32", "start_step": 150,
+                                           "reg_end_step": 90, "down_factor": 8, "apply_filter": True,
+                                           "seed": 20000, "respacing": "250", "clip_denoised": True,
+                                           "folder": "album_faces", "gan_weight": 0.0,
+                                           "gan_real_folder": ""},
+                {"restorer": (4, 0), "prior": (5, 0)}),
+            7: ("FaceMend_RestoreFaces", {"visibility": 1.0, "fidelity": 0.5, "batch_size": 0, "seed": 0},
+                {"face_crops": (3, 0), "restorer": (6, 2)}),
+            8: ("FaceMend_PasteBack", {"feather": 0.1, "margin": 0.04, "interpolation": "bilinear"},
+                {"image": (1, 0), "face_crops": (7, 0), "alignment": (3, 1)}),
+            9: ("SaveImage", {"filename_prefix": "facemend_adapt"}, {"images": (8, 0)}),
+            10: ("SaveImage", {"filename_prefix": "facemend_adapt_loss"}, {"images": (6, 1)}),
+        },
+    },
 }
 
 
@@ -240,13 +263,16 @@ NOTE_MODELS = {
         "maniqa": "models/facemend_iqa/ckpt_koniq10k.pt (MANIQA)",
         "musiq": "models/facemend_iqa/musiq_koniq_ckpt-e95806b9.pth"}.get(v, f"models/facemend_iqa/ ({v})"),
     ("FaceMend_IDModelLoader", "model"): lambda v: f"models/insightface/{v} (ArcFace)",
+    ("FaceMend_DiffusionPriorLoader", "model"): lambda v: f"models/facemend_priors/{v} (DifFace prior)",
+    ("FaceMend_AdaptRestorer", "lpips_weight"): lambda v: ("models/facemend_priors/vgg16-397923af.pth (LPIPS; not "
+                                                          "needed with lpips_weight 0)") if v else None,
 }
 
 STAGE_TITLES = {
     "LoadImage": "Input", "FaceMend_DetectAlign": "Detect + align", "FaceMend_RestoreFaces": "Restore (coarse)",
     "FaceMend_OneStepSR": "One-step diffusion SR", "FaceMend_PerImageTune": "Per-image tuning",
     "FaceMend_ColorFix": "Colour fix", "FaceMend_PasteBack": "Paste back", "SaveImage": "Save",
-    "ImageScaleBy": "Upscale photo",
+    "ImageScaleBy": "Upscale photo", "FaceMend_AdaptRestorer": "Adapt the restorer",
 }
 GROUP_COLORS = ("#3f789e", "#8A8", "#a1309b", "#b06634", "#88A", "#b58b2a", "#A88", "#444")
 

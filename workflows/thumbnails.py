@@ -21,7 +21,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SIZE = (768, 432)  # the thumbnail (16:9, as the templates browser shows them)
 NEEDS = {"facemend_fast": "GFPGANv1.4.pth", "facemend_ntire": "GFPGAN v1.4, SD3-medium + TSD-SR",
-         "facemend_ntire_full": "GFPGAN v1.3, SD3-medium + TSD-SR, CLIP-IQA, MANIQA, ArcFace"}
+         "facemend_ntire_full": "GFPGAN v1.3, SD3-medium + TSD-SR, CLIP-IQA, MANIQA, ArcFace",
+         "facemend_adapt": "GFPGAN v1.4, the DifFace prior, LPIPS-VGG"}
 
 
 def _font(size):
@@ -82,6 +83,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--server", action="append", required=True)
     parser.add_argument("--real", action="store_true", help="the server has the real weights: run every template")
+    parser.add_argument("--only", nargs="*", default=None, help="render only these templates")
     parser.add_argument("--work", default=None, help="keep the runs here (a second call reuses finished outputs)")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT / "tests"))
@@ -101,7 +103,8 @@ def main(argv=None):
         bicubic = upscale_bicubic(degraded)
         before = Image.fromarray((bicubic[0].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy())
         small = Image.open(tmp / "in" / "astronaut.png").convert("RGB")
-        for name in ("facemend_demo", "facemend_fast", "facemend_ntire", "facemend_ntire_full"):
+        names = [a for a in args.only] if args.only else ["facemend_demo", *NEEDS]
+        for name in names:
             api = load_workflow(name)
             real = name == "facemend_demo" or args.real
             graph = api if real else detection_graph(api)

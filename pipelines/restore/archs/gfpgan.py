@@ -11,7 +11,8 @@ This is the network of the official GFPGAN v1.2 / v1.3 / v1.4 checkpoints (Tence
   convolution with the shared weight, scale the output channels by the demodulation factor) - the same function
   without per-sample weights; the demodulation factors come from the squared weights with one small float32
   matmul. For a single face the weight itself is modulated (float32), which saves two elementwise passes.
-- In-place activations/updates on freshly computed tensors (inference module: no per-layer copies).
+- In-place activations/updates on freshly computed tensors (inference module: no per-layer copies); with autograd
+  on (fine-tuning, pipelines/adapt) the same arithmetic runs out of place.
 - Half precision: styles and demodulation factors are always float32; for fp16/bf16 activations the styles and
   weights are normalised first (the scale cancels in the demodulation) so no intermediate can overflow, and
   the RGB skip branch is accumulated in float32.
@@ -35,6 +36,20 @@ from torch.nn import functional as F
 
 NOISE_MODES = ("random", "stored", "none")
 _HALF = (torch.float16, torch.bfloat16)
+
+
+# In-place updates of fresh activations save memory at inference; with autograd on (fine-tuning, pipelines/adapt)
+# they would overwrite values the backward pass needs, so the same arithmetic runs out of place there.
+def _lrelu(x: torch.Tensor) -> torch.Tensor:
+    return F.leaky_relu(x, 0.2) if torch.is_grad_enabled() else F.leaky_relu_(x, 0.2)
+
+
+def _add(x: torch.Tensor, y) -> torch.Tensor:
+    return x + y if torch.is_grad_enabled() else x.add_(y)
+
+
+def _mul(x: torch.Tensor, y) -> torch.Tensor:
+    return x * y if torch.is_grad_enabled() else x.mul_(y)
 
 
 @dataclass(frozen=True)
@@ -116,9 +131,9 @@ class ModulatedConv2d(nn.Module):
         if self.demodulate:
             w_sq = w.float().pow(2).sum(dim=(2, 3))                               # [out, in]
             out_scale = torch.rsqrt(s.pow(2) @ w_sq.t() + self.eps) * gain       # [B, out], float32
-            out.mul_(out_scale.to(out.dtype)[:, :, None, None])
+            out = _mul(out, out_scale.to(out.dtype)[:, :, None, None])
         elif gain != 1.0:
-            out.mul_(gain)
+            out = _mul(out, gain)
         return out
 
 
@@ -136,9 +151,9 @@ class StyleConv(nn.Module):
     def forward(self, x: torch.Tensor, latent: torch.Tensor, noise: Optional[torch.Tensor]) -> torch.Tensor:
         out = self.modulated_conv(x, latent, gain=math.sqrt(2.0))   # a fresh tensor: updated in place below
         if noise is not None:
-            out.add_(self.weight.to(out.dtype) * noise.to(out.dtype))
-        out.add_(self.bias.to(out.dtype))
-        return F.leaky_relu_(out, 0.2)
+            out = _add(out, self.weight.to(out.dtype) * noise.to(out.dtype))
+        out = _add(out, self.bias.to(out.dtype))
+        return _lrelu(out)
 
 
 class ToRGB(nn.Module):
@@ -158,11 +173,11 @@ class ToRGB(nn.Module):
             out = F.conv2d(x.float(), w * s[0][None, :, None, None])
         else:
             out = F.conv2d(x.float() * s[:, :, None, None], w)
-        out.add_(self.bias.float())
+        out = _add(out, self.bias.float())
         if skip is not None:
             if self.upsample:
                 skip = F.interpolate(skip, scale_factor=2, mode="bilinear", align_corners=False)
-            out.add_(skip)
+            out = _add(out, skip)
         return out
 
 
@@ -228,8 +243,11 @@ class StyleGAN2DecoderSFT(nn.Module):
     def _sft(out: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, half_only: bool) -> torch.Tensor:
         if not half_only:
             return out * scale + shift
+        half = out.shape[1] // 2
+        if torch.is_grad_enabled():
+            return torch.cat([out[:, :half], out[:, half:] * scale + shift], dim=1)
         # `out` is a fresh activation: modulate its second half in place (no concatenation copy).
-        out[:, out.shape[1] // 2:].mul_(scale).add_(shift)
+        out[:, half:].mul_(scale).add_(shift)
         return out
 
     def forward(self, latent: torch.Tensor, conditions: list, noise: list, input_is_latent: bool = True,
@@ -270,11 +288,11 @@ class ResBlock(nn.Module):
         self.factor = 0.5 if mode == "down" else 2.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.leaky_relu_(self.conv1(x), 0.2)
+        y = _lrelu(self.conv1(x))
         y = F.interpolate(y, scale_factor=self.factor, mode="bilinear", align_corners=False)
-        y = F.leaky_relu_(self.conv2(y), 0.2)
+        y = _lrelu(self.conv2(y))
         x = F.interpolate(x, scale_factor=self.factor, mode="bilinear", align_corners=False)
-        return y.add_(self.skip(x))
+        return _add(y, self.skip(x))
 
 
 class GFPGANv1Clean(nn.Module):
@@ -331,19 +349,19 @@ class GFPGANv1Clean(nn.Module):
         Extra keyword arguments (e.g. CodeFormer's fidelity) are accepted and ignored, like the official
         `weight=` argument that GFPGANer passes.
         """
-        feat = F.leaky_relu_(self.conv_body_first(x), 0.2)
+        feat = _lrelu(self.conv_body_first(x))
         skips = []
         for block in self.conv_body_down:
             feat = block(feat)
             skips.append(feat)
-        feat = F.leaky_relu_(self.final_conv(feat), 0.2)
+        feat = _lrelu(self.final_conv(feat))
         lin = self.final_linear
         style = F.linear(feat.flatten(1).float(), lin.weight.float(), lin.bias.float())   # style codes in float32
         if self.config.different_w:
             style = style.view(style.shape[0], -1, self.config.num_style_feat)
         conditions = []
         for i, block in enumerate(self.conv_body_up):
-            feat = block(feat.add_(skips[-1 - i]))             # feat is fresh; the skip is not used again
+            feat = block(_add(feat, skips[-1 - i]))            # feat is fresh; the skip is not used again
             conditions.append(self.condition_scale[i](feat))
             conditions.append(self.condition_shift[i](feat))
         if generator is None and noise == "random":

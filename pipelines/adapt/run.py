@@ -1,0 +1,81 @@
+"""The whole adaptation: restorer outputs -> pseudo targets -> fine-tuning -> a new restorer file.
+
+Pseudo targets are the slow part (150 prior steps per face); they are kept in the work folder (`targets.pt`,
+with the inputs they belong to) so that a resumed run neither recomputes them nor trains on different ones.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Callable, Optional
+
+import torch
+
+from ..io.errors import FaceMendError
+from .finetune import FinetuneConfig, FinetuneResult, Finetuner
+from .pseudo_targets import PseudoTargetConfig, PseudoTargetGenerator
+
+
+def _fingerprint(faces: torch.Tensor) -> str:
+    return hashlib.sha256(faces.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def make_or_load_targets(faces: torch.Tensor, restorer, generator: PseudoTargetGenerator, work_dir: str,
+                         batch_size: int = 1, hook: Optional[Callable[[int], None]] = None,
+                         log: Callable[[str], None] = lambda s: None) -> torch.Tensor:
+    """Pseudo targets of `faces` ([N,3,H,W] in [0,1]) in "general" mode: the reference is the restorer's output.
+    Cached in work_dir/targets.pt for the same faces and generator settings."""
+    os.makedirs(work_dir, exist_ok=True)
+    path = os.path.join(work_dir, "targets.pt")
+    key = {"faces": _fingerprint(faces), "config": repr(generator.config), "restorer": restorer.name}
+    if os.path.isfile(path):
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved.get("key") == repr(key):
+            log(f"pseudo targets from {path}")
+            return saved["targets"]
+        raise FaceMendError(f"{path} holds pseudo targets of other faces or settings; use another work folder.")
+    restored = restorer(faces, seed=0)
+    targets = generator(restored, batch_size=batch_size, callback=hook)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save({"key": repr(key), "targets": targets.cpu(), "restored": restored.cpu()}, tmp)
+    os.replace(tmp, path)
+    return targets
+
+
+def adapt_restorer(faces: torch.Tensor, restorer, generator: PseudoTargetGenerator, lpips_net,
+                   config: FinetuneConfig, name: str, output_path: str, work_dir: str, batch_size: int = 1,
+                   hook: Optional[Callable[[int], None]] = None, log: Callable[[str], None] = lambda s: None,
+                   gan_real: Optional[torch.Tensor] = None) -> tuple[FinetuneResult, torch.Tensor]:
+    """Returns (the fine-tuning result, the pseudo targets). hook(1) after every prior step per face batch and
+    every optimiser step (progress + interruption)."""
+    if os.path.exists(output_path):
+        raise FaceMendError(f"{output_path} exists; FaceMend never overwrites a model file. Choose another name.")
+    targets = make_or_load_targets(faces, restorer, generator, work_dir, batch_size, hook, log)
+    result = Finetuner(restorer, lpips_net, config).run(faces, targets, name, output_path, work_dir, hook=hook,
+                                                        log=log, gan_real=gan_real)
+    return result, targets
+
+
+def load_face_folder(folder: str, size: int) -> torch.Tensor:
+    """Aligned face crops of a folder as [N,3,size,size] in [0,1] (square images only; resized to `size`)."""
+    import torch.nn.functional as F
+
+    from ..io.errors import InvalidImage
+    from ..io.images import list_images, read_image
+
+    if not os.path.isdir(folder):
+        raise InvalidImage(f"face folder not found: {folder}")
+    paths = list_images(folder)
+    if not paths:
+        raise InvalidImage(f"{folder} holds no images (png, jpg, ...).")
+    faces = []
+    for p in paths:
+        img = read_image(p)[0]
+        h, w = img.shape[-2:]
+        if h != w:
+            raise InvalidImage(f"{p} is {w}x{h}: adaptation takes aligned square face crops (FFHQ template, e.g. "
+                               "512x512, as the FaceMend Detect + Align node outputs).")
+        if (h, w) != (size, size):
+            img = F.interpolate(img, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        faces.append(img.clamp(0, 1))
+    return torch.cat(faces)
