@@ -109,11 +109,14 @@ def _run(urls, workflow, inputs, out, overrides=(), **kw):
     return runner, runner.run([inputs])
 
 
-@pytest.mark.parametrize("preset", ["demo", "fast", "ntire", "ntire_full"])
-def test_every_shipped_api_graph_runs_with_random_weight_files(servers, photos, tmp_path, preset):
-    from facemend.client.workflow import shipped_presets
+SHIPPED = sorted(p.stem.removeprefix("facemend_") for p in (ROOT / "workflows" / "api").glob("facemend_*.json"))
 
-    assert preset in shipped_presets()
+
+@pytest.mark.parametrize("preset", SHIPPED)
+def test_every_shipped_api_graph_runs_with_random_weight_files(servers, photos, tmp_path, preset):
+    if preset == "adapt":
+        pytest.skip("adapt needs a folder of faces and a DifFace prior in the official layout in the server's "
+                    "folders: not wired here yet (tests/test_adapt_nodes_cli.py runs its nodes)")
     overrides = list(FAST)
     if preset == "ntire_full":
         # MANIQA's architecture is fixed at 136M parameters (a 545 MB random file): its slot gets a second small
