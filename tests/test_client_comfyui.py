@@ -58,6 +58,28 @@ def _tiny_models(root):
                                 torch.nn.Linear(16 * 28 * 28, 512)).eval()
     torch.onnx.export(idnet, torch.rand(1, 3, 112, 112), str(arcface), input_names=["input.1"],
                       output_names=["embedding"], dynamic_axes={"input.1": {0: "N"}}, dynamo=False)
+    # adapt: a small guided-diffusion UNet in the DifFace prior's key layout, random VGG-16 features for LPIPS,
+    # and a folder of two aligned faces (64 px) to adapt to.
+    pytest.importorskip("lpips")
+    import torchvision
+
+    from facemend.pipelines.adapt.prior import PriorUNet, PriorUNetConfig
+
+    (root / "facemend_priors").mkdir()
+    prior = PriorUNet(PriorUNetConfig(image_size=512, model_channels=32, channel_mult=(1, 1, 1, 1, 1, 2),
+                                      num_res_blocks=(1, 1, 1, 1, 1, 1), attention_resolutions=(16,),
+                                      num_head_channels=64))
+    torch.save({f"module.{k}": v for k, v in prior.state_dict().items()},
+               root / "facemend_priors" / "iddpm_ffhq512_ema500000.pth")
+    feats = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])
+    torch.save({f"features.{k}": v for k, v in feats.state_dict().items()},
+               root / "facemend_priors" / "vgg16-397923af.pth")
+    faces = root.parent / f"{root.name}_album"
+    faces.mkdir()
+    src = need_shared("faces", "aligned_lq_real")
+    for n in sorted(os.listdir(src))[:1]:
+        Image.open(src / n).convert("RGB").resize((64, 64), Image.BICUBIC).save(faces / n)
+    return faces
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +89,7 @@ def servers(tmp_path_factory):
     if reason:
         pytest.skip(reason)
     models = tmp_path_factory.mktemp("models")
-    _tiny_models(models)
+    album = _tiny_models(models)
     started = []
     try:
         for name in ("steady", "victim"):
@@ -75,7 +97,7 @@ def servers(tmp_path_factory):
             started.append(ComfyServer(tmp_path_factory.mktemp(name), port, models))
         for s in started:
             s.wait_ready()
-        yield dict(zip(("steady", "victim"), started))
+        yield dict(zip(("steady", "victim"), started), album=album)
     finally:
         for s in started:
             s.stop()
@@ -114,10 +136,13 @@ SHIPPED = sorted(p.stem.removeprefix("facemend_") for p in (ROOT / "workflows" /
 
 @pytest.mark.parametrize("preset", SHIPPED)
 def test_every_shipped_api_graph_runs_with_random_weight_files(servers, photos, tmp_path, preset):
-    if preset == "adapt":
-        pytest.skip("adapt needs a folder of faces and a DifFace prior in the official layout in the server's "
-                    "folders: not wired here yet (tests/test_adapt_nodes_cli.py runs its nodes)")
     overrides = list(FAST)
+    if preset == "adapt":  # one prior step, two training steps: the wiring, not the quality
+        overrides += [f"FaceMend_AdaptRestorer.folder={servers['album']}", "FaceMend_AdaptRestorer.steps=2",
+                      "FaceMend_AdaptRestorer.micro_batch=1", "FaceMend_AdaptRestorer.accumulate=2",
+                      "FaceMend_AdaptRestorer.checkpoint_every=1", "FaceMend_AdaptRestorer.start_step=1",
+                      "FaceMend_AdaptRestorer.reg_end_step=1", "FaceMend_AdaptRestorer.down_factor=16",
+                      f"FaceMend_AdaptRestorer.name=\"album_{os.getpid()}\""]
     if preset == "ntire_full":
         # MANIQA's architecture is fixed at 136M parameters (a 545 MB random file): its slot gets a second small
         # CLIP-IQA here; MANIQA's own loading is tested in test_iqa_metrics.py.
