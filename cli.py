@@ -23,11 +23,13 @@ DEMO_TUNE_STEPS = 200  # ZSSR steps of the demo preset: about 15 s per batch of 
 def build_pipeline(preset: str = "demo", detector: str = EMBEDDED_MTCNN, device=None, restorer: str | None = None,
                    precision: str = "auto", tune_steps: int = DEMO_TUNE_STEPS, seed: int = 0,
                    onestep_base: str | None = None, onestep_lora: str | None = None,
-                   **options) -> FaceRestorePipeline:
+                   reference: list | None = None, id_scale: float | None = None, steps: int = 50,
+                   cfg: float = 4.0, **options) -> FaceRestorePipeline:
     """The Python API: a ready pipeline for `preset`, models resolved through the model search path.
     `restorer` overrides the preset's restorer file (a name in facerestore_models/ or a path); `tune_steps`
     is the demo preset's ZSSR step count; `onestep_base` / `onestep_lora` the ntire preset's SD3 folder (in
-    diffusers/) and TSD-SR folder (in onestep_sr/)."""
+    diffusers/) and TSD-SR folder (in onestep_sr/). id_preserve: `reference` photo paths of the person, `id_scale`
+    a fixed ID scale instead of the adaptive one (which needs MUSIQ's weights), `steps` / `cfg` of the sampler."""
     if preset not in PRESETS:
         raise FaceMendError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     device = torch.device(device) if device else dev.compute_device()
@@ -57,6 +59,9 @@ def build_pipeline(preset: str = "demo", detector: str = EMBEDDED_MTCNN, device=
         options.setdefault("color_reference", "restore")  # AIIA: wavelet fix against the GFPGAN output
     if preset == "ntire_full":
         stages.append(("ntire_tune", _ntire_tune_stage(seed)))
+    if preset == "id_preserve":
+        stages.append(("restorer_id", _identity_stage(det, device, precision, reference, id_scale, steps, cfg,
+                                                      seed or 42)))
     return FaceRestorePipeline(detector=det, face_stages=stages, **options)
 
 
@@ -94,6 +99,33 @@ def _ntire_tune_stage(seed=0, steps=0, **config):
         config.steps = int(steps)
     tuner = NTIRETune(config, quality_losses=losses, score_fn=score, id_similarity=_id_similarity(id_model))
     return lambda faces: tuner(faces, seed=seed, hook=lambda k=1: dev.check_interrupt())[0]
+
+
+def _identity_stage(detector, device, precision, reference, id_scale, steps, cfg, seed):
+    """RestorerID with the reference photos' identity; per-face MUSIQ scale unless id_scale is given."""
+    from .nodes.identity import load_restorer_id
+    from .nodes.quality import open_id_model, open_metric
+    from .pipelines.identity.reference import combine, reference_identity
+    from .pipelines.identity.stage import IdentityStage
+
+    if not reference:
+        raise FaceMendError("preset id_preserve needs --reference photo.jpg [...]: one or more photos of the person")
+    arcface = open_id_model()
+    refs = []
+    for path in reference:
+        image, _ = read_image(path)
+        try:
+            refs.append(reference_identity(image.to(device), detector, arcface))
+        except FaceMendError as exc:
+            raise FaceMendError(f"{path}: {exc}") from exc
+    ref = combine(refs)
+    for entry, path in zip(ref.report, reference):
+        entry["reference"] = path
+    musiq = None if id_scale is not None else open_metric("musiq")
+    model = load_restorer_id(precision=precision)
+    model.to(device)
+    return IdentityStage(model, ref, arcface, musiq=musiq, fixed_scale=id_scale, steps=steps, cfg=cfg, seed=seed,
+                         hook=lambda n=1: dev.check_interrupt())
 
 
 def restore_files(inputs: list[str], out_dir: str, pipeline: FaceRestorePipeline, device=None,
@@ -273,6 +305,12 @@ def main(argv=None) -> int:
                            "models/checkpoints/ (sd3_medium.safetensors)")
     p_restore.add_argument("--onestep-lora", default=None, help="preset ntire: TSD-SR folder in models/onestep_sr/ "
                            "(default tsdsr)")
+    p_restore.add_argument("--reference", nargs="+", default=None, metavar="PHOTO",
+                           help="preset id_preserve: one or more photos of the person (largest face of each)")
+    p_restore.add_argument("--id-scale", type=float, default=None, help="preset id_preserve: a fixed ID scale "
+                           "instead of the adaptive exp((9.5 - MUSIQ)/10) per face")
+    p_restore.add_argument("--steps", type=int, default=50, help="preset id_preserve: DDIM steps (default 50)")
+    p_restore.add_argument("--cfg", type=float, default=4.0, help="preset id_preserve: guidance (default 4)")
     p_restore.add_argument("--report", default=None, help="write a JSON report here")
     p_restore.add_argument("--tune-steps", type=int, default=DEMO_TUNE_STEPS,
                            help=f"ZSSR steps of the demo preset (default {DEMO_TUNE_STEPS})")
@@ -354,7 +392,9 @@ def main(argv=None) -> int:
                 raise FaceMendError(f"no images found in {', '.join(args.inputs)}")
             pipeline = build_pipeline(args.preset, args.detector, restorer=args.restorer, precision=args.precision,
                                       selection=args.selection, tune_steps=args.tune_steps,
-                                      onestep_base=args.onestep_base, onestep_lora=args.onestep_lora)
+                                      onestep_base=args.onestep_base, onestep_lora=args.onestep_lora,
+                                      reference=args.reference, id_scale=args.id_scale, steps=args.steps,
+                                      cfg=args.cfg)
             reports = restore_files(files, args.out, pipeline)
             if args.report:
                 with open(args.report, "w") as f:

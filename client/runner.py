@@ -23,7 +23,7 @@ from pathlib import Path
 from .progress import Progress
 from .server import PromptRejected, Server, ServerBusy, ServerUnavailable
 from .websocket import WebSocket, WebSocketClosed
-from .workflow import image_input_node, with_image
+from .workflow import image_input_node, local_files, with_image
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 REPORT_NAME = "facemend_api_report.json"
@@ -100,6 +100,7 @@ class _ServerState:
         self.dead: str | None = None
         self.waiters: dict = {}
         self.inflight: set = set()
+        self.uploaded: dict = {}
         self.lock = threading.Lock()
         self.stop = stop
         self.ws_ok = False
@@ -158,6 +159,7 @@ class Runner:
             raise ValueError("give at least one ComfyUI server URL")
         self.graph = graph
         self.image_node = image_input_node(graph, image_node)
+        self.local_files = local_files(graph)  # "@path" inputs: uploaded once per server
         self.images_out = _has_image_outputs(graph)
         self.out_dir = Path(out_dir)
         self.per_server = max(1, int(per_server))
@@ -330,6 +332,12 @@ class Runner:
         data = job.path.read_bytes()
         upload = server.upload_image(data, f"facemend_{self.run_id}_{job.name}{job.path.suffix.lower()}")
         graph = with_image(self.graph, self.image_node, upload)
+        for (nid, name), path in self.local_files.items():
+            key = ("file", str(path))
+            if key not in st.uploaded:
+                st.uploaded[key] = server.upload_image(path.read_bytes(),
+                                                       f"facemend_{self.run_id}_ref_{path.name}")
+            graph[nid]["inputs"][name] = st.uploaded[key]
         pid = str(uuid.uuid4())
         events: queue.Queue = queue.Queue()
         with st.lock:

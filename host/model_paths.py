@@ -35,6 +35,10 @@ FOLDERS = {
                     "(tsdsr/ folder, osediff.pkl)"),
         ModelFolder("facemend_priors", WEIGHT_EXTENSIONS, "diffusion priors and loss networks for adapting a "
                     "restorer (DifFace iddpm_ffhq512, VGG-16 for LPIPS)"),
+        ModelFolder("restorer_id", WEIGHT_EXTENSIONS, "RestorerID checkpoints (RestorerIDFull.ckpt)"),
+        # Shared with ComfyUI_IPAdapter_plus (models/ipadapter/) and ComfyUI itself (models/clip_vision/).
+        ModelFolder("ipadapter", WEIGHT_EXTENSIONS, "IP-Adapter files (ip-adapter-faceid-plus_sd15.bin)"),
+        ModelFolder("clip_vision", WEIGHT_EXTENSIONS, "CLIP image encoders (CLIP-ViT-H-14, file or folder)"),
     )
 }
 
@@ -125,6 +129,22 @@ KNOWN_FILES = {
         "insightface", "the insightface antelopev2 pack (python-package model zoo; unzip to "
         "models/insightface/models/antelopev2/)", "insightface models: non-commercial research only",
         "part of the antelopev2 pack"),
+    # RestorerID (identity preservation from a reference photo).
+    "RestorerIDFull.ckpt": KnownFile(
+        "restorer_id", "https://huggingface.co/YingJiacheng/RestorerID (ckpt/RestorerIDFull.ckpt)",
+        "not stated on the model card (code README: Apache-2.0, but derived from StableSR: S-Lab 1.0, "
+        "non-commercial)", "about 4.5 GB (1.02 B + 52 M + 84 M parameters in fp32, computed from the layout; "
+        "larger if it includes the text and image encoders)"),
+    "ip-adapter-faceid-plus_sd15.bin": KnownFile(
+        "ipadapter", "https://huggingface.co/h94/IP-Adapter-FaceID (ip-adapter-faceid-plus_sd15.bin)",
+        "research / non-commercial only (IP-Adapter-FaceID model card; depends on insightface models)",
+        "about 150 MB (image_proj 33 M + LoRA/ip 45 M parameters in fp16)"),
+    "CLIP-ViT-H-14-laion2B-s32B-b79K": KnownFile(
+        "clip_vision", "https://huggingface.co/laion/CLIP-ViT-H-14-laion2B-s32B-b79K (folder with config.json + "
+        "model.safetensors; or h94/IP-Adapter models/image_encoder/)", "MIT", "about 2.5 GB in fp32 (632 M parameters)"),
+    "stable-diffusion-v1-5": KnownFile(
+        "diffusers", "https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5 (only text_encoder/ and "
+        "tokenizer/ are read)", "CreativeML OpenRAIL-M", "about 490 MB (text_encoder in fp32)"),
 }
 
 _standalone_dirs: list[str] = []

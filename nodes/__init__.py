@@ -1,10 +1,10 @@
 """ComfyUI adapters, one module per stage. Node ids (the mapping keys) and input names are permanent API: never
 rename them; new inputs are optional and appended."""
-from . import adapt, color, diffusion, face, quality, restore, tune
+from . import adapt, color, diffusion, face, identity, quality, restore, tune
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}
-for _module in (face, restore, tune, color, quality, diffusion, adapt):
+for _module in (face, restore, tune, color, quality, diffusion, identity, adapt):
     for _id, (_cls, _name) in _module.NODES.items():
         NODE_CLASS_MAPPINGS[_id] = _cls
         NODE_DISPLAY_NAME_MAPPINGS[_id] = _name

@@ -46,6 +46,16 @@ PRESETS = {
                                     ("diffusers", "stable-diffusion-3-medium-diffusers"), ("onestep_sr", "tsdsr"),
                                     ("facemend_iqa", "RN50.pt"), ("facemend_iqa", "ckpt_koniq10k.pt"),
                                     ("insightface", "models/buffalo_l/w600k_r50.onnx"))),
+    "id_preserve": PresetSpec("id_preserve", "identity preservation from reference photos (--reference): detect -> "
+                                             "align -> RestorerID (50 DDIM steps, CFG 4) with the reference's ArcFace "
+                                             "+ CLIP tokens and the adaptive ID scale exp((9.5 - MUSIQ)/10) per face "
+                                             "-> wavelet colour fix against the input crops -> paste-back",
+                              needs=(("restorer_id", "RestorerIDFull.ckpt"),
+                                     ("ipadapter", "ip-adapter-faceid-plus_sd15.bin"),
+                                     ("clip_vision", "CLIP-ViT-H-14-laion2B-s32B-b79K"),
+                                     ("diffusers", "stable-diffusion-v1-5"),
+                                     ("insightface", "models/buffalo_l/w600k_r50.onnx"),
+                                     ("facemend_iqa", "musiq_koniq_ckpt-e95806b9.pth"))),
 }
 
 
@@ -92,6 +102,8 @@ class FaceRestorePipeline:
             restored = stage(restored)
             outputs[name] = restored
             report["timings_s"][name] = time.perf_counter() - t
+            if getattr(stage, "last_report", None):  # per-face figures of stages that keep them (id_preserve)
+                report[name] = stage.last_report
         if self.color_reference not in outputs:
             raise ValueError(f"colour reference {self.color_reference!r} is not 'input' or a stage of this pipeline "
                              f"({', '.join(outputs)})")

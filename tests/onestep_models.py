@@ -91,7 +91,7 @@ def tiny_unet():
                                 attention_head_dim=4, norm_num_groups=4, use_linear_projection=True).eval()
 
 
-def _tiny_text_encoder(folder):
+def _tiny_text_encoder(folder, hidden=16):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
     import json
 
@@ -111,7 +111,7 @@ def _tiny_text_encoder(folder):
     os.remove(vf)
     os.remove(mf)
     torch.manual_seed(5)
-    cfg = CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+    cfg = CLIPTextConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
                          num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
                          pad_token_id=1)
     CLIPTextModel(cfg).eval().save_pretrained(os.path.join(folder, "text_encoder"))

@@ -46,9 +46,11 @@ def test_the_load_image_node_is_found_or_must_be_named():
     graph = load_workflow("fast")
     assert image_input_node(graph) == "1"
     two = dict(graph, **{"99": {"class_type": "LoadImage", "inputs": {"image": "b.png"}}})
+    assert image_input_node(two) == "1"  # titled "input" in the shipped API graphs
+    untitled = {k: dict(v, _meta={"title": v["class_type"]}) for k, v in two.items()}
     with pytest.raises(WorkflowError, match="--image-node"):
-        image_input_node(two)
-    assert image_input_node(two, "99") == "99"
+        image_input_node(untitled)
+    assert image_input_node(untitled, "99") == "99"
 
 
 def test_prompt_errors_read_like_comfyui_wrote_them():
@@ -133,3 +135,16 @@ def test_a_silent_server_is_busy_and_a_closed_port_is_gone():
     with pytest.raises(ServerUnavailable) as err:
         closed.get_json("/system_stats")
     assert not isinstance(err.value, ServerBusy) and not closed.alive()
+
+
+def test_the_titled_photo_input_wins_and_at_paths_are_local_files(tmp_path):
+    from facemend.client.workflow import local_files
+
+    graph = load_workflow("id_preserve")
+    assert image_input_node(graph) == "1"  # the reference LoadImage (4) is not the photo
+    ref = tmp_path / "ref.jpg"
+    ref.write_bytes(b"x")
+    patched = apply_overrides(graph, [f"4.image=@{ref}"])
+    assert local_files(patched) == {("4", "image"): ref}
+    with pytest.raises(WorkflowError, match="does not exist"):
+        local_files(apply_overrides(graph, ["4.image=@/nonexistent/ref.jpg"]))

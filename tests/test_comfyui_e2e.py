@@ -24,9 +24,17 @@ COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 
 
 def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """Any free port, or the first free one of FACEMEND_TEST_PORTS=lo-hi (machines where ports are shared out)."""
+    span = os.environ.get("FACEMEND_TEST_PORTS")
+    candidates = range(int(span.split("-")[0]), int(span.split("-")[1]) + 1) if span else [0]
+    for port in candidates:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError(f"no free port in FACEMEND_TEST_PORTS={span}")
 
 
 def _get(url, timeout=10):

@@ -153,6 +153,33 @@ WORKFLOWS = {
             10: ("SaveImage", {"filename_prefix": "facemend_adapt_loss"}, {"images": (6, 1)}),
         },
     },
+    "facemend_id_preserve": {
+        "title": "FaceMend id_preserve: detect -> align -> RestorerID with a reference photo of the person and the "
+                 "adaptive ID scale exp((9.5 - MUSIQ)/10) per face -> wavelet colour fix -> paste back",
+        "nodes": {
+            **_DETECT_NODES,
+            4: ("LoadImage", {"image": "reference.png", "upload": "image"}, {}),
+            5: ("FaceMend_IDModelLoader", {"model": "models/buffalo_l/w600k_r50.onnx"}, {}),
+            6: ("FaceMend_IQALoader", {"metric": "musiq", "weights_file": "default", "niqe_variant": "pyiqa"},
+                {}),
+            7: ("FaceMend_RestorerIDLoader", {"checkpoint": "RestorerIDFull.ckpt",
+                                              "ip_adapter": "ip-adapter-faceid-plus_sd15.bin",
+                                              "clip_vision": "CLIP-ViT-H-14-laion2B-s32B-b79K",
+                                              "text_encoder": "stable-diffusion-v1-5", "precision": "auto"}, {}),
+            8: ("FaceMend_RestorerIDRestore", {"id_scale": 0.75, "seed": 42, "steps": 50, "cfg": 4.0, "alpha": 9.5,
+                                               "beta": 10.0, "prompt": "best quality, high quality",
+                                               "negative_prompt": "cartoon, 3d, paint, monochrome, lowres, bad "
+                                                                  "anatomy, worst quality, low quality",
+                                               "batch_size": 0},
+                {"face_crops": (3, 0), "restorer_id": (7, 0), "reference": (4, 0), "detector": (2, 0),
+                 "id_model": (5, 0), "musiq_metric": (6, 0)}),
+            9: ("FaceMend_ColorFix", {"method": "wavelet", "strength": 1.0},
+                {"image": (8, 0), "reference": (3, 0)}),
+            10: ("FaceMend_PasteBack", {"feather": 0.1, "margin": 0.04, "interpolation": "bilinear"},
+                 {"image": (1, 0), "face_crops": (9, 0), "alignment": (3, 1)}),
+            11: ("SaveImage", {"filename_prefix": "facemend_id_preserve"}, {"images": (10, 0)}),
+        },
+    },
 }
 
 
@@ -263,6 +290,10 @@ NOTE_MODELS = {
         "maniqa": "models/facemend_iqa/ckpt_koniq10k.pt (MANIQA)",
         "musiq": "models/facemend_iqa/musiq_koniq_ckpt-e95806b9.pth"}.get(v, f"models/facemend_iqa/ ({v})"),
     ("FaceMend_IDModelLoader", "model"): lambda v: f"models/insightface/{v} (ArcFace)",
+    ("FaceMend_RestorerIDLoader", "checkpoint"): lambda v: f"models/restorer_id/{v} (RestorerID)",
+    ("FaceMend_RestorerIDLoader", "ip_adapter"): lambda v: f"models/ipadapter/{v}",
+    ("FaceMend_RestorerIDLoader", "clip_vision"): lambda v: f"models/clip_vision/{v}/",
+    ("FaceMend_RestorerIDLoader", "text_encoder"): lambda v: f"models/diffusers/{v}/ (its text encoder)",
     ("FaceMend_DiffusionPriorLoader", "model"): lambda v: f"models/facemend_priors/{v} (DifFace prior)",
     ("FaceMend_AdaptRestorer", "lpips_weight"): lambda v: ("models/facemend_priors/vgg16-397923af.pth (LPIPS; not "
                                                           "needed with lpips_weight 0)") if v else None,
@@ -273,6 +304,7 @@ STAGE_TITLES = {
     "FaceMend_OneStepSR": "One-step diffusion SR", "FaceMend_PerImageTune": "Per-image tuning",
     "FaceMend_ColorFix": "Colour fix", "FaceMend_PasteBack": "Paste back", "SaveImage": "Save",
     "ImageScaleBy": "Upscale photo", "FaceMend_AdaptRestorer": "Adapt the restorer",
+    "FaceMend_RestorerIDRestore": "Identity restore (RestorerID)",
 }
 GROUP_COLORS = ("#3f789e", "#8A8", "#a1309b", "#b06634", "#88A", "#b58b2a", "#A88", "#444")
 
@@ -407,7 +439,13 @@ def build_all() -> dict:
     files = {}
     for name, wf in WORKFLOWS.items():
         files[f"example_workflows/{name}.json"] = ui_format(wf, classes, version)
-        files[f"workflows/api/{name}.json"] = api_format(wf, classes)
+        api = api_format(wf, classes)
+        for nid, node in api.items():  # the photo input, for headless clients (a graph may load other images)
+            if node["class_type"] == "LoadImage" and any(
+                    n["class_type"] == "FaceMend_DetectAlign" and n["inputs"].get("image") == [nid, 0]
+                    for n in api.values()):
+                node["_meta"] = {"title": "input"}
+        files[f"workflows/api/{name}.json"] = api
         if name in LEGACY:
             files[f"workflows/{name}.json"] = legacy_ui_format(wf, classes)
             files[f"workflows/{name}_api.json"] = api_format(wf, classes)

@@ -22,7 +22,8 @@ ROOT = HERE.parent
 SIZE = (768, 432)  # the thumbnail (16:9, as the templates browser shows them)
 NEEDS = {"facemend_fast": "GFPGANv1.4.pth", "facemend_ntire": "GFPGAN v1.4, SD3-medium + TSD-SR",
          "facemend_ntire_full": "GFPGAN v1.3, SD3-medium + TSD-SR, CLIP-IQA, MANIQA, ArcFace",
-         "facemend_adapt": "GFPGAN v1.4, the DifFace prior, LPIPS-VGG"}
+         "facemend_adapt": "GFPGAN v1.4, the DifFace prior, LPIPS-VGG",
+         "facemend_id_preserve": "RestorerID, IP-Adapter-FaceID, CLIP-ViT-H, SD-1.5, ArcFace, MUSIQ"}
 
 
 def _font(size):
@@ -58,8 +59,11 @@ def compose(left, right, left_label, right_label, footer):
 
 def detection_graph(api: dict) -> dict:
     """The template's LoadImage -> detector -> detect + align, saving the aligned face crops."""
+    from facemend.client.workflow import image_input_node
+
+    photo = image_input_node(api)
     keep = {nid: copy.deepcopy(n) for nid, n in api.items()
-            if n["class_type"] in ("LoadImage", "FaceMend_DetectorLoader", "FaceMend_DetectAlign")}
+            if nid == photo or n["class_type"] in ("FaceMend_DetectorLoader", "FaceMend_DetectAlign")}
     align = next(nid for nid, n in keep.items() if n["class_type"] == "FaceMend_DetectAlign")
     keep["900"] = {"class_type": "SaveImage", "inputs": {"images": [align, 0], "filename_prefix": "crops"}}
     return keep

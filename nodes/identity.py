@@ -1,0 +1,235 @@
+"""Nodes: RestorerID loader, adaptive ID scale, and restoration of face crops from a reference photo."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+
+from ..host import device as dev
+from ..host.model_paths import find_dir, find_file, list_dirs, list_files, missing_file_message
+from ..pipelines.io.errors import ModelFileNotFound
+from .common import CATEGORY, bchw_to_image, image_to_bchw
+
+DEFAULT_CKPT = "RestorerIDFull.ckpt"
+DEFAULT_IP_ADAPTER = "ip-adapter-faceid-plus_sd15.bin"
+DEFAULT_CLIP_VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K"
+DEFAULT_TEXT_ENCODER = "stable-diffusion-v1-5"
+_cache: dict = {}
+
+
+def _file_or_dir(folder: str, name: str) -> str:
+    path = find_dir(folder, name)
+    if path is None:
+        path = find_file(folder, name) if os.path.splitext(name)[1] else None
+    if path is None:
+        raise ModelFileNotFound(missing_file_message(folder, name))
+    return path
+
+
+def load_restorer_id(checkpoint=DEFAULT_CKPT, ip_adapter=DEFAULT_IP_ADAPTER, clip_vision=DEFAULT_CLIP_VISION,
+                     text_encoder=DEFAULT_TEXT_ENCODER, precision="auto"):
+    """Resolve the four sources in the models folders and load RestorerID (cached; one resident at a time)."""
+    from ..pipelines.identity.restorer import RestorerID
+
+    paths = dict(checkpoint=find_file("restorer_id", checkpoint), ip_adapter=find_file("ipadapter", ip_adapter),
+                 image_encoder=_file_or_dir("clip_vision", clip_vision))
+    if os.path.splitext(text_encoder)[1].lower() in (".safetensors", ".ckpt", ".pt", ".pth"):
+        paths["text_encoder"] = find_file("checkpoints", text_encoder)  # an SD-1.x single file
+    else:
+        paths["text_encoder"] = find_dir("diffusers", text_encoder)
+        if paths["text_encoder"] is None:
+            raise ModelFileNotFound(missing_file_message("diffusers", text_encoder))
+    device = dev.compute_device()
+    dtype = dev.resolve_dtype(precision, device)
+    key = tuple((p, os.path.getmtime(p)) for p in paths.values()) + (str(device), dtype)
+    if key not in _cache:
+        _cache.clear()  # 1.2 B parameters: never two resident
+        dev.soft_empty_cache()
+        where = dev.offload_device() if dev.is_hosted() else device
+        _cache[key] = RestorerID.load(**paths, device=where, dtype=dtype)
+    return _cache[key]
+
+
+class RestorerIDLoader:
+    DESCRIPTION = ("Loads RestorerID (identity-preserving face restoration from a reference photo): "
+                   "RestorerIDFull.ckpt from models/restorer_id/, ip-adapter-faceid-plus_sd15.bin from "
+                   "models/ipadapter/, CLIP-ViT-H-14 from models/clip_vision/ (folder or file) and SD-1.5's text "
+                   "encoder from a diffusers folder in models/diffusers/. The IP-Adapter-FaceID weights and the "
+                   "insightface ArcFace models are non-commercial.")
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("RESTORER_ID",)
+    RETURN_NAMES = ("restorer_id",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        def choices(names, default):
+            return sorted(set(names) | {default})
+
+        return {"required": {
+            "checkpoint": (choices(list_files("restorer_id"), DEFAULT_CKPT), {"default": DEFAULT_CKPT, "tooltip":
+                           "RestorerIDFull.ckpt (or a safetensors conversion) in models/restorer_id/. Plain SD-1.5 "
+                           "or GFPGAN files are refused with what they are."}),
+            "ip_adapter": (choices(list_files("ipadapter"), DEFAULT_IP_ADAPTER), {"default": DEFAULT_IP_ADAPTER,
+                           "tooltip": "ip-adapter-faceid-plus_sd15.bin in models/ipadapter/ (its image_proj part "
+                                      "turns the reference into ID tokens)."}),
+            "clip_vision": (choices(list_dirs("clip_vision") + list_files("clip_vision"), DEFAULT_CLIP_VISION),
+                            {"default": DEFAULT_CLIP_VISION, "tooltip":
+                             "CLIP-ViT-H-14 (laion2B) in models/clip_vision/: the transformers folder or the single "
+                             "safetensors file."}),
+            "text_encoder": (choices(list_dirs("diffusers") + list_files("checkpoints"), DEFAULT_TEXT_ENCODER),
+                             {"default": DEFAULT_TEXT_ENCODER, "tooltip":
+                              "A Stable Diffusion 1.5 diffusers folder in models/diffusers/ (only text_encoder/ and "
+                              "tokenizer/ are read), or an SD-1.5 single-file checkpoint in models/checkpoints/ "
+                              "(its text encoder, with ComfyUI's own SD-1 tokenizer)."}),
+            "precision": (["auto", "fp32", "fp16", "bf16"], {"default": "auto", "tooltip":
+                          "auto: fp16 on GPUs (the official autocast setting), fp32 on CPU. GroupNorm runs in "
+                          "fp32 either way."}),
+        }}
+
+    def load(self, checkpoint, ip_adapter, clip_vision, text_encoder, precision="auto"):
+        return (load_restorer_id(checkpoint, ip_adapter, clip_vision, text_encoder, precision),)
+
+
+class AdaptiveIDScale:
+    DESCRIPTION = ("RestorerID's adaptive ID scale: lambda = exp((alpha - MUSIQ) / beta) from the MUSIQ score of "
+                   "the degraded input (wire the IQA score node's mean_score with metric musiq). Low quality leans "
+                   "on the reference (MUSIQ 9.5 -> 1.0), good quality hardly (27.6 -> 0.164, 40 -> 0.047).")
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("FLOAT",)
+    RETURN_NAMES = ("id_scale",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "musiq": ("FLOAT", {"default": 27.6, "min": 0.0, "max": 100.0, "step": 0.01,
+                      "tooltip": "MUSIQ (KonIQ, 0..100) of the LQ input, e.g. the IQA score node's mean_score."}),
+            "mode": (["adaptive", "fixed"], {"default": "adaptive", "tooltip":
+                     "adaptive: exp((alpha - musiq) / beta); fixed: always fixed_scale."}),
+            "alpha": ("FLOAT", {"default": 9.5, "min": -100.0, "max": 100.0, "step": 0.1, "tooltip":
+                      "MUSIQ at which the scale is 1 (official 9.5)."}),
+            "beta": ("FLOAT", {"default": 10.0, "min": 0.1, "max": 100.0, "step": 0.1, "tooltip":
+                     "MUSIQ points per factor e (official 10)."}),
+        }, "optional": {
+            "min_scale": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0, "step": 0.01, "tooltip":
+                          "Lower clamp (0: none, as the official code)."}),
+            "max_scale": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0, "step": 0.01, "tooltip":
+                          "Upper clamp (0: none; the official code lets very bad inputs exceed 1)."}),
+            "fixed_scale": ("FLOAT", {"default": 0.75, "min": 0.0, "max": 10.0, "step": 0.01, "tooltip":
+                            "The scale in fixed mode (0.75 is what RestorerID was trained with)."}),
+        }}
+
+    def run(self, musiq, mode="adaptive", alpha=9.5, beta=10.0, min_scale=0.0, max_scale=0.0, fixed_scale=0.75):
+        from ..pipelines.identity.adaptive_scale import adaptive_id_scale
+
+        if mode == "fixed":
+            return (float(fixed_scale),)
+        return (adaptive_id_scale(float(musiq), alpha, beta, min_scale or None, max_scale or None),)
+
+
+def _id_similarity(id_model, faces: torch.Tensor, ref) -> list:
+    from ..pipelines.identity.stage import similarity_to_reference
+
+    return [round(float(v), 5) for v in similarity_to_reference(id_model, faces, ref)]
+
+
+class RestorerIDRestore:
+    DESCRIPTION = ("Restores aligned face crops (512 px from Detect + Align) with RestorerID, keeping the identity "
+                   "of a reference photo of the same person: the official 50-step DDIM sampler with CFG 4. The "
+                   "reference face is found with the detector and embedded with the ArcFace model; several "
+                   "reference photos (a batch) are averaged. Follow with Color Fix (wavelet) against the input "
+                   "crops, as the official inference does.")
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("IMAGE", "STRING")
+    RETURN_NAMES = ("image", "report_json")
+    OUTPUT_TOOLTIPS = ("Restored face crops.", "Per face: ID scale, MUSIQ (when a metric is wired), ArcFace "
+                       "similarity to the reference before and after; the reference faces used.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "face_crops": ("IMAGE", {"tooltip": "Aligned face crops (all faces of a batch run together)."}),
+            "restorer_id": ("RESTORER_ID", {"tooltip": "From the FaceMend RestorerID loader."}),
+            "reference": ("IMAGE", {"tooltip": "One or more photos of the same person (a batch of same-size "
+                                               "photos); the largest face of each is used."}),
+            "detector": ("FACE_DETECTOR", {"tooltip": "Finds the face and its 5 landmarks in the reference."}),
+            "id_model": ("FACE_ID", {"tooltip": "ArcFace model (w600k_r50.onnx of buffalo_l, as RestorerID uses)."}),
+            "id_scale": ("FLOAT", {"default": 0.75, "min": 0.0, "max": 10.0, "step": 0.01, "tooltip":
+                         "Weight of the reference's ID attention (wire the adaptive ID scale node). Ignored when "
+                         "musiq_metric is wired."}),
+            "seed": ("INT", {"default": 42, "min": 0, "max": 0xFFFFFFFF, "tooltip":
+                     "Seed of the posterior sample, start noise and per-step noise."}),
+            "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": "DDIM steps (official 50)."}),
+            "cfg": ("FLOAT", {"default": 4.0, "min": 1.0, "max": 20.0, "step": 0.1, "tooltip":
+                    "Classifier-free guidance (official 4; 1 runs the conditional branch only, twice as fast)."}),
+        }, "optional": {
+            "musiq_metric": ("IQA_METRIC", {"tooltip": "A MUSIQ metric: each face gets its own scale "
+                                                       "exp((alpha - MUSIQ(face)) / beta) instead of id_scale."}),
+            "alpha": ("FLOAT", {"default": 9.5, "min": -100.0, "max": 100.0, "step": 0.1, "tooltip":
+                      "Adaptive scale alpha (with musiq_metric)."}),
+            "beta": ("FLOAT", {"default": 10.0, "min": 0.1, "max": 100.0, "step": 0.1, "tooltip":
+                     "Adaptive scale beta (with musiq_metric)."}),
+            "prompt": ("STRING", {"default": "best quality, high quality", "tooltip": "Positive prompt (official)."}),
+            "negative_prompt": ("STRING", {"default": "cartoon, 3d, paint, monochrome, lowres, bad anatomy, worst "
+                                "quality, low quality", "tooltip": "Negative prompt (official)."}),
+            "batch_size": ("INT", {"default": 0, "min": 0, "max": 64, "tooltip":
+                           "Faces per sampler run (0: 1 on CPU, 8 on GPU)."}),
+        }}
+
+    def run(self, face_crops, restorer_id, reference, detector, id_model, id_scale=0.75, seed=42, steps=50,
+            cfg=4.0, musiq_metric=None, alpha=9.5, beta=10.0, prompt="best quality, high quality",
+            negative_prompt="cartoon, 3d, paint, monochrome, lowres, bad anatomy, worst quality, low quality",
+            batch_size=0):
+        from ..pipelines.identity.adaptive_scale import adaptive_id_scale
+        from ..pipelines.identity.reference import reference_identity
+
+        device = dev.compute_device()
+        t0 = time.perf_counter()
+        faces = image_to_bchw(face_crops, device, "face_crops")
+        refs = image_to_bchw(reference, device, "reference")
+        ref = reference_identity(refs, detector, id_model)
+        n = faces.shape[0]
+        report = {"faces": n, "reference": ref.report, "steps": int(steps), "cfg": float(cfg), "seed": int(seed)}
+        if musiq_metric is not None:
+            with torch.no_grad():
+                musiq = torch.cat([musiq_metric.score(faces[i:i + 1]).float().cpu() for i in range(n)])
+            scales = adaptive_id_scale(musiq, alpha, beta)
+            report["musiq"] = [round(float(v), 4) for v in musiq]
+        else:
+            scales = torch.full((n,), float(id_scale))
+        report["id_scale"] = [round(float(v), 5) for v in scales]
+        report["id_similarity_before"] = _id_similarity(id_model, faces, ref)
+        bs = int(batch_size) or (8 if device.type == "cuda" else 1)
+        progress = dev.Progress(int(steps) * ((n + bs - 1) // bs))
+        hook = dev.step_hook(progress)
+        dev.free_memory(restorer_id.model_bytes() + 2 * 1024 ** 3, device)
+        moved = restorer_id.device != device
+        if moved:
+            restorer_id.to(device)
+        try:
+            g = torch.Generator().manual_seed(int(seed))
+            outs = []
+            for i in range(0, n, bs):
+                dev.check_interrupt()
+                outs.append(restorer_id.restore(faces[i:i + bs], ref, ip_scale=scales[i:i + bs], steps=int(steps),
+                                                cfg=float(cfg), prompt=prompt, negative_prompt=negative_prompt,
+                                                hook=hook, generator=g))
+        finally:
+            if moved:
+                restorer_id.to(dev.offload_device())
+                dev.soft_empty_cache()
+        out = torch.cat(outs)
+        report["id_similarity_after"] = _id_similarity(id_model, out, ref)
+        report["seconds"] = round(time.perf_counter() - t0, 3)
+        return (bchw_to_image(out), json.dumps(report))
+
+
+NODES = {
+    "FaceMend_RestorerIDLoader": (RestorerIDLoader, "FaceMend RestorerID Loader"),
+    "FaceMend_AdaptiveIDScale": (AdaptiveIDScale, "FaceMend Adaptive ID Scale (RestorerID)"),
+    "FaceMend_RestorerIDRestore": (RestorerIDRestore, "FaceMend RestorerID Restore (reference photo)"),
+}

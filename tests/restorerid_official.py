@@ -1,0 +1,92 @@
+"""The official RestorerID modules (YingJiacheng/RestorerID @157e288), imported test-only from a snapshot.
+
+The repository is not packaged. Its `ldm` tree is taken from RESTORERID_SRC (a checkout, or a bare git directory
+from which `ldm/` is extracted with git archive; default: the snapshot the `fetch` tool leaves in
+/work/.mirror/YingJiacheng+RestorerID/repo) and imported as the top-level package `ldm` it expects; every `ldm*`
+module is removed from sys.modules again afterwards. Without a snapshot the tests skip and say how to get one.
+Nothing of it is copied into the pack.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import types
+import subprocess
+import sys
+import tarfile
+import io
+
+import pytest
+
+DEFAULT_SRC = "/work/.mirror/YingJiacheng+RestorerID/repo"
+MODULES = ("ldm.modules.diffusionmodules.openaimodel", "ldm.modules.attention", "ldm.modules.IDBalance",
+           "ldm.modules.spade", "ldm.modules.diffusionmodules.util", "ldm.models.diffusion.ddim")
+
+
+def _ldm_root(tmp_root: str) -> str:
+    src = os.environ.get("RESTORERID_SRC", DEFAULT_SRC)
+    if os.path.isdir(os.path.join(src, "ldm")):
+        return src
+    if os.path.isdir(src) and os.path.isfile(os.path.join(src, "HEAD")):  # a bare git directory
+        out = os.path.join(tmp_root, "restorerid_src")
+        if not os.path.isdir(os.path.join(out, "ldm")):
+            data = subprocess.run(["git", "--git-dir", src, "archive", "HEAD", "ldm"], check=True,
+                                  capture_output=True).stdout
+            with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+                tar.extractall(out)
+        return out
+    pytest.skip(f"official RestorerID code not found at {src}: clone https://github.com/YingJiacheng/RestorerID "
+                "and set RESTORERID_SRC to it")
+
+
+def load_official(tmp_root: str) -> dict:
+    """{short name: module} for the official modules; sys.path / sys.modules are restored afterwards."""
+    root = _ldm_root(tmp_root)
+    saved = {k: v for k, v in sys.modules.items() if k == "ldm" or k.startswith("ldm.")}
+    for k in saved:
+        del sys.modules[k]
+    sys.path.insert(0, root)
+    try:
+        import importlib
+
+        mods = {name.rsplit(".", 1)[1]: importlib.import_module(name) for name in MODULES}
+    finally:
+        sys.path.remove(root)
+        for k in [k for k in sys.modules if k == "ldm" or k.startswith("ldm.")]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+    return mods
+
+
+@contextlib.contextmanager
+def omegaconf_stub():
+    """UNetModelRestorerID's constructor imports omegaconf.listconfig.ListConfig only for an isinstance check;
+    a stand-in is registered while it runs when omegaconf is not installed."""
+    if importlib.util.find_spec("omegaconf") is not None:
+        yield
+        return
+    pkg, sub = types.ModuleType("omegaconf"), types.ModuleType("omegaconf.listconfig")
+    sub.ListConfig = type("ListConfig", (list,), {})
+    pkg.listconfig = sub
+    sys.modules.update({"omegaconf": pkg, "omegaconf.listconfig": sub})
+    try:
+        yield
+    finally:
+        del sys.modules["omegaconf"], sys.modules["omegaconf.listconfig"]
+
+
+def official_definitions(tmp_root: str, relpath: str, names, namespace: dict) -> dict:
+    """Execute only the named top-level definitions of an official file whose imports pull packages this
+    environment lacks (encoders/modules.py imports clip, kornia, open_clip; model.py basicsr)."""
+    import ast
+
+    root = _ldm_root(tmp_root)
+    source = open(os.path.join(root, relpath)).read()
+    tree = ast.parse(source)
+    keep = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name in names]
+    missing = set(names) - {n.name for n in keep}
+    assert not missing, f"{relpath} lacks {missing}"
+    ns = dict(namespace)
+    exec(compile(ast.Module(body=keep, type_ignores=[]), relpath, "exec"), ns)
+    return ns

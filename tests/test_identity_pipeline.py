@@ -1,0 +1,232 @@
+"""RestorerID files, reference identity, adaptive scale and restoration (pipelines/identity/), with tiny random
+files in the official layouts (tests/restorerid_models.py) and real photos from ../shared/faces."""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from facemend.pipelines.io.errors import InvalidImage, ModelFileInvalid
+from facemend.pipelines.identity.adaptive_scale import adaptive_id_scale
+from facemend.pipelines.identity.checkpoint import read_ip_adapter, read_restorerid
+from facemend.pipelines.identity.reference import Reference, clip_pixels, combine, reference_identity
+from facemend.pipelines.identity.restorer import RestorerID
+
+from conftest import SHARED, load_image, need_shared
+from restorerid_models import export_tiny_arcface, image_proj_shapes, ldm_vae_shapes, make_restorerid_files
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return make_restorerid_files(str(tmp_path_factory.mktemp("models")))
+
+
+@pytest.fixture(scope="module")
+def model(files):
+    return RestorerID.load(**files)
+
+
+def _ref(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return Reference(torch.nn.functional.normalize(torch.randn(1, 512, generator=g), dim=1),
+                     torch.randn(1, 3, 224, 224, generator=g))
+
+
+def test_adaptive_scale_matches_the_official_formula():
+    assert round(adaptive_id_scale(27.6), 3) == 0.164
+    assert adaptive_id_scale(9.5) == 1.0 and round(adaptive_id_scale(40.0), 3) == 0.047
+    assert adaptive_id_scale(27.6) == pytest.approx(math.exp(0.1 * (9.5 - 27.6)), rel=1e-12)
+    assert adaptive_id_scale(0.0, max_scale=1.5) == 1.5 and adaptive_id_scale(90.0, min_scale=0.01) == 0.01
+    per_face = adaptive_id_scale(torch.tensor([9.5, 27.6]))
+    assert torch.allclose(per_face, torch.tensor([1.0, 0.16365]), atol=1e-5)
+
+
+def test_layout_generators_equal_the_official_dumps():
+    folder = SHARED / "reference" / "layouts"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} not present")
+    vae = {k.split("\t")[0][len("first_stage_model."):]: tuple(eval(k.split("\t")[1]))
+           for k in (folder / "keys_restorerid_first_stage_vae.txt").read_text().splitlines()}
+    assert ldm_vae_shapes() == vae
+    proj = {}
+    for line in (folder / "keys_ip-adapter-faceid-plus_sd15_image_proj.txt").read_text().splitlines():
+        key, shape = line.split("\t")
+        proj[key.split("'")[1]] = tuple(eval(shape))
+    assert image_proj_shapes(512, 768, 1280, 4, 4) == proj
+
+
+def test_checkpoint_loads_with_and_without_optional_parts(tmp_path, files):
+    full = read_restorerid(files["checkpoint"])
+    plain = make_restorerid_files(str(tmp_path / "a"), optional_prefixes=False, checkpoint_only=True)
+    assert read_restorerid(plain["checkpoint"]).keys() == full.keys()
+    st = make_restorerid_files(str(tmp_path / "b"), fmt="safetensors", checkpoint_only=True)
+    parts = read_restorerid(st["checkpoint"])
+    assert all(torch.equal(parts["unet"][k], full["unet"][k]) for k in full["unet"])
+
+
+def test_foreign_and_damaged_checkpoints_are_refused_by_name(tmp_path, files):
+    sd = torch.load(files["checkpoint"], weights_only=True)["state_dict"]
+    sd15 = {k: v for k, v in sd.items() if ".spade." not in k and ".IDBalance." not in k}
+    torch.save({"state_dict": sd15}, tmp_path / "v1-5-pruned.ckpt")
+    with pytest.raises(ModelFileInvalid, match="Stable Diffusion 1.x"):
+        read_restorerid(str(tmp_path / "v1-5-pruned.ckpt"))
+    torch.save({"params_ema": {"conv_body_first.weight": torch.zeros(1), "stylegan_decoder.x": torch.zeros(1)}},
+               tmp_path / "GFPGANv1.4.pth")
+    with pytest.raises(ModelFileInvalid, match="GFPGAN"):
+        read_restorerid(str(tmp_path / "GFPGANv1.4.pth"))
+    missing = dict(sd)
+    key = "model.diffusion_model.input_blocks.1.0.IDBalance.mlp_beta.bias"
+    del missing[key]
+    torch.save({"state_dict": missing}, tmp_path / "missing.ckpt")
+    with pytest.raises(ModelFileInvalid, match="mlp_beta.bias"):
+        RestorerID.load(str(tmp_path / "missing.ckpt"), files["ip_adapter"], files["image_encoder"],
+                        files["text_encoder"])
+    extra = dict(sd, **{"model.diffusion_model.input_blocks.1.0.extra.weight": torch.zeros(1)})
+    torch.save({"state_dict": extra}, tmp_path / "extra.ckpt")
+    with pytest.raises(ModelFileInvalid, match="extra.weight"):
+        RestorerID.load(str(tmp_path / "extra.ckpt"), files["ip_adapter"], files["image_encoder"],
+                        files["text_encoder"])
+    torch.save({"image_proj": {"proj.0.weight": torch.zeros(1), "norm.weight": torch.zeros(1)}},
+               tmp_path / "ip-adapter-faceid_sd15.bin")
+    with pytest.raises(ModelFileInvalid, match="without Plus"):
+        read_ip_adapter(str(tmp_path / "ip-adapter-faceid_sd15.bin"))
+
+
+class Hyper:  # stands for the Lightning/omegaconf objects a training checkpoint may pickle
+    pass
+
+
+def test_pickles_with_objects_are_refused_with_the_conversion_command(tmp_path):
+    path = tmp_path / "RestorerIDFull.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": Hyper()}, path)
+    with pytest.raises(ModelFileInvalid, match="safetensors"):
+        read_restorerid(str(path))
+
+
+def test_restore_is_seeded_batched_and_keeps_the_size(model):
+    faces = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    ref = _ref()
+    a = model.restore(faces, ref, ip_scale=0.5, steps=3, seed=1)
+    assert a.shape == faces.shape and 0 <= float(a.min()) and float(a.max()) <= 1
+    assert torch.equal(a, model.restore(faces, ref, ip_scale=0.5, steps=3, seed=1))
+    assert not torch.equal(a, model.restore(faces, ref, ip_scale=0.5, steps=3, seed=2))
+    # one scale per face: the same as one float when the values are equal
+    assert torch.allclose(a, model.restore(faces, ref, ip_scale=torch.tensor([0.5, 0.5]), steps=3, seed=1),
+                          atol=1e-6)
+    odd = model.restore(torch.rand(1, 3, 30, 34), ref, steps=2)  # resized to multiples of 4 and back
+    assert odd.shape == (1, 3, 30, 34)
+
+
+def test_scale_zero_ignores_the_reference_in_the_attention_only(model):
+    """Scale 0 removes the ID cross-attention; IDBalance still sees the ID tokens (as in the official code)."""
+    faces = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    a = model.restore(faces, _ref(0), ip_scale=0.0, steps=2, seed=0)
+    b = model.restore(faces, _ref(1), ip_scale=0.0, steps=2, seed=0)
+    c = model.restore(faces, _ref(1), ip_scale=2.0, steps=2, seed=0)
+    assert not torch.equal(a, b)  # IDBalance
+    assert not torch.allclose(b, c)  # the ID attention
+
+
+@pytest.fixture(scope="module")
+def arcface(tmp_path_factory):
+    pytest.importorskip("onnxruntime", reason="onnxruntime (optional extra 'iqa') not installed")
+    from facemend.pipelines.quality.id_similarity import ArcFaceONNX
+
+    path = tmp_path_factory.mktemp("insightface") / "w600k_r50.onnx"
+    export_tiny_arcface(path)
+    return ArcFaceONNX.from_file(str(path))
+
+
+def test_reference_from_real_photos(arcface):
+    from facemend.pipelines.face.detectors import load_detector
+
+    det = load_detector("mtcnn")
+    a = load_image(need_shared("faces", "clean", "ffhq_00000000.png"))
+    b = load_image(need_shared("faces", "aligned_lq_real", "0143.png"))
+    ra, rb = reference_identity(a, det, arcface), reference_identity(b, det, arcface)
+    assert ra.id_embed.shape == (1, 512) and abs(float(ra.id_embed.norm()) - 1) < 1e-5
+    assert ra.clip_pixels.shape == (1, 3, 224, 224)
+    both = combine([ra, rb])
+    assert torch.allclose(both.id_embed, (ra.id_embed + rb.id_embed) / 2)
+    assert both.clip_pixels.shape[0] == 2
+    with pytest.raises(InvalidImage, match="no face"):
+        reference_identity(torch.full((1, 3, 256, 256), 0.5), det, arcface)
+    group = load_image(need_shared("faces", "clean", "t1_six_faces.jpg"))
+    rg = reference_identity(group, det, arcface)
+    assert "largest" in rg.report[0]["note"]
+
+
+def test_clip_input_reproduces_the_bgr_quirk():
+    crop = torch.rand(1, 3, 224, 224)
+    px = clip_pixels(crop)
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    assert torch.allclose(px, (crop[:, [2, 1, 0]] - mean) / std)
+
+
+def test_clip_vision_single_file_equals_the_folder(tmp_path, files):
+    """ComfyUI keeps CLIP vision models as single files (models/clip_vision/*.safetensors, transformers' names)."""
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from facemend.pipelines.identity.restorer import load_image_encoder
+
+    cfg = CLIPVisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                           patch_size=32, image_size=224, projection_dim=16, hidden_act="gelu")
+    torch.manual_seed(0)
+    ref = CLIPVisionModelWithProjection(cfg).eval()
+    ref.save_pretrained(tmp_path / "folder")
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, tmp_path / "clip.safetensors")
+    a = load_image_encoder(str(tmp_path / "folder"))
+    b = load_image_encoder(str(tmp_path / "clip.safetensors"))
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        ha = a(x, output_hidden_states=True).hidden_states[-2]
+        hb = b(x, output_hidden_states=True).hidden_states[-2]
+    assert torch.equal(ha, hb)
+    save_file({"encoder.conv_in.weight": torch.zeros(1)}, tmp_path / "vae.safetensors")
+    with pytest.raises(ModelFileInvalid, match="CLIP vision"):
+        load_image_encoder(str(tmp_path / "vae.safetensors"))
+
+
+# Measured (tiny model, 2 steps, [0,1] output): fp16 max 1.3e-3 / mean 2.3e-4; bf16 max 1.0e-2 / mean 1.7e-3.
+HALF_TOL = {torch.float16: (1e-2, 2e-3), torch.bfloat16: (5e-2, 1e-2)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_stays_close(files, dtype):
+    """Half-precision weights with GroupNorm in fp32 against fp32 on the same tiny model and noise (2 steps)."""
+    half = RestorerID.load(**files, dtype=dtype)
+    full = RestorerID.load(**files)
+    faces = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    a = full.restore(faces, _ref(), ip_scale=0.5, steps=2, seed=0)
+    b = half.restore(faces, _ref(), ip_scale=0.5, steps=2, seed=0)
+    assert b.dtype == torch.float32
+    assert (a - b).abs().max() < HALF_TOL[dtype][0] and (a - b).abs().mean() < HALF_TOL[dtype][1]
+
+
+def test_text_encoder_from_an_sd15_single_file_equals_the_folder(tmp_path, files):
+    """SD-1.x single files keep CLIP-L under cond_stage_model.transformer.*; the tokenizer comes separately
+    (ComfyUI's sd1_tokenizer when hosted; here the tiny one)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from facemend.pipelines.identity.restorer import load_text_encoder
+
+    tok_dir = os.path.join(files["text_encoder"], "tokenizer")
+    cfg = CLIPTextConfig(vocab_size=56, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=1, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1)
+    torch.manual_seed(0)
+    ref = CLIPTextModel(cfg).eval()
+    sd = {f"cond_stage_model.transformer.text_model.{k.replace('text_model.', '', 1)}": v
+          for k, v in ref.state_dict().items()}  # the names LDM saved (transformers 4)
+    sd["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(1)  # the rest of an SD file, ignored
+    torch.save({"state_dict": sd}, tmp_path / "v1-5-pruned-emaonly.ckpt")
+    te, tok = load_text_encoder(str(tmp_path / "v1-5-pruned-emaonly.ckpt"), tokenizer_dir=tok_dir)
+    ids = tok(["best quality, high quality"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(te(input_ids=ids).last_hidden_state, ref(input_ids=ids).last_hidden_state)
+    with pytest.raises(ModelFileInvalid, match="no SD-1.x text encoder"):
+        load_text_encoder(files["checkpoint"], tokenizer_dir=tok_dir)
