@@ -58,6 +58,11 @@ def _tiny_models(root):
                                 torch.nn.Linear(16 * 28 * 28, 512)).eval()
     torch.onnx.export(idnet, torch.rand(1, 3, 112, 112), str(arcface), input_names=["input.1"],
                       output_names=["embedding"], dynamic_axes={"input.1": {0: "N"}}, dynamo=False)
+    # id_preserve: tiny RestorerID / IP-Adapter / CLIP-ViT-H / SD-1.5 files and a random-weight MUSIQ.
+    from restorerid_models import make_restorerid_files
+
+    make_restorerid_files(str(root))
+    torch.save(M.build_pyiqa_net("musiq").state_dict(), root / "facemend_iqa" / M.SPECS["musiq"].file)
     # adapt: a small guided-diffusion UNet in the DifFace prior's key layout, random VGG-16 features for LPIPS,
     # and a folder of two aligned faces (64 px) to adapt to.
     pytest.importorskip("lpips")
@@ -136,10 +141,10 @@ SHIPPED = sorted(p.stem.removeprefix("facemend_") for p in (ROOT / "workflows" /
 
 @pytest.mark.parametrize("preset", SHIPPED)
 def test_every_shipped_api_graph_runs_with_random_weight_files(servers, photos, tmp_path, preset):
-    if preset == "id_preserve":
-        pytest.skip("id_preserve needs RestorerID, IP-Adapter-FaceID, CLIP-ViT-H and SD-1.5 files in the server's "
-                    "folders: small random-weight versions are not wired into this test yet")
     overrides = list(FAST)
+    if preset == "id_preserve":  # tiny RestorerID files (tests/restorerid_models.py), random MUSIQ, 2 DDIM steps
+        overrides += ["FaceMend_DetectAlign.crop_size=64", "FaceMend_RestorerIDRestore.steps=2",
+                      f"4.image=@{need_shared('faces', 'aligned_lq_real', '0143.png')}"]
     if preset == "adapt":  # one prior step, two training steps: the wiring, not the quality
         overrides += [f"FaceMend_AdaptRestorer.folder={servers['album']}", "FaceMend_AdaptRestorer.steps=2",
                       "FaceMend_AdaptRestorer.micro_batch=1", "FaceMend_AdaptRestorer.accumulate=2",
