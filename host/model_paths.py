@@ -233,13 +233,34 @@ def find_file(folder: str, name: str) -> str:
     return path
 
 
+def find_optional_file(folder: str, name: str) -> str | None:
+    """Full path of the file `name` in `folder` (first match, inside the folders), or None."""
+    return _first_match(folder, name, os.path.isfile)
+
+
+def confined_path(directory: str, name: str) -> str | None:
+    """`directory`/`name` when it stays inside `directory` (sub-folders and symlinked files are fine), else None:
+    a node's model name such as '../x.pth' or '/etc/x' must not read outside the registered folders."""
+    root = os.path.normpath(os.path.abspath(directory))
+    path = os.path.normpath(os.path.join(root, name))
+    return path if path.startswith(root.rstrip(os.sep) + os.sep) else None
+
+
+def check_model_name(folder: str, name: str) -> None:
+    """Refuse a name that would resolve outside every searched `folder` (path traversal, absolute paths)."""
+    dirs = search_dirs(folder) or [os.path.join("models", folder)]
+    if not any(confined_path(d, name) for d in dirs):
+        raise ModelFileNotFound(
+            f"Model name '{name}' points outside the '{folder}' model folders; FaceMend only reads model files "
+            f"inside them. Put the file in models/{folder}/ and choose it by its name there.")
+
+
 def _first_match(folder: str, name: str, exists) -> str | None:
-    """`name` itself when it is an absolute path that exists, else the first searched `folder` holding it."""
-    if os.path.isabs(name) and exists(name):
-        return name
+    """The first searched `folder` holding `name`, which must stay inside it (else ModelFileNotFound)."""
+    check_model_name(folder, name)
     for d in search_dirs(folder):
-        path = os.path.join(d, name)
-        if exists(path):
+        path = confined_path(d, name)
+        if path is not None and exists(path):
             return path
     return None
 

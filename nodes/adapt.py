@@ -5,7 +5,7 @@ import os
 
 from ..host import device as dev
 from ..host import model_paths
-from .common import CATEGORY, bchw_to_image, image_to_bchw
+from .common import CATEGORY, bchw_to_image, empty_faces, image_to_bchw, no_faces
 
 PRIOR_DEFAULT = "iddpm_ffhq512_ema500000.pth"
 _cache: dict = {}
@@ -106,6 +106,8 @@ class PseudoTargets:
             seed=20000, respacing="250", clip_denoised=True, batch_size=1):
         from ..pipelines.adapt.pseudo_targets import PseudoTargetGenerator
 
+        if no_faces(face_crops):  # no faces found: no targets to make
+            return (empty_faces(face_crops), empty_faces(face_crops))
         x = image_to_bchw(face_crops, restorer.device, "face crops")
         gen = PseudoTargetGenerator(prior, _pseudo_config(start_step, reg_end_step, down_factor, apply_filter, seed,
                                                           respacing, clip_denoised))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..host import device as dev
 from ..pipelines.color.fix import METHODS, color_fix
-from .common import CATEGORY, bchw_to_image, image_to_bchw
+from .common import CATEGORY, bchw_to_image, empty_faces, image_to_bchw, no_faces
 
 
 class ColorFix:
@@ -28,6 +28,8 @@ class ColorFix:
         }}
 
     def run(self, image, reference, method="wavelet", strength=1.0):
+        if no_faces(image):  # no face crops to correct
+            return (empty_faces(image),)
         device = dev.compute_device()
         x = image_to_bchw(image, device)
         ref = image_to_bchw(reference, device, "colour reference")

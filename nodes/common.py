@@ -18,6 +18,18 @@ def image_to_bchw(image: torch.Tensor, device: torch.device | None = None, what:
     return check_images(x.float(), what)
 
 
+def no_faces(image: torch.Tensor) -> bool:
+    """True for the empty IMAGE batch Detect + Align emits when it finds no face: the face nodes then pass it
+    on at once, without loading data onto the device or running a network."""
+    return image.shape[0] == 0
+
+
+def empty_faces(image: torch.Tensor, scale: int = 1) -> torch.Tensor:
+    """The empty batch a face node returns for an empty input (its crop size times `scale`)."""
+    h, w = image.shape[1:3] if image.ndim == 4 else (1, 1)
+    return torch.zeros(0, h * scale, w * scale, 3, dtype=torch.float32, device=dev.intermediate_device())
+
+
 def bchw_to_image(x: torch.Tensor) -> torch.Tensor:
     """[B,3,H,W] -> ComfyUI IMAGE [B,H,W,3] float32 on the intermediate device."""
     return x.detach().clamp(0, 1).permute(0, 2, 3, 1).float().contiguous().to(dev.intermediate_device())

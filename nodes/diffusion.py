@@ -5,8 +5,8 @@ import os
 from dataclasses import replace
 
 from ..host import device as dev
-from ..host.model_paths import expected_path, find_dir, list_dirs, list_files, search_dirs
-from .common import CATEGORY, bchw_to_image, image_to_bchw
+from ..host.model_paths import expected_path, find_dir, find_optional_file, list_dirs, list_files
+from .common import CATEGORY, bchw_to_image, empty_faces, image_to_bchw, no_faces
 
 BASE_DEFAULTS = {"tsdsr": "stable-diffusion-3-medium-diffusers", "osediff": "stable-diffusion-2-1-base"}
 LORA_DEFAULTS = {"tsdsr": "tsdsr", "osediff": "osediff.pkl"}
@@ -26,23 +26,13 @@ def base_model_path(name: str) -> str:
     """A diffusers folder in models/diffusers/, or a single file in models/checkpoints/ (names with an extension)."""
     if not _is_file_name(name):
         return find_dir("diffusers", name) or expected_path("diffusers", name)
-    if os.path.isabs(name) and os.path.isfile(name):
-        return name
-    for d in search_dirs(CHECKPOINTS):
-        if os.path.isfile(os.path.join(d, name)):
-            return os.path.join(d, name)
-    return expected_path(CHECKPOINTS, name)
+    return find_optional_file(CHECKPOINTS, name) or expected_path(CHECKPOINTS, name)
 
 
 def _lora_path(backend: str, name: str) -> str:
     if backend == "tsdsr":
         return find_dir("onestep_sr", name) or expected_path("onestep_sr", name)
-    if os.path.isabs(name) and os.path.isfile(name):
-        return name
-    for d in search_dirs("onestep_sr"):
-        if os.path.isfile(os.path.join(d, name)):
-            return os.path.join(d, name)
-    return expected_path("onestep_sr", name)
+    return find_optional_file("onestep_sr", name) or expected_path("onestep_sr", name)
 
 
 def load_onestep(backend: str, base_model: str = "", lora: str = "", precision: str = "auto", prompt: str = ""):
@@ -149,6 +139,8 @@ class OneStepSRNode:
 
     def run(self, image, sr_model, scale=1, tile_size=0, tile_overlap=-1, seed=0, blend="gaussian",
             vae_tile_size=1024, max_batch=4):
+        if no_faces(image):  # Detect + Align found no face: nothing to refine, the model stays where it is
+            return (empty_faces(image, int(scale)),)
         device = dev.compute_device()
         t = sr_model.tiles
         f = sr_model.vae_factor

@@ -46,12 +46,13 @@ class FaceDetectorLoader:
 
 class FaceDetectAlign:
     DESCRIPTION = ("Finds faces in every image of the batch, picks them (all / largest / center / index), and "
-                   "warps each to the FFHQ 512 template. No face: the images pass through unchanged and count is 0.")
+                   "warps each to the FFHQ 512 template. No face: an empty crop batch and count 0; the face "
+                   "nodes then do nothing and Paste Back returns the images unchanged.")
     CATEGORY = CATEGORY
     FUNCTION = "run"
     RETURN_TYPES = ("IMAGE", "FACE_ALIGNMENT", "INT", "STRING")
     RETURN_NAMES = ("face_crops", "alignment", "face_count", "faces_json")
-    OUTPUT_TOOLTIPS = ("Aligned face crops, all faces of all images in one batch (the input images if none).",
+    OUTPUT_TOOLTIPS = ("Aligned face crops, all faces of all images in one batch (an empty batch if there is none).",
                        "Face geometry for the paste-back node.", "Number of faces found.",
                        "Boxes, scores, landmarks and transforms as JSON.")
 
@@ -101,8 +102,10 @@ class FaceDetectAlign:
             min_size=float(min_face_size), max_faces=max_faces, crop_size=0 if crop_geometry == "native" else crop_size,
             detect_max_side=detect_max_side, border=border, hook=dev.step_hook(progress),
             interpolation=interpolation, geometry=crop_geometry)
-        if len(alignment) == 0:
-            return (bchw_to_image(x), alignment, 0, alignment.to_json())
+        if len(alignment) == 0:  # an empty batch: restorers, tuners and colour fix pass it on without work
+            size = int(crop_size) if crop_geometry != "native" else 1
+            return (torch.zeros(0, size, size, 3, device=dev.intermediate_device()), alignment, 0,
+                    alignment.to_json())
         return (bchw_to_image(crops), alignment, len(alignment), alignment.to_json())
 
 
@@ -135,9 +138,12 @@ class FacePasteBack:
 
     def run(self, image, face_crops, alignment: FaceAlignment, feather=0.10, margin=0.04, mask=None,
             interpolation="bilinear"):
+        if len(alignment) == 0 and image.ndim == 4 and image.shape[-1] == 3:
+            # No face: the images pass through untouched, without a trip to the device.
+            return (image, torch.zeros(image.shape[:3], device=image.device))
         device = dev.compute_device()
         x = image_to_bchw(image, device, "paste-back image")
-        if len(alignment) == 0:  # detector found nothing: the image passes through untouched
+        if len(alignment) == 0:
             return (bchw_to_image(x), mask_out(torch.zeros_like(x[:, :1])))
         crops = image_to_bchw(face_crops, device, "face crops")
         face_mask = image_mask = None

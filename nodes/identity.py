@@ -10,7 +10,7 @@ import torch
 from ..host import device as dev
 from ..host.model_paths import find_dir, find_file, list_dirs, list_files, missing_file_message
 from ..pipelines.io.errors import ModelFileNotFound
-from .common import CATEGORY, bchw_to_image, image_to_bchw
+from .common import CATEGORY, bchw_to_image, empty_faces, image_to_bchw, no_faces
 
 DEFAULT_CKPT = "RestorerIDFull.ckpt"
 DEFAULT_IP_ADAPTER = "ip-adapter-faceid-plus_sd15.bin"
@@ -187,6 +187,8 @@ class RestorerIDRestore:
         from ..pipelines.identity.adaptive_scale import adaptive_id_scale
         from ..pipelines.identity.reference import reference_identity
 
+        if no_faces(face_crops):  # Detect + Align found no face: nothing to restore, no reference to embed
+            return (empty_faces(face_crops), json.dumps({"faces": 0, "note": "no faces found: nothing was restored"}))
         device = dev.compute_device()
         t0 = time.perf_counter()
         faces = image_to_bchw(face_crops, device, "face_crops")

@@ -11,7 +11,7 @@ import torch
 from ..host import device as dev
 from ..host.model_paths import find_file, list_files
 from ..pipelines.io.errors import FaceMendError, InvalidImage
-from .common import CATEGORY, bchw_to_image, image_to_bchw
+from .common import CATEGORY, bchw_to_image, empty_faces, image_to_bchw, no_faces
 
 IQA_FOLDER = "facemend_iqa"
 ID_FOLDER = "insightface"
@@ -43,10 +43,11 @@ def open_metric(name: str, weights_file: str = DEFAULT_FILE, niqe_variant: str =
     return _cache[key]
 
 
-def open_id_model(model: str = DEFAULT_ID_MODEL):
+def open_id_model(model: str = DEFAULT_ID_MODEL, path: str | None = None):
+    """ArcFace `model` from models/insightface/ (cached); `path`: a file the caller resolved (the CLI's own)."""
     from ..pipelines.quality.id_similarity import ArcFaceONNX
 
-    path = find_file(ID_FOLDER, model)
+    path = path or find_file(ID_FOLDER, model)
     device = dev.compute_device()
     key = ("id", os.path.abspath(path), os.path.getmtime(path), str(device))
     if key not in _cache:
@@ -133,6 +134,9 @@ class IQAScore:
         }}
 
     def run(self, image, metric, batch_size=4):
+        if no_faces(image):  # Detect + Align found no face
+            return (0.0, json.dumps({"metric": metric.name, "images": 0, "mean": None, "scores": [],
+                                     "note": "no images (no faces found): nothing was scored"}))
         x = image_to_bchw(image, metric.device, "image")
         t = time.perf_counter()
         scores = score_images(metric, x, batch_size, dev.Progress(x.shape[0]))
@@ -194,6 +198,9 @@ class IDSimilarity:
     def run(self, input_faces, restored_faces, id_model, threshold=0.6, face_alignment=None):
         from ..pipelines.quality.ntire_score import id_gate
 
+        if no_faces(input_faces) and no_faces(restored_faces):
+            return (0.0, 0, json.dumps({"threshold": threshold, "similarities": [], "low_id_count": 0, "mean": None,
+                                        "note": "no faces found: nothing was compared"}))
         a = image_to_bchw(input_faces, dev.compute_device(), "input faces")
         b = image_to_bchw(restored_faces, a.device, "restored faces")
         if a.shape != b.shape:
@@ -240,6 +247,8 @@ class BestOf:
             id_model=None, id_threshold=0.6):
         from ..pipelines.quality.best_of import select_best
 
+        if no_faces(candidates_1):  # no faces found: nothing to choose from
+            return (empty_faces(candidates_1), json.dumps({"faces": [], "note": "no faces found"}))
         device = metric.device
         cands = [image_to_bchw(c, device, f"candidates_{i + 1}")
                  for i, c in enumerate((candidates_1, candidates_2, candidates_3, candidates_4)) if c is not None]
@@ -292,6 +301,9 @@ class Authenticity:
     def run(self, face_crops, restorer, metric, id_model=None, fidelity=0.5, seed=0):
         from ..pipelines.quality.authenticity import authenticity
 
+        if no_faces(face_crops):  # no faces found: nothing restored twice
+            return (empty_faces(face_crops), empty_faces(face_crops), 0.0, 0.0,
+                    json.dumps({"faces": [], "note": "no faces found: nothing was checked"}))
         x = image_to_bchw(face_crops, restorer.device, "face crops")
         progress = dev.Progress(2 * x.shape[0])
         hook = dev.step_hook(progress)

@@ -5,7 +5,7 @@ import os
 
 from ..host import device as dev
 from ..host.model_paths import find_file, list_files
-from .common import CATEGORY, bchw_to_image, image_to_bchw
+from .common import CATEGORY, bchw_to_image, empty_faces, image_to_bchw, no_faces
 
 _cache: dict = {}
 
@@ -75,6 +75,8 @@ class RestoreFaces:
         }}
 
     def run(self, face_crops, restorer, visibility=1.0, fidelity=0.5, batch_size=0, seed=0):
+        if no_faces(face_crops):  # Detect + Align found no face
+            return (empty_faces(face_crops),)
         x = image_to_bchw(face_crops, restorer.device, "face crops")
         progress = dev.Progress(x.shape[0])
         hook = dev.step_hook(progress)

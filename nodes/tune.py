@@ -7,7 +7,7 @@ from ..host import device as dev
 from ..pipelines.tune import MODES
 from ..pipelines.tune.ntire_refine import NTIREConfig, NTIRETune
 from ..pipelines.tune.zssr import ZSSR, ZSSRConfig
-from .common import CATEGORY, bchw_to_image, image_to_bchw
+from .common import CATEGORY, bchw_to_image, empty_faces, image_to_bchw, no_faces
 
 
 class PerImageTune:
@@ -79,6 +79,9 @@ class PerImageTune:
             back_projection_iters=10, self_ensemble=True, clipiqa=None, maniqa=None, id_model=None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if no_faces(image):  # Detect + Align found no face: nothing to tune
+            return (empty_faces(image, int(scale) if mode == "zssr" else 1),
+                    json.dumps({"mode": mode, "faces": 0, "note": "no faces: nothing was tuned"}))
         device = dev.compute_device()
         x = image_to_bchw(image, device)
         if mode == "zssr":

@@ -81,3 +81,45 @@ def bgr_to_ours(faces_bgr):
 
     rgb = torch.from_numpy(np.ascontiguousarray(faces_bgr[..., ::-1]))
     return rgb.permute(0, 3, 1, 2).contiguous().float() / 255.0
+
+
+# ---------------------------------------------------------------------------------------------- tolerances
+# Float results depend on the order sums are taken in (batched vs single kernels, tiles, SIMD width such as
+# AVX-512, thread count), so no test compares floats with a constant picked on one machine. Each tolerance is
+# derived from the computation it checks, by one of the two helpers below.
+
+def rounding_bound(ops: int, magnitude: float = 1.0, evaluations: int = 2, dtype=None) -> float:
+    """First-order bound on float rounding for a short formula: each of the `ops` additions / multiplications
+    on the way to an output value rounds by at most u*|its result| (u = eps/2, |result| <= `magnitude`), in
+    whatever order the machine takes them; in averaging / blending formulas an earlier error passes on scaled by
+    at most 1, so one evaluation is within ops*u*magnitude of the exact value, and `evaluations` of them (two
+    orders compared with each other: 2; a float32 result against an exact or float64 one: 1) within that times
+    `evaluations`."""
+    import torch
+
+    return evaluations * ops * torch.finfo(dtype or torch.float32).eps / 2 * magnitude
+
+
+def reorder_tol(run, margin: float = 4.0) -> float:
+    """For deep computations (networks), where no useful bound can be written down: the float32 rounding error
+    this computation actually has on this machine, run(torch.float32) against run(torch.float64), times
+    `margin`: two float32 evaluations in different orders are each about that far from the exact result (2x),
+    and another order's error may exceed the one sampled (2x more)."""
+    import torch
+
+    with torch.no_grad():
+        err = (run(torch.float32).double() - run(torch.float64)).abs().max().item()
+    return margin * max(err, rounding_bound(1, evaluations=1))
+
+
+def restorer_reorder_tol(restorer, x, **call_kw) -> float:
+    """reorder_tol for a FaceRestorer call on `x`: the same restorer in float64 (a copy) as the reference."""
+    import copy
+
+    import torch
+
+    def run(dtype):
+        r = restorer if dtype == restorer.dtype else copy.deepcopy(restorer).to(dtype=dtype)
+        return r(x.to(dtype), **call_kw)
+
+    return reorder_tol(run) if restorer.dtype == torch.float32 else float("nan")

@@ -1,6 +1,7 @@
 """The CLI / Python API: demo, restore of files and folders, errors, interruption."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +19,13 @@ def test_demo_restores_the_face_better_than_bicubic(tmp_path):
     summary = run_demo(str(tmp_path / "demo"), device="cpu", log=lambda *_: None, tune_steps=60)
     assert summary["faces"] == 1
     assert {"astronaut_degraded.png", "astronaut_restored.png", "astronaut_before_after.png"} <= set(summary["outputs"])
+    from PIL import Image
+
+    pair = np.asarray(Image.open(tmp_path / "demo" / "astronaut_before_after.png").convert("RGB"))
+    w = (pair.shape[1] - 8) // 2
+    for x0 in (0, w + 8):  # both halves carry their label: white text on a black box at the top left
+        box = pair[:20, x0:x0 + 60]
+        assert (box == 0).all(-1).mean() > 0.4 and (box > 200).all(-1).sum() > 10
     assert summary["face_psnr_restored_db"] > summary["face_psnr_bicubic_db"] + 0.3
     assert summary["psnr_restored_db"] >= summary["psnr_bicubic_db"]
 

@@ -2,6 +2,7 @@
 nodes appear in /object_info, and the shipped API workflow runs through /prompt.
 
 Needs a ComfyUI checkout in $COMFYUI_DIR and its requirements in this Python environment; skipped otherwise.
+$COMFYUI_TEST_PORT picks the server's port (default: any free one).
 The server runs with a temporary --base-directory, so the user's ComfyUI folders are not touched.
 """
 import json
@@ -73,7 +74,7 @@ def comfyui(tmp_path_factory):
     for sub in ("custom_nodes", "input", "output", "models", "user", "temp"):
         (base / sub).mkdir()
     (base / "custom_nodes" / "ComfyUI-FaceMend").symlink_to(ROOT, target_is_directory=True)
-    port = _free_port()
+    port = int(os.environ.get("COMFYUI_TEST_PORT") or _free_port())  # a fixed port where ports are shared out
     log = open(base / "server.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),

@@ -97,3 +97,20 @@ def test_evaluate_errors_name_what_is_missing(setup, capsys):
     code = main(["--models-dir", str(models), "evaluate", str(outputs), "-o", str(report_dir), "--metrics", "musiq"])
     err = capsys.readouterr().err
     assert code == 2 and "musiq_koniq_ckpt-e95806b9.pth" in err
+
+
+def test_explicit_model_paths_on_the_command_line(setup, capsys):
+    """Loaders read only inside the models folders, but a path typed on the command line is the user's choice:
+    --id-model and --fid-stats may name files anywhere (issue 11 item 13)."""
+    models, outputs, inputs, report_dir = setup
+    elsewhere = report_dir.parent / "elsewhere"
+    elsewhere.mkdir()
+    arc = elsewhere / "arcface.onnx"
+    os.replace(models / "insightface" / "models" / "buffalo_l" / "w600k_r50.onnx", arc)
+    os.replace(models / "facemend_iqa" / "stats.npz", elsewhere / "stats.npz")
+    code = main(["--models-dir", str(models), "--device", "cpu", "evaluate", str(outputs), "--inputs", str(inputs),
+                 "-o", str(report_dir), "--metrics", "niqe", "--id-model", str(arc),
+                 "--fid-stats", str(elsewhere / "stats.npz")])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((report_dir / "report.json").read_text())
+    assert {"fid", "id_sim"} <= set(report["means"])

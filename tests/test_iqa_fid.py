@@ -7,6 +7,8 @@ import torch
 from facemend.pipelines.io.errors import FaceMendError, ModelFileInvalid
 from facemend.pipelines.quality.fid import FIDInception, feature_statistics, fid_from_features, frechet_distance, load_stats
 
+from conftest import rounding_bound
+
 
 def _random_cov(d, seed):
     a = torch.randn(d, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
@@ -41,12 +43,14 @@ def test_frechet_distance_closed_forms():
 def test_statistics_files_in_both_layouts(tmp_path):
     feats = torch.randn(50, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     mu, sigma = feature_statistics(feats)
-    assert np.allclose(sigma.numpy(), np.cov(feats.numpy(), rowvar=False))
+    # float64, two summation orders of 50 products of values up to max|x|^2.
+    tol = rounding_bound(2 * 50 + 2, float(feats.abs().max()) ** 2, dtype=torch.float64)
+    assert np.abs(sigma.numpy() - np.cov(feats.numpy(), rowvar=False)).max() <= tol
     np.savez(tmp_path / "ffhq.npz", mu=mu.numpy(), sigma=sigma.numpy())
     torch.save({"mean": mu, "cov": sigma}, tmp_path / "inception_FFHQ_512.pth")
     for name in ("ffhq.npz", "inception_FFHQ_512.pth"):
         m, s = load_stats(str(tmp_path / name))
-        assert torch.allclose(m, mu) and torch.allclose(s, sigma)
+        assert torch.equal(m.double(), mu) and torch.equal(s.double(), sigma)  # stored and read back exactly
     assert fid_from_features(feats, (mu, sigma)) == pytest.approx(0.0, abs=1e-9)
     np.savez(tmp_path / "bad.npz", mean_wrong=mu.numpy())
     with pytest.raises(ModelFileInvalid, match="'mu' and 'sigma'"):

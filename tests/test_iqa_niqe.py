@@ -16,7 +16,7 @@ import torch
 from facemend.pipelines.io.errors import InvalidImage, ModelFileInvalid
 from facemend.pipelines.quality.niqe import NIQE, matlab_half
 
-from conftest import load_image, need_shared
+from conftest import load_image, need_shared, rounding_bound
 
 
 # ---------------------------------------------------------------- reference (BasicSR's algorithm, numpy)
@@ -181,7 +181,9 @@ def test_niqe_batch_equals_single_and_orders_quality(params_path):
 def test_matlab_half_matches_reference_imresize():
     x = torch.rand(2, 1, 40, 62, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     ref = np.stack([ref_imresize(x[i, 0].numpy(), 0.5) for i in range(2)])
-    assert np.abs(matlab_half(x)[:, 0].numpy() - ref).max() < 1e-12
+    # float64, two implementations: per output 8x8 taps applied separably (2 x 16 operations) with weights from
+    # the cubic kernel (about 10 operations each, normalised): about 50 roundings on values below 2.
+    assert np.abs(matlab_half(x)[:, 0].numpy() - ref).max() <= rounding_bound(50, 2, dtype=torch.float64)
 
 
 def test_niqe_errors(params_path, tmp_path):

@@ -89,8 +89,8 @@ def test_ntire_full_chains_gfpgan13_tsdsr_tuning_and_the_fix_against_gfpgan(tmp_
 
 
 def _few_steps(real):
-    return lambda seed=0, steps=0: real(seed, steps=2, width=8, depth=2, crop_size=32, batch_size=2,
-                                        validation_interval=1)
+    return lambda seed=0, steps=0, progress=None: real(seed, steps=2, progress=progress, width=8, depth=2,
+                                                       crop_size=32, batch_size=2, validation_interval=1)
 
 
 def test_ntire_full_names_its_missing_metric_files(tmp_path, monkeypatch):

@@ -38,12 +38,13 @@ import torch
 from facemend.pipelines.io.errors import InvalidImage, ModelFileInvalid
 from facemend.pipelines.restore.restorer import FaceRestorer
 
-from conftest import bgr_to_ours as _to_ours, need_shared, smooth_faces_bgr
+from conftest import bgr_to_ours as _to_ours, need_shared, restorer_reorder_tol, rounding_bound, smooth_faces_bgr
 
 V14 = dict(num_style_feat=512, channel_multiplier=2, decoder_load_path=None, fix_decoder=False, num_mlp=8,
            input_is_latent=True, different_w=True, narrow=1, sft_half=True)
 TOL_FP32 = 1e-4          # ours vs official, output in [0,1]
-TOL_BATCH = 1e-5         # batch of N vs N single runs (batched vs single-sample conv path)
+# Batch of N vs N single runs (batched vs single-sample conv path): conftest.restorer_reorder_tol, the network's
+# own float32 rounding measured against float64 on this machine.
 # Half precision vs fp32 on the [0,1] output: max / mean |diff|. Measured on the test's narrowed random network
 # (out_size 32, narrow 0.125), batched / single-face path: fp16 1.4e-3 / 9.5e-4 max, 2.2e-4 mean; bf16 1.1e-2 /
 # 7.9e-3 max, 1.6e-3 mean. The official network cast to the same dtype: fp16 1.4e-3 max / 2.6e-4 mean, bf16
@@ -199,7 +200,8 @@ def test_equivalence_stored_noise_all_layouts(tiny):
         assert fr.arch == "GFPGANv1Clean" and fr.input_size == 64
         got = fr(x01, noise="stored")
         diff = (got - ref01).abs().max().item()
-        assert diff < TOL_FP32, f"{kind}: max |ours - official| = {diff:.3g}"
+        tol = restorer_reorder_tol(fr, x01, noise="stored")  # two float32 evaluations of one network
+        assert diff <= tol, f"{kind}: max |ours - official| = {diff:.3g} > {tol:.3g}"
 
 
 def test_equivalence_with_gfpganer_pipeline(tiny, restorer):
@@ -208,13 +210,15 @@ def test_equivalence_with_gfpganer_pipeline(tiny, restorer):
     ref_float, ref_uint8 = _gfpganer_restore(tiny.net, faces, seed=7)
     got = restorer(_to_ours(faces), seed=7, batch_size=8)
     diff = (got - torch.from_numpy(ref_float)).abs().max().item()
-    assert diff < TOL_FP32, f"max |ours - GFPGANer| = {diff:.3g}"
+    tol = restorer_reorder_tol(restorer, _to_ours(faces), seed=7, batch_size=8)
+    assert diff <= tol, f"max |ours - GFPGANer| = {diff:.3g} > {tol:.3g}"
     ours_uint8 = (got * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).flip(-1).numpy()
     off = np.abs(ours_uint8.astype(int) - ref_uint8.astype(int))
     assert off.max() <= 1 and (off > 0).mean() < 1e-3, f"uint8 mismatch: {(off > 0).sum()} values"
     # A different seed gives different noise (the official network is stochastic), the same seed the same result.
     assert torch.equal(restorer(_to_ours(faces), seed=7, batch_size=8), got)
-    assert (restorer(_to_ours(faces), seed=7) - got).abs().max() < TOL_BATCH  # CPU default: one face a call
+    tol = restorer_reorder_tol(restorer, _to_ours(faces), seed=7)
+    assert (restorer(_to_ours(faces), seed=7) - got).abs().max() <= tol  # CPU default: one face a call
     assert (restorer(_to_ours(faces), seed=8, batch_size=8) - got).abs().max() > 1e-4
 
 
@@ -222,10 +226,10 @@ def test_batch_equals_single_runs(restorer):
     x = _to_ours(_faces_uint8(3, 64, seed=5))
     batched = restorer(x, batch_size=2, seed=3)                      # chunks of 2 and 1
     singles = torch.cat([restorer(x[i:i + 1], batch_size=1, seed=3) for i in range(3)])
-    assert (batched - singles).abs().max().item() < TOL_BATCH
+    assert (batched - singles).abs().max().item() <= restorer_reorder_tol(restorer, x, seed=3)
     stored_b = restorer(x, batch_size=3, noise="stored")
     stored_s = torch.cat([restorer(x[i:i + 1], noise="stored") for i in range(3)])
-    assert (stored_b - stored_s).abs().max().item() < TOL_BATCH
+    assert (stored_b - stored_s).abs().max().item() <= restorer_reorder_tol(restorer, x, noise="stored")
 
 
 def test_other_sizes_visibility_and_bad_values(restorer):
@@ -241,11 +245,11 @@ def test_other_sizes_visibility_and_bad_values(restorer):
     direct = restorer(torch.nn.functional.interpolate(big_in, size=(64, 64), mode="bilinear", antialias=True),
                       seed=0)
     back = torch.nn.functional.interpolate(direct, size=(96, 96), mode="bicubic", antialias=True).clamp(0, 1)
-    assert (out_big - back).abs().max().item() < 1e-5
+    assert (out_big - back).abs().max().item() <= restorer_reorder_tol(restorer, big_in, seed=0)
     # visibility: 0 -> input unchanged, 0.5 -> halfway
     assert torch.equal(restorer(small_in, visibility=0.0), small_in)
     half = restorer(small_in, visibility=0.5, seed=0)
-    assert (half - (small_in + out) / 2).abs().max().item() < 1e-5
+    assert (half - (small_in + out) / 2).abs().max().item() <= rounding_bound(3)  # a blend: 3 operations
     # NaN / out-of-range values do not propagate; grayscale and RGBA are accepted; empty batch is fine.
     bad = x[:1].clone()
     bad[..., :8, :8] = float("nan")

@@ -8,7 +8,7 @@ from facemend.cli import main
 from facemend.host import model_paths
 from facemend.pipelines.restore.archs.gfpgan import GFPGANConfig, GFPGANv1Clean
 
-from conftest import need_shared
+from conftest import need_shared, reorder_tol
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +32,15 @@ def test_restore_node_keeps_size_order_and_visibility(models_dir):
     out, = node.run(faces, restorer, 1.0, 0.5, 2, 0)
     assert out.shape == faces.shape and torch.isfinite(out).all()
     single, = node.run(faces[1:2], restorer, 1.0, 0.5, 1, 0)
-    assert torch.allclose(out[1:2], single, atol=1e-4)  # batching does not change a face's result
+    # Batching does not change a face's result, beyond the network's own float32 rounding.
+    from facemend.pipelines.restore.restorer import FaceRestorer
+
+    path = str(models_dir / "facerestore_models" / "tiny_gfpgan.pth")
+    x = faces[1:2].permute(0, 3, 1, 2)
+    tol = reorder_tol(lambda dt: FaceRestorer.from_file(path, dtype=dt)(x.to(dt), seed=0))
+    assert torch.allclose(out[1:2], single, rtol=0, atol=tol)
     same, = node.run(faces, restorer, 0.0, 0.5, 2, 0)
-    assert torch.allclose(same, faces, atol=1e-6)
+    assert torch.equal(same, faces)  # visibility 0: the input itself
 
 
 def test_fast_preset_cli_restores_a_photo(models_dir, tmp_path):

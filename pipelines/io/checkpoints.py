@@ -25,6 +25,10 @@ def load_weights(path: str, device: torch.device | str = "cpu") -> dict:
         raise ModelFileNotFound(f"Model file not found: {path}")
     ext = os.path.splitext(path)[1].lower()
     device = torch.device(device)
+    size = os.path.getsize(path)
+    if size == 0 and ext in WEIGHT_EXTENSIONS:
+        raise ModelFileInvalid(f"Model file {path} is empty (0 bytes): an interrupted download or copy? "
+                               "Download it again.")
     try:
         if ext in SAFE_EXTENSIONS:
             from safetensors.torch import load_file
@@ -32,17 +36,27 @@ def load_weights(path: str, device: torch.device | str = "cpu") -> dict:
             return load_file(path, device=str(device))
         if ext in PICKLE_EXTENSIONS:
             return torch.load(path, map_location=device, weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError, IndexError,
-            KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:  # torch.load's errors on junk bytes
-        size = os.path.getsize(path)
+    except _unreadable_errors() as exc:  # the loaders' errors on junk bytes
+        first_line = (str(exc).strip().splitlines() or ["(no message)"])[0][:300]
         raise ModelFileInvalid(
-            f"Cannot read model file {path} ({size} bytes): {type(exc).__name__}: {str(exc).splitlines()[0][:300]}. "
+            f"Cannot read model file {path} ({size} bytes): {type(exc).__name__}: {first_line}. "
             "The file is corrupt, truncated (interrupted download?) or not a plain weight file "
             "(pickles with custom classes are refused for safety: convert them to .safetensors)."
         ) from exc
     raise ModelFileInvalid(
         f"Unsupported model file type '{ext}' for {path}; expected one of {', '.join(WEIGHT_EXTENSIONS)}."
     )
+
+
+def _unreadable_errors() -> tuple:
+    """What torch.load and safetensors raise for a corrupt, truncated or foreign file."""
+    errors = (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError, IndexError,
+              KeyError, TypeError, AttributeError, UnicodeDecodeError)
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # older safetensors: the Rust error type lives in the private module only
+        from safetensors._safetensors_rust import SafetensorError
+    return errors + (SafetensorError,)
 
 
 def unwrap_state_dict(obj: Mapping, preferred_keys=("params_ema", "params", "state_dict", "model")) -> dict:

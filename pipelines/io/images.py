@@ -126,18 +126,21 @@ def to_uint8_array(image: torch.Tensor) -> np.ndarray:
             .permute(1, 2, 0).cpu().numpy())
 
 
-def write_image(path: str, image: torch.Tensor, alpha: torch.Tensor | None = None, quality: int = 95) -> None:
-    """Write [3,H,W] / [1,3,H,W] as 8-bit PNG/JPEG/WebP (alpha kept where the format has it)."""
+def write_image(path, image: torch.Tensor, alpha: torch.Tensor | None = None, quality: int = 95,
+                format: str | None = None) -> None:
+    """Write [3,H,W] / [1,3,H,W] as 8-bit PNG/JPEG/WebP (alpha kept where the format has it). `path` may be an
+    open binary file, then `format` ('PNG', 'JPEG', ...) names the format (else the path's extension does)."""
     arr = to_uint8_array(image)
     mode = "RGB"
-    ext = os.path.splitext(path)[1].lower()
+    ext = "." + format.lower() if format else os.path.splitext(str(path))[1].lower()
     if alpha is not None and ext in (".png", ".webp", ".tif", ".tiff"):
         a = alpha.reshape(alpha.shape[-2:]).detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy()
         arr = np.concatenate([arr, a[..., None]], axis=2)
         mode = "RGBA"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(arr, mode).save(path, quality=quality) if ext in (".jpg", ".jpeg", ".webp") \
-        else Image.fromarray(arr, mode).save(path)
+    if isinstance(path, (str, os.PathLike)):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    extra = {"quality": quality} if ext in (".jpg", ".jpeg", ".webp") else {}
+    Image.fromarray(arr, mode).save(path, format=format, **extra)
 
 
 def list_images(folder: str) -> list[str]:
@@ -146,8 +149,9 @@ def list_images(folder: str) -> list[str]:
                   if n.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, n)))
 
 
-def side_by_side(before: torch.Tensor, after: torch.Tensor, gap: int = 8) -> torch.Tensor:
-    """[3,H,W] before | gap | after (after resized to before's height) for the demo's comparison image."""
+def side_by_side(before: torch.Tensor, after: torch.Tensor, gap: int = 8, labels: tuple = ()) -> torch.Tensor:
+    """[3,H,W] before | gap | after (after resized to before's height) for the demo's comparison image;
+    `labels` (before's, after's) are drawn into the top-left corner of each half."""
     import torch.nn.functional as F
 
     before = before.reshape(3, *before.shape[-2:])
@@ -157,5 +161,26 @@ def side_by_side(before: torch.Tensor, after: torch.Tensor, gap: int = 8) -> tor
         w = max(1, round(after.shape[2] * h / after.shape[1]))
         after = F.interpolate(after[None], size=(h, w), mode="bicubic", antialias=True, align_corners=False)[0]
     sep = torch.ones(3, h, gap, dtype=before.dtype, device=before.device)
+    if labels:
+        before, after = (label_image(im, text) for im, text in zip((before, after), labels))
     return torch.cat([before, sep, after.clamp(0, 1)], dim=2)
+
+
+def label_image(image: torch.Tensor, text: str) -> torch.Tensor:
+    """[3,H,W] with `text` in white on a dark box at the top left (Pillow's built-in font, sized to the image)."""
+    from PIL import ImageDraw, ImageFont
+
+    size = max(10, image.shape[-2] // 24)
+    try:
+        font = ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font only
+        font = ImageFont.load_default()
+    im = Image.fromarray(to_uint8_array(image))
+    draw = ImageDraw.Draw(im)
+    x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font)
+    pad = max(2, size // 4)
+    draw.rectangle((0, 0, x1 - x0 + 2 * pad, y1 - y0 + 2 * pad), fill=(0, 0, 0))
+    draw.text((pad - x0, pad - y0), text, fill=(255, 255, 255), font=font)
+    out = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).to(image.device, image.dtype) / 255
+    return out
 
