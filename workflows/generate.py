@@ -276,7 +276,7 @@ def legacy_ui_format(wf, classes) -> dict:
 
 REGISTRY_ID = "facemend"  # the Comfy registry id (pyproject [project] name), as ComfyUI saves it per node
 CORE_REGISTRY = ("comfy-core", "0.3.64")
-LEGACY = ("facemend_demo", "facemend_fast", "facemend_ntire")  # also written in the pre-0.2 places and layout
+LEGACY: tuple = ()  # also written in the pre-0.2 places and layout
 
 # What each loader input needs on disk: (class_type, input) -> models/ folder, or a callable(value) -> text|None.
 NOTE_MODELS = {
