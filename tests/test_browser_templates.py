@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from cdp_pipe import Browser, CDPError, find_browser
+from cdp_pipe import Browser, find_browser
 from conftest import ROOT
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
