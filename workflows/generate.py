@@ -156,9 +156,13 @@ WORKFLOWS = {
     "facemend_id_preserve": {
         "title": "FaceMend id_preserve: detect -> align -> RestorerID with a reference photo of the person and the "
                  "adaptive ID scale exp((9.5 - MUSIQ)/10) per face -> wavelet colour fix -> paste back",
+        "note": "Load a photo of the same person (any size; the largest face is used) in the second LoadImage: "
+                "it is RestorerID's reference.",
         "nodes": {
             **_DETECT_NODES,
-            4: ("LoadImage", {"image": "reference.png", "upload": "image"}, {}),
+            # The reference photo: example.png (ComfyUI ships it) so the template opens without a missing-file warning;
+            # the Note and the README say to load a photo of the same person here.
+            4: ("LoadImage", {"image": "example.png", "upload": "image"}, {}),
             5: ("FaceMend_IDModelLoader", {"model": "models/buffalo_l/w600k_r50.onnx"}, {}),
             6: ("FaceMend_IQALoader", {"metric": "musiq", "weights_file": "default", "niqe_variant": "pyiqa"},
                 {}),
@@ -308,7 +312,9 @@ STAGE_TITLES = {
 }
 GROUP_COLORS = ("#3f789e", "#8A8", "#a1309b", "#b06634", "#88A", "#b58b2a", "#A88", "#444")
 
-NODE_W, GAP_X, GAP_Y, GROUP_PAD, GROUP_TITLE = 330, 70, 50, 15, 40
+# NODE_W: the frontend widens a node to fit its widget labels and values (up to ~380 px for the one-step loader).
+# NODE_TITLE: the title bar is drawn above a node's pos; GROUP_TITLE: a group's title band (font 24 -> 34 px).
+NODE_W, GAP_X, GAP_Y, GROUP_PAD, GROUP_TITLE, NODE_TITLE = 400, 70, 50, 15, 44, 30
 NOTE_W = 380
 
 
@@ -358,8 +364,8 @@ def layout(wf, classes) -> tuple[dict, list, int]:
     sizes = {n: node_size(nodes[n][0], classes) for n in nodes}
     loader_row_h = max((sum(sizes[n][1] for n in ls) + GAP_Y * (len(ls) - 1) for ls in loaders_of.values()),
                        default=0)
-    top = 0 + GROUP_TITLE
-    chain_y = top + loader_row_h + (GAP_Y + GROUP_TITLE if loader_row_h else 0)
+    top = GROUP_TITLE + NODE_TITLE
+    chain_y = top + loader_row_h + (GAP_Y + NODE_TITLE if loader_row_h else 0)
     pos, groups = {}, []
     x = NOTE_W + GAP_X  # the Note sits left of the graph
     for col in sorted(columns):
@@ -376,12 +382,17 @@ def layout(wf, classes) -> tuple[dict, list, int]:
         y1 = max(pos[n][1] + pos[n][3] for n in members)
         title = " + ".join(dict.fromkeys(STAGE_TITLES.get(nodes[n][0], nodes[n][0].removeprefix("FaceMend_"))
                                          for n in columns[col]))
-        groups.append({"title": title, "bounding": [x - GROUP_PAD, y0 - GROUP_TITLE, NODE_W + 2 * GROUP_PAD,
-                                                    y1 - y0 + GROUP_TITLE + GROUP_PAD],
+        groups.append({"title": title, "bounding": [x - GROUP_PAD, y0 - NODE_TITLE - GROUP_TITLE, NODE_W + 2 * GROUP_PAD,
+                                                    y1 - y0 + NODE_TITLE + GROUP_TITLE + GROUP_PAD],
                        "color": GROUP_COLORS[len(groups) % len(GROUP_COLORS)], "font_size": 24, "flags": {}})
         x += NODE_W + GAP_X
     note_h = max(chain_y + max(sizes[n][1] for n in columns[0]) - top, 220)
     return pos, groups, note_h
+
+
+def top_of_chain(pos) -> int:
+    """The y of the topmost node, where the Note starts too."""
+    return min(y for _, y, _, _ in pos.values())
 
 
 def model_note(wf) -> str:
@@ -402,7 +413,7 @@ def model_note(wf) -> str:
                        "detector; ZSSR learns from the photo itself).\n\nPut a photo in LoadImage and press Queue.")
     return head + ("Model files this graph needs, in your ComfyUI folder (sources and licences: the README's "
                    "model table; a missing file is named in the error):\n" + "\n".join("- " + t for t in lines)
-                   + "\n\nPut a photo in LoadImage and press Queue.")
+                   + ("\n\n" + wf["note"] if wf.get("note") else "") + "\n\nPut a photo in LoadImage and press Queue.")
 
 
 def ui_format(wf, classes, version: str) -> dict:
@@ -417,7 +428,7 @@ def ui_format(wf, classes, version: str) -> dict:
                               "ver": CORE_REGISTRY[1] if core else version,
                               "Node name for S&R": node["type"]}
     note_id = max(wf["nodes"]) + 1
-    legacy["nodes"].append({"id": note_id, "type": "Note", "pos": [0, GROUP_TITLE], "size": [NOTE_W, note_h],
+    legacy["nodes"].append({"id": note_id, "type": "Note", "pos": [0, top_of_chain(pos)], "size": [NOTE_W, note_h],
                             "flags": {}, "order": len(legacy["nodes"]), "mode": 0, "inputs": [], "outputs": [],
                             "properties": {}, "widgets_values": [model_note(wf)], "color": "#432", "bgcolor": "#653"})
     legacy["last_node_id"] = note_id
