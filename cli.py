@@ -46,7 +46,7 @@ def build_pipeline(preset: str = "demo", detector: str = EMBEDDED_MTCNN, device=
     else:
         det = load_detector(detector, model_file("facedetection", detector), device=device)
     stages = []
-    if preset in ("fast", "ntire"):
+    if preset in ("fast", "ntire", "ntire_full"):
         from .pipelines.restore.restorer import FaceRestorer
 
         name = restorer or PRESETS[preset].needs[0][1]
@@ -72,10 +72,12 @@ def build_pipeline(preset: str = "demo", detector: str = EMBEDDED_MTCNN, device=
 
         stages.append(("zssr_x2", zssr))
         options = {"crop_size": 0, "geometry": "native", "upscale": PRESETS["demo"].upscale, **options}
-    if preset == "ntire":
+    if preset in ("ntire", "ntire_full"):
         stages.append(("onestep_sr", _onestep_stage(device, precision, onestep_base, onestep_lora,
                                                     progress=progress)))
         options.setdefault("color_reference", "restore")  # AIIA: wavelet fix against the GFPGAN output
+    if preset == "ntire_full":
+        stages.append(("ntire_tune", _ntire_tune_stage(seed, progress=progress)))
     if preset == "id_preserve":
         stages.append(("restorer_id", _identity_stage(det, device, precision, reference, id_scale, steps, cfg,
                                                       seed or 42)))
@@ -114,6 +116,29 @@ def _onestep_stage(device, precision, base=None, lora=None, seed=0, progress=Non
         out = model(faces, scale=1, seed=seed, is_oom=dev.is_oom)
         progress(faces.shape[0])
         return out
+
+    return stage
+
+
+def _ntire_tune_stage(seed=0, steps=0, progress=None, **config):
+    """The AIIA per-image tuning on the TSD-SR faces: L1 + 0.1 (1 - CLIP-IQA) + 0.1 (1 - MANIQA), ArcFace ID
+    guard, the best validated step kept (the same code the PerImageTune node runs; files of PRESETS['ntire_full'])."""
+    from .nodes.quality import open_id_model, open_metric
+    from .nodes.tune import _id_similarity, _quality_terms
+    from .pipelines.tune.ntire_refine import NTIREConfig, NTIRETune
+
+    clipiqa, maniqa = open_metric("clipiqa"), open_metric("maniqa")
+    id_model = open_id_model(PRESETS["ntire_full"].needs[5][1])
+    losses, score = _quality_terms(clipiqa, 0.1, maniqa, 0.1)
+    config = NTIREConfig(**config)  # keyword overrides: smaller networks for quick runs
+    if steps:
+        config.steps = int(steps)
+    tuner = NTIRETune(config, quality_losses=losses, score_fn=score, id_similarity=_id_similarity(id_model))
+    progress = progress or _NoProgress()
+
+    def stage(faces):
+        progress.stage(f"NTIRE tuning on {faces.shape[0]} face(s), steps", tuner.total_steps())
+        return tuner(faces, seed=seed, hook=progress)[0]
 
     return stage
 
@@ -467,6 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "0 = off)")
     p_adapt.add_argument("--gan-real", default=None, help="folder of clean aligned faces for the discriminator "
                          "(default: the pseudo targets)")
+    from .client.cli import add_api_parser  # headless client over ComfyUI servers
+
+    add_api_parser(sub)
     return parser
 
 
@@ -519,6 +547,10 @@ def main(argv=None) -> int:
     if device:
         dev.set_device(device)
     try:
+        if args.command == "api":
+            from .client.cli import run_api
+
+            return run_api(args)
         if args.command == "presets":
             for spec in PRESETS.values():
                 print(f"{spec.name}: {spec.description}")

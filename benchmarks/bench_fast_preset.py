@@ -190,6 +190,56 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
 
 
+def compare_photo(reference, ours, detector, path, device, repeats: int = 1, max_faces: int = 0, warm: bool = True):
+    """GFPGANer.enhance and the fast preset on one photo with the same detections; None when the photo is missing
+    or has no face. Times: median of `repeats` (after a warm-up of both when `warm`); peaks: see measure()."""
+    import cv2
+
+    if not Path(path).exists():
+        print(f"{path}: missing, skipped")
+        return None
+    bgr = cv2.imread(str(path))
+    image = torch.from_numpy(np.ascontiguousarray(bgr[..., ::-1])).to(device).permute(2, 0, 1)[None].float() / 255
+    t = time.perf_counter()
+    dets = detect_faces(image, detector, THRESHOLD)
+    dets = select_faces(dets[0], image.shape[-2:], min_score=THRESHOLD)
+    t_det = time.perf_counter() - t
+    if max_faces:
+        dets = dets[:max_faces]
+    n = int(dets.shape[0])
+    if n == 0:
+        print(f"{path}: no face at threshold {THRESHOLD}, skipped")
+        return None
+    inject_landmarks(reference.face_helper, dets.cpu().numpy())
+    run_ref = lambda: reference.enhance(bgr, has_aligned=False, paste_back=True)  # noqa: E731
+    run_us = lambda: run_ours(ours, bgr, dets, device)  # noqa: E731
+    if warm:
+        run_ref(), run_us()
+    t_ref, m_ref, (ref_crops, ref_faces, ref_img) = measure(run_ref, device, repeats)
+    t_us, m_us, our_img = measure(run_us, device, repeats)
+    # Same restoration: our restorer on GFPGANer's own crops vs its restored faces (uint8 BGR).
+    crops = torch.from_numpy(np.stack(ref_crops)[..., ::-1].copy()).to(device).permute(0, 3, 1, 2).float() / 255
+    faces = (ours(crops) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).flip(-1).cpu().numpy()
+    plain = run_ours(ours, bgr, dets, device, color="none")
+    return {"shape": bgr.shape, "faces": n, "detect_s": t_det, "reference_s": t_ref, "ours_s": t_us,
+            "reference_peak": m_ref, "ours_peak": m_us, "face_psnr": psnr(faces, np.stack(ref_faces)),
+            "face_max": int(np.abs(faces.astype(int) - np.stack(ref_faces).astype(int)).max()),
+            "photo_psnr_plain": psnr(plain, ref_img), "photo_psnr": psnr(our_img, ref_img)}
+
+
+def load_pair(device, dtype, weights=None):
+    """(GFPGANer, FaceMend FaceRestorer, RetinaFace detector) on the same weights (random seeded v1.4 or a file)."""
+    GFPGANer, clean_cls = load_gfpganer()
+    if weights is None:
+        torch.manual_seed(0)
+        weights = os.path.join(tempfile.mkdtemp(), "GFPGANv1.4-random.pth")
+        torch.save({"params_ema": clean_cls(**V14).state_dict()}, weights)
+    reference = make_gfpganer(GFPGANer, weights, device)
+    ours = FaceRestorer.from_file(weights, device=device, dtype=dtype)
+    detector = RetinaFaceDetector.from_file(str(DETECTOR), device=device)
+    return reference, ours, detector
+
+
 # ---------------------------------------------------------------------------------------------------- main
 
 def main() -> None:
@@ -206,61 +256,25 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if not DETECTOR.exists():
         sys.exit(f"needs {DETECTOR}")
-    import cv2
 
     torch.set_grad_enabled(False)
     device = torch.device(args.device)
-    GFPGANer, clean_cls = load_gfpganer()
-    tmp = tempfile.mkdtemp()
-    weights = args.weights
-    if weights is None:
-        torch.manual_seed(0)
-        weights = os.path.join(tmp, "GFPGANv1.4-random.pth")
-        torch.save({"params_ema": clean_cls(**V14).state_dict()}, weights)
-    reference = make_gfpganer(GFPGANer, weights, device)
-    ours = FaceRestorer.from_file(weights, device=device, dtype=DTYPES[args.dtype])
-    detector = RetinaFaceDetector.from_file(str(DETECTOR), device=device)
+    reference, ours, detector = load_pair(device, DTYPES[args.dtype], args.weights)
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, FaceMend {ours.dtype}, "
           f"load average {os.getloadavg()[0]:.2f}")
 
     rows, warm = [], True
     for rel in args.photos:
-        path = SHARED / rel
-        if not path.exists():
-            print(f"{rel}: missing, skipped")
+        r = compare_photo(reference, ours, detector, SHARED / rel, device, args.repeats, args.max_faces, warm)
+        if r is None:
             continue
-        bgr = cv2.imread(str(path))
-        image = torch.from_numpy(np.ascontiguousarray(bgr[..., ::-1])).to(device).permute(2, 0, 1)[None].float() / 255
-        t = time.perf_counter()
-        dets = detect_faces(image, detector, THRESHOLD)
-        dets = select_faces(dets[0], image.shape[-2:], min_score=THRESHOLD)
-        t_det = time.perf_counter() - t
-        if args.max_faces:
-            dets = dets[:args.max_faces]
-        n = int(dets.shape[0])
-        if n == 0:
-            print(f"{rel}: no face at threshold {THRESHOLD}, skipped")
-            continue
-        dets_np = dets.cpu().numpy()
-        inject_landmarks(reference.face_helper, dets_np)
-        run_ref = lambda: reference.enhance(bgr, has_aligned=False, paste_back=True)  # noqa: E731
-        run_us = lambda: run_ours(ours, bgr, dets, device)  # noqa: E731
-        if warm:
-            run_ref(), run_us()
-            warm = False
-        t_ref, m_ref, (ref_crops, ref_faces, ref_img) = measure(run_ref, device, args.repeats)
-        t_us, m_us, our_img = measure(run_us, device, args.repeats)
-        # Same restoration: our restorer on GFPGANer's own crops vs its restored faces (uint8 BGR).
-        crops = torch.from_numpy(np.stack(ref_crops)[..., ::-1].copy()).to(device).permute(0, 3, 1, 2).float() / 255
-        faces = (ours(crops) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).flip(-1).cpu().numpy()
-        face_psnr = psnr(faces, np.stack(ref_faces))
-        face_max = int(np.abs(faces.astype(int) - np.stack(ref_faces).astype(int)).max())
-        plain = run_ours(ours, bgr, dets, device, color="none")
-        rows.append((rel, bgr.shape, n, t_det, t_ref, t_us, m_ref, m_us, face_psnr, face_max,
-                     psnr(plain, ref_img), psnr(our_img, ref_img)))
+        warm = False
+        rows.append((rel, r["shape"], r["faces"], r["detect_s"], r["reference_s"], r["ours_s"], r["reference_peak"],
+                     r["ours_peak"], r["face_psnr"], r["face_max"], r["photo_psnr_plain"], r["photo_psnr"]))
         r = rows[-1]
-        print(f"{rel}: {bgr.shape[1]}x{bgr.shape[0]}, {n} faces (detection {t_det:.2f} s, shared)\n"
+        bgr_shape, n, t_det, t_ref, t_us, m_ref, m_us = r[1], r[2], r[3], r[4], r[5], r[6], r[7]
+        print(f"{rel}: {bgr_shape[1]}x{bgr_shape[0]}, {n} faces (detection {t_det:.2f} s, shared)\n"
               f"  GFPGANer.enhance  {t_ref:7.2f} s/image {t_ref / n:6.2f} s/face  peak +{m_ref / 2**20:7.0f} MiB\n"
               f"  FaceMend fast     {t_us:7.2f} s/image {t_us / n:6.2f} s/face  peak +{m_us / 2**20:7.0f} MiB"
               f"   -> {t_ref / t_us:.2f}x faster, {m_ref / max(m_us, 1):.2f}x less memory\n"

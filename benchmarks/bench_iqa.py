@@ -59,9 +59,6 @@ def main(argv=None):
     ap.add_argument("--maniqa-crops", type=int, default=20, help="MANIQA test crops per image (pyiqa: 20)")
     args = ap.parse_args(argv)
     _load_facemend()
-    from facemend.pipelines.quality import metrics as M
-    from facemend.pipelines.quality.niqe import NIQE
-
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -70,37 +67,49 @@ def main(argv=None):
           f"batch {x.shape[0]} x {args.size}x{args.size}, torch {torch.__version__}")
     print(f"{'metric':<10} {'images/s':>10}  note")
     for name in [m for m in args.metrics.split(",") if m]:
-        note = ""
         try:
-            if name == "niqe":
-                fn = NIQE.from_file(str(SHARED / "models" / "iqa" / "niqe_pris_params.npz"), device=device)
-                note = "pyiqa variant, float64"
-            elif name == "fid":
-                from torchvision.models.inception import Inception3
-                from facemend.pipelines.quality.fid import FIDInception, _local_weights
-
-                sd = Inception3(num_classes=1008, aux_logits=False, init_weights=False).state_dict()
-                with _local_weights(sd) as pfi:
-                    net = pfi.InceptionV3([3], resize_input=True, normalize_input=True, use_fid_inception=True)
-                fn = FIDInception(net.to(device)).features
-                note = "pool3 features at 299"
-            elif name == "clipiqa":
-                try:
-                    import clip  # noqa: F401
-                except Exception as exc:
-                    print(f"{name:<10} {'-':>10}  skipped: needs openai-clip ({exc})")
-                    continue
-                raise SystemExit("clipiqa timing needs an RN50 file; not available offline")
-            else:
-                net = M.build_pyiqa_net(name).eval().to(device)
-                if name == "maniqa":
-                    net.test_sample = args.maniqa_crops
-                    note = f"{args.maniqa_crops} crops of 224 per image"
-                fn = M.IQAMetric(M.SPECS[name], net, module=net).score
+            built = build_metric(name, device, args.maniqa_crops)
+            if built is None:
+                print(f"{name:<10} {'-':>10}  skipped: needs openai-clip")
+                continue
+            fn, note = built
             ips = _time(fn, x, device, args.repeats)
             print(f"{name:<10} {ips:>10.3f}  {note}")
         except Exception as exc:  # report and go on with the other metrics
             print(f"{name:<10} {'-':>10}  failed: {type(exc).__name__}: {str(exc)[:120]}")
+
+
+def build_metric(name, device, maniqa_crops: int = 20):
+    """(score function images -> scores, note) for one metric; None where its package is missing."""
+    from facemend.pipelines.quality import metrics as M
+    from facemend.pipelines.quality.niqe import NIQE
+
+    note = ""
+    if name == "niqe":
+        fn = NIQE.from_file(str(SHARED / "models" / "iqa" / "niqe_pris_params.npz"), device=device)
+        note = "pyiqa variant, float64"
+    elif name == "fid":
+        from torchvision.models.inception import Inception3
+        from facemend.pipelines.quality.fid import FIDInception, _local_weights
+
+        sd = Inception3(num_classes=1008, aux_logits=False, init_weights=False).state_dict()
+        with _local_weights(sd) as pfi:
+            net = pfi.InceptionV3([3], resize_input=True, normalize_input=True, use_fid_inception=True)
+        fn = FIDInception(net.to(device)).features
+        note = "pool3 features at 299"
+    elif name == "clipiqa":
+        try:
+            import clip  # noqa: F401
+        except Exception:
+            return None
+        raise SystemExit("clipiqa timing needs an RN50 file; not available offline")
+    else:
+        net = M.build_pyiqa_net(name).eval().to(device)
+        if name == "maniqa":
+            net.test_sample = maniqa_crops
+            note = f"{maniqa_crops} crops of 224 per image"
+        fn = M.IQAMetric(M.SPECS[name], net, module=net).score
+    return fn, note
 
 
 if __name__ == "__main__":

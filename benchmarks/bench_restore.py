@@ -62,6 +62,49 @@ def _time(fn, device, repeats: int) -> tuple[float, float]:
     return statistics.median(walls), statistics.median(cpus)
 
 
+def build_pair(device, dtype, weights=None):
+    """(official GFPGANv1Clean, FaceMend FaceRestorer) with the same weights (random seeded v1.4, or a file)."""
+    official_cls = _official_class()
+    official = official_cls(out_size=512, num_style_feat=512, channel_multiplier=2, decoder_load_path=None,
+                            fix_decoder=False, num_mlp=8, input_is_latent=True, different_w=True, narrow=1,
+                            sft_half=True)
+    if weights:
+        ours = FaceRestorer.from_file(weights, device=device, dtype=dtype)
+        official.load_state_dict(ours.net.state_dict(), strict=True)
+    else:
+        torch.manual_seed(0)
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "GFPGANv1.4-random.pth")
+            torch.save({"params_ema": official.state_dict()}, path)
+            ours = FaceRestorer.from_file(path, device=device, dtype=dtype)
+    official = official.eval().to(device=device, dtype=dtype).requires_grad_(False)
+    return official, ours
+
+
+def compare(official, ours, batch: int, device, dtype, repeats: int) -> dict:
+    """Seconds per face (median wall and process CPU) of both on one batch of 512 faces, and max |difference|."""
+    g = torch.Generator().manual_seed(batch)
+    faces = torch.rand(batch, 3, 512, 512, generator=g).to(device)
+
+    def run_official():
+        with torch.inference_mode():
+            x = ((faces - 0.5) / 0.5).to(dtype)
+            out = official(x, return_rgb=False)[0]
+            return ((out.float().clamp(-1, 1) + 1) / 2)
+
+    def run_ours():
+        return ours(faces, batch_size=batch, seed=0)
+
+    t_off, c_off = _time(run_official, device, repeats)
+    t_ours, c_ours = _time(run_ours, device, repeats)
+    with torch.inference_mode():
+        ref = ((official(((faces - 0.5) / 0.5).to(dtype), return_rgb=False, randomize_noise=False)[0]
+                .float().clamp(-1, 1) + 1) / 2)
+    diff = (ours(faces, batch_size=batch, noise="stored") - ref).abs().max().item()
+    return {"batch": batch, "official_s_per_face": t_off / batch, "ours_s_per_face": t_ours / batch,
+            "official_cpu_s_per_face": c_off / batch, "ours_cpu_s_per_face": c_ours / batch, "max_abs_diff": diff}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
@@ -74,47 +117,18 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-
-    official_cls = _official_class()
-    official = official_cls(out_size=512, num_style_feat=512, channel_multiplier=2, decoder_load_path=None,
-                            fix_decoder=False, num_mlp=8, input_is_latent=True, different_w=True, narrow=1,
-                            sft_half=True)
-    if args.weights:
-        ours = FaceRestorer.from_file(args.weights, device=device, dtype=dtype)
-        official.load_state_dict(ours.net.state_dict(), strict=True)
-    else:
-        torch.manual_seed(0)
-        with tempfile.TemporaryDirectory() as d:
-            path = os.path.join(d, "GFPGANv1.4-random.pth")
-            torch.save({"params_ema": official.state_dict()}, path)
-            ours = FaceRestorer.from_file(path, device=device, dtype=dtype)
-    official = official.eval().to(device=device, dtype=dtype).requires_grad_(False)
+    official, ours = build_pair(device, dtype, args.weights)
 
     print(f"device {device}, dtype {args.dtype}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"load average {os.getloadavg()[0]:.2f}, weights {'file ' + args.weights if args.weights else 'random'}")
     print(f"{'batch':>5} {'official s/face':>16} {'ours s/face':>12} {'official/ours':>14} "
           f"{'cpu s/face off/ours':>20} {'max|diff|':>10}")
     for b in args.batch:
-        g = torch.Generator().manual_seed(b)
-        faces = torch.rand(b, 3, 512, 512, generator=g).to(device)
-
-        def run_official():
-            with torch.inference_mode():
-                x = ((faces - 0.5) / 0.5).to(dtype)
-                out = official(x, return_rgb=False)[0]
-                return ((out.float().clamp(-1, 1) + 1) / 2)
-
-        def run_ours():
-            return ours(faces, batch_size=b, seed=0)
-
-        t_off, c_off = _time(run_official, device, args.repeats)
-        t_ours, c_ours = _time(run_ours, device, args.repeats)
-        with torch.inference_mode():
-            ref = ((official(((faces - 0.5) / 0.5).to(dtype), return_rgb=False, randomize_noise=False)[0]
-                    .float().clamp(-1, 1) + 1) / 2)
-        diff = (ours(faces, batch_size=b, noise="stored") - ref).abs().max().item()
-        print(f"{b:>5} {t_off / b:>16.3f} {t_ours / b:>12.3f} {t_off / t_ours:>14.2f} "
-              f"{c_off / b:>9.2f}/{c_ours / b:<10.2f} {diff:>10.2e}", flush=True)
+        r = compare(official, ours, b, device, dtype, args.repeats)
+        print(f"{b:>5} {r['official_s_per_face']:>16.3f} {r['ours_s_per_face']:>12.3f} "
+              f"{r['official_s_per_face'] / r['ours_s_per_face']:>14.2f} "
+              f"{r['official_cpu_s_per_face']:>9.2f}/{r['ours_cpu_s_per_face']:<10.2f} {r['max_abs_diff']:>10.2e}",
+              flush=True)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 

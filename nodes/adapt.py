@@ -167,10 +167,18 @@ class AdaptRestorer:
                                 "the pseudo targets (the official fallback)."}),
         }}
 
-    def run(self, restorer, prior, name, steps=2000, learning_rate=2e-5, lpips_weight=0.1, micro_batch=4,
-            accumulate=4, checkpoint_every=250, precision="fp32", start_step=150, reg_end_step=90, down_factor=8,
-            apply_filter=True, seed=20000, respacing="250", clip_denoised=True, face_crops=None, folder="",
-            gan_weight=0.0, gan_real_folder=""):
+    def run(self, restorer, prior, name, **kwargs):
+        import torch
+
+        # ComfyUI runs nodes under torch.inference_mode(): fine-tuning needs autograd, and tensors made in that
+        # mode (the LPIPS weights, the faces) cannot enter it. Found by running the template in a real ComfyUI.
+        with torch.inference_mode(False), torch.enable_grad():
+            return self._run(restorer, prior, name, **kwargs)
+
+    def _run(self, restorer, prior, name, steps=2000, learning_rate=2e-5, lpips_weight=0.1, micro_batch=4,
+             accumulate=4, checkpoint_every=250, precision="fp32", start_step=150, reg_end_step=90, down_factor=8,
+             apply_filter=True, seed=20000, respacing="250", clip_denoised=True, face_crops=None, folder="",
+             gan_weight=0.0, gan_real_folder=""):
         from ..pipelines.adapt.finetune import FinetuneConfig
         from ..pipelines.adapt.pseudo_targets import PseudoTargetGenerator
         from ..pipelines.adapt.run import adapt_restorer, load_face_folder
@@ -181,7 +189,7 @@ class AdaptRestorer:
         if not name or os.sep in name or "/" in name or name.startswith("."):
             raise FaceMendError(f"model name {name!r}: give a plain file name without folders")
         if face_crops is not None:
-            faces = image_to_bchw(face_crops, "cpu", "face crops")
+            faces = image_to_bchw(face_crops, "cpu", "face crops").clone()
         elif str(folder).strip():
             faces = load_face_folder(str(folder).strip(), restorer.input_size)
         else:

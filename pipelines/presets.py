@@ -58,6 +58,14 @@ PRESETS = {
                                  "GFPGAN output -> paste-back",
                         needs=(("facerestore_models", "GFPGANv1.4.pth"),
                                ("diffusers", "stable-diffusion-3-medium-diffusers"), ("onestep_sr", "tsdsr"))),
+    "ntire_full": PresetSpec("ntire_full", "the full NTIRE 2025 AIIA chain of its factsheet: detect -> align -> "
+                             "GFPGAN v1.3 -> TSD-SR at scale 1 -> IQA-guided per-image tuning (L1 + 0.1 (1 - CLIP-IQA) "
+                             "+ 0.1 (1 - MANIQA), ArcFace ID guard, best validated step kept) -> wavelet colour fix "
+                             "against the GFPGAN output -> paste-back",
+                             needs=(("facerestore_models", "GFPGANv1.3.pth"),
+                                    ("diffusers", "stable-diffusion-3-medium-diffusers"), ("onestep_sr", "tsdsr"),
+                                    ("facemend_iqa", "RN50.pt"), ("facemend_iqa", "ckpt_koniq10k.pt"),
+                                    ("insightface", "models/buffalo_l/w600k_r50.onnx"))),
     "id_preserve": PresetSpec("id_preserve", "identity preservation from reference photos (--reference): detect -> "
                                              "align -> RestorerID (50 DDIM steps, CFG 4) with the reference's ArcFace "
                                              "+ CLIP tokens and the adaptive ID scale exp((9.5 - MUSIQ)/10) per face "

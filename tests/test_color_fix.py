@@ -85,7 +85,7 @@ def _stablesr_wavelet_fix(target, reference, levels=5):
     import torch.nn.functional as F
 
     k1 = torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64)
-    kernel = ((k1[:, None] * k1[None, :]) / 16).expand(3, 1, 3, 3)
+    kernel = ((k1[:, None] * k1[None, :]) / 16).expand(3, 1, 3, 3).to(target)  # the inputs' dtype and device
 
     def decompose(x):
         high, low = torch.zeros_like(x), x

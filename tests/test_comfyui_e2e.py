@@ -117,7 +117,7 @@ def test_demo_api_workflow_runs(comfyui):
     url, base = comfyui
     photo = need_shared("faces", "clean", "t1_six_faces.jpg")
     Image.open(photo).convert("RGB").save(base / "input" / "example.png")
-    graph = json.loads((ROOT / "workflows" / "facemend_demo_api.json").read_text())
+    graph = json.loads((ROOT / "workflows" / "api" / "facemend_demo.json").read_text())
     tune = [n for n in graph.values() if n["class_type"] == "FaceMend_PerImageTune"]
     assert len(tune) == 1
     tune[0]["inputs"]["steps"] = 10  # a CPU-sized run of the same graph

@@ -35,7 +35,8 @@ def test_id_preserve_api_workflow_runs_in_comfyui(comfyui):  # noqa: F811
     Image.open(need_shared("faces", "aligned_lq_real", "0143.png")).convert("RGB").save(base / "input" / "reference.png")
     info = _get(url + "/object_info/FaceMend_RestorerIDLoader", timeout=60)["FaceMend_RestorerIDLoader"]
     assert "CLIP-ViT-H-14-laion2B-s32B-b79K" in info["input"]["required"]["clip_vision"][0]
-    graph = json.loads((ROOT / "workflows" / "facemend_id_preserve_api.json").read_text())
+    graph = json.loads((ROOT / "workflows" / "api" / "facemend_id_preserve.json").read_text())
+    graph["4"]["inputs"]["image"] = "reference.png"  # the reference LoadImage (the template names example.png)
     for node in graph.values():  # a CPU-sized run of the same graph: 64 px crops, 2 steps
         if node["class_type"] == "FaceMend_DetectAlign":
             node["inputs"]["crop_size"] = 64

@@ -136,3 +136,15 @@ def test_wrong_or_junk_weight_files_are_refused(tmp_path):
         M.load_metric("qalign", "x")
     with pytest.raises(ValueError, match="unknown IQA metric"):
         M.load_metric("brisque", "x")
+
+
+def test_a_metric_loaded_under_inference_mode_still_works_as_a_loss(tmp_path):
+    """ComfyUI runs the IQA loader node under torch.inference_mode(); the NTIRE tuning then backpropagates
+    through the metric (found by running the ntire_full graph in a real ComfyUI)."""
+    path = tmp_path / "musiq.pth"
+    torch.save(_random_net("musiq").state_dict(), path)
+    with torch.inference_mode():
+        metric = M.load_metric("musiq", str(path))
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    metric.as_loss(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0

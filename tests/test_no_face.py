@@ -71,7 +71,7 @@ def test_fast_workflow_with_no_face_in_comfyui(comfyui):
     torch.manual_seed(0)
     net = GFPGANv1Clean(GFPGANConfig(out_size=64, num_style_feat=64, narrow=0.25))
     torch.save({"params_ema": net.state_dict()}, base / "models" / "facerestore_models" / "GFPGANv1.4.pth")
-    shipped = (ROOT / "workflows" / "facemend_fast_api.json").read_text()
+    shipped = (ROOT / "workflows" / "api" / "facemend_fast.json").read_text()
     rng = np.random.default_rng(0)
     for name, pixels in (("noface.png", np.full((60, 80, 3), 128, np.uint8)),
                          ("one.png", rng.integers(0, 255, (1, 1, 3), dtype=np.uint8))):

@@ -21,5 +21,7 @@ def test_every_node_workflow_and_model_file_is_documented():
         assert f"`{node_id}`" in README, node_id
     for wf in (ROOT / "workflows").glob("*.json"):
         assert wf.name in README, wf.name
+    for wf in (ROOT / "example_workflows").glob("*.json"):  # the templates, each with its picture
+        assert f"`{wf.stem}` ![](example_workflows/{wf.stem}.jpg)" in README, wf.name
     for name in KNOWN_FILES:
         assert f"`{name}`" in README, name

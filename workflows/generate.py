@@ -1,8 +1,17 @@
-"""Writes the shipped workflows in both ComfyUI formats from one description per preset, so the UI file
-(drag into ComfyUI) and the API file (POST to /prompt) cannot drift apart. A test regenerates them and
-compares with the committed files.
+"""Writes the shipped workflows from one description per graph, so UI and API files cannot drift apart. A test
+regenerates them and compares with the committed files.
 
-    python workflows/generate.py      # rewrite workflows/*.json after changing a graph below
+    example_workflows/<name>.json   UI graphs (ComfyUI's templates browser lists this folder; drag into ComfyUI):
+                                    loaders above the chain, a group per stage, a Note listing the model files.
+    workflows/api/<name>.json       API graphs (POST to /prompt; `python -m facemend api`).
+    workflows/<name>.json, workflows/<name>_api.json
+                                    the first three graphs as shipped before (public API: links and scripts
+                                    point at them), written byte-identically by the legacy writer below.
+
+To add a graph, add an entry to WORKFLOWS (node ids, widgets by name, links) and, when it has a loader this file
+does not know, a row in NOTE_MODELS. Positions, groups and the Note are computed.
+
+    python workflows/generate.py      # rewrite every file after changing a graph below
 """
 from __future__ import annotations
 
@@ -90,7 +99,37 @@ WORKFLOWS = {
             10: ("SaveImage", {"filename_prefix": "facemend_ntire"}, {"images": (9, 0)}),
         },
     },
-
+    "facemend_ntire_full": {
+        "title": "FaceMend ntire_full: the full NTIRE 2025 AIIA chain: detect -> GFPGAN v1.3 -> TSD-SR one-step "
+                 "refinement (scale 1) -> IQA-guided per-image tuning (L1 + CLIP-IQA + MANIQA losses, ID guard, best "
+                 "validated step kept) -> wavelet colour fix against the GFPGAN output -> paste back",
+        "nodes": {
+            **_DETECT_NODES,
+            4: ("FaceMend_RestorerLoader", {"model": "GFPGANv1.3.pth", "precision": "auto"}, {}),
+            5: ("FaceMend_RestoreFaces", {"visibility": 1.0, "fidelity": 0.5, "batch_size": 0, "seed": 0},
+                {"face_crops": (3, 0), "restorer": (4, 0)}),
+            6: ("FaceMend_OneStepSRLoader", {"backend": "tsdsr", "base_model": "stable-diffusion-3-medium-diffusers",
+                                             "lora": "tsdsr", "precision": "auto", "prompt": ""}, {}),
+            7: ("FaceMend_OneStepSR", {"scale": 1, "tile_size": 0, "tile_overlap": -1, "seed": 0,
+                                       "blend": "gaussian", "vae_tile_size": 1024, "max_batch": 4},
+                {"image": (5, 0), "sr_model": (6, 0)}),
+            8: ("FaceMend_IQALoader", {"metric": "clipiqa", "weights_file": "default", "niqe_variant": "pyiqa"},
+                {}),
+            9: ("FaceMend_IQALoader", {"metric": "maniqa", "weights_file": "default", "niqe_variant": "pyiqa"},
+                {}),
+            10: ("FaceMend_IDModelLoader", {"model": "models/buffalo_l/w600k_r50.onnx"}, {}),
+            11: ("FaceMend_PerImageTune", {"mode": "ntire_tune", "scale": 2, "steps": 0, "learning_rate": 0.001,
+                                           "seed": 0, "crop_size": 128, "validation_interval": 100,
+                                           "l1_weight": 1.0, "clipiqa_weight": 0.1, "maniqa_weight": 0.1,
+                                           "id_threshold": 0.6, "back_projection_iters": 10, "self_ensemble": False},
+                 {"image": (7, 0), "clipiqa": (8, 0), "maniqa": (9, 0), "id_model": (10, 0)}),
+            12: ("FaceMend_ColorFix", {"method": "wavelet", "strength": 1.0},
+                 {"image": (11, 0), "reference": (5, 0)}),
+            13: ("FaceMend_PasteBack", {"feather": 0.1, "margin": 0.04, "interpolation": "bilinear"},
+                 {"image": (1, 0), "face_crops": (12, 0), "alignment": (3, 1)}),
+            14: ("SaveImage", {"filename_prefix": "facemend_ntire_full"}, {"images": (13, 0)}),
+        },
+    },
     "facemend_adapt": {
         "title": "FaceMend adapt: fine-tune GFPGAN on a folder of your aligned faces (diffusion-prior pseudo "
                  "targets), then restore a photo with the adapted model",
@@ -117,9 +156,13 @@ WORKFLOWS = {
     "facemend_id_preserve": {
         "title": "FaceMend id_preserve: detect -> align -> RestorerID with a reference photo of the person and the "
                  "adaptive ID scale exp((9.5 - MUSIQ)/10) per face -> wavelet colour fix -> paste back",
+        "note": "Load a photo of the same person (any size; the largest face is used) in the second LoadImage: "
+                "it is RestorerID's reference.",
         "nodes": {
             **_DETECT_NODES,
-            4: ("LoadImage", {"image": "reference.png", "upload": "image"}, {}),
+            # The reference photo: example.png (ComfyUI ships it) so the template opens without a missing-file warning;
+            # the Note and the README say to load a photo of the same person here.
+            4: ("LoadImage", {"image": "example.png", "upload": "image"}, {}),
             5: ("FaceMend_IDModelLoader", {"model": "models/buffalo_l/w600k_r50.onnx"}, {}),
             6: ("FaceMend_IQALoader", {"metric": "musiq", "weights_file": "default", "niqe_variant": "pyiqa"},
                 {}),
@@ -198,7 +241,8 @@ def api_format(wf, classes) -> dict:
     return out
 
 
-def ui_format(wf, classes) -> dict:
+def legacy_ui_format(wf, classes) -> dict:
+    """The UI layout shipped before example_workflows/ (one row), kept for the legacy workflows/*.json files."""
     nodes, link_rows, link_id = [], [], 0
     out_links: dict = {}
     order = list(wf["nodes"])
@@ -234,12 +278,188 @@ def ui_format(wf, classes) -> dict:
             "groups": [], "config": {}, "extra": {"facemend_title": wf["title"]}, "version": 0.4}
 
 
+REGISTRY_ID = "facemend"  # the Comfy registry id (pyproject [project] name), as ComfyUI saves it per node
+CORE_REGISTRY = ("comfy-core", "0.3.64")
+LEGACY: tuple = ()  # also written in the pre-0.2 places and layout
+
+# What each loader input needs on disk: (class_type, input) -> models/ folder, or a callable(value) -> text|None.
+NOTE_MODELS = {
+    ("FaceMend_DetectorLoader", "model"): lambda v: None if "embedded" in v else f"models/facedetection/{v}",
+    ("FaceMend_RestorerLoader", "model"): lambda v: f"models/facerestore_models/{v}",
+    ("FaceMend_OneStepSRLoader", "base_model"): lambda v: (f"models/diffusers/{v}/ (the diffusers folder; or "
+                                                           f"sd3_medium.safetensors in models/checkpoints/)"),
+    ("FaceMend_OneStepSRLoader", "lora"): lambda v: f"models/onestep_sr/{v}" + ("/" if "." not in v else ""),
+    ("FaceMend_IQALoader", "metric"): lambda v: {
+        "niqe": "models/facemend_iqa/niqe_pris_params.npz", "clipiqa": "models/facemend_iqa/RN50.pt (CLIP-IQA)",
+        "maniqa": "models/facemend_iqa/ckpt_koniq10k.pt (MANIQA)",
+        "musiq": "models/facemend_iqa/musiq_koniq_ckpt-e95806b9.pth"}.get(v, f"models/facemend_iqa/ ({v})"),
+    ("FaceMend_IDModelLoader", "model"): lambda v: f"models/insightface/{v} (ArcFace)",
+    ("FaceMend_RestorerIDLoader", "checkpoint"): lambda v: f"models/restorer_id/{v} (RestorerID)",
+    ("FaceMend_RestorerIDLoader", "ip_adapter"): lambda v: f"models/ipadapter/{v}",
+    ("FaceMend_RestorerIDLoader", "clip_vision"): lambda v: f"models/clip_vision/{v}/",
+    ("FaceMend_RestorerIDLoader", "text_encoder"): lambda v: f"models/diffusers/{v}/ (its text encoder)",
+    ("FaceMend_DiffusionPriorLoader", "model"): lambda v: f"models/facemend_priors/{v} (DifFace prior)",
+    ("FaceMend_AdaptRestorer", "lpips_weight"): lambda v: ("models/facemend_priors/vgg16-397923af.pth (LPIPS; not "
+                                                          "needed with lpips_weight 0)") if v else None,
+}
+
+STAGE_TITLES = {
+    "LoadImage": "Input", "FaceMend_DetectAlign": "Detect + align", "FaceMend_RestoreFaces": "Restore (coarse)",
+    "FaceMend_OneStepSR": "One-step diffusion SR", "FaceMend_PerImageTune": "Per-image tuning",
+    "FaceMend_ColorFix": "Colour fix", "FaceMend_PasteBack": "Paste back", "SaveImage": "Save",
+    "ImageScaleBy": "Upscale photo", "FaceMend_AdaptRestorer": "Adapt the restorer",
+    "FaceMend_RestorerIDRestore": "Identity restore (RestorerID)",
+}
+GROUP_COLORS = ("#3f789e", "#8A8", "#a1309b", "#b06634", "#88A", "#b58b2a", "#A88", "#444")
+
+# NODE_W: the frontend widens a node to fit its widget labels and values (up to ~380 px for the one-step loader).
+# NODE_TITLE: the title bar is drawn above a node's pos; GROUP_TITLE: a group's title band (font 24 -> 34 px).
+NODE_W, GAP_X, GAP_Y, GROUP_PAD, GROUP_TITLE, NODE_TITLE = 400, 70, 50, 15, 44, 30
+NOTE_W = 380
+
+
+def node_size(class_type, classes) -> list:
+    """A size that holds the node's slots and widgets as ComfyUI's frontend draws them (title 30 px, a slot row
+    20 px, a widget row 24 px), so that the file's boxes are the boxes on screen."""
+    if class_type == "Note":
+        return [NOTE_W, 220]
+    widgets, links, outputs = _schema(class_type, classes)
+    n_widgets = len(widgets) - sum(1 for _, k in widgets if k == "IMAGEUPLOAD")
+    height = 30 + 20 * max(len(links), len(outputs)) + 24 * n_widgets + 16
+    if class_type == "LoadImage":
+        height += 260  # the image preview
+    return [NODE_W, height]
+
+
+def _is_loader(nid, wf) -> bool:
+    ctype, _, links = wf["nodes"][nid]
+    return not links and ctype != "LoadImage"
+
+
+def layout(wf, classes) -> tuple[dict, list, int]:
+    """Positions {node id: (x, y, w, h)}, groups and the Note's height: the processing chain in one row of
+    columns (by depth of the graph), each loader in the column of the node it feeds, above the chain; one group
+    per column (stage)."""
+    nodes = wf["nodes"]
+    chain = [n for n in nodes if not _is_loader(n, wf)]
+    depth: dict = {}
+
+    def d(n):
+        if n not in depth:
+            srcs = [src for src, _ in nodes[n][2].values() if not _is_loader(src, wf)]
+            depth[n] = 1 + max((d(src) for src in srcs), default=-1)
+        return depth[n]
+
+    for n in chain:
+        d(n)
+    columns: dict = {}
+    for n in chain:
+        columns.setdefault(depth[n], []).append(n)
+    loaders_of: dict = {}
+    for n in nodes:
+        if _is_loader(n, wf):
+            consumers = [m for m in chain if any(src == n for src, _ in nodes[m][2].values())]
+            col = min((depth[m] for m in consumers), default=0)
+            loaders_of.setdefault(col, []).append(n)
+    sizes = {n: node_size(nodes[n][0], classes) for n in nodes}
+    loader_row_h = max((sum(sizes[n][1] for n in ls) + GAP_Y * (len(ls) - 1) for ls in loaders_of.values()),
+                       default=0)
+    top = GROUP_TITLE + NODE_TITLE
+    chain_y = top + loader_row_h + (GAP_Y + NODE_TITLE if loader_row_h else 0)
+    pos, groups = {}, []
+    x = NOTE_W + GAP_X  # the Note sits left of the graph
+    for col in sorted(columns):
+        y = top
+        for n in loaders_of.get(col, []):
+            pos[n] = (x, y, *sizes[n])
+            y += sizes[n][1] + GAP_Y
+        y = chain_y
+        for n in columns[col]:
+            pos[n] = (x, y, *sizes[n])
+            y += sizes[n][1] + GAP_Y
+        members = loaders_of.get(col, []) + columns[col]
+        y0 = min(pos[n][1] for n in members)
+        y1 = max(pos[n][1] + pos[n][3] for n in members)
+        title = " + ".join(dict.fromkeys(STAGE_TITLES.get(nodes[n][0], nodes[n][0].removeprefix("FaceMend_"))
+                                         for n in columns[col]))
+        groups.append({"title": title, "bounding": [x - GROUP_PAD, y0 - NODE_TITLE - GROUP_TITLE, NODE_W + 2 * GROUP_PAD,
+                                                    y1 - y0 + NODE_TITLE + GROUP_TITLE + GROUP_PAD],
+                       "color": GROUP_COLORS[len(groups) % len(GROUP_COLORS)], "font_size": 24, "flags": {}})
+        x += NODE_W + GAP_X
+    note_h = max(chain_y + max(sizes[n][1] for n in columns[0]) - top, 220)
+    return pos, groups, note_h
+
+
+def top_of_chain(pos) -> int:
+    """The y of the topmost node, where the Note starts too."""
+    return min(y for _, y, _, _ in pos.values())
+
+
+def model_note(wf) -> str:
+    lines = []
+    for nid, (ctype, widgets, _) in wf["nodes"].items():
+        known = False
+        for (cls, name), where in NOTE_MODELS.items():
+            if cls == ctype and name in widgets:
+                known = True
+                text = where(widgets[name])
+                if text and text not in lines:
+                    lines.append(text)
+        if not known and _is_loader(nid, wf):  # a loader without a NOTE_MODELS row still gets a line
+            lines.append(f"{ctype}: the files named in its widgets (the README's model table says where)")
+    head = wf["title"] + "\n\n"
+    if not lines:
+        return head + ("Model files: none. Everything this graph needs ships with the pack (the embedded MTCNN "
+                       "detector; ZSSR learns from the photo itself).\n\nPut a photo in LoadImage and press Queue.")
+    return head + ("Model files this graph needs, in your ComfyUI folder (sources and licences: the README's "
+                   "model table; a missing file is named in the error):\n" + "\n".join("- " + t for t in lines)
+                   + ("\n\n" + wf["note"] if wf.get("note") else "") + "\n\nPut a photo in LoadImage and press Queue.")
+
+
+def ui_format(wf, classes, version: str) -> dict:
+    """The UI graph ComfyUI's frontend saves: laid out by layout(), with groups, a Note and per-node registry ids."""
+    legacy = legacy_ui_format(wf, classes)  # slots, links and widget values are the same; only placement differs
+    pos, groups, note_h = layout(wf, classes)
+    for node in legacy["nodes"]:
+        x, y, w, h = pos[node["id"]]
+        node["pos"], node["size"] = [x, y], [w, h]
+        core = node["type"] in CORE_WIDGETS
+        node["properties"] = {"cnr_id": CORE_REGISTRY[0] if core else REGISTRY_ID,
+                              "ver": CORE_REGISTRY[1] if core else version,
+                              "Node name for S&R": node["type"]}
+    note_id = max(wf["nodes"]) + 1
+    legacy["nodes"].append({"id": note_id, "type": "Note", "pos": [0, top_of_chain(pos)], "size": [NOTE_W, note_h],
+                            "flags": {}, "order": len(legacy["nodes"]), "mode": 0, "inputs": [], "outputs": [],
+                            "properties": {}, "widgets_values": [model_note(wf)], "color": "#432", "bgcolor": "#653"})
+    legacy["last_node_id"] = note_id
+    legacy["groups"] = groups
+    legacy["extra"]["ds"] = {"scale": 0.75, "offset": [40, 40]}
+    return legacy
+
+
+def _version() -> str:
+    import facemend
+
+    return facemend.__version__
+
+
 def build_all() -> dict:
+    """{path relative to the repository root: JSON object} for every shipped workflow file."""
     classes = _node_classes()
+    version = _version()
     files = {}
     for name, wf in WORKFLOWS.items():
-        files[f"{name}.json"] = ui_format(wf, classes)
-        files[f"{name}_api.json"] = api_format(wf, classes)
+        files[f"example_workflows/{name}.json"] = ui_format(wf, classes, version)
+        api = api_format(wf, classes)
+        for nid, node in api.items():  # the photo input, for headless clients (a graph may load other images)
+            if node["class_type"] == "LoadImage" and any(
+                    n["class_type"] == "FaceMend_DetectAlign" and n["inputs"].get("image") == [nid, 0]
+                    for n in api.values()):
+                node["_meta"] = {"title": "input"}
+        files[f"workflows/api/{name}.json"] = api
+        if name in LEGACY:
+            files[f"workflows/{name}.json"] = legacy_ui_format(wf, classes)
+            files[f"workflows/{name}_api.json"] = api_format(wf, classes)
     return files
 
 
@@ -248,9 +468,12 @@ def dumps(obj) -> str:
 
 
 def main() -> None:
-    for name, obj in build_all().items():
-        (HERE / name).write_text(dumps(obj))
-        print("wrote", HERE / name)
+    root = HERE.parent
+    for rel, obj in build_all().items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(dumps(obj))
+        print("wrote", path)
 
 
 if __name__ == "__main__":

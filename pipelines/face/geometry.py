@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from . import cpu_warp
 
 # facexlib / GFPGAN's FFHQ template for 512x512 crops: left eye, right eye, nose, left and right mouth corner.
 FFHQ_TEMPLATE_512 = (
@@ -142,6 +145,11 @@ def warp_to_crops(images: torch.Tensor, image_index: torch.Tensor, affine: torch
     image_index = image_index.cpu()
     pad = {"constant": "zeros", "reflect": "reflection", "edge": "border"}[border]
     fill = torch.tensor((list(border_value) * c)[:c], device=dev, dtype=images.dtype)[None, :, None, None]
+    if cpu_warp.usable(images):
+        # Channels-last images (ComfyUI's, read_image's) give channels-last crops: one warp for all channels.
+        out = cpu_warp.empty(tuple(out.shape), channels_last=images.shape[1] > 1 and images.stride(1) == 1)
+        return _warp_to_crops_cpu(images, image_index, inv, scales, outside, crop_size, border, fill, antialias,
+                                  interpolation, out)
     for b in range(b_count):
         idx = (image_index == b).nonzero().flatten()
         if idx.numel() == 0:
@@ -172,6 +180,36 @@ def warp_to_crops(images: torch.Tensor, image_index: torch.Tensor, affine: torch
             part = sampled[leave.to(dev)]
             sampled[leave.to(dev)] = torch.where(inside > 1e-3, part / inside.clamp(min=1e-3), fill)
         out[idx.to(dev)] = sampled
+    return out
+
+
+def _warp_to_crops_cpu(images, image_index, inv, scales, outside, crop_size, border, fill, antialias,
+                       interpolation, out):
+    """warp_to_crops for CPU float32 images with OpenCV (cpu_warp.py): the same sampling, supersampling factor
+    (per image, from its smallest face) and edge renormalisation, each face warped straight into its output."""
+    h, w = images.shape[-2:]
+    inv64 = inv.double().numpy()
+    fill = fill[0]
+    for b in range(images.shape[0]):
+        idx = (image_index == b).nonzero().flatten().tolist()
+        if not idx:
+            continue
+        ss = supersample_factor(float(scales[idx].min())) if antialias else 1
+        mode = interpolation if ss == 1 else "bilinear"
+        for i in idx:
+            crop = out[i]
+            leaves = bool(outside[i])
+            cpu_warp.warp_planes(images[b], inv64[i], crop_size, crop_size, ss=ss, interpolation=mode,
+                                 border=border, out=crop, whole_source=border == "reflect" and leaves)
+            if mode == "bicubic":
+                np.clip(crop.numpy(), 0, 1, out=crop.numpy())  # bicubic overshoots at edges
+            if border == "constant" and leaves:
+                # As in the grid_sample path: colours renormalised by the weight that fell inside the image
+                # (NumPy: single-threaded, see paste._composite_numpy).
+                inside = cpu_warp.coverage(inv64[i], crop_size, crop_size, w, h, ss=ss, interpolation=mode).numpy()
+                c = crop.numpy()
+                np.divide(c, np.maximum(inside, np.float32(1e-3)), out=c)
+                np.copyto(c, fill.numpy(), where=inside <= 1e-3)
     return out
 
 

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import cpu_warp
 from .align import FaceAlignment
 from ..io.errors import InvalidImage
 from .geometry import (affine_scale, check_interpolation, crop_leaves_image, feather_mask, invert_affine,
                             sample_grid, supersample_factor)
-from ..io.images import check_images
+from ..io.images import checked_view
 
 # Elements (faces x region pixels x samples) per grid_sample call; bounds the memory of one call.
 _CHUNK_ELEMENTS = 1 << 25
@@ -89,15 +91,21 @@ def paste_faces(images: torch.Tensor, crops: torch.Tensor, alignment: FaceAlignm
     [B or 1,H,W] limiting where faces may be pasted; interpolation "bicubic" where crops are enlarged or
     kept in size (sharper), "bilinear" as facexlib. Returns (images [B,3,H,W], blend mask [B,1,H,W]).
     """
-    images = check_images(images, "paste-back image")
+    images = checked_view(images, "paste-back image")
     check_interpolation(interpolation)
     _check_inputs(images, crops, alignment, face_mask, image_mask)
-    out = images.clone()
-    total = images.new_zeros((images.shape[0], 1) + tuple(images.shape[-2:]))
+    if cpu_warp.usable(images):  # large outputs in huge pages (a fresh 24 MP image: 0.1 s of page faults)
+        out = cpu_warp.empty(tuple(images.shape), channels_last=images.stride(1) == 1)
+        np.copyto(out.numpy(), images.numpy())  # NumPy: no OpenMP region (see _composite_numpy)
+        total = cpu_warp.empty((images.shape[0], 1) + tuple(images.shape[-2:]))
+        total.numpy().fill(0)
+    else:
+        out = images.clone()
+        total = images.new_zeros((images.shape[0], 1) + tuple(images.shape[-2:]))
     n = len(alignment)
     if n == 0:
         return out, total
-    crops = check_images(crops, "paste-back face crops").to(images.device, images.dtype)
+    crops = checked_view(crops, "paste-back face crops").to(images.device, images.dtype)
     dev, hw, size = images.device, tuple(images.shape[-2:]), alignment.crop_size
     s_h, s_w = crops.shape[-2:]
     if s_h != s_w:
@@ -120,6 +128,10 @@ def paste_faces(images: torch.Tensor, crops: torch.Tensor, alignment: FaceAlignm
     level = [min(max_level, int(math.floor(math.log2(r)))) if antialias and r >= 2 else 0 for r in ratio]
     ss = [supersample_factor(2 ** lv / r) if antialias else 1 for lv, r in zip(level, ratio)]
     leaves = crop_leaves_image(alignment.inverse, size, alignment.image_sizes[0]) if n else None
+    if cpu_warp.usable(images, crops) and (fm is None or not fm.requires_grad):
+        _paste_cpu(out, total, crops, alignment, o2c, regions, level, ss, leaves, feather_m, fm, image_mask,
+                   interpolation)
+        return out, total  # each pasted region clamped in place (the rest is the checked input)
     todo = sorted((i for i in range(n) if bool((extent[i] > 0).all())),
                   key=lambda i: (level[i], ss[i], int(extent[i].prod())))
     warped: dict[int, torch.Tensor] = {}
@@ -158,19 +170,99 @@ def paste_faces(images: torch.Tensor, crops: torch.Tensor, alignment: FaceAlignm
         start = stop
 
     for i in range(n):  # composite in face order (largest first within an image)
-        if i not in warped:
-            continue
-        b = int(alignment.image_index[i])
+        if i in warped:
+            _composite(out, total, int(alignment.image_index[i]), regions[i], warped[i], image_mask)
+    return out.clamp_(0, 1), total
+
+
+def _composite(out, total, b, region_box, piece, image_mask) -> None:
+    """Blend one warped face (premultiplied colour 3, coverage 1, mask 1 channels) into out[b] and its weight
+    into total[b], in place."""
+    x0, y0, x1, y1 = (int(v) for v in region_box)
+    piece = piece[:, : y1 - y0, : x1 - x0]
+    # Zero padding darkens colours only beyond the crop edge, where the mask is already 0.
+    # In place on the piece (a scratch tensor), as few passes as possible.
+    den = piece[3:4]
+    a = piece[4:5].clamp_(0, 1).mul_(den > 1e-3)
+    colour = piece[:3].div_(den.clamp(min=1e-3)).clamp_(0, 1)  # clamp: bicubic overshoot
+    if image_mask is not None:
+        a.mul_(image_mask[b if image_mask.shape[0] > 1 else 0, y0:y1, x0:x1].to(a)[None])
+    region = out[b, :, y0:y1, x0:x1]
+    region.add_(colour.sub_(region).mul_(a))  # region + a * (colour - region)
+    t = total[b, :, y0:y1, x0:x1]
+    t.add_(t.neg().add_(1).mul_(a))  # t + a * (1 - t)
+
+
+def _paste_cpu(out, total, crops, alignment, o2c, regions, level, ss, leaves, feather_m, fm, image_mask,
+               interpolation) -> None:
+    """The paste loop for CPU float32 images with OpenCV warps (cpu_warp.py), one face at a time: each face costs
+    its own crop and region, never the whole image. Same channels, pooling levels, supersampling and compositing
+    as the grouped grid_sample path."""
+    size, s_h = alignment.crop_size, crops.shape[-1]
+    pooled_feather: dict[int, torch.Tensor] = {}
+    for i in range(len(alignment)):
         x0, y0, x1, y1 = (int(v) for v in regions[i])
-        piece = warped[i][:, : y1 - y0, : x1 - x0]
-        # Zero padding darkens colours only beyond the crop edge, where the mask is already 0.
-        den = piece[3:4]
-        a = torch.where(den > 1e-3, piece[4:5].clamp(0, 1), torch.zeros_like(den))
-        colour = (piece[:3] / den.clamp(min=1e-3)).clamp(0, 1)  # clamp: bicubic overshoot
-        if image_mask is not None:
-            a = a * image_mask[b if image_mask.shape[0] > 1 else 0, y0:y1, x0:x1].to(a)[None]
-        region = out[b, :, y0:y1, x0:x1]
-        out[b, :, y0:y1, x0:x1] = region + a * (colour - region)
-        t = total[b, :, y0:y1, x0:x1]
-        total[b, :, y0:y1, x0:x1] = t + a * (1 - t)
-    return out.clamp(0, 1), total
+        rw, rh = x1 - x0, y1 - y0
+        if rw <= 0 or rh <= 0:
+            continue
+        lv, sf = level[i], ss[i]
+        pool = (lambda x: cpu_warp.area_pool(x, 2 ** lv)) if lv else (lambda x: x)
+        if fm is not None:
+            mask = feather_m[0] * fm[i]
+        else:
+            mask = feather_m[0]
+        if bool(leaves[i]):
+            # Colour premultiplied by validity (see the grid_sample path), then pooled and warped together.
+            valid = _crop_validity(alignment.select([i]), s_h, out.device)[0].to(out.dtype)
+            src = pool(torch.cat([crops[i] * valid, valid, mask]))
+        else:
+            src = None
+            colour = pool(crops[i])
+            if fm is None:
+                if lv not in pooled_feather:
+                    pooled_feather[lv] = pool(mask).contiguous()
+                mask = pooled_feather[lv]
+            else:
+                mask = pool(mask)
+        side = (src if src is not None else colour).shape[-1]
+        # Output pixel (region offset) -> crop pixel at alignment size -> pixel of the pooled crop (the
+        # normalised coordinates of grid_sample: x' = (x + 0.5) * side / size - 0.5).
+        k = side / size
+        to_side = torch.tensor([[k, 0, 0.5 * k - 0.5], [0, k, 0.5 * k - 0.5], [0, 0, 1]], dtype=torch.float64)
+        shift = torch.tensor([[1, 0, x0], [0, 1, y0], [0, 0, 1]], dtype=torch.float64)
+        a = o2c[i].double()
+        m = (to_side @ torch.cat([a, torch.tensor([[0, 0, 1]], dtype=torch.float64)]) @ shift)[:2].numpy()
+        mode = interpolation if sf == 1 and lv == 0 else "bilinear"
+        piece = torch.empty((5, rh, rw), dtype=torch.float32)
+        if src is not None:
+            cpu_warp.warp_planes(src, m, rw, rh, ss=sf, interpolation=mode, out=piece)
+        else:
+            cpu_warp.warp_planes(colour, m, rw, rh, ss=sf, interpolation=mode, out=piece[:3])
+            cpu_warp.coverage(m, rw, rh, side, side, ss=sf, interpolation=mode, out=piece[3:4])
+            cpu_warp.warp_planes(mask, m, rw, rh, ss=sf, interpolation=mode, out=piece[4:5])
+        _composite_numpy(out, total, int(alignment.image_index[i]), regions[i], piece, image_mask)
+
+
+def _composite_numpy(out, total, b, region_box, piece, image_mask) -> None:
+    """_composite's arithmetic, operation for operation (the same float32 roundings), in NumPy on views of the CPU
+    tensors: single-threaded per face, so a busy machine does not stall it in OpenMP barriers (measured 10x on a
+    2-core machine under load)."""
+    x0, y0, x1, y1 = (int(v) for v in region_box)
+    p = piece[:, : y1 - y0, : x1 - x0].numpy()
+    den, a, colour = p[3:4], p[4:5], p[:3]
+    inside = den > 1e-3
+    np.clip(a, 0, 1, out=a)
+    a *= inside
+    colour /= np.maximum(den, np.float32(1e-3))
+    np.clip(colour, 0, 1, out=colour)
+    if image_mask is not None:
+        a *= image_mask[b if image_mask.shape[0] > 1 else 0, y0:y1, x0:x1].to(torch.float32).numpy()[None]
+    region = out[b, :, y0:y1, x0:x1].numpy()
+    colour -= region
+    colour *= a
+    region += colour
+    np.clip(region, 0, 1, out=region)  # float rounding of the blend
+    t = total[b, :, y0:y1, x0:x1].numpy()
+    rest = np.float32(1) - t
+    rest *= a
+    t += rest

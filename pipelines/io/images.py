@@ -104,18 +104,28 @@ def split_alpha(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def check_images(images: torch.Tensor, what: str = "image") -> torch.Tensor:
     """Validate a [B,3,H,W] batch: non-empty, finite. Values outside [0,1] are clamped (other packs'
-    upscalers overshoot slightly); NaN/Inf are an error because they would spread through every stage."""
+    upscalers overshoot slightly); NaN/Inf are an error because they would spread through every stage.
+    Returns a new tensor (callers may write into it)."""
+    return checked_view(images, what, copy=True)
+
+
+def checked_view(images: torch.Tensor, what: str = "image", copy: bool = False) -> torch.Tensor:
+    """check_images in one read of the data (min and max propagate NaN and show Inf), returning `images`
+    itself when it is already a float batch within [0,1] and copy is False: for callers that only read it."""
     if images.ndim != 4 or images.shape[1] != 3:
         raise InvalidImage(f"{what}: expected [B,3,H,W], got shape {tuple(images.shape)}")
     if images.shape[0] == 0 or images.shape[2] == 0 or images.shape[3] == 0:
         raise InvalidImage(f"{what}: empty image batch {tuple(images.shape)}")
-    if not torch.isfinite(images).all():
+    if not images.is_floating_point():
+        return (images.float() / 255.0).clamp(0, 1)
+    lo, hi = torch.aminmax(images.detach())
+    if not (torch.isfinite(lo) and torch.isfinite(hi)):
         bad = (~torch.isfinite(images)).flatten(1).any(1).nonzero().flatten().tolist()
         raise InvalidImage(f"{what}: contains NaN or Inf values (batch items {bad}); "
                            "the node that produced it failed numerically")
-    if not images.is_floating_point():
-        images = images.float() / 255.0
-    return images.clamp(0, 1)
+    if copy or lo < 0 or hi > 1:
+        return images.clamp(0, 1)
+    return images
 
 
 def to_uint8_array(image: torch.Tensor) -> np.ndarray:

@@ -225,6 +225,13 @@ def _load_state(net: torch.nn.Module, path: str, name: str) -> None:
 
 def load_metric(name: str, weights_path: str, device: torch.device | str = "cpu") -> IQAMetric:
     """Build metric `name` from its local weight file (see SPECS for the file each expects)."""
+    # Built outside inference mode (ComfyUI runs loader nodes under it): weights made there are inference
+    # tensors, which the per-image tuning's IQA losses cannot backpropagate through.
+    with torch.inference_mode(False):
+        return _load_metric(name, weights_path, device)
+
+
+def _load_metric(name: str, weights_path: str, device) -> IQAMetric:
     if name in NOT_SUPPORTED:
         raise FaceMendError(NOT_SUPPORTED[name])
     if name not in SPECS:

@@ -1,0 +1,439 @@
+"""A headless run: a folder or list of images through one API graph on one or several ComfyUI servers.
+
+One shared queue of jobs (one per input image); each server takes up to `per_server` jobs at a time (one
+running, the next already uploaded and queued, so the server never waits for us). A job whose server errors or
+disappears goes back to the queue for a server that has not tried it yet, at most `retries` times; a job that
+fails everywhere is reported with ComfyUI's own error text and the run goes on. Outputs land in the output
+folder under the input's name, each written to a temporary name and renamed; the first image output is written
+last, so its presence means the job is complete and a second run skips it. Ctrl-C (or cancel()) removes what
+this run queued from every server and interrupts what is running for it, and nothing else.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .progress import Progress
+from .server import PromptRejected, Server, ServerBusy, ServerUnavailable
+from .websocket import WebSocket, WebSocketClosed
+from .workflow import image_input_node, local_files, with_image
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+REPORT_NAME = "facemend_api_report.json"
+
+
+class JobFailed(RuntimeError):
+    """The graph failed on this server (ComfyUI's error text); another server may still run it."""
+
+
+@dataclass
+class Job:
+    path: Path
+    name: str  # output stem: the input's file name without extension
+    status: str = "pending"  # pending, running, done, failed, skipped, cancelled
+    attempts: list = field(default_factory=list)  # [{"server", "error"}] of the failed attempts
+    tried: set = field(default_factory=set)
+    server: str | None = None
+    prompt_id: str | None = None
+    outputs: list = field(default_factory=list)
+    error: str | None = None
+    seconds: float | None = None
+
+    def as_dict(self) -> dict:
+        return {"input": str(self.path), "status": self.status, "server": self.server, "outputs": self.outputs,
+                "seconds": self.seconds, "error": self.error, "failed_attempts": self.attempts,
+                "retried": bool(self.attempts) and self.status == "done"}
+
+
+def list_inputs(items) -> list[Path]:
+    files = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            files += sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTS
+                            and not f.name.startswith("."))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"input {p} does not exist")
+    return files
+
+
+def _has_image_outputs(graph: dict) -> bool:
+    return any(n["class_type"].endswith(("SaveImage", "PreviewImage")) for n in graph.values())
+
+
+def _write_atomic(path: Path, data: bytes):
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def execution_error_text(entry: dict) -> str:
+    """ComfyUI's own error text from a history entry's status messages."""
+    for kind, data in entry.get("status", {}).get("messages", []):
+        if kind == "execution_error":
+            return (f"{data.get('node_type', '?')} (node {data.get('node_id', '?')}): "
+                    f"{data.get('exception_type', 'error')}: {data.get('exception_message', '').strip()}")
+        if kind == "execution_interrupted":
+            return f"interrupted on the server (node {data.get('node_id', '?')} {data.get('node_type', '')})".strip()
+    return "ComfyUI reported status " + str(entry.get("status", {}).get("status_str"))
+
+
+class _ServerState:
+    """A server, its websocket listener (events routed to the jobs by prompt id) and its in-flight prompts."""
+
+    def __init__(self, server: Server, stop: threading.Event):
+        self.server = server
+        self.dead: str | None = None
+        self.waiters: dict = {}
+        self.inflight: set = set()
+        self.uploaded: dict = {}
+        self.lock = threading.Lock()
+        self.stop = stop
+        self.ws_ok = False
+        self.thread = threading.Thread(target=self._listen, daemon=True, name=f"ws {server.url}")
+        self.thread.start()
+
+    def _listen(self):
+        while not self.stop.is_set() and not self.dead:
+            try:
+                ws = WebSocket(self.server.ws_url(), self.server.headers, timeout=10)
+            except (OSError, ConnectionError):
+                self.ws_ok = False
+                self._broadcast(("ws_lost", None))
+                self.stop.wait(2.0)
+                continue
+            self.ws_ok = True
+            ws.settimeout(1.0)
+            try:
+                while not self.stop.is_set() and not self.dead:
+                    try:
+                        msg = ws.recv()
+                    except socket.timeout:
+                        continue
+                    if isinstance(msg, str):
+                        self._dispatch(json.loads(msg))
+            except (OSError, WebSocketClosed, ValueError):
+                pass
+            finally:
+                ws.close()
+            self.ws_ok = False
+            self._broadcast(("ws_lost", None))
+            self.stop.wait(1.0)
+
+    def _dispatch(self, msg: dict):
+        data = msg.get("data") or {}
+        pid = data.get("prompt_id") if isinstance(data, dict) else None
+        if pid is None:
+            return
+        with self.lock:
+            q = self.waiters.get(pid)
+        if q is not None:
+            q.put((msg.get("type"), data))
+
+    def _broadcast(self, event):
+        with self.lock:
+            for q in self.waiters.values():
+                q.put(event)
+
+
+class Runner:
+    def __init__(self, servers, graph: dict, out_dir, per_server: int = 2, retries: int = 2,
+                 image_node: str | None = None, skip_existing: bool = True, timeout: float = 0,
+                 progress: Progress | None = None, log=None, poll_interval: float = 2.0, busy_grace: float = 600.0):
+        self.servers = [s if isinstance(s, Server) else Server(s) for s in servers]
+        if not self.servers:
+            raise ValueError("give at least one ComfyUI server URL")
+        self.graph = graph
+        self.image_node = image_input_node(graph, image_node)
+        self.local_files = local_files(graph)  # "@path" inputs: uploaded once per server
+        self.images_out = _has_image_outputs(graph)
+        self.out_dir = Path(out_dir)
+        self.per_server = max(1, int(per_server))
+        self.retries = max(0, int(retries))
+        self.skip_existing = skip_existing
+        self.timeout = timeout
+        self.poll_interval = poll_interval
+        self.busy_grace = busy_grace  # seconds a server may leave every request unanswered before it counts as gone
+        self.progress = progress
+        self.run_id = uuid.uuid4().hex[:8]
+        self.cancelled = threading.Event()
+        self._stop = threading.Event()
+        self._cond = threading.Condition()
+        self._queue: queue.Queue = queue.Queue()
+        self._states: list[_ServerState] = []
+        self.jobs: list[Job] = []
+        self.retry_log: list[str] = []
+
+    # --- public -------------------------------------------------------------------------------------------
+    def run(self, inputs) -> dict:
+        files = list_inputs(inputs)
+        by_name: dict = {}
+        for f in files:
+            if f.stem in by_name:
+                raise ValueError(f"{by_name[f.stem]} and {f} would both be written as {f.stem}.*; rename one")
+            by_name[f.stem] = f
+        self.jobs = [Job(f, f.stem) for f in files]
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.progress = self.progress or Progress(len(self.jobs))
+        todo = []
+        for job in self.jobs:
+            if self.skip_existing and self._complete(job):
+                job.status = "skipped"
+                job.outputs = [str(p) for p in self._existing(job)]
+                self.progress.finished(job.name, "skipped", "outputs exist")
+            else:
+                todo.append(job)
+                self._queue.put(job)
+        self._pending = len(todo)
+        t0 = time.monotonic()
+        workers = []
+        if todo:
+            self._states = [_ServerState(s, self._stop) for s in self.servers]
+            for st in self._states:
+                for k in range(self.per_server):
+                    w = threading.Thread(target=self._worker, args=(st,), daemon=True, name=f"{st.server.url}#{k}")
+                    w.start()
+                    workers.append(w)
+        try:
+            with self._cond:
+                while self._pending > 0 and not self.cancelled.is_set():
+                    if all(st.dead for st in self._states):
+                        break
+                    self._cond.wait(0.5)
+        except KeyboardInterrupt:
+            self.cancel()
+            raise
+        finally:
+            if self.cancelled.is_set():
+                self._cancel_remote()
+            self._stop.set()
+            for w in workers:
+                w.join(timeout=10)
+            for job in self.jobs:
+                if job.status in ("pending", "running"):
+                    if self.cancelled.is_set():
+                        job.status, job.error = "cancelled", "cancelled by the user"
+                    else:
+                        job.status = "failed"
+                        job.error = job.error or ("no server left to run it: " + "; ".join(
+                            f"{st.server.url}: {st.dead}" for st in self._states if st.dead))
+                        self.progress.finished(job.name, "failed", job.error)
+            self.report = self._report(time.monotonic() - t0)
+            _write_atomic(self.out_dir / REPORT_NAME, (json.dumps(self.report, indent=1) + "\n").encode())
+            self.progress.close()
+        return self.report
+
+    def cancel(self):
+        """Stop taking jobs; remove this run's queued prompts and interrupt its running ones."""
+        self.cancelled.set()
+        with self._cond:
+            self._cond.notify_all()
+
+    # --- internals ------------------------------------------------------------------------------------------
+    def _existing(self, job: Job) -> list[Path]:
+        return sorted(p for p in self.out_dir.glob(f"{job.name}*") if not p.name.startswith("."))
+
+    def _complete(self, job: Job) -> bool:
+        if any((self.out_dir / (job.name + e)).exists() for e in IMAGE_EXTS):
+            return True
+        return not self.images_out and (self.out_dir / f"{job.name}.json").exists()
+
+    def _cancel_remote(self):
+        for st in self._states:
+            with st.lock:
+                ids = list(st.inflight)
+            try:
+                st.server.cancel(ids)
+            except (ServerUnavailable, Exception):  # a dead server has nothing left to cancel
+                pass
+
+    def _finish(self, job: Job, status: str, message: str = ""):
+        job.status = status
+        self.progress.finished(job.name, status, message)
+        with self._cond:
+            self._pending -= 1
+            self._cond.notify_all()
+
+    def _live_untried(self, job: Job) -> list:
+        return [st for st in self._states if not st.dead and st.server.url not in job.tried]
+
+    def _worker(self, st: _ServerState):
+        while not self._stop.is_set() and not self.cancelled.is_set() and not st.dead:
+            try:
+                job = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if st.server.url in job.tried:
+                if self._live_untried(job):  # leave it to a server that has not failed it yet
+                    self._queue.put(job)
+                    time.sleep(0.2)
+                    continue
+            self._attempt(st, job)
+
+    def _attempt(self, st: _ServerState, job: Job):
+        url = st.server.url
+        job.tried.add(url)
+        job.status, job.server = "running", url
+        self.progress.started(job.name, url, len(job.attempts) + 1)
+        t = time.monotonic()
+        try:
+            self._execute(st, job)
+            job.seconds = round(time.monotonic() - t, 3)
+            self._finish(job, "done", f"{len(job.outputs)} file(s) in {job.seconds:.1f} s")
+            return
+        except ServerUnavailable as exc:
+            if not self.cancelled.is_set():
+                st.dead = str(exc)
+                self.progress.note(f"server {url} is unavailable ({exc}); its jobs go to the other servers")
+                if job.prompt_id:  # a server that is only slow must not keep running a job that runs elsewhere
+                    try:
+                        st.server.cancel([job.prompt_id])
+                    except ServerUnavailable:
+                        pass
+            error = f"server unavailable: {exc}"
+        except (PromptRejected, JobFailed) as exc:
+            error = str(exc)
+        except OSError as exc:  # reading the input or writing an output
+            job.error = str(exc)
+            self._finish(job, "failed", job.error)
+            return
+        if self.cancelled.is_set():
+            return
+        job.attempts.append({"server": url, "error": error})
+        job.error = error
+        job.status = "pending"
+        job.server = None
+        self.progress.running.pop(job.name, None)
+        if len(job.attempts) <= self.retries and self._live_untried(job):
+            line = f"{job.name}: failed on {url} ({error.splitlines()[0]}); retrying on another server"
+            self.retry_log.append(line)
+            self.progress.note(line)
+            self._queue.put(job)
+        else:
+            self._finish(job, "failed", error)
+
+    def _execute(self, st: _ServerState, job: Job):
+        server = st.server
+        job.prompt_id = None
+        data = job.path.read_bytes()
+        upload = server.upload_image(data, f"facemend_{self.run_id}_{job.name}{job.path.suffix.lower()}")
+        graph = with_image(self.graph, self.image_node, upload)
+        for (nid, name), path in self.local_files.items():
+            key = ("file", str(path))
+            if key not in st.uploaded:
+                st.uploaded[key] = server.upload_image(path.read_bytes(),
+                                                       f"facemend_{self.run_id}_ref_{path.name}")
+            graph[nid]["inputs"][name] = st.uploaded[key]
+        pid = str(uuid.uuid4())
+        events: queue.Queue = queue.Queue()
+        with st.lock:
+            st.waiters[pid] = events
+            st.inflight.add(pid)
+        job.prompt_id = pid
+        try:
+            server.queue_prompt(graph, prompt_id=pid)
+            entry = self._wait(st, job, pid, events, len(graph))
+        finally:
+            with st.lock:
+                st.waiters.pop(pid, None)
+                st.inflight.discard(pid)
+        self._collect(server, job, entry)
+
+    def _wait(self, st, job, pid, events, n_nodes) -> dict:
+        started = time.monotonic()
+        last_poll = 0.0
+        busy_since = None
+        seen_nodes: set = set()
+        while True:
+            if self.cancelled.is_set():
+                try:  # queued just as the run was cancelled: take it back
+                    st.server.cancel([pid])
+                except ServerUnavailable:
+                    pass
+                raise JobFailed("cancelled")
+            if self.timeout and time.monotonic() - started > self.timeout:
+                st.server.cancel([pid])
+                raise JobFailed(f"no result after {self.timeout:.0f} s (--timeout); cancelled on the server")
+            try:
+                kind, data = events.get(timeout=0.5)
+            except queue.Empty:
+                kind, data = None, None
+            if kind == "ws_lost" and not st.server.alive():
+                raise ServerUnavailable("the server went away while running this job")
+            if kind in ("executing", "execution_cached") and data:
+                nodes = data.get("nodes") or ([data["node"]] if data.get("node") else [])
+                seen_nodes.update(nodes)
+                node = data.get("node")
+                label = self.graph.get(node, {}).get("class_type", "") if node else ""
+                self.progress.update(job.name, min(len(seen_nodes) - (1 if node else 0), n_nodes) / n_nodes, label)
+            elif kind == "progress" and data:
+                done = max(len(seen_nodes) - 1, 0) + data["value"] / max(data["max"], 1)
+                label = self.graph.get(data.get("node"), {}).get("class_type", "")
+                self.progress.update(job.name, min(done / n_nodes, 1.0), label, f"{data['value']}/{data['max']}")
+            finished = kind in ("execution_success", "execution_error", "execution_interrupted")
+            now = time.monotonic()
+            if finished or now - last_poll >= (self.poll_interval if st.ws_ok else 1.0):
+                last_poll = now
+                try:
+                    entry = st.server.history(pid)
+                    busy_since = None
+                except ServerBusy:
+                    busy_since = busy_since or now
+                    if now - busy_since > self.busy_grace:
+                        raise
+                    continue
+                if entry and entry.get("status", {}).get("completed") is not None:
+                    if entry["status"].get("status_str") != "success" or not entry["status"]["completed"]:
+                        raise JobFailed(execution_error_text(entry))
+                    return entry
+                if finished:  # the history entry is written just after the message: poll again shortly
+                    last_poll = now - (self.poll_interval - 0.2)
+
+    def _collect(self, server: Server, job: Job, entry: dict):
+        images, other = [], {}
+        for nid in sorted(entry.get("outputs", {}), key=lambda k: (len(k), k)):
+            for key, value in entry["outputs"][nid].items():
+                if key == "images":
+                    images += [ref for ref in value if ref.get("type", "output") == "output"] or value
+                elif key != "animated":
+                    other.setdefault(nid, {})[key] = value
+        blobs = [(ref, server.view(ref)) for ref in images]  # fetch everything before writing anything
+        written = []
+        names = []
+        for i, (ref, _) in enumerate(blobs):
+            ext = os.path.splitext(ref["filename"])[1] or ".png"
+            names.append(self.out_dir / (f"{job.name}{ext}" if i == 0 else f"{job.name}_{i + 1}{ext}"))
+        for path, (_, blob) in list(zip(names, blobs))[1:]:
+            _write_atomic(path, blob)
+            written.append(str(path))
+        if other:
+            path = self.out_dir / f"{job.name}.json"
+            _write_atomic(path, (json.dumps(other, indent=1) + "\n").encode())
+            written.append(str(path))
+        if blobs:  # the first image last: its presence marks the job complete
+            _write_atomic(names[0], blobs[0][1])
+            written.insert(0, str(names[0]))
+        job.outputs = written
+
+    def _report(self, seconds: float) -> dict:
+        counts: dict = {}
+        for job in self.jobs:
+            counts[job.status] = counts.get(job.status, 0) + 1
+        return {"servers": [{"url": st.server.url, "unavailable": st.dead} for st in self._states]
+                or [{"url": s.url, "unavailable": None} for s in self.servers],
+                "seconds": round(seconds, 2), "counts": counts, "retries": self.retry_log,
+                "cancelled": self.cancelled.is_set(), "jobs": [j.as_dict() for j in self.jobs]}
