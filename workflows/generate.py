@@ -433,7 +433,8 @@ def ui_format(wf, classes, version: str) -> dict:
                             "properties": {}, "widgets_values": [model_note(wf)], "color": "#432", "bgcolor": "#653"})
     legacy["last_node_id"] = note_id
     legacy["groups"] = groups
-    legacy["extra"]["ds"] = {"scale": 0.75, "offset": [40, 40]}
+    # Opening view: clear of the frontend's left sidebar and top bar (1.2x+), readable at 75%.
+    legacy["extra"]["ds"] = {"scale": 0.75, "offset": [110, 70]}
     return legacy
 
 
