@@ -5,6 +5,7 @@ folder ComfyUI loads from custom_nodes/), whatever else is installed.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
@@ -123,3 +124,43 @@ def restorer_reorder_tol(restorer, x, **call_kw) -> float:
         return r(x.to(dtype), **call_kw)
 
     return reorder_tol(run) if restorer.dtype == torch.float32 else float("nan")
+
+
+def modules_reorder_tol(fn, *args, margin: float = 4.0) -> float:
+    """reorder_tol for fn(*args), where args are float32 modules, tensors or anything else: the float64 reference
+    runs fn on float64 copies of the modules and floating tensors (other args pass as they are). For small
+    networks and reference comparisons: the official code's float32 error is of the same kind as ours."""
+    import copy
+
+    import torch
+
+    def cast(a, dtype):
+        if isinstance(a, torch.nn.Module):
+            return a if dtype == torch.float32 else copy.deepcopy(a).to(dtype=dtype)
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            return a.to(dtype)
+        return a
+
+    return reorder_tol(lambda dtype: fn(*(cast(a, dtype) for a in args)), margin)
+
+
+@contextlib.contextmanager
+def float_casts_follow(dtype, *modules):
+    """For the float64 reference run of official code that casts to float32 in places (`.float()`,
+    `x.type(self.dtype)` with a module attribute dtype = float32): those casts go to float64 while this is
+    active (dtype float32: nothing changes). Modules' float32 `dtype` attributes are set for good."""
+    import torch
+
+    if dtype != torch.float64:
+        yield
+        return
+    for net in modules:
+        for m in net.modules():
+            if getattr(m, "dtype", None) == torch.float32:
+                m.dtype = torch.float64
+    orig = torch.Tensor.float
+    torch.Tensor.float = lambda self, *a, **k: self.double()
+    try:
+        yield
+    finally:
+        torch.Tensor.float = orig

@@ -20,7 +20,7 @@ from facemend.pipelines.adapt.schedule import SpacedSchedule
 from facemend.pipelines.io.errors import ModelFileInvalid
 
 from adapt_official import difface_unet, ufr_diffusion
-from conftest import need_shared
+from conftest import float_casts_follow, modules_reorder_tol, need_shared
 
 TINY = dict(image_size=32, in_channels=3, model_channels=32, out_channels=6, num_res_blocks=[1, 2, 1],
             attention_resolutions=[16, 8], dropout=0, channel_mult=[1, 1, 2], conv_resample=True, dims=2,
@@ -57,7 +57,15 @@ def test_tiny_prior_loads_strictly_and_equals_official(tmp_path):
         with torch.no_grad():
             got = ours(x, t)
         assert got.shape == (2, 6, 32, 32)
-        assert torch.allclose(got, want, rtol=0, atol=1e-4 * want.abs().max().item())
+        # each side's float32 error against its float64 run (both cast to float32 around GroupNorm and softmax,
+        # as the official code does for fp16; in the float64 run those casts follow), 2x each
+        def call(m, x_):
+            with float_casts_follow(x_.dtype, m):
+                return m(x_, t)
+
+        with torch.no_grad():
+            tol = modules_reorder_tol(call, ours, x, margin=2.0) + modules_reorder_tol(call, ref, x, margin=2.0)
+        assert (got - want).abs().max() < tol
     # Without a config the architecture comes from the shapes (image size and head width given).
     inferred = config_from_state_dict(sd, image_size=32, num_head_channels=16)
     assert inferred == tiny_config()

@@ -93,7 +93,7 @@ def ddim_sample(unet, encoder, lq_latent: torch.Tensor, cond: torch.Tensor, unco
     plan = ddim_plan(steps, eta)
     b = lq_latent.shape[0]
     device = lq_latent.device
-    dtype = torch.float32
+    dtype = torch.float64 if lq_latent.dtype == torch.float64 else torch.float32  # float64: tests' reference run
 
     def draw():
         return torch.randn(lq_latent.shape, generator=generator, dtype=dtype).to(device)
@@ -112,7 +112,7 @@ def ddim_sample(unet, encoder, lq_latent: torch.Tensor, cond: torch.Tensor, unco
         ts = torch.full((lq_in.shape[0],), t, device=device, dtype=torch.long)
         struct = encoder(lq_in, ts)
         x_in = torch.cat([x, x]) if guided else x
-        e = unet(x_in, ts, ctx, struct, scale_in).float()
+        e = unet(x_in, ts, ctx, struct, scale_in).to(dtype)
         if guided:
             e_u, e_c = e.chunk(2)
             e = e_u + cfg * (e_c - e_u)
