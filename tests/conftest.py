@@ -144,6 +144,15 @@ def modules_reorder_tol(fn, *args, margin: float = 4.0) -> float:
     return reorder_tol(lambda dtype: fn(*(cast(a, dtype) for a in args)), margin)
 
 
+def pair_reorder_tol(ours, x, ref_fn, *ref_args, scale: float = 1.0, **call_kw) -> float:
+    """Tolerance for our FaceRestorer `ours` on `x` against the official code ref_fn(*ref_args) on the same
+    weights: the two float32 results are apart by at most the sum of their distances to the exact result, each
+    measured (float32 vs float64 run, 2x margin each). `scale` carries a measurement on a reduced-width copy
+    (built with the same code, cheap to run in float64) over to the full network: the ratio of the reductions'
+    lengths (rounding error of a K-term sum grows at most linearly in K)."""
+    return scale * (restorer_reorder_tol(ours, x, **call_kw) / 2 + modules_reorder_tol(ref_fn, *ref_args, margin=2))
+
+
 @contextlib.contextmanager
 def float_casts_follow(dtype, *modules):
     """For the float64 reference run of official code that casts to float32 in places (`.float()`,

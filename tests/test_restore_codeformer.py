@@ -23,9 +23,9 @@ import torch
 
 from facemend.pipelines.restore.restorer import FaceRestorer
 
-pytestmark = pytest.mark.slow
+from conftest import float_casts_follow, reorder_tol, rounding_bound
 
-TOL = 2e-4
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +73,46 @@ def _reference_restore(ref, faces_bgr_uint8: np.ndarray, w: float) -> np.ndarray
     return np.stack(outs)
 
 
+def _measured_errors(ref, fr, x01, w, size=128):
+    """Each network's float32 error on its raw output (float32 vs float64 run, no margin), measured on copies of
+    the same weights at `size` px (latent side size/32: the position embedding's first (size/32)^2 rows) - float64
+    runs at 512 would double this slow test - and scaled by the area ratio: GroupNorm's, attention's and the
+    transformer's reductions grow with the area, a K-term sum's rounding error at most linearly in K (the
+    convolutions' do not change). The reference hard-codes its 16x16 code grid in one call and keys its fusion layers
+    by feature size; the copy is given the reduced grid and sizes (test-only)."""
+    import copy
+
+    side = size // 32
+    x = (torch.nn.functional.interpolate(x01, size=(size, size), mode="area") - 0.5) / 0.5
+    scale = (512 / size) ** 2
+
+    def small_ref(dtype):
+        r = copy.deepcopy(ref).to(dtype)
+        r.position_emb = torch.nn.Parameter(r.position_emb[:side * side].clone())
+        get = r.quantize.get_codebook_feat
+        r.quantize.get_codebook_feat = lambda idx, shape: get(idx, [shape[0], side, side, shape[3]])
+        r.fuse_convs_dict = torch.nn.ModuleDict({str(int(k) * size // 512): m for k, m in r.fuse_convs_dict.items()})
+        return r
+
+    def small_ours(dtype):
+        r = copy.deepcopy(fr).to(dtype=dtype)
+        r.net.position_emb = torch.nn.Parameter(r.net.position_emb[:side * side].clone())
+        r.net.latent_side = side
+        return r
+
+    def theirs(dtype):
+        r = small_ref(dtype)
+        with float_casts_follow(dtype, r):
+            return r(x.to(dtype), weight=w)[0]
+
+    def ours(dtype):
+        r = small_ours(dtype)
+        with float_casts_follow(dtype):                    # ours takes softmax / AdaIN in float32 (half precision)
+            return r.forward_normalized(x.to(dtype), fidelity=w)
+
+    return scale * reorder_tol(ours, margin=1), scale * reorder_tol(theirs, margin=1)
+
+
 def _face(seed: int) -> np.ndarray:
     g = torch.Generator().manual_seed(seed)
     low = torch.rand(1, 3, 8, 8, generator=g)
@@ -90,7 +130,11 @@ def test_codeformer_matches_reference_and_fidelity_matters(pair):
     expected = _reference_restore(ref, faces, w=0.7)
     got = fr(x, fidelity=0.7)
     diff = (got - torch.from_numpy(expected)).abs().max().item()
-    assert diff < TOL, f"max |ours - reference| = {diff:.3g}"
+    # Each side within 2x its measured error of the exact result (clamp and /2 only shrink a difference), + the
+    # official pre/post-processing's float32 steps (uint8/255, normalise, (x + 1) / 2: 5 roundings of values <= 1).
+    e_ours, e_ref = _measured_errors(ref, fr, x, 0.7)
+    tol = (2 * e_ours + 2 * e_ref) / 2 + rounding_bound(5)
+    assert diff <= tol, f"max |ours - reference| = {diff:.3g} > {tol:.3g}"
     # w = 0 skips the encoder fusion: a different image.
     assert (fr(x, fidelity=0.0) - got).abs().max().item() > 1e-3
 

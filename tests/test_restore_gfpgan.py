@@ -38,11 +38,11 @@ import torch
 from facemend.pipelines.io.errors import InvalidImage, ModelFileInvalid
 from facemend.pipelines.restore.restorer import FaceRestorer
 
-from conftest import bgr_to_ours as _to_ours, need_shared, restorer_reorder_tol, rounding_bound, smooth_faces_bgr
+from conftest import bgr_to_ours as _to_ours, need_shared, pair_reorder_tol, restorer_reorder_tol, rounding_bound
+from conftest import smooth_faces_bgr
 
 V14 = dict(num_style_feat=512, channel_multiplier=2, decoder_load_path=None, fix_decoder=False, num_mlp=8,
            input_is_latent=True, different_w=True, narrow=1, sft_half=True)
-TOL_FP32 = 1e-4          # ours vs official, output in [0,1]
 # Batch of N vs N single runs (batched vs single-sample conv path): conftest.restorer_reorder_tol, the network's
 # own float32 rounding measured against float64 on this machine.
 # Half precision vs fp32 on the [0,1] output: max / mean |diff|. Measured on the test's narrowed random network
@@ -341,4 +341,18 @@ def test_full_size_v14_layout(official_cls, tmp_path):
     del net
     got = fr(_to_ours(faces), seed=0)
     diff = (got - torch.from_numpy(ref_float)).abs().max().item()
-    assert diff < TOL_FP32, f"512: max |ours - GFPGANer| = {diff:.3g}"
+    # Each side's measured float32 error (pair_reorder_tol, stored noise: float64 noise draws differ), on a copy of
+    # the layout at 1/8 of the width (float64 runs of the full network would double this test) scaled by the width
+    # ratio 8; + the official pre/post-processing's float32 steps (uint8/255, normalise, clamp/2: 5 roundings).
+    narrow = _build_official(official_cls, 512, seed=11, narrow=0.125)
+    npath = tmp_path / "GFPGAN-narrow.pth"
+    torch.save({"params_ema": narrow.state_dict()}, npath)
+    x = _to_ours(faces)
+    t = (x - 0.5) / 0.5
+
+    def official01(net, t):
+        return net(t, return_rgb=False, weight=0.5, randomize_noise=False)[0] * 0.5
+
+    tol = pair_reorder_tol(FaceRestorer.from_file(str(npath)), x, official01, narrow, t, scale=8.0,
+                           noise="stored") + rounding_bound(5)
+    assert diff <= tol, f"512: max |ours - GFPGANer| = {diff:.3g} > {tol:.3g}"
