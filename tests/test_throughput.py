@@ -1,8 +1,8 @@
 """GPU throughput switches of the restorer, verified on the CPU: channels-last weights and faces, bf16 in
 channels-last, torch.compile wiring. Same narrowed 32-pixel GFPGAN v1.4 as the half-precision test of
 test_restore_gfpgan.py (half-precision convolutions are slow on CPUs), with its tolerances:
-- channels-last fp32 vs contiguous fp32: the same convolutions summed in another order (TOL_FP32, which already
-  bounds ours vs the official network);
+- channels-last fp32 vs contiguous fp32: the same convolutions summed in another order (restorer_reorder_tol:
+  the float32 error of this restorer against its float64 run, measured on this machine);
 - channels-last bf16 vs contiguous fp32: bf16's 8 mantissa bits (TOL_HALF, derived there);
 - torch.compile with the "eager" backend (graph capture without code generation; what runs on any CPU in
   seconds): the same kernels, so equal up to float rounding (1e-6).
@@ -12,7 +12,8 @@ import torch
 
 from facemend.pipelines.restore.restorer import FaceRestorer
 
-from test_restore_gfpgan import TOL_FP32, TOL_HALF, _build_official, _faces_uint8, _load_official_arch, _to_ours
+from conftest import restorer_reorder_tol
+from test_restore_gfpgan import TOL_HALF, _build_official, _faces_uint8, _load_official_arch, _to_ours
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,9 @@ def test_channels_last_fp32_and_bf16_match_the_default_layout(narrow):
     conv = next(m for m in fr.net.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     got = fr(x, noise="stored", batch_size=2)
-    assert (got - ref).abs().max() < TOL_FP32
+    # Both layouts are float32 sums of the same terms: each within the measured reorder error of the exact result.
+    assert (got - ref).abs().max() < 2 * restorer_reorder_tol(FaceRestorer.from_file(narrow), x, noise="stored",
+                                                              batch_size=2)
     fr.to(dtype=torch.bfloat16)  # the layout survives a dtype change
     assert conv.weight.dtype == torch.bfloat16 and conv.weight.is_contiguous(memory_format=torch.channels_last)
     got = fr(x, noise="stored", batch_size=2)
