@@ -1,7 +1,6 @@
 """`python -m facemend api`: the headless client's command line (kept here so the main CLI only registers it)."""
 from __future__ import annotations
 
-import json
 import os
 import sys
 

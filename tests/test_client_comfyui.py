@@ -16,7 +16,6 @@ import sys
 import time
 import urllib.request
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image

@@ -10,7 +10,7 @@ from facemend.pipelines.face.geometry import (apply_affine, face_template, feath
                                               invert_affine, warp_to_crops)
 from facemend.pipelines.face.paste import paste_faces
 
-from conftest import FACES, load_image, need_shared, rounding_bound
+from conftest import load_image, need_shared, rounding_bound
 
 # A warp's sample position comes from about 6 float operations on coordinates as large as the image side, so
 # it is off by up to 6*u*side pixels; a value moves by at most that times its gradient (< 1 per pixel here).

@@ -1,6 +1,5 @@
 """Authenticity check f(x) / f(f(x)) (pipelines/quality/authenticity.py, the FaceMend_Authenticity node)."""
 import json
-import os
 
 import pytest
 import torch

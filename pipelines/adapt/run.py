@@ -13,7 +13,7 @@ import torch
 
 from ..io.errors import FaceMendError
 from .finetune import FinetuneConfig, FinetuneResult, Finetuner
-from .pseudo_targets import PseudoTargetConfig, PseudoTargetGenerator
+from .pseudo_targets import PseudoTargetGenerator
 
 
 def _fingerprint(faces: torch.Tensor) -> str:
