@@ -7,6 +7,7 @@ IDBalance and LoRA hard-code them.
 """
 from __future__ import annotations
 
+import pytest
 import torch
 
 from facemend.pipelines.identity.structure_encoder import StructureEncoder, StructureEncoderConfig
@@ -194,3 +195,17 @@ def export_tiny_arcface(path, seed=0):
     torch.onnx.export(net, x, str(path), input_names=["input.1"], output_names=["embedding"],
                       dynamic_axes={"input.1": {0: "N"}, "embedding": {0: "N"}}, dynamo=False)
     return net
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    """A models folder with the tiny RestorerID files and a tiny ArcFace, set as the search path for a module."""
+    from facemend.host import model_paths
+
+    root = tmp_path_factory.mktemp("models")
+    make_restorerid_files(str(root))
+    (root / "insightface" / "models" / "buffalo_l").mkdir(parents=True)
+    export_tiny_arcface(root / "insightface" / "models" / "buffalo_l" / "w600k_r50.onnx")
+    model_paths.set_models_dirs([str(root)])
+    yield root
+    model_paths.set_models_dirs([])

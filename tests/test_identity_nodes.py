@@ -13,20 +13,9 @@ from facemend.host import model_paths
 from facemend.pipelines.io.errors import Interrupted, ModelFileNotFound
 
 from conftest import load_image, need_shared
-from restorerid_models import export_tiny_arcface, make_restorerid_files
+from restorerid_models import models_dir  # noqa: F401  (the tiny model folder fixture)
 
 pytest.importorskip("onnxruntime", reason="onnxruntime (optional extra 'iqa') not installed")
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    make_restorerid_files(str(root))
-    (root / "insightface" / "models" / "buffalo_l").mkdir(parents=True)
-    export_tiny_arcface(root / "insightface" / "models" / "buffalo_l" / "w600k_r50.onnx")
-    model_paths.set_models_dirs([str(root)])
-    yield root
-    model_paths.set_models_dirs([])
 
 
 def _node(nid):

@@ -109,21 +109,28 @@ def _levels(sd: dict, block: str) -> list[int]:
     return sorted({int(m.group(1)) for k in sd for m in [re.match(rf"{block}\.(\d+)\.", k)] if m})
 
 
+def _level_layout(sd: dict, attn_key: str) -> tuple[int, int, list[int], list[int]]:
+    """Model width, res blocks per level, channel multipliers and attention downsampling factors of an LDM-style
+    encoder, read from its input_blocks (a level has attention when its first block holds `attn_key`)."""
+    mc = sd["input_blocks.0.0.weight"].shape[0]
+    ids = _levels(sd, "input_blocks")
+    downs = [i for i in ids if f"input_blocks.{i}.0.op.weight" in sd]
+    n_levels = len(downs) + 1
+    n_res = (len(ids) - 1 - len(downs)) // n_levels
+    mult, attn, ds = [], [], 1
+    for level in range(n_levels):
+        first = 1 + level * (n_res + 1)
+        mult.append(sd[f"input_blocks.{first}.0.in_layers.2.weight"].shape[0] // mc)
+        if f"input_blocks.{first}.1.{attn_key}" in sd:
+            attn.append(ds)
+        ds *= 2
+    return mc, n_res, mult, attn
+
+
 def unet_config(sd: dict) -> UNetConfig:
     """The denoiser's widths from its tensors (heads: RestorerID's 8)."""
     try:
-        mc = sd["input_blocks.0.0.weight"].shape[0]
-        ids = _levels(sd, "input_blocks")
-        downs = [i for i in ids if f"input_blocks.{i}.0.op.weight" in sd]
-        n_levels = len(downs) + 1
-        n_res = (len(ids) - 1 - len(downs)) // n_levels
-        mult, attn, ds = [], [], 1
-        for level in range(n_levels):
-            first = 1 + level * (n_res + 1)
-            mult.append(sd[f"input_blocks.{first}.0.in_layers.2.weight"].shape[0] // mc)
-            if f"input_blocks.{first}.1.proj_in.weight" in sd:
-                attn.append(ds)
-            ds *= 2
+        mc, n_res, mult, attn = _level_layout(sd, "proj_in.weight")
         any_attn2 = next(k for k in sd if k.endswith("attn2.to_k.weight"))
         rank = sd[next(k for k in sd if k.endswith("attn1.to_q_lora.down.weight"))].shape[0]
         return UNetConfig(in_channels=sd["input_blocks.0.0.weight"].shape[1], out_channels=sd["out.2.weight"].shape[0],
@@ -136,18 +143,7 @@ def unet_config(sd: dict) -> UNetConfig:
 
 def struct_config(sd: dict) -> StructureEncoderConfig:
     try:
-        mc = sd["input_blocks.0.0.weight"].shape[0]
-        ids = _levels(sd, "input_blocks")
-        downs = [i for i in ids if f"input_blocks.{i}.0.op.weight" in sd]
-        n_levels = len(downs) + 1
-        n_res = (len(ids) - 1 - len(downs)) // n_levels
-        mult, attn, ds = [], [], 1
-        for level in range(n_levels):
-            first = 1 + level * (n_res + 1)
-            mult.append(sd[f"input_blocks.{first}.0.in_layers.2.weight"].shape[0] // mc)
-            if f"input_blocks.{first}.1.qkv.weight" in sd:
-                attn.append(ds)
-            ds *= 2
+        mc, n_res, mult, attn = _level_layout(sd, "qkv.weight")
         return StructureEncoderConfig(in_channels=sd["input_blocks.0.0.weight"].shape[1], model_channels=mc,
                                       out_channels=sd["fea_tran.0.out_layers.3.weight"].shape[0], num_res_blocks=n_res,
                                       attention_resolutions=tuple(attn), channel_mult=tuple(mult))
