@@ -22,7 +22,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ from pathlib import Path
 import pytest
 
 from cdp_pipe import Browser, find_browser
+from test_comfyui_e2e import _free_port as _port, _get  # the port range and JSON GET the e2e tests use
 from conftest import ROOT
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
@@ -117,25 +117,6 @@ def _inside(box, outer) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- the host
-
-def _port() -> int:
-    """A free local port: inside $FACEMEND_TEST_PORTS (e.g. 8700-8749) when set, else one the OS picks."""
-    span = os.environ.get("FACEMEND_TEST_PORTS")
-    candidates = range(int(span.split("-")[0]), int(span.split("-")[1]) + 1) if span else [0]
-    for port in candidates:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return s.getsockname()[1]
-    raise RuntimeError(f"no free port in FACEMEND_TEST_PORTS={span}")
-
-
-def _get(url, timeout=10):
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return json.loads(r.read())
-
 
 def pinned_frontend_version() -> str | None:
     req = Path(COMFYUI_DIR, "requirements.txt")
