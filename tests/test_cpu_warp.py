@@ -143,3 +143,22 @@ def test_large_outputs_in_huge_pages_behave_as_tensors():
     assert float(view.sum()) == 0.25 * 1024 * 1024  # the memory lives as long as a view of it
     small = cpu_warp.empty((2, 3))
     assert small.shape == (2, 3) and small.dtype == torch.float32
+
+
+def test_numpy_crop_validity_equals_the_torch_one():
+    """The CPU paste's validity plane (NumPy: no OpenMP region) is the grid_sample path's, bit for bit, for crops
+    of another size than the alignment's and faces of two images of different sizes."""
+    from facemend.pipelines.face import paste
+
+    imgs = [_detailed_image(120, 160, 1), _detailed_image(90, 200, 2)]
+    dets = [torch.stack([_face_det(12, 0.4, -20, 10), _face_det(-8, 0.3, 100, 70)]),
+            torch.stack([_face_det(30, 0.5, 150, -30)])]
+    _, a0 = align_faces(imgs[0], dets[:1], 96)
+    _, a1 = align_faces(imgs[1], dets[1:], 96)
+    for alignment in (a0, a1):
+        for size in (96, 64, 160):
+            ref = paste._crop_validity(alignment, size, "cpu")
+            for i in range(len(alignment)):
+                got = torch.from_numpy(paste._crop_validity_numpy(alignment, i, size))
+                assert torch.equal(got, ref[i, 0])
+                assert 0 < float(got.mean()) < 1  # every one of these faces reaches past its image's edge

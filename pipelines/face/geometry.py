@@ -103,12 +103,15 @@ def supersample_factor(scale: float) -> int:
 
 def crop_leaves_image(inverse: torch.Tensor, crop_size: int, hw) -> torch.Tensor:
     """[N] bool: whether any part of the crop (given crop->image affines) lies outside the image."""
+    # NumPy on a few numbers: a torch reduction over a dim opens an OpenMP region, which stalls for a whole
+    # scheduler slice (~5 ms each, measured) when another process holds the second core.
     e = crop_size - 0.5
-    corners = torch.tensor([[-0.5, -0.5], [e, -0.5], [-0.5, e], [e, e]], dtype=torch.float32)
-    pts = apply_affine(inverse.float().cpu(), corners[None].expand(inverse.shape[0], -1, -1))
+    corners = np.array([[-0.5, -0.5], [e, -0.5], [-0.5, e], [e, e]], dtype=np.float32)
+    inv = inverse.detach().float().cpu().numpy()
+    pts = corners[None] @ inv[:, :, :2].transpose(0, 2, 1) + inv[:, None, :, 2]
     h, w = hw
-    return (pts[..., 0].min(1).values < -0.5) | (pts[..., 1].min(1).values < -0.5) | \
-        (pts[..., 0].max(1).values > w - 0.5) | (pts[..., 1].max(1).values > h - 0.5)
+    lo, hi = pts.min(1), pts.max(1)
+    return torch.from_numpy((lo[:, 0] < -0.5) | (lo[:, 1] < -0.5) | (hi[:, 0] > w - 0.5) | (hi[:, 1] > h - 0.5))
 
 
 INTERPOLATIONS = ("bilinear", "bicubic")
@@ -204,13 +207,27 @@ def _warp_to_crops_cpu(images, image_index, inv, scales, outside, crop_size, bor
             if mode == "bicubic":
                 np.clip(crop.numpy(), 0, 1, out=crop.numpy())  # bicubic overshoots at edges
             if border == "constant" and leaves:
-                # As in the grid_sample path: colours renormalised by the weight that fell inside the image
-                # (NumPy: single-threaded, see paste._composite_numpy).
-                inside = cpu_warp.coverage(inv64[i], crop_size, crop_size, w, h, ss=ss, interpolation=mode).numpy()
-                c = crop.numpy()
-                np.divide(c, np.maximum(inside, np.float32(1e-3)), out=c)
-                np.copyto(c, fill.numpy(), where=inside <= 1e-3)
+                inside = cpu_warp.coverage(inv64[i], crop_size, crop_size, w, h, ss=ss, interpolation=mode)
+                _renormalise_cpu(crop, inside[0].numpy(), fill.numpy())
     return out
+
+
+def _renormalise_cpu(crop: torch.Tensor, inside: np.ndarray, fill: np.ndarray) -> None:
+    """As in the grid_sample path: colours divided by the weight that fell inside the image, the fill colour
+    where none did. Only over the box of pixels whose weight is not exactly 1 (a division by 1 changes nothing),
+    in the crop's own memory order (NumPy: single-threaded, see paste._composite_numpy)."""
+    partial = inside != 1.0
+    rows, cols = np.flatnonzero(partial.any(1)), np.flatnonzero(partial.any(0))
+    if rows.size == 0:
+        return
+    win = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    weight = inside[win]
+    if cpu_warp.interleaved(crop):  # [H,W,C] view: the weight broadcasts over the last, contiguous axis
+        c, weight, fill = crop.permute(1, 2, 0).numpy()[win], weight[..., None], fill.reshape(-1)
+    else:
+        c, weight, fill = crop.numpy()[(slice(None),) + win], weight[None], fill.reshape(-1, 1, 1)
+    np.divide(c, np.maximum(weight, np.float32(1e-3)), out=c)
+    np.copyto(c, np.broadcast_to(fill, c.shape), where=weight <= 1e-3)
 
 
 def feather_mask(size: int, margin: float = 0.04, feather: float = 0.10, device=None) -> torch.Tensor:

@@ -64,6 +64,18 @@ def _crop_validity(alignment: FaceAlignment, size: int, device) -> torch.Tensor:
     return inside[:, None].float()
 
 
+def _crop_validity_numpy(alignment: FaceAlignment, i: int, size: int) -> np.ndarray:
+    """_crop_validity(alignment.select([i]), size, "cpu")[0, 0] with the same float32 operations, in NumPy."""
+    s_a = alignment.crop_size
+    c = (np.arange(size, dtype=np.float32) + np.float32(0.5)) * np.float32(s_a / size) - np.float32(0.5)
+    inv = alignment.inverse[i].float().numpy()
+    x = inv[0, 0] * c[None, :] + inv[0, 1] * c[:, None] + inv[0, 2]
+    y = inv[1, 0] * c[None, :] + inv[1, 1] * c[:, None] + inv[1, 2]
+    h, w = (np.float32(v) for v in alignment.image_sizes[int(alignment.image_index[i])])
+    half = np.float32(0.5)
+    return ((x >= -half) & (x <= w - half) & (y >= -half) & (y <= h - half)).astype(np.float32)
+
+
 def _check_inputs(images, crops, alignment, face_mask, image_mask):
     n = len(alignment)
     if crops.shape[0] != n:
@@ -212,9 +224,13 @@ def _paste_cpu(out, total, crops, alignment, o2c, regions, level, ss, leaves, fe
         else:
             mask = feather_m[0]
         if bool(leaves[i]):
-            # Colour premultiplied by validity (see the grid_sample path), then pooled and warped together.
-            valid = _crop_validity(alignment.select([i]), s_h, out.device)[0].to(out.dtype)
-            src = pool(torch.cat([crops[i] * valid, valid, mask]))
+            # Colour premultiplied by validity (see the grid_sample path), then pooled and warped together
+            # (NumPy, as _composite_numpy).
+            valid = _crop_validity_numpy(alignment, i, s_h)
+            src = np.empty((5, s_h, s_h), dtype=np.float32)
+            np.multiply(crops[i].numpy(), valid, out=src[:3])
+            src[3], src[4] = valid, mask.numpy()
+            src = pool(torch.from_numpy(src))
         else:
             src = None
             colour = pool(crops[i])

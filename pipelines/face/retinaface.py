@@ -228,6 +228,52 @@ class RetinaFaceNet(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------------
+# Inference copy: the same function, fewer passes over memory.
+
+def _fold_batchnorms(module: nn.Module) -> None:
+    """Fold every eval-mode BatchNorm into the convolution before it, in place: in Sequentials (conv, bn) and in
+    the ResNet blocks' convN/bnN pairs (the BN becomes an Identity). One pass over each feature map less."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    for child in module.children():
+        _fold_batchnorms(child)
+    if isinstance(module, nn.Sequential):
+        names = list(module._modules)
+        for a, b in zip(names, names[1:]):
+            conv, bn = module._modules[a], module._modules[b]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                module._modules[a], module._modules[b] = fuse_conv_bn_eval(conv, bn), nn.Identity()
+    for name, bn in list(module.named_children()):
+        conv = getattr(module, name.replace("bn", "conv"), None) if name.startswith("bn") else None
+        if isinstance(bn, nn.BatchNorm2d) and isinstance(conv, nn.Conv2d):
+            setattr(module, name.replace("bn", "conv"), fuse_conv_bn_eval(conv, bn))
+            setattr(module, name, nn.Identity())
+
+
+def _first_conv(net: RetinaFaceNet) -> nn.Conv2d:
+    return net.body.conv1 if net.backbone == "resnet50" else net.body.stage1[0][0]
+
+
+def inference_copy(net: RetinaFaceNet) -> RetinaFaceNet:
+    """A copy of `net` computing the same outputs from RGB [0,1] images minus BGR_MEAN/255 (channel order RGB):
+    BatchNorms folded into the convolutions, the RGB->BGR swap and the x255 scale folded into the first
+    convolution's weights (its zero padding still means "the mean colour", as in the original's input space),
+    LeakyReLU(0) as ReLU, channels-last memory (measured on a 2-core CPU, MobileNet-0.25 on a 24 MP photo: 1.22 s -> 0.63 s)."""
+    import copy
+
+    fast = copy.deepcopy(net).eval()
+    _fold_batchnorms(fast)
+    for m in fast.modules():  # Face-Detector-1MB's LeakyReLU(0): the same values, ReLU's faster kernel
+        for name, act in m.named_children():
+            if isinstance(act, nn.LeakyReLU) and act.negative_slope == 0.0:
+                setattr(m, name, nn.ReLU(inplace=act.inplace))
+    first = _first_conv(fast)
+    with torch.no_grad():
+        first.weight.copy_(first.weight.flip(1) * 255.0)
+    return fast.to(memory_format=torch.channels_last)
+
+
+# --------------------------------------------------------------------------------------------------------
 # Checkpoint inspection.
 
 def _backbone_of(state_dict: Mapping) -> str | None:
@@ -314,6 +360,7 @@ class RetinaFaceDetector:
         self.device = torch.device(device)
         self._priors: dict[tuple, torch.Tensor] = {}
         self.net.to(device=self.device, dtype=dtype)
+        self._fast: RetinaFaceNet | None = None  # inference_copy(net), built on first use
 
     @classmethod
     def from_file(cls, path: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
@@ -358,6 +405,7 @@ class RetinaFaceDetector:
             self.dtype = dtype
         self.net.to(device=self.device, dtype=self.dtype)
         self._priors.clear()
+        self._fast = None
         return self
 
     def priors(self, height: int, width: int) -> torch.Tensor:
@@ -372,10 +420,13 @@ class RetinaFaceDetector:
     @torch.no_grad()
     def raw_outputs(self, images: torch.Tensor):
         """Network outputs for RGB [0,1] images, in float32: (box deltas, face probability, landmark deltas)."""
-        x = images.to(device=self.device, dtype=torch.float32)
-        mean = torch.tensor(BGR_MEAN, device=self.device, dtype=torch.float32).view(1, 3, 1, 1)
-        x = x.flip(1) * 255.0 - mean  # RGB [0,1] -> BGR [0,255] minus mean
-        loc, logits, ldm = self.net(x.to(self.dtype))
+        if self._fast is None:
+            self._fast = inference_copy(self.net)
+        # RGB [0,1] minus the mean colour in one pass (the channel swap and x255 live in the first conv); the
+        # result keeps the images' layout when it is channels-last (ComfyUI's and read_image's are).
+        mean = torch.tensor(BGR_MEAN[::-1], device=self.device, dtype=torch.float32).view(1, 3, 1, 1) / 255.0
+        x = torch.sub(images.to(device=self.device, dtype=torch.float32), mean)
+        loc, logits, ldm = self._fast(x.to(self.dtype, memory_format=torch.channels_last))
         prob = torch.softmax(logits.float(), dim=-1)[..., 1]
         return loc.float(), prob, ldm.float()
 
