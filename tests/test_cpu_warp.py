@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 
+from conftest import rounding_bound
 from facemend.pipelines.face import cpu_warp
 from facemend.pipelines.face.align import align_faces
 from facemend.pipelines.face.geometry import apply_affine, face_template, warp_to_crops
@@ -162,3 +163,45 @@ def test_numpy_crop_validity_equals_the_torch_one():
                 got = torch.from_numpy(paste._crop_validity_numpy(alignment, i, size))
                 assert torch.equal(got, ref[i, 0])
                 assert 0 < float(got.mean()) < 1  # every one of these faces reaches past its image's edge
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_partial_box_holds_every_pixel_with_coverage_below_one(interpolation):
+    """Outside cpu_warp.partial_box every tap of every sample is inside the source (coverage exactly 1 for
+    bilinear, 1 up to the weights' rounding for bicubic, so the edge renormalisation may skip it), and the box is tight: within the pixels that do have coverage below 1,
+    grown by its stated margins (a pixel's footprint, the taps' reach, one pixel each side)."""
+    w, h = 200, 150
+    for angle, scale, tx, ty in AFFINES + [(3, 1.1, -20, 40), (-40, 0.5, 60, -30), (80, 0.9, 0, 0)]:
+        inv = torch.linalg.inv(torch.cat([_similarity(angle, scale, tx, ty).double(),
+                                          torch.tensor([[0.0, 0, 1]], dtype=torch.float64)]))[:2].numpy()
+        for ss in (1, 2, 3):
+            x0, y0, x1, y1 = cpu_warp.partial_box(inv, 64, 64, w, h, ss=ss, interpolation=interpolation)
+            cov = cpu_warp.coverage(inv, 64, 64, w, h, ss=ss, interpolation=interpolation)[0]
+            outside = torch.ones_like(cov, dtype=torch.bool)
+            outside[y0:y1, x0:x1] = False
+            # Bicubic weights sum to 1 only up to their rounding (16 taps, ss*ss samples averaged).
+            slack = 0.0 if interpolation == "bilinear" else rounding_bound(16 * ss * ss)
+            assert ((cov[outside] - 1).abs() <= slack).all()
+            ys, xs = (cov < 1 - slack).nonzero(as_tuple=True)
+            if xs.numel():
+                grow = 3 + 2 * scale  # output pixels: rounding and safety (3), bicubic reach of one source pixel
+                assert x0 >= xs.min() - grow and y0 >= ys.min() - grow
+                assert x1 <= xs.max() + 1 + grow and y1 <= ys.max() + 1 + grow
+
+
+def test_warp_with_coverage_equals_the_warp_and_its_coverage():
+    """The bilinear RGB fast path (RGBA warp, alpha = coverage) gives warp_planes' colours and coverage()'s weights,
+    for faces inside, across an edge and wholly outside, with and without supersampling, into either layout."""
+    img = _detailed_image(150, 200).contiguous(memory_format=torch.channels_last)[0]
+    for p in AFFINES:
+        inv = torch.linalg.inv(torch.cat([_similarity(*p).double(),
+                                          torch.tensor([[0.0, 0, 1]], dtype=torch.float64)]))[:2].numpy()
+        for ss in (1, 2):
+            want = cpu_warp.warp_planes(img.contiguous(), inv, 64, 64, ss=ss)  # planar: the per-plane path
+            want_cov = cpu_warp.coverage(inv, 64, 64, 200, 150, ss=ss)[0]
+            for out in (torch.empty(3, 64, 64), torch.empty(64, 64, 3).permute(2, 0, 1)):
+                got, cov = cpu_warp.warp_with_coverage(img, inv, 64, 64, ss=ss, out=out)
+                assert got is out
+                # INTER_AREA sums 4 channels in another order than 1: a rounding of the ss*ss-term mean apart
+                assert (got - want).abs().max() <= rounding_bound(2 * ss * ss)
+                assert (torch.from_numpy(cov) - want_cov).abs().max() <= rounding_bound(2 * ss * ss)

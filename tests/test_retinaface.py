@@ -2,6 +2,7 @@
 checkpoint on a real photo, batching, and defined errors for missing / corrupt / wrong model files."""
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -368,3 +369,27 @@ def test_bad_input_shape(real_1mb):
     with pytest.raises(InvalidImage):
         real_1mb.detect(torch.zeros(1, 4, 32, 32))
     assert real_1mb.detect(torch.zeros(0, 3, 32, 32)) == []
+
+
+@pytest.mark.parametrize("backbone,leaky", [("mobilenet0.25", True), ("mobilenet0.25", False), ("resnet50", True)])
+def test_inference_copy_computes_the_same_network(backbone, leaky):
+    """The detector runs a copy with BatchNorms folded, the BGR swap and x255 in its first conv and channels-last
+    memory: the same outputs as the loaded network on the original input (BGR 0..255 minus the mean), within the
+    loaded network's own float32 rounding (measured against float64), including the zero-padded image border."""
+    from facemend.pipelines.face.retinaface import BGR_MEAN, RetinaFaceNet, inference_copy
+
+    torch.manual_seed(1)
+    rgb = torch.rand(1, 3, 70, 90)
+    bgr_minus_mean = rgb.flip(1) * 255 - torch.tensor(BGR_MEAN).view(1, 3, 1, 1)
+    net = RetinaFaceNet(backbone, leaky=leaky)
+    _randomise_like_a_detector(net, bgr_minus_mean)
+    fast = inference_copy(net)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()), "the loaded network is left as it was"
+    x = rgb - torch.tensor(BGR_MEAN[::-1]).view(1, 3, 1, 1) / 255
+    with torch.no_grad():
+        want, got = net(bgr_minus_mean), fast(x.contiguous(memory_format=torch.channels_last))
+    for k, (w, g) in enumerate(zip(want, got)):
+        tol = reorder_tol(lambda dt: (net if dt == torch.float32 else copy.deepcopy(net).double())(
+            bgr_minus_mean.to(dt))[k])
+        torch.testing.assert_close(g, w, atol=tol, rtol=0)

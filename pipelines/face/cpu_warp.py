@@ -4,7 +4,8 @@ written straight into the output tensor's planes, and only over the part of the 
 
 Why: on a CPU, grid_sample needs a materialised float grid (8 bytes per output pixel) and a second pass for the
 edge renormalisation; warpAffine computes its positions in fixed point on the fly and reads only the source
-region given to it (measured 5-20x faster per face; benchmarks/bench_detect_align_paste.py). OpenCV 5 samples
+region given to it (measured 5-20x faster per face; benchmarks/bench_detect_align_paste.py). Bilinear RGB warps
+go through RGBA: OpenCV's 4-channel float path is 2.5x faster and its alpha is the coverage. OpenCV 5 samples
 float images at exact positions (equal to the grid_sample path to ~2e-5); OpenCV 4 rounds them to 1/32 pixel
 (colours then differ by at most the local gradient times 1/64 pixel, as facexlib's crops do). GPU tensors and
 other dtypes keep the grid_sample path.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import threading
 
 import cv2
 import numpy as np
@@ -79,6 +81,22 @@ def interleaved(t: torch.Tensor) -> bool:
     return 1 < t.shape[0] <= 4 and t.stride(0) == 1 and t.stride(2) == t.shape[0]  # OpenCV: up to 4 channels
 
 
+_SCRATCH = threading.local()
+_SCRATCH_MAX = 1 << 24  # bytes: a 16 MiB buffer at most is kept between calls (per thread)
+
+
+def _scratch(shape, slot: str) -> np.ndarray:
+    """A float32 buffer of this shape reused between calls of this thread in the same slot (whatever lives in it
+    is consumed before the next such call): a fresh 4 MiB warp result per face costs its page faults every time
+    (measured ~0.3 ms)."""
+    buf = getattr(_SCRATCH, slot, None)
+    if buf is None or buf.shape != tuple(shape):
+        buf = np.empty(shape, dtype=np.float32)
+        if buf.nbytes <= _SCRATCH_MAX:
+            setattr(_SCRATCH, slot, buf)
+    return buf
+
+
 def warp_planes(src: torch.Tensor, dst_to_src: np.ndarray, out_w: int, out_h: int, *, ss: int = 1,
                 interpolation: str = "bilinear", border: str = "constant", out: torch.Tensor | None = None,
                 whole_source: bool = False) -> torch.Tensor:
@@ -89,6 +107,18 @@ def warp_planes(src: torch.Tensor, dst_to_src: np.ndarray, out_w: int, out_h: in
     region the warp can reach is read, unless whole_source (a reflected border may reach any pixel). Writes into
     `out` when given (any layout; without a copy when it is contiguous or channels-last like src).
     """
+    return _warp(src, dst_to_src, out_w, out_h, ss, interpolation, border, out, whole_source, False)[0]
+
+
+def warp_with_coverage(src: torch.Tensor, dst_to_src: np.ndarray, out_w: int, out_h: int, *, ss: int = 1,
+                       interpolation: str = "bilinear", out: torch.Tensor | None = None):
+    """warp_planes with a zero border, and coverage() of the same warp as a float32 [out_h,out_w] array (a view of
+    the warp's own alpha channel where the bilinear RGBA path serves both; valid until this thread's next call).
+    Returns (out, coverage)."""
+    return _warp(src, dst_to_src, out_w, out_h, ss, interpolation, "constant", out, False, True)
+
+
+def _warp(src, dst_to_src, out_w, out_h, ss, interpolation, border, out, whole_source, want_coverage):
     c, h, w = src.shape
     if out is None:
         out = torch.empty((c, out_h, out_w), dtype=torch.float32)
@@ -96,7 +126,7 @@ def warp_planes(src: torch.Tensor, dst_to_src: np.ndarray, out_w: int, out_h: in
     x0, y0, x1, y1 = (0, 0, w, h) if whole_source else source_region(m, out_w * ss, out_h * ss, w, h)
     if x1 <= x0 or y1 <= y0:
         if border == "constant":
-            return out.zero_()
+            return out.zero_(), (np.zeros((out_h, out_w), np.float32) if want_coverage else None)
         x0, y0, x1, y1 = 0, 0, w, h  # the nearest (edge) or mirrored (reflect) pixels may be anywhere
     m = m.copy()
     m[0, 2] -= x0
@@ -109,6 +139,16 @@ def warp_planes(src: torch.Tensor, dst_to_src: np.ndarray, out_w: int, out_h: in
         fine = cv2.warpAffine(part, m, (out_w * ss, out_h * ss), **kw)
         return cv2.resize(fine, (out_w, out_h), dst=dst, interpolation=cv2.INTER_AREA)
 
+    if c == 3 and interpolation == "bilinear" and border == "constant" and not whole_source and interleaved(src):
+        # OpenCV's bilinear warp of float RGBA is 2.5x faster than of RGB (its 4-lane path; the same values bit for
+        # bit), and an alpha of ones inside the image is the coverage (the region read holds every pixel in reach).
+        part = cv2.cvtColor(src.permute(1, 2, 0).numpy()[y0:y1, x0:x1], cv2.COLOR_RGB2RGBA)
+        warped = warp(part, _scratch((out_h, out_w, 4), "coverage" if want_coverage else "warp"))
+        if interleaved(out) and out.permute(1, 2, 0).is_contiguous():
+            cv2.cvtColor(warped, cv2.COLOR_RGBA2RGB, dst=out.permute(1, 2, 0).numpy())
+        else:  # NumPy copy: no OpenMP region (see paste._composite_numpy)
+            np.copyto(out.numpy(), warped[..., :3].transpose(2, 0, 1))
+        return out, (warped[..., 3] if want_coverage else None)
     if not interleaved(src) and src.stride(-1) != 1:
         src = src.contiguous()
     if interleaved(src):  # one call for all channels, written in place when out is channels-last too
@@ -117,14 +157,52 @@ def warp_planes(src: torch.Tensor, dst_to_src: np.ndarray, out_w: int, out_h: in
             warp(hwc, out.permute(1, 2, 0).numpy())
         else:
             out.copy_(torch.from_numpy(warp(hwc, None)).permute(2, 0, 1))
-        return out
-    planes = src.numpy()
-    for k in range(c):
-        if out[k].is_contiguous():
-            warp(planes[k, y0:y1, x0:x1], out[k].numpy())
-        else:
-            out[k].copy_(torch.from_numpy(warp(planes[k, y0:y1, x0:x1], None)))
-    return out
+    else:
+        planes = src.numpy()
+        for k in range(c):
+            if out[k].is_contiguous():
+                warp(planes[k, y0:y1, x0:x1], out[k].numpy())
+            else:
+                out[k].copy_(torch.from_numpy(warp(planes[k, y0:y1, x0:x1], None)))
+    cov = coverage(dst_to_src, out_w, out_h, w, h, ss=ss, interpolation=interpolation)[0].numpy() \
+        if want_coverage else None
+    return out, cov
+
+
+def partial_box(dst_to_src: np.ndarray, out_w: int, out_h: int, src_w: int, src_h: int, *, ss: int = 1,
+                interpolation: str = "bilinear"):
+    """[x0,y0,x1,y1) of the output pixels whose coverage() may be below 1: those with a sample near enough to the
+    source's edge, or beyond it, for a tap to fall outside. Everywhere else every tap is inside: coverage is
+    exactly 1 (bilinear) or 1 up to the rounding of the bicubic weights' sum, so renormalising there is moot. From the geometry alone: the output square clipped by each of the four
+    half-planes "within reach of that edge", then the union of their bounding boxes, one pixel wider."""
+    m = np.asarray(dst_to_src, dtype=np.float64)
+    reach = 1.0 if interpolation == "bicubic" else 0.0  # bicubic taps reach one pixel further than bilinear
+    foot = 0.5 * (np.abs(m[:, 0]) + np.abs(m[:, 1]))  # a pixel's samples lie within this of its centre's image
+    square = [(-0.5, -0.5), (out_w - 0.5, -0.5), (out_w - 0.5, out_h - 0.5), (-0.5, out_h - 0.5)]
+    boxes = []
+    for axis, size in ((0, src_w), (1, src_h)):
+        a, b, c = m[axis]
+        for sign, limit in ((1.0, reach + foot[axis]), (-1.0, reach + foot[axis] - (size - 1))):
+            # sign * (source coordinate) < limit: within reach of the low (sign 1) or high (sign -1) edge
+            f = [sign * (a * x + b * y + c) - limit for x, y in square]
+            poly = []
+            for k in range(4):
+                (p, fp), (q, fq) = (square[k], f[k]), (square[(k + 1) % 4], f[(k + 1) % 4])
+                if fp < 0:
+                    poly.append(p)
+                if (fp < 0) != (fq < 0):
+                    t = fp / (fp - fq)
+                    poly.append((p[0] + t * (q[0] - p[0]), p[1] + t * (q[1] - p[1])))
+            if poly:
+                xs, ys = [p[0] for p in poly], [p[1] for p in poly]
+                boxes.append((min(xs), min(ys), max(xs), max(ys)))
+    if not boxes:
+        return 0, 0, 0, 0
+    x0 = max(0, math.floor(min(b[0] for b in boxes)) - 1)
+    y0 = max(0, math.floor(min(b[1] for b in boxes)) - 1)
+    x1 = min(out_w, math.ceil(max(b[2] for b in boxes)) + 2)
+    y1 = min(out_h, math.ceil(max(b[3] for b in boxes)) + 2)
+    return x0, y0, max(x0, x1), max(y0, y1)
 
 
 _ONES: list = [torch.ones((1, 1, 1))]

@@ -202,13 +202,17 @@ def _warp_to_crops_cpu(images, image_index, inv, scales, outside, crop_size, bor
         for i in idx:
             crop = out[i]
             leaves = bool(outside[i])
-            cpu_warp.warp_planes(images[b], inv64[i], crop_size, crop_size, ss=ss, interpolation=mode,
-                                 border=border, out=crop, whole_source=border == "reflect" and leaves)
+            if border == "constant" and leaves:
+                _, inside = cpu_warp.warp_with_coverage(images[b], inv64[i], crop_size, crop_size, ss=ss,
+                                                        interpolation=mode, out=crop)
+            else:
+                cpu_warp.warp_planes(images[b], inv64[i], crop_size, crop_size, ss=ss, interpolation=mode,
+                                     border=border, out=crop, whole_source=border == "reflect" and leaves)
             if mode == "bicubic":
                 np.clip(crop.numpy(), 0, 1, out=crop.numpy())  # bicubic overshoots at edges
             if border == "constant" and leaves:
-                inside = cpu_warp.coverage(inv64[i], crop_size, crop_size, w, h, ss=ss, interpolation=mode)
-                _renormalise_cpu(crop, inside[0].numpy(), fill.numpy())
+                x0, y0, x1, y1 = cpu_warp.partial_box(inv64[i], crop_size, crop_size, w, h, ss=ss, interpolation=mode)
+                _renormalise_cpu(crop[:, y0:y1, x0:x1], inside[y0:y1, x0:x1], fill.numpy())
     return out
 
 
@@ -216,6 +220,8 @@ def _renormalise_cpu(crop: torch.Tensor, inside: np.ndarray, fill: np.ndarray) -
     """As in the grid_sample path: colours divided by the weight that fell inside the image, the fill colour
     where none did. Only over the box of pixels whose weight is not exactly 1 (a division by 1 changes nothing),
     in the crop's own memory order (NumPy: single-threaded, see paste._composite_numpy)."""
+    if inside.size == 0:
+        return
     partial = inside != 1.0
     rows, cols = np.flatnonzero(partial.any(1)), np.flatnonzero(partial.any(0))
     if rows.size == 0:
