@@ -128,8 +128,12 @@ def test_checked_view_reads_once_and_copies_only_when_needed():
     for bad in (float("nan"), float("inf"), -float("inf")):
         y = x.clone()
         y[1, 2, 3, 4] = bad
-        with pytest.raises(InvalidImage, match=r"batch items \[1\]"):
-            checked_view(y, "crops")
+        # planar, channels-last (reduced over its memory as a flat view) and a strided slice (neither)
+        for z in (y, y.contiguous(memory_format=torch.channels_last), torch.cat([y, y], 3)[..., ::2]):
+            with pytest.raises(InvalidImage, match=r"batch items \[1\]"):
+                checked_view(z, "crops")
+    cl = (x * 1.5).contiguous(memory_format=torch.channels_last)
+    assert checked_view(cl).max() == 1 and checked_view(cl.contiguous()).max() == 1
 
 
 def test_large_outputs_in_huge_pages_behave_as_tensors():

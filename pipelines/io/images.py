@@ -109,6 +109,17 @@ def check_images(images: torch.Tensor, what: str = "image") -> torch.Tensor:
     return checked_view(images, what, copy=True)
 
 
+def _flat_view(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D view of a [B,C,H,W] tensor's memory when it is dense in standard or channels-last order (whole-tensor
+    reductions then run over plain memory: torch.aminmax of a channels-last batch is 9x slower, measured on
+    6x3x512x512), else the tensor itself."""
+    if t.is_contiguous():
+        return t.reshape(-1)
+    if t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).reshape(-1)
+    return t
+
+
 def checked_view(images: torch.Tensor, what: str = "image", copy: bool = False) -> torch.Tensor:
     """check_images in one read of the data (min and max propagate NaN and show Inf), returning `images`
     itself when it is already a float batch within [0,1] and copy is False: for callers that only read it."""
@@ -118,7 +129,7 @@ def checked_view(images: torch.Tensor, what: str = "image", copy: bool = False) 
         raise InvalidImage(f"{what}: empty image batch {tuple(images.shape)}")
     if not images.is_floating_point():
         return (images.float() / 255.0).clamp(0, 1)
-    lo, hi = torch.aminmax(images.detach())
+    lo, hi = torch.aminmax(_flat_view(images.detach()))
     if not (torch.isfinite(lo) and torch.isfinite(hi)):
         bad = (~torch.isfinite(images)).flatten(1).any(1).nonzero().flatten().tolist()
         raise InvalidImage(f"{what}: contains NaN or Inf values (batch items {bad}); "
