@@ -8,8 +8,9 @@ the same faces. "official" is the network GFPGANer builds (official `GFPGANv1Cle
 loaded without basicsr like tests/test_restore_gfpgan.py does), called the way GFPGANer calls it
 (`net(x, return_rgb=False)`, fresh noise), with a batch of faces where GFPGANer itself loops one face at a time;
 "ours" is `FaceRestorer.__call__` end to end (normalisation, network, de-normalisation, float output) with
-batch_size = the batch. Prints the median wall time per face over --repeats runs after one warm-up (the two
-alternated), the process CPU time, the ratio official/ours, and the max |difference| of the outputs (stored noise for that check).
+batch_size = the batch. Prints the median wall time per face over --repeats runs after one warm-up (the
+two alternated), the process CPU time, the ratio official/ours, and the max |difference| of the outputs (stored
+noise for that check).
 CPU timings move with other load on the machine: the load average is printed next to them.
 """
 from __future__ import annotations

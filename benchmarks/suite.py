@@ -68,6 +68,11 @@ def row(stage, case, ours_s, ref_s=None, faces=None, peak=None, reference="", no
             "peak_mib": None if peak is None else peak / 2 ** 20, "reference": reference, "note": note}
 
 
+def skipped(stage, why):
+    """A part of a stage that could not run, returned among its rows; listed with the skipped stages."""
+    return {"stage": stage, "why": why}
+
+
 class StagePeak:
     """Peak memory above the level at entry: CUDA allocator peak on a GPU, sampled RSS on the CPU."""
 
@@ -148,8 +153,6 @@ def _file_restorer(save, name, device, dtype):
 
 def _official(loader):
     """A test's loader of an official reference; its pytest.skip (not installed) becomes an ImportError."""
-    import pytest
-
     try:
         return loader()
     except pytest.skip.Exception as exc:
@@ -262,7 +265,7 @@ def stage_restore(args, device, dtype):
         try:
             ours, ref_call, reference, note = make(device, dtype)
         except ImportError as exc:
-            print(f"   {label} skipped: {exc}")
+            rows.append(skipped("restore", f"{label}: ImportError: {exc}"))
             continue
         throughput(ours, args)
         rows += [_restore_pair_row(args, device, label, ours, ref_call, reference, note, b) for b in batches]
@@ -271,7 +274,10 @@ def stage_restore(args, device, dtype):
             torch.cuda.empty_cache()
     if "gfpgan" not in args.restorers:
         return rows
-    official, ours = B.build_pair(device, dtype)
+    try:
+        official, ours = B.build_pair(device, dtype)
+    except SystemExit as exc:   # the official GFPGAN is not installed: the other restorers' rows stay
+        return rows + [skipped("restore", f"GFPGAN: {exc}")]
     throughput(ours, args)
     per_face = 0
     # On a GPU, one batch of 512 faces after the others (sub-batched to fit: the batch before it gives the
@@ -423,8 +429,9 @@ def stage_identity(args, device, dtype):
     """RestorerID's denoiser (structure encoder + UNet, one call at CFG batch 2) and, on the CPU, a few DDIM steps
     with CFG, ours vs the official modules (YingJiacheng/RestorerID @157e288, imported test-only from a snapshot
     by tests/restorerid_official.py) holding the same weights. CPU: the tests' tiny config (widths 32/64) on their
-    16x16 latent (a 64x64 one costs ~2 min there: the attention is quadratic in the area). GPU: the published networks (UNet 1.02 B, structure encoder 52 M) with random
-    weights; ours in --dtype, the official in float32 under autocast to --dtype (its Inference.py's "autocast")."""
+    16x16 latent (a 64x64 one costs ~2 min there: the attention is quadratic in the area). GPU (or --real-size):
+    the published networks (UNet 1.02 B, structure encoder 52 M) with random weights on a 512 face's 64x64
+    latent; ours in --dtype, the official in float32 under autocast to --dtype (its Inference.py's "autocast")."""
     import contextlib
     import tempfile
 
@@ -494,8 +501,9 @@ def _identity_sampler_row(args, mods, unet, enc, o_unet, o_enc, lq, ctx, device,
                 device, repeats)
     finally:
         mp.undo()
-    return row("identity", f"DDIM sampler, {steps} steps with CFG 4, tiny, latent {lq.shape[-1]}x{lq.shape[-1]}", t_us, t_ref, None, peak.used,
-               "official DDIMSampler.ddim_sampling_sr_t", f"max |diff| {float((got - want).abs().max()):.1e}; "
+    lat = lq.shape[-1]
+    return row("identity", f"DDIM sampler, {steps} steps with CFG 4, tiny, latent {lat}x{lat}", t_us, t_ref, None,
+               peak.used, "official DDIMSampler.ddim_sampling_sr_t", f"max |diff| {float((got - want).abs().max()):.1e}; "
                f"{t_us / steps:.3f} s/step ours")
 
 
@@ -548,7 +556,7 @@ def stage_adapt(args, device, dtype):
     what = f"real-size prior (159.8 M) at {cfg.image_size} px" if real else f"tiny prior at {cfg.image_size} px"
     rows = [row("adapt", f"pseudo targets, s per face per step, {what}", t_us / (n * steps), t_ref / (n * steps),
                 None, peak.used, "official generator (SamsungLabs, snapshot)",
-                f"{n} faces x {steps} steps ({gcfg.start_step - gcfg.reg_end_step + 1} constrained), ours batched, "
+                f"{n} faces x {steps} steps ({gcfg.start_step - gcfg.reg_end_step} constrained), ours batched, "
                 f"the official one face at a time; {agree}")]
     del ours, ref, gen
     with torch.enable_grad():
@@ -640,13 +648,15 @@ def run(args) -> dict:
         try:
             rows = globals()[f"stage_{name}"](args, device, dtype)
         except (FileNotFoundError, ImportError, SystemExit, pytest.skip.Exception) as exc:
-            result["skipped"].append({"stage": name, "why": f"{type(exc).__name__}: {exc}"})
+            result["skipped"].append(skipped(name, f"{type(exc).__name__}: {exc}"))
             print(f"   skipped: {exc}", flush=True)
             continue
         except Exception as exc:  # one stage failing must not lose the others' figures
             traceback.print_exc()
-            result["skipped"].append({"stage": name, "why": f"failed: {type(exc).__name__}: {str(exc)[:200]}"})
+            result["skipped"].append(skipped(name, f"failed: {type(exc).__name__}: {str(exc)[:200]}"))
             continue
+        result["skipped"] += [r for r in rows if "why" in r]
+        rows = [r for r in rows if "why" not in r]
         result["rows"] += rows
         for r in rows:
             print(f"   {r['case']:40s} ours {fmt(r['ours_s'], '.3f')} s  reference {fmt(r['reference_s'], '.3f')} s  "

@@ -62,29 +62,7 @@ def test_the_readme_has_the_generated_section():
     assert "benchmarks/suite.py" in text.split(suite.README_BEGIN)[1].split(suite.README_END)[0]
 
 
-def test_restorer_flops_are_counted_on_a_meta_copy():
-    """The restore stage's FLOP count (for % of a GPU's peak) needs no compute: a meta-device copy, the real net
-    untouched. Checked against the count of a plain conv net done by hand."""
-    import torch
-
-    suite = _suite()
-
-    class Net(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
-
-        def forward(self, x, noise=None, generator=None, fidelity=0.5):
-            return self.conv(x)
-
-    net = Net()
-    assert suite.flops_per_face(net, 16) == 2 * 8 * 3 * 9 * 16 * 16
-    assert net.conv.weight.device.type == "cpu"
-    assert suite.flops_per_face(torch.nn.Identity(), 16) in (0, None)
-
-
-
-class _Conv(object):
+class _Conv:
     """A stand-in restorer (3x3 conv, 16 px faces) with FaceRestorer's surface as the restore stage uses it."""
 
     def __init__(self):
@@ -107,15 +85,27 @@ class _Conv(object):
         return (self.net((faces - 0.5) / 0.5).clamp(-1, 1) + 1) / 2
 
 
+def test_restorer_flops_are_counted_on_a_meta_copy():
+    """The restore stage's FLOP count (for % of a GPU's peak) needs no compute: a meta-device copy, the real net
+    untouched. Checked against the count of a plain conv net done by hand."""
+    import torch
+
+    suite = _suite()
+    net = _Conv().net
+    assert suite.flops_per_face(net, 16) == 2 * 3 * 3 * 9 * 16 * 16
+    assert net.conv.weight.device.type == "cpu"
+    assert suite.flops_per_face(torch.nn.Identity(), 16) in (0, None)
+
+
 def test_restore_rows_batch_512_only_on_a_gpu_and_sub_batched(monkeypatch):
     """GFPGAN gets the batch of 512 faces on a GPU only, in sub-batches sized from the memory per face the batch
     before it took (half the free memory, a power of 2), reported for all 512 with % of the peak; a restorer
-    name selects only itself ("restoreformer" is not "restoreformer++"); other rows have the table's shape."""
+    name selects only itself ("restoreformer" is not "restoreformer++"); a restorer whose reference is missing is
+listed as skipped; other rows have the table's shape."""
     import torch
 
+    suite = _suite()                  # puts benchmarks/ on sys.path
     import bench_restore
-
-    suite = _suite()
     calls, made = [], []
     monkeypatch.setattr(bench_restore, "build_pair", lambda device, dtype: (None, _Conv()))
 
@@ -136,6 +126,8 @@ def test_restore_rows_batch_512_only_on_a_gpu_and_sub_batched(monkeypatch):
     def pair(name):
         def make(device, dtype):
             made.append(name)
+            if name == "gpen":
+                raise ImportError("no modelscope")
             ours = _Conv()
             return ours, lambda x: ours.net(x), f"official {name}", ""
         return name, make
@@ -144,10 +136,13 @@ def test_restore_rows_batch_512_only_on_a_gpu_and_sub_batched(monkeypatch):
     monkeypatch.setattr(suite, "StagePeak", Peak)
     monkeypatch.setattr(suite, "PAIRS", {n: pair(n) for n in suite.PAIRS})
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1024 * 2 ** 20, 2048 * 2 ** 20))
-    args = suite.parser().parse_args(["--quick", "--restorers", "gfpgan,restoreformer", "--peak-tflops", "100"])
+    args = suite.parser().parse_args(["--quick", "--restorers", "gfpgan,restoreformer,gpen", "--peak-tflops", "100"])
     args.restorers = args.restorers.split(",")
-    cpu = suite.stage_restore(args, torch.device("cpu"), torch.float32)
-    assert made == ["restoreformer"] and calls == [("cpu", 1, 1)]
+    with torch.no_grad():                 # as suite.run
+        cpu = suite.stage_restore(args, torch.device("cpu"), torch.float32)
+    assert made == ["restoreformer", "gpen"] and calls == [("cpu", 1, 1)]
+    assert cpu[1] == {"stage": "restore", "why": "gpen: ImportError: no modelscope"}   # listed as skipped
+    cpu = [cpu[0], cpu[2]]
     assert [r["case"] for r in cpu] == ["restoreformer, batch 1", "GFPGAN v1.4, batch 1"]
     rf = cpu[0]
     assert rf["reference"] == "official restoreformer" and rf["faces"] == 1 and rf["ratio"] > 0
