@@ -503,8 +503,8 @@ def _identity_sampler_row(args, mods, unet, enc, o_unet, o_enc, lq, ctx, device,
         mp.undo()
     lat = lq.shape[-1]
     return row("identity", f"DDIM sampler, {steps} steps with CFG 4, tiny, latent {lat}x{lat}", t_us, t_ref, None,
-               peak.used, "official DDIMSampler.ddim_sampling_sr_t", f"max |diff| {float((got - want).abs().max()):.1e}; "
-               f"{t_us / steps:.3f} s/step ours")
+               peak.used, "official DDIMSampler.ddim_sampling_sr_t",
+               f"max |diff| {float((got - want).abs().max()):.1e}; {t_us / steps:.3f} s/step ours")
 
 
 def stage_adapt(args, device, dtype):
