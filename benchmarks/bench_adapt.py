@@ -104,7 +104,9 @@ def bench_prior(args, device):
           f"peak +{mem.mib:.0f} MiB")
 
 
-def bench_train(args, device):
+def bench_train(args, device) -> dict:
+    """Seconds per optimiser step of the fine-tuning (GFPGAN + LPIPS-VGG, the Finetuner the node runs), printed and
+    returned."""
     import torchvision
 
     from facemend.pipelines.adapt.perceptual import load_lpips_vgg
@@ -136,10 +138,12 @@ def bench_train(args, device):
                                                 os.path.join(tmp, "work"), hook=hook)
     step = statistics.median(times[1:] or times)
     n_params = sum(p.numel() for p in restorer.net.parameters()) / 1e6
+    faces_per_step = args.micro_batch * args.accumulate
     print(f"fine-tune GFPGAN ({n_params:.1f}M params) at {size}px + LPIPS-VGG, micro-batch {args.micro_batch} x "
           f"{args.accumulate}, {args.precision}, {device}: {step:.2f} s per optimiser step "
-          f"({step / (args.micro_batch * args.accumulate):.2f} s per face); peak +{mem.mib:.0f} MiB "
-          f"(includes the final save)")
+          f"({step / faces_per_step:.2f} s per face); peak +{mem.mib:.0f} MiB (includes the final save)")
+    return {"step_s": step, "faces_per_step": faces_per_step, "size": size, "params_m": n_params,
+            "peak_mib": mem.mib}
 
 
 def main():

@@ -40,31 +40,37 @@ SMALL_VAE = dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1)
 
 
 def _init_(module, seed=0):
+    """Random weights that keep every path alive: normalisation scales 1 (found by module type: the UNet's norms are
+    named `in_layers.0`, `out.0`, ...), other 1-D parameters 0, the rest N(0, 1 / fan_in)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
+    norm_scales = {id(m.weight) for m in module.modules()
+                   if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and m.weight is not None}
     with torch.no_grad():
-        for name, p in module.named_parameters():
+        for p in module.parameters():
             if p.ndim == 1:
-                p.copy_(torch.ones(p.shape) if "norm" in name and name.endswith("weight") else torch.zeros(p.shape))
+                p.copy_(torch.ones(p.shape) if id(p) in norm_scales else torch.zeros(p.shape))
             else:
                 fan_in = p[0].numel()
                 p.copy_(torch.randn(p.shape, generator=g) / fan_in ** 0.5)
     return module
 
 
-def build(real: bool, device, dtype):
-    from diffusers import AutoencoderKL
-
+def build(real: bool, device, dtype, vae: bool = True):
+    """(UNet, structure encoder[, SD VAE]) with random weights, built on the meta device and filled on the CPU."""
     with torch.device("meta"):
-        unet = RestorerIDUNet(UNetConfig() if real else SMALL_UNET)
-        struct = StructureEncoder(StructureEncoderConfig() if real else SMALL_STRUCT)
-        v = SD_VAE if real else SMALL_VAE
-        vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                            latent_channels=4, norm_num_groups=32, **v)
-    nets = []
-    for i, m in enumerate((unet, struct, vae)):
+        nets = [RestorerIDUNet(UNetConfig() if real else SMALL_UNET),
+                StructureEncoder(StructureEncoderConfig() if real else SMALL_STRUCT)]
+        if vae:
+            from diffusers import AutoencoderKL
+
+            nets.append(AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4,
+                                      up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=32,
+                                      **(SD_VAE if real else SMALL_VAE)))
+    metas, nets = nets, []
+    for i, m in enumerate(metas):
         m = _init_(m.to_empty(device="cpu"), seed=i).to(device, dtype).eval().requires_grad_(False)
         nets.append(m)
-    for m in nets[2].modules():
+    for m in nets[2].modules() if vae else ():
         if type(m) is torch.nn.GroupNorm:
             m.__class__ = FP32GroupNorm
     return nets

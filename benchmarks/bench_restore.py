@@ -8,8 +8,9 @@ the same faces. "official" is the network GFPGANer builds (official `GFPGANv1Cle
 loaded without basicsr like tests/test_restore_gfpgan.py does), called the way GFPGANer calls it
 (`net(x, return_rgb=False)`, fresh noise), with a batch of faces where GFPGANer itself loops one face at a time;
 "ours" is `FaceRestorer.__call__` end to end (normalisation, network, de-normalisation, float output) with
-batch_size = the batch. Prints the median wall time per face over --repeats runs after one warm-up, the process
-CPU time, the ratio official/ours, and the max |difference| of the outputs (stored noise for that check).
+batch_size = the batch. Prints the median wall time per face over --repeats runs after one warm-up (the
+two alternated), the process CPU time, the ratio official/ours, and the max |difference| of the outputs (stored
+noise for that check).
 CPU timings move with other load on the machine: the load average is printed next to them.
 """
 from __future__ import annotations
@@ -49,17 +50,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(fn, device, repeats: int) -> tuple[float, float]:
-    fn()
+def side_by_side(run_a, run_b, device, repeats: int):
+    """Each once to warm up, then a and b alternately `repeats` times (load on the machine hits both alike):
+    ([(median wall s, median process CPU s) of a, the same of b], [last output of a, last output of b])."""
+    outs = [run_a(), run_b()]
     _sync(device)
-    walls, cpus = [], []
-    for _ in range(repeats):
-        c0, t0 = time.process_time(), time.perf_counter()
-        fn()
-        _sync(device)
-        walls.append(time.perf_counter() - t0)
-        cpus.append(time.process_time() - c0)
-    return statistics.median(walls), statistics.median(cpus)
+    times = ([], []), ([], [])
+    for _ in range(max(1, repeats)):
+        for k, fn in enumerate((run_a, run_b)):
+            c0, t0 = time.process_time(), time.perf_counter()
+            outs[k] = fn()
+            _sync(device)
+            times[k][0].append(time.perf_counter() - t0)
+            times[k][1].append(time.process_time() - c0)
+    return [(statistics.median(w), statistics.median(c)) for w, c in times], outs
 
 
 def build_pair(device, dtype, weights=None):
@@ -81,26 +85,28 @@ def build_pair(device, dtype, weights=None):
     return official, ours
 
 
-def compare(official, ours, batch: int, device, dtype, repeats: int) -> dict:
-    """Seconds per face (median wall and process CPU) of both on one batch of 512 faces, and max |difference|."""
+def compare(official, ours, batch: int, device, dtype, repeats: int, sub_batch: int = 0) -> dict:
+    """Seconds per face (median wall and process CPU, the two alternated) of both on one batch of 512 faces, run
+    in sub-batches of `sub_batch` faces (0: the whole batch at once), and the max |difference| (stored noise) on
+    the first sub-batch."""
+    sub = sub_batch or batch
     g = torch.Generator().manual_seed(batch)
     faces = torch.rand(batch, 3, 512, 512, generator=g).to(device)
 
-    def run_official():
+    def official_01(x, **kw):
         with torch.inference_mode():
-            x = ((faces - 0.5) / 0.5).to(dtype)
-            out = official(x, return_rgb=False)[0]
-            return ((out.float().clamp(-1, 1) + 1) / 2)
+            out = official(((x - 0.5) / 0.5).to(dtype), return_rgb=False, **kw)[0]
+            return (out.float().clamp(-1, 1) + 1) / 2
+
+    def run_official():
+        return [official_01(chunk) for chunk in faces.split(sub)]
 
     def run_ours():
-        return ours(faces, batch_size=batch, seed=0)
+        return ours(faces, batch_size=sub, seed=0)
 
-    t_off, c_off = _time(run_official, device, repeats)
-    t_ours, c_ours = _time(run_ours, device, repeats)
-    with torch.inference_mode():
-        ref = ((official(((faces - 0.5) / 0.5).to(dtype), return_rgb=False, randomize_noise=False)[0]
-                .float().clamp(-1, 1) + 1) / 2)
-    diff = (ours(faces, batch_size=batch, noise="stored") - ref).abs().max().item()
+    ((t_off, c_off), (t_ours, c_ours)), _ = side_by_side(run_official, run_ours, device, repeats)
+    first = faces[:sub]
+    diff = (ours(first, batch_size=sub, noise="stored") - official_01(first, randomize_noise=False)).abs().max().item()
     return {"batch": batch, "official_s_per_face": t_off / batch, "ours_s_per_face": t_ours / batch,
             "official_cpu_s_per_face": c_off / batch, "ours_cpu_s_per_face": c_ours / batch, "max_abs_diff": diff}
 

@@ -5,17 +5,30 @@ ratio reference/ours), and the README's performance section generated from them.
                                [--out benchmarks/results] [--threads 2]
     python benchmarks/suite.py --readme benchmarks/results/suite-cpu-fp32.json   # rewrite README's section
 
-Stages (each reuses its benchmarks/bench_*.py functions, so the figures equal the standalone scripts'):
+Stages (each reuses its benchmarks/bench_*.py functions and the equivalence tests' reference loaders, so the
+figures equal the standalone scripts' and the references are the ones the tests hold us to):
   detect_align_paste  RetinaFace + align + paste vs facexlib's FaceRestoreHelper (same weights, same photos)
-  restore             GFPGAN v1.4 vs the official GFPGANv1Clean, CodeFormer vs the official module (same random
-                      weights; --restorers picks)
+  restore             each restorer vs its official network, real-size architectures, same random weights and
+                      faces, the two alternated (--restorers picks): GFPGAN v1.4 vs GFPGANv1Clean, CodeFormer
+                      (spandrel_extra_arches' module), RestoreFormer and RestoreFormer++ (spandrel's architecture
+                      file), GPEN-BFR-512 (ModelScope's copy of the official generator). Model FLOPs per face and
+                      TFLOP/s in the note; on a GPU also % of the bf16 peak, and GFPGAN on one batch of 512 faces
+                      (sub-batched to fit the free memory, reported for the 512)
   fast_preset         align -> GFPGAN -> colour fix -> paste vs GFPGANer.enhance (same detections and weights)
   color_fix           wavelet colour fix vs StableSR's formulation (tests/test_color_fix.py)
   zssr                ZSSR x2 on real faces; reference: the paper's 54 s per image per scale (published)
   onestep             TSD-SR / OSEDiff per image at 512; reference: published times (A100-class; GPU only)
   iqa                 NIQE, MUSIQ, MANIQA, FID features: images/s (no reference run: pyiqa's are the same nets)
+  identity            RestorerID's denoiser (structure encoder + UNet, one call at CFG batch 2) vs the official
+                      modules (a snapshot of YingJiacheng/RestorerID, tests/restorerid_official.py); on the CPU
+                      the tests' tiny config plus a few DDIM steps vs the official sampler, on a GPU (or with
+                      --real-size) the published networks with random weights
+  adapt               pseudo targets vs the official SamsungLabs generator (a snapshot, tests/adapt_official.py) on
+                      the same prior weights and faces, seconds per face per prior step (tiny prior on the CPU,
+                      the real-size DifFace prior on a GPU or with --real-size); one fine-tuning step, ours only
 --quick keeps every stage to one small case (CPU: minutes on 2 cores; GPU: the real-size one-step models).
-Without ../shared, stages that need its photos or weights are reported as skipped with the path they need.
+Without ../shared, stages that need its photos or weights are reported as skipped with the path they need;
+without a snapshot of the official code (identity, adapt), with where it is looked for and how to get it.
 Peak memory: the peak above the level before the stage (RSS sampled every 2 ms on the CPU,
 torch.cuda.max_memory_allocated on a GPU), over the whole stage (both implementations) unless the row says "ours".
 """
@@ -30,6 +43,7 @@ import time
 import traceback
 from pathlib import Path
 
+import pytest
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -39,7 +53,7 @@ import conftest  # noqa: E402,F401  (loads this checkout as `facemend`)
 
 SHARED = conftest.SHARED
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-STAGES = ("detect_align_paste", "restore", "fast_preset", "color_fix", "zssr", "onestep", "iqa")
+STAGES = ("detect_align_paste", "restore", "fast_preset", "color_fix", "zssr", "onestep", "iqa", "identity", "adapt")
 README_BEGIN, README_END = "<!-- performance:begin -->", "<!-- performance:end -->"
 # Published reference figures (no code to run): ZSSR paper (Shocher et al. 2018, 54 s per image per x2 scale);
 # TSD-SR (0.136 s) and OSEDiff (0.105 s) per 512 image on an A100-class GPU.
@@ -52,6 +66,11 @@ def row(stage, case, ours_s, ref_s=None, faces=None, peak=None, reference="", no
             "ratio": (ref_s / ours_s) if ref_s and ours_s else None,
             "faces_per_s": (faces / ours_s) if faces and ours_s else None, "faces": faces,
             "peak_mib": None if peak is None else peak / 2 ** 20, "reference": reference, "note": note}
+
+
+def skipped(stage, why):
+    """A part of a stage that could not run, returned among its rows; listed with the skipped stages."""
+    return {"stage": stage, "why": why}
 
 
 class StagePeak:
@@ -120,44 +139,120 @@ def stage_detect_align_paste(args, device, dtype):
     return rows
 
 
+def _file_restorer(save, name, device, dtype):
+    """FaceMend's FaceRestorer loaded from the file `save(path)` writes (a release layout) under the name `name`."""
+    import tempfile
+
+    from facemend.pipelines.restore.restorer import FaceRestorer
+
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, name)
+        save(path)
+        return FaceRestorer.from_file(path, device=device, dtype=dtype)
+
+
+def _official(loader):
+    """A test's loader of an official reference; its pytest.skip (not installed) becomes an ImportError."""
+    try:
+        return loader()
+    except pytest.skip.Exception as exc:
+        raise ImportError(str(exc)) from None
+
+
 def _codeformer_pair(device, dtype):
     """The official CodeFormer (spandrel_extra_arches' copy of the original module) with random weights (the
     equivalence test's initialisation) and FaceMend's FaceRestorer loaded from the same file."""
     import importlib
-    import tempfile
 
     from test_restore_codeformer import _randomized
-
-    from facemend.pipelines.restore.restorer import FaceRestorer
 
     cls = importlib.import_module("spandrel_extra_arches.architectures.CodeFormer").CodeFormer
     torch.manual_seed(0)
     ref = _randomized(cls(), seed=1)
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "codeformer.pth")
-        torch.save({"params_ema": ref.state_dict()}, path)
-        ours = FaceRestorer.from_file(path, device=device, dtype=dtype)
-    return ref.to(device=device, dtype=ours.dtype).eval(), ours
+    ours = _file_restorer(lambda p: torch.save({"params_ema": ref.state_dict()}, p), "codeformer.pth", device, dtype)
+    ref = ref.to(device=device, dtype=ours.dtype).eval()
+    return ours, lambda x: ref(x, weight=0.5)[0], "official CodeFormer (spandrel_extra_arches)", "w 0.5"
 
 
-def _restore_codeformer(args, device, dtype, batch):
+def _restoreformer_pair(device, dtype, plus_plus):
+    """The official RestoreFormer (spandrel's copy of the release architecture; RestoreFormer++ as
+    tests/test_restore_restoreformer.py builds it from those classes), full size (ch 64, 6 levels), random weights
+    (the equivalence test's initialisation), and FaceMend's FaceRestorer loaded from the release checkpoint layout."""
+    import importlib
+
+    from test_restore_restoreformer import _plus_plus_reference, _save_official_ckpt, _v1_reference
+
+    mod = importlib.import_module("spandrel.architectures.RestoreFormer.__arch.restoreformer_arch")
+    ref = _plus_plus_reference(mod, seed=1) if plus_plus else _v1_reference(mod, seed=1)
+    ours = _file_restorer(lambda p: _save_official_ckpt(ref, p, extra=False),
+                          "RestoreFormer++.ckpt" if plus_plus else "RestoreFormer.ckpt", device, dtype)
+    ref = ref.to(device=device, dtype=ours.dtype).eval()
+    what = "RestoreFormer++ (head 4, attention at 16 and 32)" if plus_plus else "RestoreFormer"
+    return ours, lambda x: ref(x)[0], f"official {what} (spandrel's architecture file)", ""
+
+
+def _gpen_pair(device, dtype):
+    """The official GPEN generator (ModelScope's copy of yangxy/GPEN with its pure-PyTorch ops, as
+    tests/test_restore_gpen.py loads it) in the GPEN-BFR-512 layout (channel multiplier 2, narrow 1) with random
+    weights, and FaceMend's FaceRestorer loaded from the same bare state dict."""
+    from test_restore_gpen import _build_reference, _load_reference
+
+    ref = _build_reference(_official(_load_reference), 512, 2, 1, seed=2)
+    ours = _file_restorer(lambda p: torch.save(ref.state_dict(), p), "GPEN-BFR-512.pth", device, dtype)
+    ref = ref.to(device=device, dtype=ours.dtype).eval()
+    return ours, lambda x: ref(x)[0], "official GPEN FullGenerator (ModelScope copy, pure-PyTorch ops)", ""
+
+
+PAIRS = {"codeformer": ("CodeFormer", _codeformer_pair),
+         "restoreformer": ("RestoreFormer", lambda d, t: _restoreformer_pair(d, t, False)),
+         "restoreformer++": ("RestoreFormer++", lambda d, t: _restoreformer_pair(d, t, True)),
+         "gpen": ("GPEN-BFR-512", _gpen_pair)}
+RESTORERS = ("gfpgan",) + tuple(PAIRS)
+
+
+def _flops_note(net, size, s_per_face, args, device) -> str:
+    """Model FLOPs per face, achieved TFLOP/s and (on a known GPU or with --peak-tflops) % of the bf16 peak."""
+    flops = flops_per_face(net, size)
+    if not flops:
+        return ""
+    achieved = flops / s_per_face / 1e12
+    note = f"; {flops / 1e9:.0f} GFLOP/face, {achieved:.2f} TFLOP/s"
+    peak_tflops = args.peak_tflops or (known_peak_tflops(device) if device.type == "cuda" else 0)
+    if peak_tflops:
+        note += f" = {100 * achieved / peak_tflops:.1f}% of {peak_tflops:.0f} TFLOP/s peak"
+    return note
+
+
+def _restore_pair_row(args, device, label, ours, ref_call, reference, note, batch):
+    """One batch of random 512 faces through the official network (called as its own code calls it: [-1,1] in,
+    raw [-1,1] out) and through FaceRestorer end to end, alternated; max |diff| on the [0,1] outputs."""
     import bench_restore as B
 
-    ref, ours = _codeformer_pair(device, dtype)
-    throughput(ours, args)
-    faces = torch.rand(batch, 3, 512, 512, generator=torch.Generator().manual_seed(batch)).to(device)
+    faces = torch.rand(batch, 3, ours.input_size, ours.input_size,
+                       generator=torch.Generator().manual_seed(batch)).to(device)
 
     def run_ref():
-        out = ref(((faces - 0.5) / 0.5).to(ours.dtype), weight=0.5)[0]
-        return (out.float().clamp(-1, 1) + 1) / 2
+        return (ref_call(((faces - 0.5) / 0.5).to(ours.dtype)).float().clamp(-1, 1) + 1) / 2
 
     run_ours = lambda: ours(faces, fidelity=0.5, batch_size=batch)  # noqa: E731
     with StagePeak(device) as peak:
-        t_ref, _ = B._time(run_ref, device, 1 if args.quick else args.repeats)
-        t_us, _ = B._time(run_ours, device, 1 if args.quick else args.repeats)
-    diff = float((run_ours() - run_ref()).abs().max())
-    return row("restore", f"CodeFormer, batch {batch}", t_us, t_ref, batch, peak.used,
-               "official CodeFormer (spandrel_extra_arches)", f"w 0.5; max |diff| {diff:.1e}")
+        ((t_ref, _), (t_us, _)), (out_ref, out_us) = B.side_by_side(run_ref, run_ours, device,
+                                                                    1 if args.quick else args.repeats)
+    diff = float((out_us - out_ref).abs().max())
+    note = "; ".join(n for n in (note, f"max |diff| {diff:.1e}") if n)
+    note += _flops_note(ours.net, ours.input_size, t_us / batch, args, device)
+    return row("restore", f"{label}, batch {batch}", t_us, t_ref, batch, peak.used, reference, note)
+
+
+def _sub_batch(per_face_bytes, batch, device) -> int:
+    """Faces per sub-batch for a big batch: half of the free device memory over the measured peak per face,
+    rounded down to a power of 2 (at least 1, at most the batch)."""
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
+    fit = int(0.5 * free / per_face_bytes) if per_face_bytes > 0 else batch
+    return max(1, min(batch, 1 << max(0, fit.bit_length() - 1)))
+
+
+BIG_BATCH = 512   # the issue's GPU target: restore at >= 30% of the bf16 peak on 512 faces
 
 
 def stage_restore(args, device, dtype):
@@ -165,26 +260,35 @@ def stage_restore(args, device, dtype):
 
     batches = ([1] if device.type == "cpu" else [8]) if args.quick else ([1, 4] if device.type == "cpu" else [1, 8, 32])
     rows = []
-    if "codeformer" in args.restorers:
+    for name in (n for n in RESTORERS if n in args.restorers and n != "gfpgan"):
+        label, make = PAIRS[name]
         try:
-            rows += [_restore_codeformer(args, device, dtype, b) for b in batches]
+            ours, ref_call, reference, note = make(device, dtype)
         except ImportError as exc:
-            print(f"   CodeFormer skipped: {exc}")
+            rows.append(skipped("restore", f"{label}: ImportError: {exc}"))
+            continue
+        throughput(ours, args)
+        rows += [_restore_pair_row(args, device, label, ours, ref_call, reference, note, b) for b in batches]
+        del ours, ref_call
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     if "gfpgan" not in args.restorers:
         return rows
-    official, ours = B.build_pair(device, dtype)
+    try:
+        official, ours = B.build_pair(device, dtype)
+    except SystemExit as exc:   # the official GFPGAN is not installed: the other restorers' rows stay
+        return rows + [skipped("restore", f"GFPGAN: {exc}")]
     throughput(ours, args)
-    flops = flops_per_face(ours.net, ours.input_size)
-    peak_tflops = args.peak_tflops or (known_peak_tflops(device) if device.type == "cuda" else 0)
-    for batch in batches:
+    per_face = 0
+    # On a GPU, one batch of 512 faces after the others (sub-batched to fit: the batch before it gives the
+    # memory per face), reported for all 512.
+    for batch in batches + ([BIG_BATCH] if device.type == "cuda" else []):
+        sub = _sub_batch(per_face, batch, device) if batch == BIG_BATCH else batch
         with StagePeak(device) as peak:
-            r = B.compare(official, ours, batch, device, dtype, 1 if args.quick else args.repeats)
-        note = f"max |diff| {r['max_abs_diff']:.1e}"
-        if flops:
-            achieved = flops / r["ours_s_per_face"] / 1e12
-            note += f"; {flops / 1e9:.0f} GFLOP/face, {achieved:.2f} TFLOP/s"
-            if peak_tflops:
-                note += f" = {100 * achieved / peak_tflops:.1f}% of {peak_tflops:.0f} TFLOP/s peak"
+            r = B.compare(official, ours, batch, device, dtype, 1 if args.quick else args.repeats, sub)
+        per_face = max(per_face, peak.used / sub)
+        note = f"max |diff| {r['max_abs_diff']:.1e}" + (f"; sub-batches of {sub}" if sub < batch else "")
+        note += _flops_note(ours.net, ours.input_size, r["ours_s_per_face"], args, device)
         rows.append(row("restore", f"GFPGAN v1.4, batch {batch}", r["ours_s_per_face"] * batch,
                         r["official_s_per_face"] * batch, batch, peak.used, "official GFPGANv1Clean", note))
     return rows
@@ -321,6 +425,149 @@ def stage_iqa(args, device, dtype):
     return rows
 
 
+def stage_identity(args, device, dtype):
+    """RestorerID's denoiser (structure encoder + UNet, one call at CFG batch 2) and, on the CPU, a few DDIM steps
+    with CFG, ours vs the official modules (YingJiacheng/RestorerID @157e288, imported test-only from a snapshot
+    by tests/restorerid_official.py) holding the same weights. CPU: the tests' tiny config (widths 32/64) on their
+    16x16 latent (a 64x64 one costs ~2 min there: the attention is quadratic in the area). GPU (or --real-size):
+    the published networks (UNet 1.02 B, structure encoder 52 M) with random weights on a 512 face's 64x64
+    latent; ours in --dtype, the official in float32 under autocast to --dtype (its Inference.py's "autocast")."""
+    import contextlib
+    import tempfile
+
+    import bench_identity as BI
+    import bench_restore as B
+    import restorerid_official as ro
+    from restorerid_models import (OFFICIAL_STRUCT_ARGS, OFFICIAL_STRUCT_FULL_ARGS, OFFICIAL_UNET_ARGS,
+                                   OFFICIAL_UNET_FULL_ARGS, tiny_structure_encoder, tiny_unet)
+
+    real = device.type == "cuda" or args.real_size
+    with tempfile.TemporaryDirectory() as tmp:
+        mods = ro.load_official(tmp)
+    if real:
+        unet, enc = BI.build(True, device, dtype, vae=False)
+        o_unet, o_enc = ro.official_nets(mods, unet, enc, OFFICIAL_UNET_FULL_ARGS, OFFICIAL_STRUCT_FULL_ARGS)
+        o_unet, o_enc = o_unet.to(device), o_enc.to(device)
+    else:
+        torch.manual_seed(0)
+        unet, enc = tiny_unet().to(device, dtype), tiny_structure_encoder().to(device, dtype)
+        o_unet, o_enc = ro.official_nets(mods, unet, enc, OFFICIAL_UNET_ARGS, OFFICIAL_STRUCT_ARGS)
+    half = dtype != torch.float32
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if half else contextlib.nullcontext
+    g = torch.Generator().manual_seed(5)
+    lat = 64 if real else 16    # a 512 face's latent; 16x16 (the tests' size) on the CPU: its attention is O(area^2)
+    lq, x, ctx = (torch.randn(2, *shape, generator=g).to(device) for shape in ((4, lat, lat), (4, lat, lat), (81, 768)))
+    t = torch.tensor([999, 999], device=device)
+    what = "published size, random" if real else "tiny (widths 32/64)"
+    reference = "official RestorerID @157e288 (snapshot)"
+    precision = f"ours {args.dtype}, official fp32 + autocast {args.dtype}" if half else "fp32"
+
+    def ours():
+        return unet(x.to(dtype), t, ctx.to(dtype), enc(lq.to(dtype), t), 0.5).float()
+
+    def official():
+        with autocast():
+            return o_unet(x, t, context=ctx, struct_cond=o_enc(lq, t), ip_scale=0.5).float()
+
+    repeats = 1 if args.quick else args.repeats
+    with StagePeak(device) as peak:
+        ((t_ref, _), (t_us, _)), (want, got) = B.side_by_side(official, ours, device, repeats)
+    rows = [row("identity", f"denoiser call, CFG batch 2, latent {lat}x{lat}, {what}", t_us, t_ref, None, peak.used,
+                reference, f"{precision}; max |diff| {float((got - want).abs().max()):.1e} "
+                           f"(output max {float(want.abs().max()):.1e})")]
+    if not real:
+        rows.append(_identity_sampler_row(args, mods, unet, enc, o_unet, o_enc, lq[:1], ctx[:1], device, repeats))
+    return rows
+
+
+def _identity_sampler_row(args, mods, unet, enc, o_unet, o_enc, lq, ctx, device, repeats, steps=4):
+    """ddim_sample against the official DDIMSampler.ddim_sampling_sr_t (eta 1, CFG 4), same start and eta noise,
+    the way tests/test_identity_backend.py runs the official sampler."""
+    import bench_restore as B
+    from test_identity_backend import _official_sample
+
+    from facemend.pipelines.identity.sampler import ddim_sample
+
+    g = torch.Generator().manual_seed(9)
+    x_T, noises = torch.randn(lq.shape, generator=g), [torch.randn(lq.shape, generator=g) for _ in range(steps)]
+    cond, uncond = ctx, torch.randn(ctx.shape, generator=g).to(device)
+    mp = pytest.MonkeyPatch()
+    try:
+        with StagePeak(device) as peak:
+            ((t_ref, _), (t_us, _)), (want, got) = B.side_by_side(
+                lambda: _official_sample(mods, o_unet, o_enc, lq, cond, uncond, 0.5, steps, 4.0, x_T, noises, mp),
+                lambda: ddim_sample(unet, enc, lq, cond, uncond, ip_scale=0.5, steps=steps, cfg=4.0, x_T=x_T,
+                                    noise=lambda i: noises[i]),
+                device, repeats)
+    finally:
+        mp.undo()
+    lat = lq.shape[-1]
+    return row("identity", f"DDIM sampler, {steps} steps with CFG 4, tiny, latent {lat}x{lat}", t_us, t_ref, None,
+               peak.used, "official DDIMSampler.ddim_sampling_sr_t",
+               f"max |diff| {float((got - want).abs().max()):.1e}; {t_us / steps:.3f} s/step ours")
+
+
+def stage_adapt(args, device, dtype):
+    """Pseudo targets (pipelines/adapt/pseudo_targets.py) vs the official SamsungLabs unsupervised-face-restoration
+    generator (its p_sample_loop with the low-frequency filter, as tests/test_adapt_pseudo_targets.py runs it
+    test-only from a snapshot) on the same prior weights and faces, seconds per face per prior step; then one
+    fine-tuning step, ours only (GFPGAN + LPIPS-VGG, benchmarks/bench_adapt.py). CPU: the tests' tiny prior at
+    32 px; GPU: the real-size DifFace prior (159.8 M, 512 px) with random weights, a few steps. fp32 (the official
+    sampler's precision); the fine-tuning step on a GPU in --dtype."""
+    import tempfile
+    import types
+
+    import bench_adapt as BA
+    import bench_identity as BI
+    import bench_restore as B
+    from adapt_official import difface_unet
+    from test_adapt_prior import TINY, tiny_config, tiny_official
+    from test_adapt_pseudo_targets import CFG, _faces, _official_targets
+
+    from facemend.pipelines.adapt.prior import PriorUNetConfig, load_prior_unet
+    from facemend.pipelines.adapt.pseudo_targets import PseudoTargetConfig, PseudoTargetGenerator
+
+    real, n = device.type == "cuda" or args.real_size, 2
+    if real:
+        cfg = PriorUNetConfig()
+        kwargs = dict(TINY, image_size=cfg.image_size, model_channels=cfg.model_channels,
+                      num_res_blocks=list(cfg.num_res_blocks), attention_resolutions=list(cfg.attention_resolutions),
+                      channel_mult=list(cfg.channel_mult), num_head_channels=cfg.num_head_channels)
+        ref = BI._init_(difface_unet()(**kwargs), seed=1).eval()
+        gcfg = PseudoTargetConfig(image_size=cfg.image_size, start_step=4, reg_end_step=2, seed=CFG.seed)
+    else:
+        cfg, ref, gcfg = tiny_config(), tiny_official(seed=1), CFG
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "prior.pth")
+        torch.save(ref.state_dict(), path)
+        ours = load_prior_unet(path, device=device, config=cfg)
+    ref = ref.to(device)
+    faces = _faces(n, cfg.image_size).to(device)
+    gen = PseudoTargetGenerator(ours, gcfg)
+    steps = gcfg.start_step
+    with StagePeak(device) as peak:
+        ((t_ref, _), (t_us, _)), (want, got) = B.side_by_side(
+            lambda: torch.cat([_official_targets(ref, faces[k:k + 1], gcfg.seed + k, gcfg) for k in range(n)]),
+            lambda: gen(faces, batch_size=n), device, 1 if args.quick else args.repeats)
+    if device.type != "cpu":  # the official draws its noise on the GPU, ours on the CPU (seed-stable everywhere)
+        agree = "targets not compared (noise drawn on other devices)"
+    else:
+        agree = f"max |diff| {float((got - want).abs().max()):.1e}"
+    what = f"real-size prior (159.8 M) at {cfg.image_size} px" if real else f"tiny prior at {cfg.image_size} px"
+    rows = [row("adapt", f"pseudo targets, s per face per step, {what}", t_us / (n * steps), t_ref / (n * steps),
+                None, peak.used, "official generator (SamsungLabs, snapshot)",
+                f"{n} faces x {steps} steps ({gcfg.start_step - gcfg.reg_end_step} constrained), ours batched, "
+                f"the official one face at a time; {agree}")]
+    del ours, ref, gen
+    with torch.enable_grad():
+        ft = BA.bench_train(types.SimpleNamespace(real_size=real, train_steps=1 if args.quick else 3, micro_batch=1,
+                                                  accumulate=1, precision=args.dtype), device)
+    rows.append(row("adapt", f"fine-tuning step, GFPGAN ({ft['params_m']:.0f} M) at {ft['size']} px + LPIPS-VGG, "
+                    f"{ft['faces_per_step']} face", ft["step_s"], None, ft["faces_per_step"], ft["peak_mib"] * 2 ** 20,
+                    "", "ours only (no official fine-tuning run); median s per optimiser step, peak with the save"))
+    return rows
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -388,6 +635,10 @@ def run(args) -> dict:
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise SystemExit(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
+    args.restorers = [r for r in args.restorers.split(",") if r] if isinstance(args.restorers, str) else args.restorers
+    unknown = [r for r in args.restorers if r not in RESTORERS]
+    if unknown:
+        raise SystemExit(f"unknown restorer(s) {unknown}; choose from {', '.join(RESTORERS)}")
     result = {"argv": sys.argv[1:], "device": str(device), "dtype": args.dtype, "quick": args.quick,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(device),
               "rows": [], "skipped": []}
@@ -396,14 +647,16 @@ def run(args) -> dict:
         print(f"== {name}", flush=True)
         try:
             rows = globals()[f"stage_{name}"](args, device, dtype)
-        except (FileNotFoundError, ImportError, SystemExit) as exc:
-            result["skipped"].append({"stage": name, "why": f"{type(exc).__name__}: {exc}"})
+        except (FileNotFoundError, ImportError, SystemExit, pytest.skip.Exception) as exc:
+            result["skipped"].append(skipped(name, f"{type(exc).__name__}: {exc}"))
             print(f"   skipped: {exc}", flush=True)
             continue
         except Exception as exc:  # one stage failing must not lose the others' figures
             traceback.print_exc()
-            result["skipped"].append({"stage": name, "why": f"failed: {type(exc).__name__}: {str(exc)[:200]}"})
+            result["skipped"].append(skipped(name, f"failed: {type(exc).__name__}: {str(exc)[:200]}"))
             continue
+        result["skipped"] += [r for r in rows if "why" in r]
+        rows = [r for r in rows if "why" not in r]
         result["rows"] += rows
         for r in rows:
             print(f"   {r['case']:40s} ours {fmt(r['ours_s'], '.3f')} s  reference {fmt(r['reference_s'], '.3f')} s  "
@@ -412,7 +665,7 @@ def run(args) -> dict:
     return result
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="FaceMend's precision where it has one")
@@ -424,11 +677,18 @@ def main(argv=None):
                     help="restorers in channels-last memory (default: on CUDA only)")
     ap.add_argument("--peak-tflops", type=float, default=0.0,
                     help="the device's dense bf16 peak for the restore stage's %% of peak (default: known GPUs)")
-    ap.add_argument("--restorers", default="gfpgan,codeformer", help="restorers of the restore stage")
+    ap.add_argument("--restorers", default=",".join(RESTORERS), help="comma-separated restorers of the restore "
+                    f"stage, from {','.join(RESTORERS)}")
+    ap.add_argument("--real-size", dest="real_size", action="store_true",
+                    help="identity and adapt: the published architectures also on the CPU (slow; default on CUDA)")
     ap.add_argument("--compile", default="", help="torch.compile the restorers with this backend (e.g. inductor)")
     ap.add_argument("--out", default=str(HERE / "results"), help="folder for suite-<device>-<dtype>.json/.md")
     ap.add_argument("--readme", metavar="JSON", help="only rewrite the README's performance section from JSON")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     if args.readme:
         write_readme(args.readme, HERE.parent / "README.md")
         return None

@@ -26,6 +26,12 @@ OFFICIAL_STRUCT_ARGS = dict(image_size=96, in_channels=4, model_channels=32, out
                             use_checkpoint=False, use_fp16=False, num_heads=2, num_head_channels=-1,
                             use_scale_shift_norm=False, resblock_updown=False, use_new_attention_order=False)
 
+# the published networks (configs/v15/v15-RestorerID.yaml: unet_config, structcond_stage_config)
+OFFICIAL_UNET_FULL_ARGS = dict(OFFICIAL_UNET_ARGS, model_channels=320, attention_resolutions=[4, 2, 1], num_res_blocks=2,
+                               channel_mult=[1, 2, 4, 4], num_heads=8, semb_channels=256)
+OFFICIAL_STRUCT_FULL_ARGS = dict(OFFICIAL_STRUCT_ARGS, model_channels=256, out_channels=256, num_res_blocks=2,
+                                 attention_resolutions=[4, 2, 1], channel_mult=[1, 1, 2, 2], num_heads=4)
+
 
 def randomise(module: torch.nn.Module, seed: int, norm_jitter: float = 0.1, scale: float = 1.0):
     """Seeded default init, then non-trivial norm affines (every parameter matters, nothing is zero)."""

@@ -76,6 +76,21 @@ def omegaconf_stub():
         del sys.modules["omegaconf"], sys.modules["omegaconf.listconfig"]
 
 
+def official_nets(mods: dict, unet, encoder, unet_args: dict, struct_args: dict):
+    """The official UNetModelRestorerID and EncoderUNetModelWT holding our networks' weights as float32 (strictly
+    loaded). Built on the meta device and the tensors assigned, so a full-size UNet is not initialised twice;
+    float32 tensors are shared with ours, not copied."""
+    import torch
+
+    with torch.device("meta"):
+        with omegaconf_stub():
+            o_unet = mods["openaimodel"].UNetModelRestorerID(**unet_args)
+        o_enc = mods["openaimodel"].EncoderUNetModelWT(**struct_args)
+    for official, own in ((o_unet, unet), (o_enc, encoder)):
+        official.load_state_dict({k: v.float() for k, v in own.state_dict().items()}, strict=True, assign=True)
+    return o_unet.eval(), o_enc.eval()
+
+
 def official_definitions(tmp_root: str, relpath: str, names, namespace: dict) -> dict:
     """Execute only the named top-level definitions of an official file whose imports pull packages this
     environment lacks (encoders/modules.py imports clip, kornia, open_clip; model.py basicsr)."""

@@ -64,19 +64,21 @@ def test_lowpass_equals_official_resizer(size, factor):
     assert (ours(x) - up(d_off)).abs().max() < tol_up
 
 
-def _official_targets(ref_unet, faces, seed):
+def _official_targets(ref_unet, faces, seed, cfg=CFG):
+    """The official generator's steps for `faces` (one image: its global generator seeded with `seed`), on the
+    faces' device."""
     create, Resizer = ufr_diffusion()
-    diff = create(CFG.respacing)
+    diff = create(cfg.respacing)
     torch.manual_seed(seed)
     x_ref = (faces.clamp(0, 1) - 0.5) / 0.5                        # post_fun = normalize_th(0.5, 0.5)
-    yt = diff.q_sample(x_start=x_ref, t=torch.tensor([CFG.start_step] * faces.shape[0]))
-    n = CFG.image_size
-    filt = {"down": Resizer((1, 3, n, n), 1 / CFG.down_factor),
-            "up": Resizer((1, 3, n // CFG.down_factor, n // CFG.down_factor), CFG.down_factor),
+    yt = diff.q_sample(x_start=x_ref, t=torch.tensor([cfg.start_step] * faces.shape[0], device=faces.device))
+    n = cfg.image_size
+    filt = {"down": Resizer((1, 3, n, n), 1 / cfg.down_factor).to(faces.device),
+            "up": Resizer((1, 3, n // cfg.down_factor, n // cfg.down_factor), cfg.down_factor).to(faces.device),
             "ref_img": x_ref.clone()}
-    sample = diff.p_sample_loop(ref_unet, shape=yt.shape, noise=yt, start_timesteps=CFG.start_step,
+    sample = diff.p_sample_loop(ref_unet, shape=yt.shape, noise=yt, start_timesteps=cfg.start_step,
                                 clip_denoised=True, filter_dict=filt, end_timesteps=None,
-                                reg_end_timesteps=CFG.reg_end_step)
+                                reg_end_timesteps=cfg.reg_end_step)
     return (sample * 0.5 + 0.5).clamp(0.0, 1.0)
 
 

@@ -52,12 +52,7 @@ def official(tmp_path_factory):
 def nets(official):
     torch.manual_seed(0)
     unet, enc = tiny_unet(), tiny_structure_encoder()
-    with ro.omegaconf_stub():
-        o_unet = official["openaimodel"].UNetModelRestorerID(**OFFICIAL_UNET_ARGS).eval()
-    o_enc = official["openaimodel"].EncoderUNetModelWT(**OFFICIAL_STRUCT_ARGS).eval()
-    o_unet.load_state_dict(unet.state_dict(), strict=True)
-    o_enc.load_state_dict(enc.state_dict(), strict=True)
-    return unet, enc, o_unet, o_enc
+    return (unet, enc) + ro.official_nets(official, unet, enc, OFFICIAL_UNET_ARGS, OFFICIAL_STRUCT_ARGS)
 
 
 def _inputs(b=2, seed=5):

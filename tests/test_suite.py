@@ -1,6 +1,8 @@
-"""benchmarks/suite.py's outputs: the Markdown table and the README section generated from a result JSON."""
+"""benchmarks/suite.py: the Markdown table and the README section generated from a result JSON, the restore
+stage's structure (GPU-only batch of 512), and the identity / adapt stages against the official code."""
 import importlib.util
 import json
+import os
 
 import pytest
 
@@ -60,22 +62,150 @@ def test_the_readme_has_the_generated_section():
     assert "benchmarks/suite.py" in text.split(suite.README_BEGIN)[1].split(suite.README_END)[0]
 
 
+class _Conv:
+    """A stand-in restorer (3x3 conv, 16 px faces) with FaceRestorer's surface as the restore stage uses it."""
+
+    def __init__(self):
+        import torch
+
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+            def forward(self, x, noise=None, generator=None, fidelity=0.5):
+                return self.conv(x)
+
+        self.net, self.input_size, self.dtype = Net(), 16, torch.float32
+
+    def set_throughput(self, **kw):
+        pass
+
+    def __call__(self, faces, fidelity=0.5, batch_size=0):
+        return (self.net((faces - 0.5) / 0.5).clamp(-1, 1) + 1) / 2
+
+
 def test_restorer_flops_are_counted_on_a_meta_copy():
     """The restore stage's FLOP count (for % of a GPU's peak) needs no compute: a meta-device copy, the real net
     untouched. Checked against the count of a plain conv net done by hand."""
     import torch
 
     suite = _suite()
-
-    class Net(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
-
-        def forward(self, x, noise=None, generator=None, fidelity=0.5):
-            return self.conv(x)
-
-    net = Net()
-    assert suite.flops_per_face(net, 16) == 2 * 8 * 3 * 9 * 16 * 16
+    net = _Conv().net
+    assert suite.flops_per_face(net, 16) == 2 * 3 * 3 * 9 * 16 * 16
     assert net.conv.weight.device.type == "cpu"
     assert suite.flops_per_face(torch.nn.Identity(), 16) in (0, None)
+
+
+def test_restore_rows_batch_512_only_on_a_gpu_and_sub_batched(monkeypatch):
+    """GFPGAN gets the batch of 512 faces on a GPU only, in sub-batches sized from the memory per face the batch
+    before it took (half the free memory, a power of 2), reported for all 512 with % of the peak; a restorer
+    name selects only itself ("restoreformer" is not "restoreformer++"); a restorer whose reference is missing is
+listed as skipped; other rows have the table's shape."""
+    import torch
+
+    suite = _suite()                  # puts benchmarks/ on sys.path
+    import bench_restore
+    calls, made = [], []
+    monkeypatch.setattr(bench_restore, "build_pair", lambda device, dtype: (None, _Conv()))
+
+    def compare(official, ours, batch, device, dtype, repeats, sub_batch=0):
+        calls.append((device.type, batch, sub_batch))
+        return {"ours_s_per_face": 0.01, "official_s_per_face": 0.02, "max_abs_diff": 0.0}
+
+    class Peak:  # 8 MiB per face of the (sub-)batch
+        def __init__(self, device):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.used = (calls[-1][2] if calls else 1) * 8 * 2 ** 20
+
+    def pair(name):
+        def make(device, dtype):
+            made.append(name)
+            if name == "gpen":
+                raise ImportError("no modelscope")
+            ours = _Conv()
+            return ours, lambda x: ours.net(x), f"official {name}", ""
+        return name, make
+
+    monkeypatch.setattr(bench_restore, "compare", compare)
+    monkeypatch.setattr(suite, "StagePeak", Peak)
+    monkeypatch.setattr(suite, "PAIRS", {n: pair(n) for n in suite.PAIRS})
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1024 * 2 ** 20, 2048 * 2 ** 20))
+    args = suite.parser().parse_args(["--quick", "--restorers", "gfpgan,restoreformer,gpen", "--peak-tflops", "100"])
+    args.restorers = args.restorers.split(",")
+    with torch.no_grad():                 # as suite.run
+        cpu = suite.stage_restore(args, torch.device("cpu"), torch.float32)
+    assert made == ["restoreformer", "gpen"] and calls == [("cpu", 1, 1)]
+    assert cpu[1] == {"stage": "restore", "why": "gpen: ImportError: no modelscope"}   # listed as skipped
+    cpu = [cpu[0], cpu[2]]
+    assert [r["case"] for r in cpu] == ["restoreformer, batch 1", "GFPGAN v1.4, batch 1"]
+    rf = cpu[0]
+    assert rf["reference"] == "official restoreformer" and rf["faces"] == 1 and rf["ratio"] > 0
+    assert "max |diff| 0.0e+00" in rf["note"] and "GFLOP/face" in rf["note"]   # same net on both sides
+    calls.clear()
+    args.restorers = ["gfpgan"]
+    gpu = suite.stage_restore(args, torch.device("cuda"), torch.float32)
+    assert calls == [("cuda", 8, 8), ("cuda", 512, 64)]                # 0.5 * 1024 MiB / 8 MiB = 64
+    big = gpu[-1]
+    assert big["case"] == "GFPGAN v1.4, batch 512" and big["faces"] == 512 and "sub-batches of 64" in big["note"]
+    assert big["ours_s"] == pytest.approx(0.01 * 512) and big["ratio"] == pytest.approx(2.0)
+    assert "% of 100 TFLOP/s peak" in big["note"]
+
+
+def test_unknown_restorer_is_refused():
+    suite = _suite()
+    with pytest.raises(SystemExit, match="unknown restorer"):
+        suite.main(["--stages", "restore", "--restorers", "gfpgan,restoreformer+", "--out", "/nonexistent"])
+
+
+def test_identity_and_adapt_without_official_snapshots_are_skipped_saying_what_they_need(monkeypatch, tmp_path):
+    import adapt_official
+
+    suite = _suite()
+    monkeypatch.setenv("RESTORERID_SRC", str(tmp_path / "no_restorerid"))
+    for name in ("DIFFACE_GIT", "UFR_GIT"):
+        monkeypatch.setattr(adapt_official, name, str(tmp_path / f"no_{name.lower()}"))
+    monkeypatch.setattr(adapt_official, "_cache", {})
+    try:
+        result = suite.run(suite.parser().parse_args(["--stages", "identity,adapt", "--quick"]))
+    except pytest.skip.Exception as exc:   # would skip this test instead of failing it
+        pytest.fail(f"a reference loader's skip escaped the suite: {exc}")
+    assert result["rows"] == []
+    why = {s["stage"]: s["why"] for s in result["skipped"]}
+    assert set(why) == {"identity", "adapt"}
+    assert "no_restorerid" in why["identity"] and "RestorerID" in why["identity"]
+    assert "no_difface_git" in why["adapt"] and "snapshot" in why["adapt"]
+    table = suite.markdown(result)
+    assert "| identity | skipped |" in table and "| adapt | skipped |" in table
+
+
+def test_identity_and_adapt_rows_against_the_official_code():
+    """The two stages on the CPU (tiny configs, ~15 s): each row's shape, and the official and our outputs agree
+    far below their size (the equivalence tests hold the exact bounds) - the suite timed the same computation."""
+    import re
+
+    import adapt_official
+    import restorerid_official
+
+    src = os.environ.get("RESTORERID_SRC", restorerid_official.DEFAULT_SRC)
+    missing = [p for p in (src, adapt_official.DIFFACE_GIT, adapt_official.UFR_GIT) if not os.path.isdir(p)]
+    if missing:
+        pytest.skip(f"official snapshots not present: {missing}")
+    suite = _suite()
+    result = suite.run(suite.parser().parse_args(["--stages", "identity,adapt", "--quick"]))
+    assert result["skipped"] == []
+    cases = [(r["stage"], r["case"].split(",")[0]) for r in result["rows"]]
+    assert cases == [("identity", "denoiser call"), ("identity", "DDIM sampler"), ("adapt", "pseudo targets"),
+                     ("adapt", "fine-tuning step")]
+    for r in result["rows"][:3]:
+        assert r["ours_s"] > 0 and r["reference_s"] > 0 and r["ratio"] == pytest.approx(r["reference_s"] / r["ours_s"])
+        assert r["reference"].startswith("official")
+        diff = float(re.search(r"max \|diff\| ([0-9.e+-]+)", r["note"]).group(1))
+        assert diff < 1e-3, r
+    ft = result["rows"][3]
+    assert ft["reference_s"] is None and ft["ratio"] is None and "ours only" in ft["note"] and ft["faces"] == 1
