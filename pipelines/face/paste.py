@@ -253,8 +253,8 @@ def _paste_cpu(out, total, crops, alignment, o2c, regions, level, ss, leaves, fe
         if src is not None:
             cpu_warp.warp_planes(src, m, rw, rh, ss=sf, interpolation=mode, out=piece)
         else:
-            cpu_warp.warp_planes(colour, m, rw, rh, ss=sf, interpolation=mode, out=piece[:3])
-            cpu_warp.coverage(m, rw, rh, side, side, ss=sf, interpolation=mode, out=piece[3:4])
+            _, cov = cpu_warp.warp_with_coverage(colour, m, rw, rh, ss=sf, interpolation=mode, out=piece[:3])
+            np.copyto(piece[3].numpy(), cov)
             cpu_warp.warp_planes(mask, m, rw, rh, ss=sf, interpolation=mode, out=piece[4:5])
         _composite_numpy(out, total, int(alignment.image_index[i]), regions[i], piece, image_mask)
 
