@@ -11,7 +11,8 @@ Stages (each reuses its benchmarks/bench_*.py functions, so the figures equal th
                       weights; --restorers picks)
   fast_preset         align -> GFPGAN -> colour fix -> paste vs GFPGANer.enhance (same detections and weights)
   color_fix           wavelet colour fix vs StableSR's formulation (tests/test_color_fix.py)
-  zssr                ZSSR x2 on real faces; reference: the paper's 54 s per image per scale (published)
+  zssr                ZSSR x2 on real faces; reference: the paper's 54 s per image per scale (published); also
+                      the faces per group a batch of 512 faces would get from the free memory
   onestep             TSD-SR / OSEDiff per image at 512; reference: published times (A100-class; GPU only)
   iqa                 NIQE, MUSIQ, MANIQA, FID features: images/s (no reference run: pyiqa's are the same nets)
 --quick keeps every stage to one small case (CPU: minutes on 2 cores; GPU: the real-size one-step models).
@@ -277,6 +278,9 @@ def stage_zssr(args, device, dtype):
         s = B.main(argv)
     sec = s["seconds_per_512_face"]
     note = f"gain {s['mean_gain_db']:+.2f} dB over bicubic ({s['images']} image(s))"
+    if s.get("plan_line"):  # the automatic group size a large batch gets on this device (pipelines/tune/memory.py)
+        print(f"zssr: a batch of {s['plan_line']}")
+        note += f"; {s['plan_faces']} faces of 256 px: {s['plan_faces_per_group']} per group"
     if args.quick:
         note += "; --quick: shortened schedule, not the paper's PSNR"
     return [row("zssr", "x2, 256 -> 512 face", sec, ZSSR_PAPER_S, 1, peak.used, "paper: 54 s per image per scale",

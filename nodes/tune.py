@@ -105,9 +105,10 @@ class PerImageTune:
             losses, score = _quality_terms(clipiqa, clipiqa_weight, maniqa, maniqa_weight)
             tuner = NTIRETune(cfg, quality_losses=losses, score_fn=score, id_similarity=_id_similarity(id_model))
         # Faces per group come from the memory free now: first let ComfyUI unload what it can spare for all the
-        # faces in one group; the tuner then takes as many per group as fit (its report and log say how many).
+        # faces in one group (on a GPU); the tuner then takes as many per group as fit (its report and log say
+        # how many).
         n, _, h, w = x.shape
-        if min(h, w) >= MIN_SIDE:
+        if min(h, w) >= MIN_SIDE and device.type != "cpu":
             cost = tuner.face_cost(h, w, device)
             dev.free_memory(n * (cost.group + cost.batch), device)
         progress = dev.Progress(tuner.total_steps(x))

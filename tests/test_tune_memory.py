@@ -223,3 +223,20 @@ def test_merge_of_group_reports():
     b = {"iterations": [3], "crop": 16, "lr_changes": [[5]], "validations": [{"step": 2, "score": [0.3]}]}
     assert E.merge_face_lists([a, b]) == {"iterations": [1, 2, 3], "crop": 16, "lr_changes": [[], [3], [5]],
                                           "validations": [{"step": 2, "score": [0.1, 0.2, 0.3]}]}
+
+
+def test_free_memory_of_a_gpu_counts_the_allocators_unused_cache(monkeypatch):
+    """The CUDA branch (no GPU here): cudaMemGetInfo's free plus what torch's caching allocator reserved but does
+    not use; the GPU margin is 512 MiB + 5% of the rest."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda idx: (40 * M.GIB, 80 * M.GIB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda idx: 6 * M.GIB)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda idx: 4 * M.GIB)
+    free, where = M.free_bytes(torch.device("cuda"))
+    assert free == 42 * M.GIB and where == "cuda:0 free"
+    gpu = torch.device("cuda:0")
+    assert M.margin_bytes(gpu, free) == int(512 * M.MIB + 0.05 * (free - 512 * M.MIB))
+    cost = M.zssr_face_cost(Z.ZSSRConfig(), 256, 256, device=gpu)
+    plan = M.plan_groups(512, cost, gpu, what="ZSSR")
+    assert plan.faces_per_group == (free - M.margin_bytes(gpu, free) - 512 * cost.batch) // cost.group
+    print(plan.line())

@@ -138,7 +138,8 @@ class FaceCost:
 
 
 def cuda_peak_bytes(fn, device: torch.device) -> int:
-    """The CUDA allocator's peak above its level before fn() (what fn needs at most at once)."""
+    """The CUDA allocator's peak above its level before fn() (what fn needs at most at once). Resets the device's
+    peak statistics (a caller timing a whole run around this sees the peak from here on)."""
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
