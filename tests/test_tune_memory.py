@@ -14,6 +14,15 @@ from facemend.pipelines.tune import engine as E
 
 import tune_memory
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from 2 threads (as tests/test_zssr.py); the measurements run their own process."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # The estimate must bound the measured growth per face from above, and by at most this factor (tune/memory.py
 # counts oneDNN's plain and blocked copies of every convolution buffer; measured ratios 1.3-1.7).
 FACTOR = 1.75
@@ -240,3 +249,31 @@ def test_free_memory_of_a_gpu_counts_the_allocators_unused_cache(monkeypatch):
     plan = M.plan_groups(512, cost, gpu, what="ZSSR")
     assert plan.faces_per_group == (free - M.margin_bytes(gpu, free) - 512 * cost.batch) // cost.group
     print(plan.line())
+
+
+def test_a_group_out_of_memory_anyway_is_retried_smaller(monkeypatch):
+    """Automatic sizing only: a group that runs out of memory (the estimate was too low for this device) runs
+    again with half the faces, same results; a forced group size fails as asked."""
+    x = torch.rand(4, 3, 24, 24, generator=torch.Generator().manual_seed(3))
+    cfg = Z.ZSSRConfig(crop_size=16, self_ensemble=False).scaled_policy(3)
+    ref, _ = Z.ZSSR(cfg, faces_per_group=4)(x, seed=1)
+    original = Z.ZSSR._tune_group
+    sizes = []
+
+    def tune_group(self, images, seed, hook):
+        sizes.append(images.shape[0])
+        if images.shape[0] > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, images, seed, hook)
+
+    monkeypatch.setattr(Z.ZSSR, "_tune_group", tune_group)
+    out, rep = Z.ZSSR(cfg)(x, seed=1)
+    assert sizes == [4, 2, 1, 1, 1, 1]
+    assert rep["groups"]["out_of_memory_retries"] == [
+        "ZSSR: out of memory with 4 faces per group; retried with 2",
+        "ZSSR: out of memory with 2 faces per group; retried with 1"]
+    other_seed, _ = Z.ZSSR(cfg, faces_per_group=1)(x, seed=2)
+    for i in range(4):  # as test_zssr's grouped-vs-alone: 10x closer than the same face with the next seed
+        assert float((out[i] - ref[i]).abs().mean()) * 10 < float((other_seed[i] - ref[i]).abs().mean())
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        Z.ZSSR(cfg, faces_per_group=2)(x, seed=1)

@@ -200,6 +200,35 @@ def _train_step(net: GroupedCNN, adam: _Adam, idx: torch.Tensor, lr: torch.Tenso
     return losses.detach()
 
 
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or (isinstance(exc, RuntimeError)
+                                                              and "out of memory" in str(exc).lower())
+
+
+def run_in_groups(n: int, per_group: int, run: Callable[[slice], object], shrink: bool = True,
+                  what: str = "tuning") -> tuple[list, list[str]]:
+    """run(faces) for consecutive groups of `per_group` of the n faces -> ([(slice, result)], notes). With
+    `shrink` (automatic sizing), a group that runs out of memory anyway is run again with half as many faces
+    (the results do not depend on the grouping; the hook hears the failed group's steps twice), down to one
+    face; the notes say so. Other errors, and out-of-memory of a forced group size, propagate."""
+    results, notes, start, k = [], [], 0, max(1, int(per_group))
+    while start < n:
+        faces = slice(start, min(start + k, n))
+        try:
+            results.append((faces, run(faces)))
+            start = faces.stop
+            continue
+        except (RuntimeError, MemoryError) as exc:
+            if not shrink or k == 1 or not _is_oom(exc):
+                raise
+            notes.append(f"{what}: out of memory with {faces.stop - faces.start} faces per group; retried with "
+                         f"{k // 2}")
+        k //= 2                          # (out of the except block: the failed group's tensors are released)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return results, notes
+
+
 def merge_face_lists(parts: list[dict]) -> dict:
     """The reports of consecutive groups of faces as one: per-face lists concatenated in face order, per-step
     records (lists of dicts, the same steps in every group) merged step by step, anything else (the same in

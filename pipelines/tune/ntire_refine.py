@@ -27,7 +27,7 @@ import torch
 
 from ..io.images import check_images
 from .engine import (MIN_SIDE, GroupedCNN, Hook, _Adam, _batch_to_faces, _faces_to_batch, _generators, _train_step,
-                     _trains, merge_face_lists, resize)
+                     _trains, merge_face_lists, resize, run_in_groups)
 from .memory import FaceCost, GroupPlan, cuda_peak_bytes, ntire_face_cost, plan_groups
 
 log = logging.getLogger("facemend")
@@ -204,11 +204,17 @@ class NTIRETune:
         log.info(plan.line())
         report["groups"] = plan.as_dict()
         best = torch.empty_like(images)
-        parts = []
-        for sl in plan.slices():
-            best[sl], part = self._tune_group(images[sl], seed, hook)
-            parts.append(part)
-        report.update(merge_face_lists(parts), seconds=round(time.perf_counter() - t0, 3))
+
+        def group(faces: slice):
+            best[faces], part = self._tune_group(images[faces], seed, hook)
+            return part
+
+        done, notes = run_in_groups(n, plan.faces_per_group, group, plan.source == "automatic", "NTIRE tune")
+        for note in notes:
+            log.warning(note)
+        if notes:
+            report["groups"]["out_of_memory_retries"] = notes
+        report.update(merge_face_lists([part for _, part in done]), seconds=round(time.perf_counter() - t0, 3))
         return best, report
 
     def _tune_group(self, images: torch.Tensor, seed: int, hook) -> tuple[torch.Tensor, dict]:

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from ..io.images import check_images
 from .engine import (MIN_SIDE, GroupedCNN, Hook, _Adam, _dihedral, _dihedral_inv, _generators, _train_step,
-                     _trains, back_projection, bicubic_upscale, downscale, merge_face_lists, resize)
+                     _trains, back_projection, bicubic_upscale, downscale, merge_face_lists, resize, run_in_groups)
 from .memory import FaceCost, GroupPlan, plan_groups, zssr_face_cost
 
 log = logging.getLogger("facemend")
@@ -220,8 +220,8 @@ class ZSSR:
         if min(h, w) < MIN_SIDE:
             plan = GroupPlan(n, max(1, n), None, None, 0, f"smaller than {MIN_SIDE} px: bicubic", "ZSSR")
         else:
-            plan = plan_groups(n, self.face_cost(h, w, images.device), images.device, self.config.faces_per_group, "ZSSR",
-                               "Lower crop_size or tile_size, turn the self-ensemble off, or free memory.")
+            plan = plan_groups(n, self.face_cost(h, w, images.device), images.device, self.config.faces_per_group,
+                               "ZSSR", "Lower crop_size or tile_size, turn the self-ensemble off, or free memory.")
         self._plan = (key, plan)
         return plan
 
@@ -246,19 +246,23 @@ class ZSSR:
             return out, report
         log.info(plan.line())
         report["groups"] = plan.as_dict()
-        out, nets, group_reports = None, [], []
-        for sl in plan.slices():
-            res, net, stage_reports = self._tune_group(images[sl], seed, hook)
-            if out is None:
-                out = res.new_empty((n,) + tuple(res.shape[1:]))
-            out[sl] = res
-            nets.append(net)
-            group_reports.append(stage_reports)
-            del res
-        report["stages"] = [merge_face_lists([g[s] for g in group_reports]) for s in range(self.stages)]
+        out = images.new_empty((n, 3, h * cfg.scale, w * cfg.scale))
+
+        def group(faces: slice):
+            res, net, stage_reports = self._tune_group(images[faces], seed, hook)
+            out[faces] = res
+            return net, stage_reports
+
+        done, notes = run_in_groups(n, plan.faces_per_group, group, plan.source == "automatic", "ZSSR")
+        for note in notes:
+            log.warning(note)
+        if notes:
+            report["groups"]["out_of_memory_retries"] = notes
+        nets = [net for _, (net, _) in done]
+        report["stages"] = [merge_face_lists([reps[s] for _, (_, reps) in done]) for s in range(self.stages)]
         self.network = nets[0] if len(nets) == 1 else GroupedCNN(
             [torch.cat([net.weights[i] for net in nets]) for i in range(len(nets[0].weights))])
-        self._slices = plan.slices()
+        self._slices = [faces for faces, _ in done]
         report["seconds"] = round(time.perf_counter() - t0, 3)
         return out, report
 
