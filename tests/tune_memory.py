@@ -2,10 +2,11 @@
 
 Each measurement runs in a fresh interpreter (one torch thread): a tiny call first loads the kernels, freed heap
 goes back to the system (malloc_trim), then the kernel's own high-water mark of resident memory (VmHWM, reset
-through /proc/self/clear_refs) is taken over one call with k faces. The peak minus the resident memory before the
-call is the growth; (growth(k) - growth(1)) / (k - 1) is the growth per face, fixed costs cancelled.
+through /proc/self/clear_refs) is taken over one call with k faces in one group. The peak minus the resident
+memory before the call is the growth; (growth(k) - growth(k0)) / (k - k0) is the growth per face, fixed costs
+cancelled. k0 >= 2: one face runs oneDNN's ungrouped kernels, whose fixed memory differs from the grouped ones'.
 
-    python tests/tune_memory.py zssr 64 '{"crop_size": 32, "max_iters": 4}' 1 4   # prints the JSON figures
+    python tests/tune_memory.py zssr 64 '{"crop_size": 32, "max_iters": 4}' 2 5   # prints the JSON figures
 
 Linux only (VmHWM, clear_refs). Test and benchmark helper.
 """
@@ -58,8 +59,6 @@ def _child(mode: str, size: int, config: dict, k: int) -> dict:
     import conftest  # noqa: F401  (loads this checkout as `facemend`)
 
     torch.set_num_threads(1)
-    if os.environ.get("TUNE_MEMORY_NO_MKLDNN"):
-        torch.backends.mkldnn.enabled = False
     libc = ctypes.CDLL("libc.so.6")
     x = torch.rand(k, 3, size, size, generator=torch.Generator().manual_seed(0))
     warm = {**config, "crop_size": 8}
@@ -82,9 +81,9 @@ def measure(mode: str, size: int, config: dict, k: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def per_face_growth(mode: str, size: int, config: dict, k: int) -> tuple[float, dict, dict]:
-    one, many = measure(mode, size, config, 1), measure(mode, size, config, k)
-    return (many["growth"] - one["growth"]) / (k - 1), one, many
+def per_face_growth(mode: str, size: int, config: dict, k: int, k0: int = 1) -> tuple[float, dict, dict]:
+    few, many = measure(mode, size, config, k0), measure(mode, size, config, k)
+    return (many["growth"] - few["growth"]) / (k - k0), few, many
 
 
 def estimate(mode: str, size: int, config: dict):
@@ -104,8 +103,8 @@ if __name__ == "__main__":
         print(json.dumps(_child(mode, size, config, k)))
     else:
         mode, size, config = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
-        ks = [int(a) for a in sys.argv[4:]] or [1, 4]
-        per, one, many = per_face_growth(mode, size, config, ks[-1])
+        ks = [int(a) for a in sys.argv[4:]] or [2, 5]
+        per, one, many = per_face_growth(mode, size, config, ks[-1], ks[0])
         est = estimate(mode, size, config)
         print(json.dumps({"mode": mode, "size": size, "config": config, "measured_per_face": per,
                           "estimated_per_face": est.group + est.batch,

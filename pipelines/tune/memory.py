@@ -16,14 +16,13 @@ indices count as two), phase by phase; a face's cost is what stays for the whole
 
 Convolution buffers (PASS_ACTIVATIONS / BACKWARD_ACTIVATIONS width-channel buffers per pixel, BLOCKED_ENDS for
 the 3-channel ends) are counted as oneDNN needs them on a CPU (plain and blocked layouts); cuDNN needs fewer, so
-on a GPU the same count leaves headroom for its workspaces. On a CPU these buffers stay resident after their
-convolution (keeps_conv_buffers), which the model follows.
+on a GPU the same count leaves headroom for its workspaces.
 
 What is not per face (the CUDA context, the allocator's rounding and fragmentation, other threads) is left to the
 safety margin taken off the free memory. ``tests/test_tune_memory.py`` measures the real peak growth per face on
-the CPU (kernel high-water mark of resident memory, 1 vs 4 faces in fresh processes) and checks that this
-estimate bounds it from above within a factor of 1.75 (measured: 1.3-1.7 on untiled images; tiled passes, at
-most 4 tile shapes per image, let oneDNN keep buffers per shape, which only the margin covers on a CPU).
+the CPU (the kernel's high-water mark of resident memory, 2 vs 5 faces in fresh processes, so that both runs use
+the same grouped kernels) and checks that this estimate bounds it from above within a factor of 1.6 (measured
+1.07-1.45 there; 1.55 for ZSSR x2 of a 256 px face with 128 px crops and the self-ensemble).
 
 Pure torch: no ComfyUI import (a host frees memory before planning; see nodes/tune.py).
 """
@@ -103,15 +102,6 @@ def full_pass_elements(width: int, depth: int, h: int, w: int, tile: int) -> tup
     return 3 * t * 2 + 3 * h * w * 2, (PASS_ACTIVATIONS * width + BLOCKED_ENDS) * t
 
 
-def keeps_conv_buffers(device) -> bool:
-    """Whether convolution buffers outlive their convolution. On a CPU, PyTorch's oneDNN convolutions keep their
-    blocked-layout buffers for later calls (measured: after a full-image pass, 3.4 width-channel activations per
-    face stay resident and are reused, not freed), so from then on every phase holds the largest of them, the
-    phases without convolutions (the self-ensemble's median) too."""
-    return (device is not None and torch.device(device).type == "cpu" and torch.backends.mkldnn.is_available()
-            and torch.backends.mkldnn.enabled)
-
-
 def size_text(nbytes: float) -> str:
     return f"{nbytes / GIB:.1f} GiB" if nbytes >= GIB else f"{nbytes / MIB:.0f} MiB"
 
@@ -148,19 +138,17 @@ def cuda_peak_bytes(fn, device: torch.device) -> int:
     return max(0, torch.cuda.max_memory_allocated(device) - base)
 
 
-def _cost(phases_elements: dict, kept_elements: dict, batch_elements: int, elem: int, device) -> FaceCost:
-    """phases_elements: name -> (tensors, convolution buffers); a phase holds its tensors and its convolution
-    buffers, or, where they outlive their convolution (keeps_conv_buffers), the largest of any phase."""
-    pool = max(conv for _, conv in phases_elements.values()) if keeps_conv_buffers(device) else 0
-    phases = {k: int((other + max(conv, pool)) * elem) for k, (other, conv) in phases_elements.items()}
+def _cost(phases_elements: dict, kept_elements: dict, batch_elements: int, elem: int) -> FaceCost:
+    """phases_elements: name -> (tensors, convolution buffers) of one phase."""
+    phases = {k: int((other + conv) * elem) for k, (other, conv) in phases_elements.items()}
     kept = {k: int(v * elem) for k, v in kept_elements.items() if v}
     stays = sum(kept.values())
     return FaceCost(group=stays + max(phases.values()), batch=int(batch_elements * elem),
                     phases={**phases, "kept": stays}, kept=kept)
 
 
-def zssr_face_cost(cfg, h: int, w: int, dtype: torch.dtype = torch.float32, device="cpu") -> FaceCost:
-    """ZSSR (tune/zssr.py) on one h x w face with ZSSRConfig `cfg`, on `device` (see keeps_conv_buffers)."""
+def zssr_face_cost(cfg, h: int, w: int, dtype: torch.dtype = torch.float32) -> FaceCost:
+    """ZSSR (tune/zssr.py) on one h x w face with ZSSRConfig `cfg`."""
     elem = torch.finfo(dtype).bits // 8
     wd, d, tile = cfg.width, cfg.depth, cfg.tile_size
     stages = int(round(math.log2(cfg.scale)))
@@ -194,10 +182,10 @@ def zssr_face_cost(cfg, h: int, w: int, dtype: torch.dtype = torch.float32, devi
             phases[f"{name} median"] = (sources + (8 + 8 + 2 * 8 + 1) * out_px, 0)
     out = 3 * h * w * 4 ** stages
     # every face of the call: the caller's input copied twice (host clone, checked copy), the output
-    return _cost(phases, {"weights + Adam": kept_weight_elements(wd, d)}, 2 * 3 * h * w + out, elem, device)
+    return _cost(phases, {"weights + Adam": kept_weight_elements(wd, d)}, 2 * 3 * h * w + out, elem)
 
 
-def ntire_face_cost(cfg, h: int, w: int, dtype: torch.dtype = torch.float32, device="cpu") -> FaceCost:
+def ntire_face_cost(cfg, h: int, w: int, dtype: torch.dtype = torch.float32) -> FaceCost:
     """NTIRE refinement (tune/ntire_refine.py) on one h x w face with NTIREConfig `cfg` (the tuning network;
     an NR-IQA loss' own activations are the metric's and are added by the caller, see NTIRETune.face_cost)."""
     elem = torch.finfo(dtype).bits // 8
@@ -216,7 +204,7 @@ def ntire_face_cost(cfg, h: int, w: int, dtype: torch.dtype = torch.float32, dev
     net, conv = full_pass_elements(wd, d, h, w, tile)
     validation = (net + 2 * 3 * h * w, conv)
     # every face of the call: the input copied twice (host clone, checked copy), the output (a copy of best)
-    return _cost({"train step": step, "validation": validation}, kept, 3 * 3 * h * w, elem, device)
+    return _cost({"train step": step, "validation": validation}, kept, 3 * 3 * h * w, elem)
 
 
 # ------------------------------------------------------------------------------------------------- free memory

@@ -91,7 +91,7 @@ class NTIRETune:
         ID model are other networks: on a CUDA `device` their cost for one face is measured (one loss step with
         backward on the face's crops, one validation: `measure(fn, device)` -> peak bytes, default the CUDA
         allocator's peak) and added; elsewhere it is not included, and the plan says so."""
-        cost = ntire_face_cost(self.config, h, w, device=device if device is not None else "cpu")
+        cost = ntire_face_cost(self.config, h, w)
         device = torch.device(device) if device is not None else None
         if not (self.quality_losses or self.score_fn or self.id_similarity):
             return cost

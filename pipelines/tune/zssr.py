@@ -206,8 +206,8 @@ class ZSSR:
         return per_group if images is None else per_group * self.plan(images).groups
 
     def face_cost(self, h: int, w: int, device: Optional[torch.device] = None) -> FaceCost:
-        """Memory one h x w face costs while it is tuned on `device` (tune/memory.py; default: a CPU's)."""
-        return zssr_face_cost(self.config, h, w, device=device if device is not None else "cpu")
+        """Memory one h x w face costs while it is tuned (tune/memory.py; the same count on every `device`)."""
+        return zssr_face_cost(self.config, h, w)
 
     def plan(self, images: torch.Tensor) -> GroupPlan:
         """How the faces of `images` [N,3,H,W] are grouped: the config's faces_per_group, or as many as fit in the
