@@ -22,7 +22,8 @@ What is not per face (the CUDA context, the allocator's rounding and fragmentati
 safety margin taken off the free memory. ``tests/test_tune_memory.py`` measures the real peak growth per face on
 the CPU (the kernel's high-water mark of resident memory, 2 vs 5 faces in fresh processes, so that both runs use
 the same grouped kernels) and checks that this estimate bounds it from above within a factor of 1.6 (measured
-1.07-1.45 there; 1.55 for ZSSR x2 of a 256 px face with 128 px crops and the self-ensemble).
+1.07-1.45 there; 1.55 for ZSSR x2 of a 256 px face with 128 px crops and the self-ensemble, 1.21 for NTIRE on a
+512 px face with 8 crops of 128 px per step).
 
 Pure torch: no ComfyUI import (a host frees memory before planning; see nodes/tune.py).
 """
