@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, SHARED, load_facemend as _load_facemend, sync as _sync  # noqa: E402,F401
+from _common import ROOT, SHARED, Peak, load_facemend as _load_facemend, sync as _sync  # noqa: E402,F401
 
 
 def main(argv=None):
@@ -160,34 +160,6 @@ def group_plan(Z, M, cfg, faces: int, side: int, device):
         return M.plan_groups(faces, cost, device, cfg.faces_per_group, "ZSSR")
     except M.NotEnoughMemory as exc:
         return M.GroupPlan(faces, 1, cost, None, 0, f"does not fit: {exc}", "ZSSR")
-
-
-class Peak:
-    """Peak memory above the level at entry: the CUDA allocator's peak, or the sampled resident memory on a CPU."""
-
-    def __init__(self, device):
-        self.device = torch.device(device)
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-            self.how = "CUDA allocator peak"
-        else:
-            from bench_fast_preset import PeakRSS
-
-            self.rss = PeakRSS().__enter__()
-            self.how = "resident memory sampled every 2 ms"
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.used = torch.cuda.max_memory_allocated(self.device) - self.base
-        else:
-            self.rss.__exit__(*exc)
-            self.used = self.rss.used
 
 
 if __name__ == "__main__":

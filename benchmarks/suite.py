@@ -37,6 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 import conftest  # noqa: E402,F401  (loads this checkout as `facemend`)
+from _common import Peak  # noqa: E402
 
 SHARED = conftest.SHARED
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -55,30 +56,7 @@ def row(stage, case, ours_s, ref_s=None, faces=None, peak=None, reference="", no
             "peak_mib": None if peak is None else peak / 2 ** 20, "reference": reference, "note": note}
 
 
-class StagePeak:
-    """Peak memory above the level at entry: CUDA allocator peak on a GPU, sampled RSS on the CPU."""
-
-    def __init__(self, device):
-        self.device = device
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-        else:
-            from bench_fast_preset import PeakRSS
-
-            self.rss = PeakRSS().__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.used = torch.cuda.max_memory_allocated(self.device) - self.base
-        else:
-            self.rss.__exit__(*exc)
-            self.used = self.rss.used
+StagePeak = Peak  # CUDA allocator peak on a GPU, sampled RSS on the CPU (benchmarks/_common.py)
 
 
 def throughput(restorer, args) -> None:
