@@ -67,7 +67,11 @@ def build_pipeline(preset: str = "demo", detector: str = EMBEDDED_MTCNN, device=
 
         def zssr(faces):
             z = ZSSR(config)
-            progress.stage(f"ZSSR x2 on {faces.shape[0]} face(s), steps", z.total_steps())
+            plan = z.plan(faces)
+            if plan.groups > 1 and hasattr(progress, "write"):
+                progress.write(plan.line())
+            progress.stage(f"ZSSR x2 on {faces.shape[0]} face(s), {plan.faces_per_group} per group, steps",
+                           z.total_steps(faces))
             return z(faces, seed=seed, hook=progress)[0]
 
         stages.append(("zssr_x2", zssr))
@@ -137,7 +141,11 @@ def _ntire_tune_stage(seed=0, steps=0, progress=None, **config):
     progress = progress or _NoProgress()
 
     def stage(faces):
-        progress.stage(f"NTIRE tuning on {faces.shape[0]} face(s), steps", tuner.total_steps())
+        plan = tuner.plan(faces)
+        if plan.groups > 1 and hasattr(progress, "write"):
+            progress.write(plan.line())
+        progress.stage(f"NTIRE tuning on {faces.shape[0]} face(s), {plan.faces_per_group} per group, steps",
+                       tuner.total_steps(faces))
         return tuner(faces, seed=seed, hook=progress)[0]
 
     return stage

@@ -25,3 +25,32 @@ def load_facemend() -> None:
 def sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
+
+
+class Peak:
+    """Peak memory above the level at entry: the CUDA allocator's peak on a GPU, the resident memory sampled every
+    2 ms on a CPU (bench_fast_preset.PeakRSS). `used` after the block; `how` says which."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            self.how = "CUDA allocator peak"
+        else:
+            from bench_fast_preset import PeakRSS
+
+            self.rss = PeakRSS().__enter__()
+            self.how = "resident memory sampled every 2 ms"
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.used = torch.cuda.max_memory_allocated(self.device) - self.base
+        else:
+            self.rss.__exit__(*exc)
+            self.used = self.rss.used

@@ -3,7 +3,9 @@
 Every image of ../shared/faces/clean and ../shared/faces/aligned_gray_old is taken as ground truth, shrunk x2
 with bicubic (antialiased, a = -0.5: MATLAB's imresize kernel), and brought back x2 by (a) bicubic and (b) ZSSR.
 PSNR is over RGB in [0,1] with a 2-pixel border left out. Then the first 8 512x512 faces are tuned again as
-one batch (8 grouped networks) for the batched speed.
+one batch (8 grouped networks) for the batched speed, with the faces per group the memory allows (or
+--faces-per-group), and the peak memory per face measured against the estimate (pipelines/tune/memory.py).
+The faces per group a batch of --plan-faces 256 px faces would get on this device is printed first.
 
     python benchmarks/bench_zssr.py                      # paper config (plateau policy, up to 3000 steps)
     python benchmarks/bench_zssr.py --steps 300 --crop 64 # compressed policy, CPU-sized
@@ -24,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, SHARED, load_facemend as _load_facemend, sync as _sync  # noqa: E402,F401
+from _common import ROOT, SHARED, Peak, load_facemend as _load_facemend, sync as _sync  # noqa: E402,F401
 
 
 def main(argv=None):
@@ -43,11 +45,15 @@ def main(argv=None):
     ap.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
     ap.add_argument("--only", nargs="*", default=[], help="only images whose path contains one of these")
     ap.add_argument("--batch", type=int, default=8, help="faces in the batched speed run (0 = skip it)")
+    ap.add_argument("--faces-per-group", type=int, default=0,
+                    help="faces tuned at once in the batched run (0 = as many as fit in the free memory)")
+    ap.add_argument("--plan-faces", type=int, default=512,
+                    help="print the faces per group a batch of this many 256 px faces would get (0 = skip)")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args(argv)
 
     _load_facemend()
-    from facemend.pipelines.tune import engine as E, zssr as Z
+    from facemend.pipelines.tune import engine as E, memory as M, zssr as Z
     from facemend.pipelines.io.images import list_images, read_image
 
     if args.threads:
@@ -63,7 +69,8 @@ def main(argv=None):
     if args.limit:
         paths = paths[: args.limit]
 
-    base = Z.ZSSRConfig(crop_size=args.crop, back_projection_iters=args.bp, self_ensemble=not args.no_ensemble)
+    base = Z.ZSSRConfig(crop_size=args.crop, back_projection_iters=args.bp, self_ensemble=not args.no_ensemble,
+                        faces_per_group=args.faces_per_group)
     if args.steps and args.steps < base.max_iters:
         cfg = base.scaled_policy(args.steps) if args.policy == "scaled" else \
             Z.ZSSRConfig(**{**base.__dict__, "max_iters": args.steps})
@@ -73,6 +80,12 @@ def main(argv=None):
           f"crop {cfg.crop_size}, policy {args.policy if args.steps else 'paper'} (min_iters {cfg.min_iters}, "
           f"check every {cfg.lr_policy_check_every}, test every {cfg.run_test_every}, slope range "
           f"{cfg.lr_slope_range}), back-projection {cfg.back_projection_iters}, self-ensemble {cfg.self_ensemble}")
+    summary_plan = {}
+    if args.plan_faces:
+        plan = group_plan(Z, M, cfg, args.plan_faces, 256, device)
+        print(f"a batch of {args.plan_faces} faces of 256 px: {plan.line()}")
+        summary_plan = {"plan_faces": args.plan_faces, "plan_faces_per_group": plan.faces_per_group,
+                        "plan_line": f"{args.plan_faces} faces of 256 px: {plan.line()}"}
     print(f"{'image':34s} {'size':>9s} {'bicubic':>8s} {'bic+BP':>8s} {'ZSSR':>8s} {'gain':>7s} {'iters':>6s} "
           f"{'sec':>7s}")
     rows = []
@@ -106,7 +119,7 @@ def main(argv=None):
                "mean_psnr_bicubic": statistics.mean(r["psnr_bicubic"] for r in rows),
                "mean_gain_bp_only_db": statistics.mean(r["psnr_bicubic_bp"] - r["psnr_bicubic"] for r in rows),
                "mean_psnr_zssr": statistics.mean(r["psnr_zssr"] for r in rows),
-               "seconds_per_512_face": statistics.mean(sec_512) if sec_512 else None}
+               "seconds_per_512_face": statistics.mean(sec_512) if sec_512 else None, **summary_plan}
     print(f"mean gain {summary['mean_gain_db']:+.3f} dB over {len(rows)} images (min {summary['min_gain_db']:+.3f}); "
           f"mean PSNR bicubic {summary['mean_psnr_bicubic']:.2f} -> ZSSR {summary['mean_psnr_zssr']:.2f}; "
           f"back-projection alone {summary['mean_gain_bp_only_db']:+.3f} dB")
@@ -117,20 +130,36 @@ def main(argv=None):
         batch = torch.cat((hr_512 * args.batch)[: args.batch])
         lr = E.downscale(batch, 2).clamp(0, 1)
         _sync(device)
-        t0 = time.perf_counter()
-        out, _ = Z.ZSSR(cfg, scale=2)(lr, seed=args.seed)
-        _sync(device)
-        sec = time.perf_counter() - t0
+        with Peak(device) as peak:
+            t0 = time.perf_counter()
+            out, report = Z.ZSSR(cfg, scale=2)(lr, seed=args.seed)
+            _sync(device)
+            sec = time.perf_counter() - t0
         gain = (E.psnr(out, batch, 2) - E.psnr(E.bicubic_upscale(lr, 2), batch, 2)).mean().item()
+        groups = report["groups"]
+        k = groups["faces_per_group"]
+        est = groups["bytes_per_face"] * k + groups["bytes_per_face_of_batch"] * len(batch)
         summary.update(batched_faces=len(batch), batched_seconds=sec, batched_seconds_per_face=sec / len(batch),
-                       batched_mean_gain_db=gain)
+                       batched_mean_gain_db=gain, faces_per_group=k, groups=groups["groups"],
+                       group_line=groups["line"], estimated_peak_bytes=est, measured_peak_bytes=peak.used)
+        print(groups["line"])
         print(f"{len(batch)} faces batched (grouped networks): {sec:.1f} s, {sec / len(batch):.1f} s per face, "
-              f"mean gain {gain:+.3f} dB")
+              f"mean gain {gain:+.3f} dB; peak memory {peak.used / 2 ** 20:.0f} MiB measured "
+              f"({peak.how}), {est / 2 ** 20:.0f} MiB estimated for {k} face(s) per group")
     if args.json:
         Path(args.json).write_text(json.dumps({"config": cfg.__dict__, "device": str(device),
                                                "threads": torch.get_num_threads(), "rows": rows,
                                                "summary": summary}, indent=1))
     return summary
+
+
+def group_plan(Z, M, cfg, faces: int, side: int, device):
+    """The faces per group `faces` side x side faces would get on `device` now (nothing is allocated)."""
+    cost = Z.ZSSR(cfg).face_cost(side, side, device)
+    try:
+        return M.plan_groups(faces, cost, device, cfg.faces_per_group, "ZSSR")
+    except M.NotEnoughMemory as exc:
+        return M.GroupPlan(faces, 1, cost, None, 0, f"does not fit: {exc}", "ZSSR")
 
 
 if __name__ == "__main__":

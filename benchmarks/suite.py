@@ -16,7 +16,8 @@ figures equal the standalone scripts' and the references are the ones the tests 
                       (sub-batched to fit the free memory, reported for the 512)
   fast_preset         align -> GFPGAN -> colour fix -> paste vs GFPGANer.enhance (same detections and weights)
   color_fix           wavelet colour fix vs StableSR's formulation (tests/test_color_fix.py)
-  zssr                ZSSR x2 on real faces; reference: the paper's 54 s per image per scale (published)
+  zssr                ZSSR x2 on real faces; reference: the paper's 54 s per image per scale (published); also
+                      the faces per group a batch of 512 faces would get from the free memory
   onestep             TSD-SR / OSEDiff per image at 512; reference: published times (A100-class; GPU only)
   iqa                 NIQE, MUSIQ, MANIQA, FID features: images/s (no reference run: pyiqa's are the same nets)
   identity            RestorerID's denoiser (structure encoder + UNet, one call at CFG batch 2) vs the official
@@ -50,6 +51,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 import conftest  # noqa: E402,F401  (loads this checkout as `facemend`)
+from _common import Peak  # noqa: E402
 
 SHARED = conftest.SHARED
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -73,30 +75,7 @@ def skipped(stage, why):
     return {"stage": stage, "why": why}
 
 
-class StagePeak:
-    """Peak memory above the level at entry: CUDA allocator peak on a GPU, sampled RSS on the CPU."""
-
-    def __init__(self, device):
-        self.device = device
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-        else:
-            from bench_fast_preset import PeakRSS
-
-            self.rss = PeakRSS().__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.used = torch.cuda.max_memory_allocated(self.device) - self.base
-        else:
-            self.rss.__exit__(*exc)
-            self.used = self.rss.used
+StagePeak = Peak  # CUDA allocator peak on a GPU, sampled RSS on the CPU (benchmarks/_common.py)
 
 
 def throughput(restorer, args) -> None:
@@ -381,6 +360,9 @@ def stage_zssr(args, device, dtype):
         s = B.main(argv)
     sec = s["seconds_per_512_face"]
     note = f"gain {s['mean_gain_db']:+.2f} dB over bicubic ({s['images']} image(s))"
+    if s.get("plan_line"):  # the automatic group size a large batch gets on this device (pipelines/tune/memory.py)
+        print(f"zssr: a batch of {s['plan_line']}")
+        note += f"; {s['plan_faces']} faces of 256 px: {s['plan_faces_per_group']} per group"
     if args.quick:
         note += "; --quick: shortened schedule, not the paper's PSNR"
     return [row("zssr", "x2, 256 -> 512 face", sec, ZSSR_PAPER_S, 1, peak.used, "paper: 54 s per image per scale",

@@ -5,6 +5,7 @@ import json
 
 from ..host import device as dev
 from ..pipelines.tune import MODES
+from ..pipelines.tune.engine import MIN_SIDE
 from ..pipelines.tune.ntire_refine import NTIREConfig, NTIRETune
 from ..pipelines.tune.zssr import ZSSR, ZSSRConfig
 from .common import CATEGORY, bchw_to_image, empty_faces, image_to_bchw, no_faces
@@ -15,7 +16,8 @@ class PerImageTune:
                    "super-resolution x2/x4 (Shocher et al. 2018), learning from the image's own downscaled copies. "
                    "ntire_tune: same-size refinement as in the NTIRE 2025 AIIA entry, trained on identity pairs "
                    "from the image's multi-scale copies, keeping the best validated output. All faces of the "
-                   "batch are tuned together, each with its own network. Slow on a CPU: lower the steps there.")
+                   "batch are tuned together, each with its own network, as many at once as fit in the free memory "
+                   "(the report's groups say how many). Slow on a CPU: lower the steps there.")
     CATEGORY = CATEGORY
     FUNCTION = "run"
     RETURN_TYPES = ("IMAGE", "STRING")
@@ -102,7 +104,14 @@ class PerImageTune:
                 cfg.steps = int(steps)
             losses, score = _quality_terms(clipiqa, clipiqa_weight, maniqa, maniqa_weight)
             tuner = NTIRETune(cfg, quality_losses=losses, score_fn=score, id_similarity=_id_similarity(id_model))
-        progress = dev.Progress(tuner.total_steps())
+        # Faces per group come from the memory free now: first let ComfyUI unload what it can spare for all the
+        # faces in one group (on a GPU); the tuner then takes as many per group as fit (its report and log say
+        # how many).
+        n, _, h, w = x.shape
+        if min(h, w) >= MIN_SIDE and device.type != "cpu":
+            cost = tuner.face_cost(h, w, device)
+            dev.free_memory(n * (cost.group + cost.batch), device)
+        progress = dev.Progress(tuner.total_steps(x))
         dev.check_interrupt()
         out, report = tuner(x, seed=int(seed), hook=dev.step_hook(progress))
         if mode == "ntire_tune" and not losses and (clipiqa_weight or maniqa_weight):

@@ -9,6 +9,9 @@ numbers (weight init, crops, augmentation, noise) from its own ``torch.Generator
 face i of a batch gets the same result as face i tuned alone with the same seed (up to float rounding of the
 grouped convolution). The global RNG is never used.
 
+Groups: a caller may tune the faces of a batch in several groups one after the other (tune/memory.py sizes them
+from the free memory); since nothing is shared between faces, the grouping changes nothing but rounding.
+
 Interruption: ``hook(n)`` is called after every training step (n = 1, plus the steps a face batch skips when
 its learning-rate policy ends early) and with n = 0 between test-time passes; whatever it raises propagates at
 once and nothing is returned.
@@ -195,6 +198,53 @@ def _train_step(net: GroupedCNN, adam: _Adam, idx: torch.Tensor, lr: torch.Tenso
     grads = torch.autograd.grad(losses.sum(), params)
     adam.step(net.weights, grads, idx, lr)
     return losses.detach()
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or (isinstance(exc, RuntimeError)
+                                                              and "out of memory" in str(exc).lower())
+
+
+def run_in_groups(n: int, per_group: int, run: Callable[[slice], object], shrink: bool = True,
+                  what: str = "tuning") -> tuple[list, list[str]]:
+    """run(faces) for consecutive groups of `per_group` of the n faces -> ([(slice, result)], notes). With
+    `shrink` (automatic sizing), a group that runs out of memory anyway is run again with half as many faces
+    (the results do not depend on the grouping; the hook hears the failed group's steps twice), down to one
+    face; the notes say so. Other errors, and out-of-memory of a forced group size, propagate."""
+    results, notes, start, k = [], [], 0, max(1, int(per_group))
+    while start < n:
+        faces = slice(start, min(start + k, n))
+        try:
+            results.append((faces, run(faces)))
+            start = faces.stop
+            continue
+        except (RuntimeError, MemoryError) as exc:
+            if not shrink or k == 1 or not _is_oom(exc):
+                raise
+            notes.append(f"{what}: out of memory with {faces.stop - faces.start} faces per group; retried with "
+                         f"{k // 2}")
+        k //= 2                          # (out of the except block: the failed group's tensors are released)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return results, notes
+
+
+def merge_face_lists(parts: list[dict]) -> dict:
+    """The reports of consecutive groups of faces as one: per-face lists concatenated in face order, per-step
+    records (lists of dicts, the same steps in every group) merged step by step, anything else (the same in
+    every group) taken from the first."""
+    if len(parts) == 1:
+        return parts[0]
+    out = {}
+    for key, first in parts[0].items():
+        values = [p[key] for p in parts]
+        if isinstance(first, list) and first and all(isinstance(e, dict) for e in first):
+            out[key] = [merge_face_lists(list(records)) for records in zip(*values)]
+        elif isinstance(first, list):
+            out[key] = [e for v in values for e in v]
+        else:
+            out[key] = first
+    return out
 
 
 def _generators(n: int, seed: int) -> list[torch.Generator]:

@@ -10,10 +10,13 @@
   ``id_threshold``. (AIIA used a GroupNorm/SiLU ResNet with a tanh output; the pack uses the plain ZSSR CNN
   with a residual over the input, so that with L1 only the network starts at -- and stays near -- identity.)
 
+Faces are tuned in groups as ZSSR's (``faces_per_group``, 0 = from the free memory; tune/memory.py).
+
 The grouped training engine (batching, seeds, interruption) is tune/engine.py.
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, replace
@@ -24,7 +27,10 @@ import torch
 
 from ..io.images import check_images
 from .engine import (MIN_SIDE, GroupedCNN, Hook, _Adam, _batch_to_faces, _faces_to_batch, _generators, _train_step,
-                     _trains, resize)
+                     _trains, merge_face_lists, resize, run_in_groups)
+from .memory import FaceCost, GroupPlan, cuda_peak_bytes, ntire_face_cost, plan_groups
+
+log = logging.getLogger("facemend")
 
 # (weight, fn): fn(images [M,3,h,w] in [0,1]) -> [M] loss per image (differentiable), e.g. 1 - CLIP-IQA.
 QualityLoss = tuple
@@ -46,6 +52,7 @@ class NTIREConfig:
     depth: int = 8
     init_variance: float = 0.1
     tile_size: int = 512
+    faces_per_group: int = 0             # faces tuned at once (one grouped network); 0 = as many as fit in memory
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -73,9 +80,59 @@ class NTIRETune:
         self.quality_losses = [(float(wt), fn) for wt, fn in (quality_losses or []) if float(wt) != 0.0]
         self.score_fn = score_fn
         self.id_similarity = id_similarity
+        self._plan: Optional[tuple] = None
 
-    def total_steps(self) -> int:
-        return self.config.steps
+    def total_steps(self, images: Optional[torch.Tensor] = None) -> int:
+        """Units the hook is advanced by in total: per group of faces, or for the whole call on `images`."""
+        return self.config.steps if images is None else self.config.steps * self.plan(images).groups
+
+    def face_cost(self, h: int, w: int, device: Optional[torch.device] = None, measure=None) -> FaceCost:
+        """Memory one h x w face costs while it is tuned (tune/memory.py). The NR-IQA losses, the score and the
+        ID model are other networks: on a CUDA `device` their cost for one face is measured (one loss step with
+        backward on the face's crops, one validation: `measure(fn, device)` -> peak bytes, default the CUDA
+        allocator's peak) and added; elsewhere it is not included, and the plan says so."""
+        cost = ntire_face_cost(self.config, h, w)
+        device = torch.device(device) if device is not None else None
+        if not (self.quality_losses or self.score_fn or self.id_similarity):
+            return cost
+        if measure is None and (device is None or device.type != "cuda"):
+            cost.note = "NR-IQA/ID networks not included: measured on CUDA only"
+            return cost
+        measure = measure or cuda_peak_bytes
+        cfg = self.config
+        crop = min(cfg.crop_size, h, w)
+        g = torch.Generator().manual_seed(0)
+
+        def loss_step():  # the gradient reaches the crops only, as in training (no .grad left on the metrics)
+            x = torch.rand(cfg.batch_size, 3, crop, crop, generator=g).to(device).requires_grad_(True)
+            torch.autograd.grad(sum(wt * fn(x).sum() for wt, fn in self.quality_losses), x)
+
+        def validation():
+            x = torch.rand(1, 3, h, w, generator=g).to(device)
+            with torch.no_grad():
+                if self.score_fn is not None:
+                    self.score_fn(x)
+                if self.id_similarity is not None:
+                    self.id_similarity(x, x)
+
+        with torch.inference_mode(False), torch.enable_grad():
+            extra = {"train step": measure(loss_step, device) if self.quality_losses else 0,
+                     "validation": measure(validation, device)}
+        return cost.plus(extra, "NR-IQA/ID networks measured")
+
+    def plan(self, images: torch.Tensor) -> GroupPlan:
+        """How the faces of `images` are grouped (see ZSSR.plan)."""
+        key = (tuple(images.shape), str(images.device))
+        if self._plan is not None and self._plan[0] == key:
+            return self._plan[1]
+        n, _, h, w = images.shape
+        if min(h, w) < MIN_SIDE:
+            plan = GroupPlan(n, max(1, n), None, None, 0, f"smaller than {MIN_SIDE} px: unchanged", "NTIRE tune")
+        else:
+            plan = plan_groups(n, self.face_cost(h, w, images.device), images.device, self.config.faces_per_group,
+                               "NTIRE tune", "Lower crop_size or the batch size, or free memory.")
+        self._plan = (key, plan)
+        return plan
 
     def losses_used(self) -> str:
         if not self.quality_losses:
@@ -130,7 +187,6 @@ class NTIRETune:
         cfg = self.config
         images = check_images(images, "per-image tune input").float()
         n, _, h, w = images.shape
-        device = images.device
         hook = hook or (lambda k=1: None)
         t0 = time.perf_counter()
         report = {"mode": "ntire_tune", "faces": n, "seed": int(seed), "losses": self.losses_used(),
@@ -138,11 +194,34 @@ class NTIRETune:
                   "id_guard": (f"{_loss_name(self.id_similarity)} >= {cfg.id_threshold:g}"
                                if self.id_similarity else "off"),
                   "config": asdict(cfg)}
+        plan = self.plan(images)
+        self._plan = None                       # used: the next call asks the device again
         if min(h, w) < MIN_SIDE:
-            hook(cfg.steps)
+            hook(cfg.steps * plan.groups)
             report.update(fallback=f"input unchanged: smaller than {MIN_SIDE} px", steps_run=0,
                           best_step=[None] * n, seconds=round(time.perf_counter() - t0, 3))
             return images, report
+        log.info(plan.line())
+        report["groups"] = plan.as_dict()
+        best = torch.empty_like(images)
+
+        def group(faces: slice):
+            best[faces], part = self._tune_group(images[faces], seed, hook)
+            return part
+
+        done, notes = run_in_groups(n, plan.faces_per_group, group, plan.source == "automatic", "NTIRE tune")
+        for note in notes:
+            log.warning(note)
+        if notes:
+            report["groups"]["out_of_memory_retries"] = notes
+        report.update(merge_face_lists([part for _, part in done]), seconds=round(time.perf_counter() - t0, 3))
+        return best, report
+
+    def _tune_group(self, images: torch.Tensor, seed: int, hook) -> tuple[torch.Tensor, dict]:
+        """One group of faces: (best validated outputs, the per-face report entries)."""
+        cfg = self.config
+        n, _, h, w = images.shape
+        device = images.device
         crop = min(cfg.crop_size, h, w)
         gens = _generators(n, seed)
         net = GroupedCNN.init(gens, cfg.depth, cfg.width, cfg.init_variance, device)
@@ -203,16 +282,14 @@ class NTIRETune:
                                 **({"id_similarity": sim.tolist()} if sim is not None else {}),
                                 "accepted": ok.tolist()})
                 hook(0)
-        report.update(
+        return best, dict(
             steps_run=steps, best_step=best_step,
             best_score=[None if not math.isfinite(s) else s for s in best_score.tolist()],
             rejected_validations=rejected, validations=history,
             final_l1=last_l1.tolist() if last_l1 is not None else None,
             fallback=[None if b is not None else
                       ("input unchanged: every candidate was rejected by the ID guard" if rejected[i] else
-                       "input unchanged: no validation ran (0 steps)") for i, b in enumerate(best_step)],
-            seconds=round(time.perf_counter() - t0, 3))
-        return best, report
+                       "input unchanged: no validation ran (0 steps)") for i, b in enumerate(best_step)])
 
 
 def ntire_tune(images: torch.Tensor, *, seed: int = 0, hook: Hook = None, config: Optional[NTIREConfig] = None,

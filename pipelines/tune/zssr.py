@@ -21,10 +21,15 @@
   samples falling outside the image reflect (the paper's warp pads with black), and the random scale is
   kept large enough for the scaled image to cover a crop (small inputs would otherwise train on black).
 
+Faces are tuned in groups (one grouped network per group, tune/engine.py): ``faces_per_group`` 0 sizes the
+groups from the memory free on the device and the per-face cost of this configuration (tune/memory.py); a number
+forces it. Every face draws from its own random stream, so the result does not depend on the grouping.
+
 The grouped training engine (batching, seeds, interruption) is tune/engine.py.
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, replace
@@ -35,8 +40,11 @@ import torch
 import torch.nn.functional as F
 
 from ..io.images import check_images
-from .engine import (MIN_SIDE, GroupedCNN, Hook, _Adam, _dihedral, _dihedral_inv,
-                     _generators, _train_step, _trains, back_projection, bicubic_upscale, downscale, resize)
+from .engine import (MIN_SIDE, GroupedCNN, Hook, _Adam, _dihedral, _dihedral_inv, _generators, _train_step,
+                     _trains, back_projection, bicubic_upscale, downscale, merge_face_lists, resize, run_in_groups)
+from .memory import FaceCost, GroupPlan, plan_groups, zssr_face_cost
+
+log = logging.getLogger("facemend")
 
 
 @dataclass
@@ -66,6 +74,7 @@ class ZSSRConfig:
     shear_sigma: float = 0.1
     allow_rotation: bool = True
     tile_size: int = 512                 # full-image passes are tiled above this (exact: overlap >= depth)
+    faces_per_group: int = 0             # faces tuned at once (one grouped network); 0 = as many as fit in memory
 
     def scaled_policy(self, steps: int) -> "ZSSRConfig":
         """The same plateau policy fitted into a budget of `steps` iterations per x2 step (for CPUs): a
@@ -183,14 +192,38 @@ class ZSSR:
         if self.config.scale not in (2, 4, 8):
             raise ValueError(f"ZSSR scale must be 2, 4 or 8 (gradual x2 steps), got {self.config.scale}")
         self.network: Optional[GroupedCNN] = None   # the trained networks of the last call (last x2 step)
+        self._slices: list[slice] = []               # the last call's groups
+        self._plan: Optional[tuple] = None
 
     @property
     def stages(self) -> int:
         return int(round(math.log2(self.config.scale)))
 
-    def total_steps(self) -> int:
-        """Units the hook is advanced by in total (for progress bars)."""
-        return self.stages * self.config.max_iters
+    def total_steps(self, images: Optional[torch.Tensor] = None) -> int:
+        """Units the hook is advanced by in total (for progress bars): per group of faces, or for the whole call
+        on `images` (its groups one after the other)."""
+        per_group = self.stages * self.config.max_iters
+        return per_group if images is None else per_group * self.plan(images).groups
+
+    def face_cost(self, h: int, w: int, device: Optional[torch.device] = None) -> FaceCost:
+        """Memory one h x w face costs while it is tuned (tune/memory.py; the same count on every `device`)."""
+        return zssr_face_cost(self.config, h, w)
+
+    def plan(self, images: torch.Tensor) -> GroupPlan:
+        """How the faces of `images` [N,3,H,W] are grouped: the config's faces_per_group, or as many as fit in the
+        memory free on their device now. Kept for the next call on a batch of the same shape (so its progress
+        total and its groups agree), then asked again."""
+        key = (tuple(images.shape), str(images.device))
+        if self._plan is not None and self._plan[0] == key:
+            return self._plan[1]
+        n, _, h, w = images.shape
+        if min(h, w) < MIN_SIDE:
+            plan = GroupPlan(n, max(1, n), None, None, 0, f"smaller than {MIN_SIDE} px: bicubic", "ZSSR")
+        else:
+            plan = plan_groups(n, self.face_cost(h, w, images.device), images.device, self.config.faces_per_group,
+                               "ZSSR", "Lower crop_size or tile_size, turn the self-ensemble off, or free memory.")
+        self._plan = (key, plan)
+        return plan
 
     @_trains
     def __call__(self, images: torch.Tensor, seed: int = 0, hook: Hook = None) -> tuple[torch.Tensor, dict]:
@@ -201,40 +234,72 @@ class ZSSR:
         t0 = time.perf_counter()
         report = {"mode": "zssr", "faces": n, "scale": cfg.scale, "seed": int(seed),
                   "config": asdict(cfg), "stages": []}
+        plan = self.plan(images)
+        self._plan = None                       # used: the next call asks the device again
         if min(h, w) < MIN_SIDE:
             out = images
             for _ in range(self.stages):
                 out = bicubic_upscale(out, 2)
-            hook(self.total_steps())
+            hook(self.total_steps() * plan.groups)
             report.update(fallback=f"bicubic: the image is smaller than {MIN_SIDE} px, too small to learn from",
                           seconds=round(time.perf_counter() - t0, 3))
             return out, report
-        gens = _generators(n, seed)
+        log.info(plan.line())
+        report["groups"] = plan.as_dict()
+        out = images.new_empty((n, 3, h * cfg.scale, w * cfg.scale))
+
+        def group(faces: slice):
+            res, net, stage_reports = self._tune_group(images[faces], seed, hook)
+            out[faces] = res
+            return net, stage_reports
+
+        done, notes = run_in_groups(n, plan.faces_per_group, group, plan.source == "automatic", "ZSSR")
+        for note in notes:
+            log.warning(note)
+        if notes:
+            report["groups"]["out_of_memory_retries"] = notes
+        nets = [net for _, (net, _) in done]
+        report["stages"] = [merge_face_lists([reps[s] for _, (_, reps) in done]) for s in range(self.stages)]
+        self.network = nets[0] if len(nets) == 1 else GroupedCNN(
+            [torch.cat([net.weights[i] for net in nets]) for i in range(len(nets[0].weights))])
+        self._slices = [faces for faces, _ in done]
+        report["seconds"] = round(time.perf_counter() - t0, 3)
+        return out, report
+
+    def _tune_group(self, images: torch.Tensor, seed: int, hook) -> tuple[torch.Tensor, GroupedCNN, list]:
+        """All stages for one group of faces: (output, trained networks of the last x2 step, stage reports)."""
+        cfg = self.config
+        gens = _generators(images.shape[0], seed)
         net = GroupedCNN.init(gens, cfg.depth, cfg.width, cfg.init_variance, images.device)
         adam = _Adam(net.weights)
         sources, base_scales = [images], [1.0]
         current = images
+        stage_reports = []
         for stage in range(self.stages):
-            stage_report = self._train(net, adam, sources, base_scales, current, gens, hook)
+            stage_reports.append(self._train(net, adam, sources, base_scales, current, gens, hook))
             current = self._final_test(net, current, hook)
             sources.append(current)
             base_scales.append(base_scales[-1] * 2)
-            report["stages"].append(stage_report)
-        self.network = net
-        report["seconds"] = round(time.perf_counter() - t0, 3)
-        return current, report
+        return current, net, stage_reports
 
     def upscale_x2(self, images: torch.Tensor, self_ensemble: Optional[bool] = None,
                    back_projection_iters: Optional[int] = None) -> torch.Tensor:
         """Apply the networks trained by the last call (one per face, same batch size) to `images` at x2,
-        optionally with other test-time settings (e.g. the network alone: no ensemble, no back-projection)."""
+        optionally with other test-time settings (e.g. the network alone: no ensemble, no back-projection);
+        in the last call's groups."""
         if self.network is None:
             raise RuntimeError("ZSSR.upscale_x2 needs a trained network: call the ZSSR object first")
+        if images.shape[0] != self.network.n:
+            raise ValueError(f"ZSSR.upscale_x2: {images.shape[0]} images for {self.network.n} trained networks")
         cfg = self.config
-        return self._final_test(self.network, images,
-                                self_ensemble=cfg.self_ensemble if self_ensemble is None else self_ensemble,
-                                bp_iters=cfg.back_projection_iters if back_projection_iters is None
-                                else back_projection_iters)
+        self_ensemble = cfg.self_ensemble if self_ensemble is None else self_ensemble
+        bp_iters = cfg.back_projection_iters if back_projection_iters is None else back_projection_iters
+        parts = []
+        for sl in self._slices:
+            idx = torch.arange(sl.start, sl.stop, device=images.device)
+            parts.append(self._final_test(GroupedCNN(self.network.select(idx)), images[sl],
+                                          self_ensemble=self_ensemble, bp_iters=bp_iters))
+        return torch.cat(parts)
 
     # --- training -------------------------------------------------------------------------------------
     def _train(self, net: GroupedCNN, adam: _Adam, sources, base_scales, stage_input, gens, hook) -> dict:
@@ -324,7 +389,10 @@ class ZSSR:
                 hook(0)
         if len(outputs) == 1:
             return outputs[0]
-        stacked = torch.stack(outputs).sort(0).values
+        del x, up, y                                  # the last transform's tensors: not needed for the median
+        stacked = torch.stack(outputs)
+        outputs.clear()                               # the stack holds them: free the list before sorting
+        stacked = stacked.sort(0).values
         median = (stacked[3] + stacked[4]) / 2       # numpy's median of 8 (the mean of the middle two)
         return back_projection(median, lr_img, bp_iters)
 
