@@ -1,9 +1,10 @@
-"""Shared by the benchmark scripts: this checkout loaded as `facemend`, the ../shared folder, device sync."""
+"""Shared by the benchmark scripts: this checkout loaded as `facemend`, the ../shared folder, device sync, peak memory."""
 from __future__ import annotations
 
 import importlib.util
 import os
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -27,9 +28,39 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
+class PeakRSS:
+    """Peak resident memory of this process above the level at entry, sampled by a thread every `interval` s
+    (and once more at exit): `used` (bytes) after the block. For CPU runs."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval = interval
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self.rss())
+
+    def __enter__(self):
+        self.base = self.peak = self.rss()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self.rss())
+        self.used = self.peak - self.base
+
+
 class Peak:
     """Peak memory above the level at entry: the CUDA allocator's peak on a GPU, the resident memory sampled every
-    2 ms on a CPU (bench_fast_preset.PeakRSS). `used` after the block; `how` says which."""
+    2 ms on a CPU (PeakRSS). `used` after the block; `how` says which."""
 
     def __init__(self, device):
         self.device = torch.device(device)
@@ -41,8 +72,6 @@ class Peak:
             self.base = torch.cuda.memory_allocated(self.device)
             self.how = "CUDA allocator peak"
         else:
-            from bench_fast_preset import PeakRSS
-
             self.rss = PeakRSS().__enter__()
             self.how = "resident memory sampled every 2 ms"
         return self

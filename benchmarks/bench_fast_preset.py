@@ -33,7 +33,6 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import types
 from pathlib import Path
@@ -52,6 +51,7 @@ from facemend.pipelines.face.retinaface import RetinaFaceDetector  # noqa: E402
 from facemend.pipelines.face.detection import select_faces  # noqa: E402
 from facemend.pipelines.face.paste import paste_faces  # noqa: E402
 from facemend.pipelines.restore.restorer import FaceRestorer  # noqa: E402
+from _common import PeakRSS  # noqa: E402
 
 SHARED = conftest.SHARED
 DETECTOR = SHARED / "models/facedetection/retinaface_mobilenet0.25_1mb.pth"
@@ -134,35 +134,6 @@ def run_ours(restorer, bgr: np.ndarray, dets: torch.Tensor, device, color: str =
 
 
 # ---------------------------------------------------------------------------------------------------- measuring
-
-class PeakRSS:
-    """Peak resident memory above the level at entry, sampled by a thread (CPU runs)."""
-
-    def __init__(self, interval: float = 0.002):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-
-    @staticmethod
-    def rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.rss())
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        self.base = self.rss()
-        self.peak = self.base
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.used = self.peak - self.base
-
 
 def measure(fn, device, repeats: int):
     times, mem, out = [], 0, None

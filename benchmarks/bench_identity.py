@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from _common import load_facemend, sync  # noqa: E402
-from bench_onestep import PeakRSS  # noqa: E402
+from _common import PeakRSS  # noqa: E402
 
 load_facemend()
 from facemend.pipelines.identity.layers import FP32GroupNorm  # noqa: E402

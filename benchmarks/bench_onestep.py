@@ -21,7 +21,6 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -31,6 +30,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 import conftest  # noqa: E402,F401  (loads this checkout as `facemend`)
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _common import PeakRSS  # noqa: E402
 
 from facemend.pipelines.diffusion.refiner import TileSettings  # noqa: E402
 
@@ -92,35 +93,6 @@ def tiny_model(backend: str, device, dtype, folder: str):
         return load_tsdsr(base, lora, device=device, dtype=dtype)
     base, pkl = make_osediff(folder)
     return load_osediff(base, pkl, device=device, dtype=dtype)
-
-
-class PeakRSS:
-    """Peak resident set size of this process while the block runs, above the level at entry (bytes)."""
-
-    def __enter__(self):
-        self.base = self.peak = self._rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        return self
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _poll(self):
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, self._rss())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
-
-    @property
-    def used(self) -> int:
-        return self.peak - self.base
 
 
 def measure(model, size: int, scale: int, device, repeats: int, tiles: TileSettings) -> dict:
