@@ -56,6 +56,18 @@ def shared_models_dir():
     model_paths.set_models_dirs([])
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): tiny tensors gain
+    nothing from two, and a single thread does not stall in OpenMP barriers on a shared, loaded CPU."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def load_image(path) -> "torch.Tensor":
     """A real photo as [1,3,H,W] float in [0,1] (through the pack's own reader)."""
     from facemend.pipelines.io.images import read_image

@@ -18,12 +18,7 @@ from facemend.pipelines.quality import metrics as M  # noqa: E402
 from conftest import rounding_bound  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _random_net(name, seed=0):

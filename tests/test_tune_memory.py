@@ -14,13 +14,7 @@ from facemend.pipelines.tune import engine as E
 
 import tune_memory
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from 2 threads (as tests/test_zssr.py); the measurements run their own process."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py; the measurements run their own process
 
 
 # The estimate must bound the measured growth per face from above, and by at most this factor (tune/memory.py

@@ -18,13 +18,7 @@ from conftest import load_image, need_shared, reorder_tol
 SMALL = dict(crop_size=32, back_projection_iters=10, self_ensemble=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from 2 threads and a single thread does not stall on a shared, loaded CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

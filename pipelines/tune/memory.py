@@ -340,3 +340,23 @@ def plan_groups(n: int, cost: FaceCost, device: torch.device, forced: int = 0, w
             f"{torch.device(device)} (of which a {size_text(margin)} safety margin is kept back). "
             + (need_hint or "Use smaller crops or images, or free memory on the device."))
     return GroupPlan(n, int(min(k, n)), cost, int(free), margin, "automatic", what)
+
+
+def cached_plan(tuner, images: torch.Tensor, what: str, small: str, advice: str) -> GroupPlan:
+    """The plan(images) of a tuner (ZSSR, the NTIRE tune): its config's faces_per_group, or as many faces as fit in
+    the memory free on their device now (tuner.face_cost); images smaller than engine.MIN_SIDE are one group with
+    the note `small`. Kept on tuner._plan for the next call on a batch of the same shape (so a progress total and
+    the groups agree), then asked again."""
+    from .engine import MIN_SIDE
+
+    key = (tuple(images.shape), str(images.device))
+    if tuner._plan is not None and tuner._plan[0] == key:
+        return tuner._plan[1]
+    n, _, h, w = images.shape
+    if min(h, w) < MIN_SIDE:
+        plan = GroupPlan(n, max(1, n), None, None, 0, small, what)
+    else:
+        plan = plan_groups(n, tuner.face_cost(h, w, images.device), images.device, tuner.config.faces_per_group,
+                           what, advice)
+    tuner._plan = (key, plan)
+    return plan

@@ -28,7 +28,7 @@ import torch
 from ..io.images import check_images
 from .engine import (MIN_SIDE, GroupedCNN, Hook, _Adam, _batch_to_faces, _faces_to_batch, _generators, _train_step,
                      _trains, merge_face_lists, resize, run_in_groups)
-from .memory import FaceCost, GroupPlan, cuda_peak_bytes, ntire_face_cost, plan_groups
+from .memory import FaceCost, GroupPlan, cached_plan, cuda_peak_bytes, ntire_face_cost
 
 log = logging.getLogger("facemend")
 
@@ -121,18 +121,9 @@ class NTIRETune:
         return cost.plus(extra, "NR-IQA/ID networks measured")
 
     def plan(self, images: torch.Tensor) -> GroupPlan:
-        """How the faces of `images` are grouped (see ZSSR.plan)."""
-        key = (tuple(images.shape), str(images.device))
-        if self._plan is not None and self._plan[0] == key:
-            return self._plan[1]
-        n, _, h, w = images.shape
-        if min(h, w) < MIN_SIDE:
-            plan = GroupPlan(n, max(1, n), None, None, 0, f"smaller than {MIN_SIDE} px: unchanged", "NTIRE tune")
-        else:
-            plan = plan_groups(n, self.face_cost(h, w, images.device), images.device, self.config.faces_per_group,
-                               "NTIRE tune", "Lower crop_size or the batch size, or free memory.")
-        self._plan = (key, plan)
-        return plan
+        """How the faces of `images` are grouped (tune/memory.py cached_plan)."""
+        return cached_plan(self, images, "NTIRE tune", f"smaller than {MIN_SIDE} px: unchanged",
+                           "Lower crop_size or the batch size, or free memory.")
 
     def losses_used(self) -> str:
         if not self.quality_losses:

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from ..io.images import check_images
 from .engine import (MIN_SIDE, GroupedCNN, Hook, _Adam, _dihedral, _dihedral_inv, _generators, _train_step,
                      _trains, back_projection, bicubic_upscale, downscale, merge_face_lists, resize, run_in_groups)
-from .memory import FaceCost, GroupPlan, plan_groups, zssr_face_cost
+from .memory import FaceCost, GroupPlan, cached_plan, zssr_face_cost
 
 log = logging.getLogger("facemend")
 
@@ -210,20 +210,9 @@ class ZSSR:
         return zssr_face_cost(self.config, h, w)
 
     def plan(self, images: torch.Tensor) -> GroupPlan:
-        """How the faces of `images` [N,3,H,W] are grouped: the config's faces_per_group, or as many as fit in the
-        memory free on their device now. Kept for the next call on a batch of the same shape (so its progress
-        total and its groups agree), then asked again."""
-        key = (tuple(images.shape), str(images.device))
-        if self._plan is not None and self._plan[0] == key:
-            return self._plan[1]
-        n, _, h, w = images.shape
-        if min(h, w) < MIN_SIDE:
-            plan = GroupPlan(n, max(1, n), None, None, 0, f"smaller than {MIN_SIDE} px: bicubic", "ZSSR")
-        else:
-            plan = plan_groups(n, self.face_cost(h, w, images.device), images.device, self.config.faces_per_group,
-                               "ZSSR", "Lower crop_size or tile_size, turn the self-ensemble off, or free memory.")
-        self._plan = (key, plan)
-        return plan
+        """How the faces of `images` [N,3,H,W] are grouped (tune/memory.py cached_plan)."""
+        return cached_plan(self, images, "ZSSR", f"smaller than {MIN_SIDE} px: bicubic",
+                           "Lower crop_size or tile_size, turn the self-ensemble off, or free memory.")
 
     @_trains
     def __call__(self, images: torch.Tensor, seed: int = 0, hook: Hook = None) -> tuple[torch.Tensor, dict]:
