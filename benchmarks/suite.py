@@ -79,9 +79,8 @@ StagePeak = Peak  # CUDA allocator peak on a GPU, sampled RSS on the CPU (benchm
 
 
 def throughput(restorer, args) -> None:
-    """The GPU throughput switches of FaceRestorer as asked on the command line (channels-last by default on CUDA)."""
-    channels_last = args.channels_last if args.channels_last is not None else torch.device(args.device).type == "cuda"
-    restorer.set_throughput(channels_last=channels_last, compile=args.compile or None)
+    """The throughput switches of FaceRestorer as asked on the command line (else its defaults: channels-last)."""
+    restorer.set_throughput(channels_last=args.channels_last, compile=args.compile or None)
 
 
 def need(*paths):
@@ -656,7 +655,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--repeats", type=int, default=3, help="runs per case (the fastest or the median is kept)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--channels-last", dest="channels_last", action=argparse.BooleanOptionalAction, default=None,
-                    help="restorers in channels-last memory (default: on CUDA only)")
+                    help="restorers in channels-last memory (default: on, FaceRestorer's default)")
     ap.add_argument("--peak-tflops", type=float, default=0.0,
                     help="the device's dense bf16 peak for the restore stage's %% of peak (default: known GPUs)")
     ap.add_argument("--restorers", default=",".join(RESTORERS), help="comma-separated restorers of the restore "

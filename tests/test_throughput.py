@@ -26,14 +26,15 @@ def narrow(tmp_path_factory):
 
 def test_channels_last_fp32_and_bf16_match_the_default_layout(narrow):
     x = _to_ours(_faces_uint8(2, 32, seed=9))
-    ref = FaceRestorer.from_file(narrow)(x, noise="stored", batch_size=2)
-    fr = FaceRestorer.from_file(narrow).set_throughput(channels_last=True)
+    plain = FaceRestorer.from_file(narrow).set_throughput(channels_last=False)
+    assert next(m for m in plain.net.modules() if isinstance(m, torch.nn.Conv2d)).weight.is_contiguous()
+    ref = plain(x, noise="stored", batch_size=2)
+    fr = FaceRestorer.from_file(narrow)  # channels-last is the default
     conv = next(m for m in fr.net.modules() if isinstance(m, torch.nn.Conv2d))
-    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert fr.channels_last and conv.weight.is_contiguous(memory_format=torch.channels_last)
     got = fr(x, noise="stored", batch_size=2)
     # Both layouts are float32 sums of the same terms: each within the measured reorder error of the exact result.
-    assert (got - ref).abs().max() < 2 * restorer_reorder_tol(FaceRestorer.from_file(narrow), x, noise="stored",
-                                                              batch_size=2)
+    assert (got - ref).abs().max() < 2 * restorer_reorder_tol(plain, x, noise="stored", batch_size=2)
     fr.to(dtype=torch.bfloat16)  # the layout survives a dtype change
     assert conv.weight.dtype == torch.bfloat16 and conv.weight.is_contiguous(memory_format=torch.channels_last)
     got = fr(x, noise="stored", batch_size=2)

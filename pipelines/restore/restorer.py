@@ -57,13 +57,18 @@ class FaceRestorer:
         self.requested_dtype = dtype
         self.dtype = self._usable_dtype(dtype)
         self.net.to(device=self.device, dtype=self.dtype)
-        self.channels_last = False
+        # Channels-last by default on every device: tensor cores' native layout on a GPU, and 10-17% faster on a
+        # CPU too (oneDNN; one 512 face, 1 thread: GFPGAN v1.4 3.1 -> 2.6 s, CodeFormer 7.0 -> 6.3 s,
+        # RestoreFormer 4.8 -> 4.2 s, GPEN 2.9 -> 2.5 s).
+        self.channels_last = True
+        self._apply_layout()
         self._compiled = None  # torch.compile'd network (set_compile), else the network itself is called
 
     def set_throughput(self, channels_last: bool | None = None, compile: bool | str | None = None) -> "FaceRestorer":
         """GPU throughput switches (same results up to float rounding; tests/test_throughput.py).
 
-        channels_last: weights and faces in NHWC memory (tensor cores' native layout for fp16/bf16 convolutions).
+        channels_last: weights and faces in NHWC memory (the default: tensor cores' native layout for fp16/bf16
+            convolutions, and faster on CPUs too); False: the contiguous NCHW layout.
         compile: torch.compile the network (True: the default inductor backend; a string: that backend; False:
             off). Compilation happens on the first call and again for each new batch shape; kept off by default
             because it pays only on long GPU runs."""
