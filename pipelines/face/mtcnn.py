@@ -60,6 +60,8 @@ __all__ = ["MTCNNDetector", "mtcnn_weight_files", "load_mtcnn_weights", "pyramid
 
 # Candidate-pair budget for one NMS block (elements of an IoU matrix held at once).
 _NMS_BLOCK = 1 << 22
+# Candidate pairs per block of the pruned NMS (each pair gathers two boxes: ~100 bytes a pair in float64).
+_NMS_PAIRS = 1 << 20
 # Elements of the gathered rows held at once by the area resize.
 _AREA_CHUNK = 1 << 22
 # Crops per R-/O-Net forward chunk.
@@ -225,44 +227,115 @@ def _score_order(scores: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     return order[torch.argsort(groups[order], stable=True)]
 
 
+def _dense_nms_sorted(b: torch.Tensor, counts: torch.Tensor, threshold: float, method: str) -> torch.Tensor:
+    """The package's NMS on boxes sorted by group then score, by full IoU matrices: all groups padded to
+    [G, nmax] when small, else group by group in column blocks. Keep mask in the sorted order. The reference the
+    pruned version (`_sparse_nms_sorted`) is tested against, and the path for negative thresholds."""
+    n_groups, nmax = counts.numel(), int(counts.max().item())
+    if n_groups * nmax * nmax > _NMS_BLOCK:
+        return torch.cat([_fast_nms_sorted(piece, threshold, method) for piece in torch.split(b, counts.tolist())])
+    # All groups at once: pad to [G, nmax] and mask pairs across groups / padding out.
+    starts = torch.cumsum(counts, 0) - counts
+    gi = torch.repeat_interleave(torch.arange(n_groups, device=b.device), counts)
+    slot = torch.arange(b.shape[0], device=b.device) - starts[gi]
+    pad = b.new_zeros(n_groups, nmax, 4)
+    pad[gi, slot] = b
+    present = torch.zeros(n_groups, nmax, dtype=torch.bool, device=b.device)
+    present[gi, slot] = True
+    area = (pad[..., 2] - pad[..., 0]) * (pad[..., 3] - pad[..., 1])
+    iw = (torch.minimum(pad[:, :, None, 2], pad[:, None, :, 2])
+          - torch.maximum(pad[:, :, None, 0], pad[:, None, :, 0])).clamp(min=0)
+    ih = (torch.minimum(pad[:, :, None, 3], pad[:, None, :, 3])
+          - torch.maximum(pad[:, :, None, 1], pad[:, None, :, 1])).clamp(min=0)
+    inter = iw * ih
+    if method == "union":
+        iou = inter / (area[:, :, None] + area[:, None, :] - inter)
+    else:
+        iou = inter / torch.minimum(area[:, :, None], area[:, None, :])
+    upper = torch.ones(nmax, nmax, dtype=torch.bool, device=b.device).triu(1)
+    above = (iou > threshold) & upper & present[:, :, None]
+    keep = ~above.any(1)
+    return keep[gi, slot]
+
+
+def _sparse_nms_sorted(b: torch.Tensor, g: torch.Tensor, threshold: float, method: str) -> torch.Tensor:
+    """Same keep mask as `_dense_nms_sorted` (b [n,4] sorted by group g, then score), computing the IoU only
+    for pairs whose x ranges overlap.
+
+    Why the skipped pairs cannot matter (threshold >= 0): a pair whose x ranges do not overlap has iw = 0 after
+    the clamp, so inter is 0 (or NaN when ih is infinite) and the IoU is 0, -0 or NaN, never > threshold. Boxes
+    without positive width and height (or with a NaN coordinate) have iw or ih = 0 (or NaN) with every box, so
+    they take no part. For the remaining boxes, sorted by (group, x1), the partners of box i with x1_j >= x1_i
+    and x1_j < x2_i are a contiguous run (found with one searchsorted on integer keys: group, then the rank of
+    the coordinate among all x1/x2 values, so that equal floats compare exactly); for each pair the IoU is the
+    same float expression as the dense one, and the box earlier in score order suppresses the later. Pairs are
+    processed in blocks of about _NMS_PAIRS; all vectorised, three host syncs in all (none per block)."""
+    n = b.shape[0]
+    dev = b.device
+    live = torch.nonzero((b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])).flatten()     # positions in score order
+    m = live.numel()
+    if m < 2:
+        return torch.ones(n, dtype=torch.bool, device=dev)
+    lg = g[live]
+    # exact integer ranks of all x1 and x2 values (equal floats get equal ranks), then (group, x1) keys
+    _, rank = torch.unique(torch.cat([b[live, 0], b[live, 2]]), sorted=True, return_inverse=True)
+    key1, by_x = torch.sort(lg * (2 * m) + rank[:m], stable=True)
+    key2 = (lg * (2 * m) + rank[m:])[by_x]
+    pos = live[by_x]                                        # score-order position of each box, in x order
+    end = torch.searchsorted(key1, key2)                    # first box in x order with key >= (group, x2)
+    count = (end - torch.arange(1, m + 1, device=dev)).clamp(min=0)   # its partners: the boxes in between
+    cum = torch.cumsum(count, 0)
+    # blocks of boxes whose partner runs hold at most 2 * _NMS_PAIRS pairs (or one box's run if longer);
+    # block bounds and their pair counts come to the host once
+    total = int(cum[-1].item())
+    hits = torch.zeros(n, dtype=torch.int32, device=dev)
+    if total == 0:
+        return hits == 0
+    cuts = torch.searchsorted(cum, torch.arange(_NMS_PAIRS, max(total, _NMS_PAIRS), _NMS_PAIRS, device=dev), right=True)
+    bounds = torch.unique_consecutive(torch.cat([cuts.new_zeros(1), cuts, cuts.new_full((1,), m)]))
+    cum0 = torch.cat([cum.new_zeros(1), cum])
+    bounds, pairs = torch.stack([bounds, cum0[bounds]]).tolist()
+    for a0, a1, p0, p1 in zip(bounds[:-1], bounds[1:], pairs[:-1], pairs[1:]):
+        if p1 == p0:
+            continue
+        cnt = count[a0:a1]
+        first = torch.repeat_interleave(torch.arange(a0, a1, device=dev), cnt, output_size=p1 - p0)
+        offs = torch.cumsum(cnt, 0) - cnt
+        second = first + 1 + (torch.arange(p1 - p0, device=dev) - offs[first - a0])
+        i, j = pos[first], pos[second]
+        lo = torch.minimum(i, j)                            # earlier in score order: the suppressor (row)
+        hi = torch.maximum(i, j)
+        iou = _iou_pairs(b[lo], b[hi], method)
+        hits.index_add_(0, hi, (iou > threshold).int())
+    return hits == 0
+
+
+def _iou_pairs(a: torch.Tensor, b: torch.Tensor, method: str) -> torch.Tensor:
+    """`_iou_block`'s expression for paired rows a[k], b[k] (elementwise, bit for bit the same values)."""
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    iw = (torch.minimum(a[:, 2], b[:, 2]) - torch.maximum(a[:, 0], b[:, 0])).clamp(min=0)
+    ih = (torch.minimum(a[:, 3], b[:, 3]) - torch.maximum(a[:, 1], b[:, 1])).clamp(min=0)
+    inter = iw * ih
+    if method == "union":
+        return inter / (area_a + area_b - inter)
+    return inter / torch.minimum(area_a, area_b)
+
+
 def _grouped_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, threshold: float,
-                 method: str = "union") -> torch.Tensor:
-    """Indices kept by the package's NMS applied independently per group, ordered by group, then score desc."""
+                 method: str = "union", dense: bool = False) -> torch.Tensor:
+    """Indices kept by the package's NMS applied independently per group, ordered by group, then score desc.
+    dense=True computes every IoU pair (the reference for the tests); by default only pairs that can overlap."""
     if boxes.shape[0] == 0:
         return torch.zeros(0, dtype=torch.long, device=boxes.device)
     order = _score_order(scores, groups)
     g = groups[order]
     b = boxes[order]
-    _, counts = torch.unique_consecutive(g, return_counts=True)
-    n_groups, nmax = counts.numel(), int(counts.max().item())
-    if n_groups * nmax * nmax <= _NMS_BLOCK:
-        # All groups at once: pad to [G, nmax] and mask pairs across groups / padding out.
-        starts = torch.cumsum(counts, 0) - counts
-        gi = torch.repeat_interleave(torch.arange(n_groups, device=b.device), counts)
-        slot = torch.arange(b.shape[0], device=b.device) - starts[gi]
-        pad = b.new_zeros(n_groups, nmax, 4)
-        pad[gi, slot] = b
-        present = torch.zeros(n_groups, nmax, dtype=torch.bool, device=b.device)
-        present[gi, slot] = True
-        area = (pad[..., 2] - pad[..., 0]) * (pad[..., 3] - pad[..., 1])
-        iw = (torch.minimum(pad[:, :, None, 2], pad[:, None, :, 2])
-              - torch.maximum(pad[:, :, None, 0], pad[:, None, :, 0])).clamp(min=0)
-        ih = (torch.minimum(pad[:, :, None, 3], pad[:, None, :, 3])
-              - torch.maximum(pad[:, :, None, 1], pad[:, None, :, 1])).clamp(min=0)
-        inter = iw * ih
-        if method == "union":
-            iou = inter / (area[:, :, None] + area[:, None, :] - inter)
-        else:
-            iou = inter / torch.minimum(area[:, :, None], area[:, None, :])
-        upper = torch.ones(nmax, nmax, dtype=torch.bool, device=b.device).triu(1)
-        above = (iou > threshold) & upper & present[:, :, None]
-        keep = ~above.any(1)
-        keep_sorted = keep[gi, slot]
+    if dense or not threshold >= 0:
+        _, counts = torch.unique_consecutive(g, return_counts=True)
+        keep_sorted = _dense_nms_sorted(b, counts, threshold, method)
     else:
-        parts = []
-        for piece in torch.split(b, counts.tolist()):
-            parts.append(_fast_nms_sorted(piece, threshold, method))
-        keep_sorted = torch.cat(parts)
+        keep_sorted = _sparse_nms_sorted(b, g, threshold, method)
     return order[keep_sorted]
 
 
