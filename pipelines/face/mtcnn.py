@@ -167,10 +167,12 @@ def _crop_and_resize(images: torch.Tensor, boxes: torch.Tensor, image_ids: torch
         return flat.index_select(0, idx).view(n, size, size, ch)
 
     tl, tr, bl, br = take(t_i, l_i), take(t_i, r_i), take(b_i, l_i), take(b_i, r_i)
-    top_v = tl + (tr - tl) * x_lerp
-    bottom_v = bl + (br - bl) * x_lerp
-    out = top_v + (bottom_v - top_v) * y_lerp
-    out = torch.where(valid[..., None], out, out.new_zeros(()))
+    # top = tl + (tr - tl) * x_lerp, bottom likewise, out = top + (bottom - top) * y_lerp: in place in the
+    # gathered copies, same operations (a + b == b + a exactly)
+    top_v = tr.sub_(tl).mul_(x_lerp).add_(tl)
+    bottom_v = br.sub_(bl).mul_(x_lerp).add_(bl)
+    out = bottom_v.sub_(top_v).mul_(y_lerp).add_(top_v)
+    out.masked_fill_(~valid[..., None], 0.0)
     return out.permute(0, 3, 1, 2)                                    # NCHW view of NHWC memory
 
 
@@ -430,7 +432,8 @@ class MTCNNDetector:
         if bsz == 0:
             return []
         images = images.to(self.device, torch.float32)
-        images = torch.nan_to_num(images, nan=0.0, posinf=1.0, neginf=0.0).clamp(0, 1)
+        # a new tensor (never the caller's), which _detect then normalises in place
+        images = torch.nan_to_num(images, nan=0.0, posinf=1.0, neginf=0.0).clamp_(0, 1)
         scale = 1.0
         if max_side:
             images, scale = resize_for_detection(images, int(max_side))
@@ -446,10 +449,11 @@ class MTCNNDetector:
     # ---------------------------------------------------------------- stages
 
     def _detect(self, images, score_threshold, min_face_size, scale_factor, stage_thr, nms_thr):
+        """images: detect's own float32 copy in [0, 1] (overwritten)."""
         bsz, _, h, w = images.shape
         dev = images.device
         empty = [torch.zeros(0, 15, device=dev) for _ in range(bsz)]
-        x = (images * 255.0 - 127.5) / 128.0                                   # float32, normalised
+        x = images.mul_(255.0).sub_(127.5).div_(128.0)  # float32, normalised: (x*255 - 127.5)/128 in detect's copy
         boxes, ids = self._stage_pnet(x, min_face_size, scale_factor, stage_thr[0], nms_thr[0], nms_thr[1])
         if boxes.shape[0] == 0:
             return empty
