@@ -289,13 +289,16 @@ def _random_box_set(gen: torch.Generator, trial: int, dtype: torch.dtype):
     return b.to(dtype), scores, groups
 
 
+@pytest.mark.parametrize("y_filter", [True, False], ids=["cpu-y-filter", "gpu-no-y-filter"])
 @pytest.mark.parametrize("method", ["union", "min"])
-def test_pruned_nms_keeps_exactly_the_dense_set(method, monkeypatch):
+def test_pruned_nms_keeps_exactly_the_dense_set(method, y_filter, monkeypatch):
     """The NMS used by the detector computes the IoU only for boxes whose x ranges overlap; on random box sets
     (see _random_box_set) it keeps exactly the indices, in the same order, that the dense IoU matrices keep,
     for thresholds from 0 (any overlap suppresses) to 1 (nothing does), float64 and float32 (MPS) boxes, and
-    with pair blocks small enough that most sets take several. One torch thread: thousands of tiny ops, which
+    with pair blocks small enough that most sets take several; with the CPU's y pre-filter and without it (the
+    GPU path). One torch thread: thousands of tiny ops, which
     on a loaded 2-core machine otherwise wait milliseconds each for the second OpenMP thread."""
+    monkeypatch.setattr(M, "_NMS_Y_FILTER", y_filter)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

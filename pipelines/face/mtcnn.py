@@ -62,6 +62,8 @@ __all__ = ["MTCNNDetector", "mtcnn_weight_files", "load_mtcnn_weights", "pyramid
 _NMS_BLOCK = 1 << 22
 # Candidate pairs per block of the pruned NMS (each pair gathers two boxes: ~100 bytes a pair in float64).
 _NMS_PAIRS = 1 << 20
+# Drop candidate pairs without y overlap before their IoU (a host sync per pair block); None: on the CPU only.
+_NMS_Y_FILTER: bool | None = None
 # Elements of the gathered rows held at once by the area resize.
 _AREA_CHUNK = 1 << 22
 # Crops per R-/O-Net forward chunk.
@@ -270,8 +272,11 @@ def _sparse_nms_sorted(b: torch.Tensor, g: torch.Tensor, threshold: float, metho
     they take no part. For the remaining boxes, sorted by (group, x1), the partners of box i with x1_j >= x1_i
     and x1_j < x2_i are a contiguous run (found with one searchsorted on integer keys: group, then the rank of
     the coordinate among all x1/x2 values, so that equal floats compare exactly); for each pair the IoU is the
-    same float expression as the dense one, and the box earlier in score order suppresses the later. Pairs are
-    processed in blocks of about _NMS_PAIRS; all vectorised, three host syncs in all (none per block)."""
+    same float expression as the dense one, and the box earlier in score order suppresses the later. On the CPU
+    the pairs whose y ranges do not overlap either are dropped before the IoU (2.5x faster on a crowd photo:
+    about 1 in 8 x-overlapping pairs overlaps in y); elsewhere that compaction would sync with the host per
+    block, so all x-overlapping pairs get their IoU. Pairs are processed in blocks of about _NMS_PAIRS; all
+    vectorised, three host syncs in all on GPUs (none per block)."""
     n = b.shape[0]
     dev = b.device
     live = torch.nonzero((b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])).flatten()     # positions in score order
@@ -284,6 +289,8 @@ def _sparse_nms_sorted(b: torch.Tensor, g: torch.Tensor, threshold: float, metho
     key1, by_x = torch.sort(lg * (2 * m) + rank[:m], stable=True)
     key2 = (lg * (2 * m) + rank[m:])[by_x]
     pos = live[by_x]                                        # score-order position of each box, in x order
+    compact = dev.type == "cpu" if _NMS_Y_FILTER is None else _NMS_Y_FILTER
+    y1x, y2x = (b[pos, 1], b[pos, 3]) if compact else (None, None)
     end = torch.searchsorted(key1, key2)                    # first box in x order with key >= (group, x2)
     count = (end - torch.arange(1, m + 1, device=dev)).clamp(min=0)   # its partners: the boxes in between
     cum = torch.cumsum(count, 0)
@@ -304,6 +311,10 @@ def _sparse_nms_sorted(b: torch.Tensor, g: torch.Tensor, threshold: float, metho
         first = torch.repeat_interleave(torch.arange(a0, a1, device=dev), cnt, output_size=p1 - p0)
         offs = torch.cumsum(cnt, 0) - cnt
         second = first + 1 + (torch.arange(p1 - p0, device=dev) - offs[first - a0])
+        if compact:
+            # only pairs whose y ranges overlap too (the others have ih = 0, as for x)
+            sel = torch.nonzero((y1x[second] < y2x[first]) & (y1x[first] < y2x[second])).flatten()
+            first, second = first[sel], second[sel]
         i, j = pos[first], pos[second]
         lo = torch.minimum(i, j)                            # earlier in score order: the suppressor (row)
         hi = torch.maximum(i, j)
