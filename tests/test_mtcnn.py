@@ -425,6 +425,17 @@ def test_bad_and_unusual_inputs(det):
     assert det.detect(torch.rand(1, 3, 100, 100), min_face_size=80)[0].shape == (0, 15)
 
 
+def test_input_tensor_is_left_untouched(det, six_faces_small):
+    """detect normalises its own copy in place: the caller's tensor (float32 on the detector's device, which
+    `.to` passes through uncopied) keeps its values, with and without max_side, for RGB and expanded gray."""
+    img = six_faces_small.clone()
+    gray = img[:, :1].clone()
+    for kw in ({}, {"max_side": 320}):
+        assert det.detect(img, **kw)[0].shape[0] >= 1
+        det.detect(gray, **kw)
+        assert torch.equal(img, six_faces_small) and torch.equal(gray, six_faces_small[:, :1])
+
+
 def test_large_min_face_size_still_finds_faces(det, six_faces_small):
     """The package returns nothing for min_face_size >= 40 (TensorFlow raises on its smallest pyramid levels);
     here those levels are skipped and the big faces are found."""

@@ -32,7 +32,9 @@ batched on the compute device (benchmarks/compare_mtcnn_reference.py runs both o
 * NMS is the package's, which is not greedy: a box is dropped when ANY higher-scored box of the same image
   overlaps it above the threshold, even one itself dropped. Reproduced (vectorised, `_grouped_nms`) instead of
   `detection.nms` (greedy gives different faces on real photos). A consequence used by the tests: the faces
-  above a threshold t do not depend on boxes scored below t.
+  above a threshold t do not depend on boxes scored below t. The IoU is computed only for pairs of boxes whose
+  x ranges overlap (and, on the CPU, y ranges too): the others cannot exceed a threshold >= 0, so the kept set
+  is exactly the dense matrices' (`dense=True`, tested on random sets); 10x less work on a crowd photo.
 * output: boxes clipped to [0, W-1] x [0, H-1] (the package's default fit_to_image), landmarks not clipped,
   highest score first. Box arithmetic runs in float64 like the package's numpy code (float32 on MPS).
 
