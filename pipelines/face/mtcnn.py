@@ -110,19 +110,21 @@ def _area_taps(n_in: int, n_out: int, device) -> tuple[torch.Tensor, torch.Tenso
 
 
 def _area_resize_rows(x: torch.Tensor, n_out: int) -> torch.Tensor:
-    """resize_area along dim -2: gather the K source rows of each output row at once and weight-sum them
-    (a batched vector-matrix product), in chunks of output rows that keep the gathered copy near 1 MB."""
+    """resize_area along dim -2, returned TRANSPOSED ([..., W, n_out], contiguous): gather the K source rows of
+    each output row at once and weight-sum them (a batched vector-matrix product), in chunks of output rows
+    that keep the gathered copy near 1 MB; each chunk's result is written transposed while still in cache (the
+    next pass, or the caller, wants the other axis last)."""
     idx, w = _area_taps(x.shape[-2], n_out, x.device)
     w = w.to(x.dtype)
     k = idx.shape[1]
     row = max(1, x[..., :1, :].numel())
     chunk = max(1, _AREA_CHUNK // (k * row))
-    outs = []
+    out = x.new_empty(*x.shape[:-2], x.shape[-1], n_out)
     for i0 in range(0, n_out, chunk):
         ii, ww = idx[i0:i0 + chunk], w[i0:i0 + chunk]
         g = x.index_select(-2, ii.reshape(-1)).unflatten(-2, tuple(ii.shape))   # [..., c, K, W]
-        outs.append(torch.matmul(ww[:, None, :], g).squeeze(-2))                  # [..., c, W]
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
+        out[..., i0:i0 + ii.shape[0]] = torch.matmul(ww[:, None, :], g).squeeze(-2).transpose(-1, -2)
+    return out
 
 
 def area_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -131,9 +133,8 @@ def area_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     oh, ow = size
     if (oh, ow) == tuple(x.shape[-2:]):
         return x
-    x = _area_resize_rows(x, oh) if oh != x.shape[-2] else x
-    x = _area_resize_rows(x.transpose(-1, -2).contiguous(), ow)
-    return x.transpose(-1, -2).contiguous()
+    x = _area_resize_rows(x, oh) if oh != x.shape[-2] else x.transpose(-1, -2).contiguous()   # [..., W, oh]
+    return _area_resize_rows(x, ow)                                                          # [..., oh, ow]
 
 
 def _crop_and_resize(images: torch.Tensor, boxes: torch.Tensor, image_ids: torch.Tensor, size: int) -> torch.Tensor:
