@@ -7,7 +7,8 @@ ratio reference/ours), and the README's performance section generated from them.
 
 Stages (each reuses its benchmarks/bench_*.py functions and the equivalence tests' reference loaders, so the
 figures equal the standalone scripts' and the references are the ones the tests hold us to):
-  detect_align_paste  RetinaFace + align + paste vs facexlib's FaceRestoreHelper (same weights, same photos)
+  detect_align_paste  RetinaFace + align + paste vs facexlib's FaceRestoreHelper (same weights, same photos);
+                      plus the embedded MTCNN detector's detect time per photo (the CLI's default; no reference)
   restore             each restorer vs its official network, real-size architectures, same random weights and
                       faces, the two alternated (--restorers picks): GFPGAN v1.4 vs GFPGANv1Clean, CodeFormer
                       (spandrel_extra_arches' module), RestoreFormer and RestoreFormer++ (spandrel's architecture
@@ -95,12 +96,19 @@ def stage_detect_align_paste(args, device, dtype):
     import cv2
 
     import bench_detect_align_paste as B
+    from bench_mtcnn import time_detect
     from facemend.pipelines.io.images import read_image
 
     need(B.WEIGHTS)
     photos = B.PHOTOS[:2] if args.quick else B.PHOTOS
     ours, helper = B.load_pipelines(device)
-    rows = []
+    try:
+        mtcnn = B.MTCNNDetector.load(device=device)
+    except Exception as e:  # noqa: BLE001 - the package holding its weights is optional
+        mtcnn = None
+        rows = [skipped("detect_align_paste", f"MTCNN rows: {type(e).__name__}: {e}")]
+    else:
+        rows = []
     for rel in photos:
         path = SHARED / rel
         need(path)
@@ -114,6 +122,10 @@ def stage_detect_align_paste(args, device, dtype):
                             reference="facexlib FaceRestoreHelper", note=f"{n_us}/{n_fx} faces"))
         rows.append(row("detect_align_paste", f"{name} total", sum(t_us.values()), sum(t_fx.values()), n_us,
                         peak.used, "facexlib FaceRestoreHelper", f"{image.shape[3]}x{image.shape[2]}"))
+        if mtcnn is not None:  # the CLI's default detector (no reference run here: the package needs TensorFlow)
+            (d, wall, cpu), = time_detect([mtcnn], image, 1 if args.quick else args.repeats)
+            rows.append(row("detect_align_paste", f"{name} MTCNN detect", wall, None, d.shape[0],
+                            note=f"embedded MTCNN, score > 0.9, process CPU {cpu:.3f} s"))
     return rows
 
 

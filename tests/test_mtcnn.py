@@ -243,7 +243,9 @@ def test_nms_is_the_packages_non_greedy_variant():
     # groups are independent, order is by group then score
     keep = M._grouped_nms(boxes, scores, torch.tensor([1, 0, 1]), 0.4, "union")
     assert keep.tolist() == [1, 0, 2]
-    # the chunked path (large groups) gives the same answer as the padded path
+    for dense in (True, False):
+        assert M._grouped_nms(boxes, scores, torch.zeros(3, dtype=torch.long), 0.4, "union", dense=dense).tolist() == [0]
+    # the dense reference: the chunked path (large groups) gives the same answer as the padded path
     rng = torch.Generator().manual_seed(0)
     xy = torch.rand(300, 2, generator=rng, dtype=torch.float64) * 100
     wh = torch.rand(300, 2, generator=rng, dtype=torch.float64) * 30 + 5
@@ -251,13 +253,76 @@ def test_nms_is_the_packages_non_greedy_variant():
     sc = torch.rand(300, generator=rng)
     groups = torch.randint(0, 3, (300,), generator=rng)
     for method in ("union", "min"):
-        ref = M._grouped_nms(b, sc, groups, 0.5, method)
+        ref = M._grouped_nms(b, sc, groups, 0.5, method, dense=True)
+        assert 0 < ref.numel() < 300
         old = M._NMS_BLOCK
         try:
             M._NMS_BLOCK = 1000
-            assert torch.equal(M._grouped_nms(b, sc, groups, 0.5, method), ref)
+            assert torch.equal(M._grouped_nms(b, sc, groups, 0.5, method, dense=True), ref)
         finally:
             M._NMS_BLOCK = old
+        assert torch.equal(M._grouped_nms(b, sc, groups, 0.5, method), ref)
+
+
+def _random_box_set(gen: torch.Generator, trial: int, dtype: torch.dtype):
+    """Boxes that stress the pruned NMS: continuous or on an integer grid (touching edges x1_j == x2_i, equal
+    coordinates), duplicated boxes, zero-/negative-size boxes, a few NaN/inf coordinates, scores with exact
+    ties, 1 to ~200 groups."""
+    n = int(torch.randint(1, 400, (1,), generator=gen))
+    xy = torch.rand(n, 2, generator=gen, dtype=torch.float64) * torch.tensor([100.0, 60.0], dtype=torch.float64)
+    wh = torch.rand(n, 2, generator=gen, dtype=torch.float64) * 30 - 3          # ~10% without positive size
+    if trial % 3 == 0:
+        xy, wh = xy.round(), wh.round()
+    if trial % 7 == 0:
+        wh = wh * 4                                                             # large, heavily overlapping
+    b = torch.cat([xy, xy + wh], 1)
+    k = n // 8
+    if k:
+        b[torch.randint(0, n, (k,), generator=gen)] = b[torch.randint(0, n, (k,), generator=gen)]
+    if trial % 5 == 0 and n > 4:
+        b[0, 0], b[1, 3], b[2, 2], b[3, 1] = float("nan"), float("inf"), float("inf"), float("-inf")
+    scores = torch.rand(n, generator=gen)
+    if trial % 2:
+        scores = (scores * 4).round() / 4                                       # many exact ties
+    n_groups = (1, 2, 7, 60, 200)[trial % 5]
+    groups = torch.randint(0, n_groups, (n,), generator=gen)
+    return b.to(dtype), scores, groups
+
+
+@pytest.mark.parametrize("y_filter", [True, False], ids=["cpu-y-filter", "gpu-no-y-filter"])
+@pytest.mark.parametrize("method", ["union", "min"])
+def test_pruned_nms_keeps_exactly_the_dense_set(method, y_filter, monkeypatch):
+    """The NMS used by the detector computes the IoU only for boxes whose x ranges overlap; on random box sets
+    (see _random_box_set) it keeps exactly the indices, in the same order, that the dense IoU matrices keep,
+    for thresholds from 0 (any overlap suppresses) to 1 (nothing does), float64 and float32 (MPS) boxes, and
+    with pair blocks small enough that most sets take several; with the CPU's y pre-filter and without it (the
+    GPU path). One torch thread: thousands of tiny ops, which
+    on a loaded 2-core machine otherwise wait milliseconds each for the second OpenMP thread."""
+    monkeypatch.setattr(M, "_NMS_Y_FILTER", y_filter)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _compare_pruned_and_dense_nms(method, monkeypatch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compare_pruned_and_dense_nms(method, monkeypatch):
+    gen = torch.Generator().manual_seed(3)
+    kept = total = 0
+    for trial in range(60):
+        dtype = torch.float32 if trial % 4 == 3 else torch.float64
+        b, sc, g = _random_box_set(gen, trial, dtype)
+        monkeypatch.setattr(M, "_NMS_PAIRS", (1 << 20, 50, 500)[trial % 3])
+        for thr in (0.0, 0.5, 0.7, 1.0):
+            ours = M._grouped_nms(b, sc, g, thr, method)
+            ref = M._grouped_nms(b, sc, g, thr, method, dense=True)
+            assert torch.equal(ours, ref), (trial, thr)
+            kept, total = kept + ref.numel(), total + b.shape[0]
+    assert 0.3 < kept / total < 0.9  # the sets suppress plenty (about 15%; threshold 1 none), and keep plenty
+    # negative thresholds (never used by the detector) suppress even non-overlapping boxes: dense path
+    b, sc, g = _random_box_set(gen, 1, torch.float64)
+    assert torch.equal(M._grouped_nms(b, sc, g, -0.1, method), M._grouped_nms(b, sc, g, -0.1, method, dense=True))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -358,6 +423,17 @@ def test_bad_and_unusual_inputs(det):
         det.detect(torch.rand(3, 64, 64))
     # a large min_face_size makes pyramid levels smaller than P-Net's window: skipped, no error
     assert det.detect(torch.rand(1, 3, 100, 100), min_face_size=80)[0].shape == (0, 15)
+
+
+def test_input_tensor_is_left_untouched(det, six_faces_small):
+    """detect normalises its own copy in place: the caller's tensor (float32 on the detector's device, which
+    `.to` passes through uncopied) keeps its values, with and without max_side, for RGB and expanded gray."""
+    img = six_faces_small.clone()
+    gray = img[:, :1].clone()
+    for kw in ({}, {"max_side": 320}):
+        assert det.detect(img, **kw)[0].shape[0] >= 1
+        det.detect(gray, **kw)
+        assert torch.equal(img, six_faces_small) and torch.equal(gray, six_faces_small[:, :1])
 
 
 def test_large_min_face_size_still_finds_faces(det, six_faces_small):

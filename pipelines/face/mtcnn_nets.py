@@ -107,6 +107,10 @@ def _max_pool_same(x: torch.Tensor, k: int, s: int) -> torch.Tensor:
         total = max((-(-n // s) - 1) * s + k - n, 0)
         return total // 2, total - total // 2
     (t, b), (l, r) = pads(x.shape[-2]), pads(x.shape[-1])
+    if not t and not l and all(-(-n // s) == -(-(n - k) // s) + 1 for n in x.shape[-2:]):
+        # padding only at the end: ceil_mode's last window, cut at the border, takes the maximum of the same
+        # elements (the -inf pads never win), without the padded copy
+        return F.max_pool2d(x, k, s, ceil_mode=True)
     if t or b or l or r:
         x = F.pad(x, (l, r, t, b), value=float("-inf"))
     return F.max_pool2d(x, k, s)
