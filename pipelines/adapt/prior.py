@@ -77,15 +77,27 @@ class ResBlock(nn.Module):
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.in_layers(x)
+        if torch.is_grad_enabled():
+            h = self.in_layers(x)
+            emb_out = self.emb_layers(emb).type(h.dtype)[..., None, None]
+            if self.use_scale_shift_norm:
+                scale, shift = torch.chunk(emb_out, 2, dim=1)
+                h = self.out_layers[0](h) * (1 + scale) + shift
+                h = self.out_layers[3](self.out_layers[1](h))
+            else:
+                h = self.out_layers(h + emb_out)
+            return self.skip_connection(x) + h
+        # Inference: the same operations in the same order, in place on the fresh tensors each one makes, so that
+        # fewer full-size temporaries are allocated (on the CPU each large one is new memory, page-faulted in).
+        h = self.in_layers[2](F.silu(self.in_layers[0](x), inplace=True))
         emb_out = self.emb_layers(emb).type(h.dtype)[..., None, None]
         if self.use_scale_shift_norm:
             scale, shift = torch.chunk(emb_out, 2, dim=1)
-            h = self.out_layers[0](h) * (1 + scale) + shift
-            h = self.out_layers[3](self.out_layers[1](h))
+            h = self.out_layers[0](h).mul_(1 + scale).add_(shift)
         else:
-            h = self.out_layers(h + emb_out)
-        return self.skip_connection(x) + h
+            h = self.out_layers[0](h.add_(emb_out))
+        h = self.out_layers[3](F.silu(h, inplace=True))
+        return h.add_(self.skip_connection(x))           # skip + h: addition commutes exactly
 
 
 class AttentionBlock(nn.Module):
@@ -109,7 +121,9 @@ class AttentionBlock(nn.Module):
         weight = torch.einsum("bct,bcs->bts", q * scale, k * scale)
         weight = torch.softmax(weight.float(), dim=-1).type(weight.dtype)
         a = torch.einsum("bts,bcs->bct", weight, v).reshape(bs, -1, length)
-        return (x + self.proj_out(a)).reshape(b, c, *spatial)
+        out = self.proj_out(a)
+        out = out.add_(x) if not torch.is_grad_enabled() else x + out
+        return out.reshape(b, c, *spatial)
 
 
 class Downsample(nn.Module):
@@ -202,7 +216,9 @@ class PriorUNet(nn.Module):
         h = self.middle_block(h, emb)
         for block in self.output_blocks:
             h = block(torch.cat([h, hs.pop()], dim=1), emb)
-        return self.out(h)
+        if torch.is_grad_enabled():
+            return self.out(h)
+        return self.out[2](F.silu(self.out[0](h), inplace=True))
 
 
 # --------------------------------------------------------------------------------------------------------------
