@@ -542,15 +542,14 @@ def stage_adapt(args, device, dtype):
         ((t_ref, _), (t_us, _)), (want, got) = B.side_by_side(
             lambda: torch.cat([_official_targets(ref, faces[k:k + 1], gcfg.seed + k, gcfg) for k in range(n)]),
             lambda: gen(faces, batch_size=n), device, 1 if args.quick else args.repeats)
-    if device.type != "cpu":  # the official draws its noise on the GPU, ours on the CPU (seed-stable everywhere)
-        agree = "targets not compared (noise drawn on other devices)"
-    else:
-        agree = f"max |diff| {float((got - want).abs().max()):.1e}"
+    # Both draw on the prior's device from generators seeded alike (the official's global one per face, ours one
+    # per face), in the same order, so the targets agree to float rounding on any device.
+    agree = f"max |diff| {float((got - want).abs().max()):.1e}"
     what = f"real-size prior (159.8 M) at {cfg.image_size} px" if real else f"tiny prior at {cfg.image_size} px"
     rows = [row("adapt", f"pseudo targets, s per face per step, {what}", t_us / (n * steps), t_ref / (n * steps),
                 None, peak.used, "official generator (SamsungLabs, snapshot)",
-                f"{n} faces x {steps} steps ({gcfg.start_step - gcfg.reg_end_step} constrained), ours batched, "
-                f"the official one face at a time; {agree}")]
+                f"{n} faces x {steps} steps ({gcfg.start_step - gcfg.reg_end_step} constrained), ours batch_size "
+                f"{n} ({gen_layout(gen, device)}), the official one face at a time; {agree}")]
     del ours, ref, gen
     with torch.enable_grad():
         ft = BA.bench_train(types.SimpleNamespace(real_size=real, train_steps=1 if args.quick else 3, micro_batch=1,
@@ -559,6 +558,15 @@ def stage_adapt(args, device, dtype):
                     f"{ft['faces_per_step']} face", ft["step_s"], None, ft["faces_per_step"], ft["peak_mib"] * 2 ** 20,
                     "", "ours only (no official fine-tuning run); median s per optimiser step, peak with the save"))
     return rows
+
+
+def gen_layout(gen, device) -> str:
+    """How the pseudo-target generator ran the prior (its device defaults unless set)."""
+    cpu = device.type == "cpu"
+    cl = cpu if gen.channels_last is None else gen.channels_last
+    per = (1 if cpu else None) if gen.prior_batch is None else gen.prior_batch
+    return (f"prior {'channels-last' if cl else 'NCHW'}, "
+            f"{'the whole batch' if per is None else f'{per} face(s)'} per call")
 
 
 def sync(device):

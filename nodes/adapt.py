@@ -99,7 +99,9 @@ class PseudoTargets:
             "restorer": ("FACE_RESTORER", {"tooltip": "The restorer to adapt; its output is the reference."}),
             "prior": ("DIFFUSION_PRIOR", {"tooltip": "From the FaceMend Diffusion Prior Loader."}),
             **_PSEUDO_INPUTS,
-            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Faces per prior call."}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip":
+                           "Faces sampled together: one prior call for all of them on a GPU; on the CPU the prior "
+                           "runs face by face (faster per face there)."}),
         }}
 
     def run(self, face_crops, restorer, prior, start_step=150, reg_end_step=90, down_factor=8, apply_filter=True,

@@ -71,6 +71,28 @@ def test_tiny_prior_loads_strictly_and_equals_official(tmp_path):
     assert inferred == tiny_config()
 
 
+@pytest.mark.parametrize("scale_shift", [True, False])
+def test_inference_path_is_the_autograd_path_bit_for_bit(scale_shift):
+    """Without autograd the UNet works in place and projects every block's time embedding in one product: the
+    same operations on the same values, so the same bits. New weights (load_state_dict) are picked up."""
+    import dataclasses
+
+    torch.manual_seed(2)
+    net = PriorUNet(dataclasses.replace(tiny_config(), use_scale_shift_norm=scale_shift)).eval().requires_grad_(False)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([999, 357])
+    for _ in range(2):
+        with torch.enable_grad():
+            want = net(x, t)
+        with torch.no_grad():
+            got = net(x, t)
+        assert torch.equal(got, want)
+        sd = {k: v * 1.5 if v.is_floating_point() else v for k, v in net.state_dict().items()}
+        net.load_state_dict(sd)                                    # second round: the stacked weights refresh
+
+
 def test_prior_refuses_damaged_files_naming_them(tmp_path):
     sd = tiny_official().state_dict()
     missing = dict(sd)

@@ -82,10 +82,13 @@ def _official_targets(ref_unet, faces, seed, cfg=CFG):
     return (sample * 0.5 + 0.5).clamp(0.0, 1.0)
 
 
-def test_pseudo_targets_equal_official_generator(tiny):
+# The CPU default (channels-last prior called face by face), the CUDA default (NCHW, whole batch per call), and
+# the other two combinations, all run here on the CPU.
+@pytest.mark.parametrize("channels_last,prior_batch", [(None, None), (False, 2), (True, 2), (False, 1)])
+def test_pseudo_targets_equal_official_generator(tiny, channels_last, prior_batch):
     ref, ours = tiny
     faces = _faces(2)
-    gen = PseudoTargetGenerator(ours, CFG)
+    gen = PseudoTargetGenerator(ours, CFG, channels_last=channels_last, prior_batch=prior_batch)
     got = gen(faces, batch_size=2)
     for k in range(2):
         want = _official_targets(ref, faces[k:k + 1], seed=CFG.seed + k)

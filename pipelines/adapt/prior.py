@@ -77,15 +77,28 @@ class ResBlock(nn.Module):
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.in_layers(x)
-        emb_out = self.emb_layers(emb).type(h.dtype)[..., None, None]
+        if torch.is_grad_enabled():
+            h = self.in_layers(x)
+            emb_out = self.emb_layers(emb).type(h.dtype)[..., None, None]
+            if self.use_scale_shift_norm:
+                scale, shift = torch.chunk(emb_out, 2, dim=1)
+                h = self.out_layers[0](h) * (1 + scale) + shift
+                h = self.out_layers[3](self.out_layers[1](h))
+            else:
+                h = self.out_layers(h + emb_out)
+            return self.skip_connection(x) + h
+        # Inference: the same operations in the same order, in place on the fresh tensors each one makes, so that
+        # fewer full-size temporaries are allocated (on the CPU each large one is new memory, page-faulted in).
+        # `emb` holds this block's projection already (PriorUNet computes all blocks' in one product).
+        h = self.in_layers[2](F.silu(self.in_layers[0](x), inplace=True))
+        emb_out = emb[self.emb_index].type(h.dtype)[..., None, None]
         if self.use_scale_shift_norm:
             scale, shift = torch.chunk(emb_out, 2, dim=1)
-            h = self.out_layers[0](h) * (1 + scale) + shift
-            h = self.out_layers[3](self.out_layers[1](h))
+            h = self.out_layers[0](h).mul_(1 + scale).add_(shift)
         else:
-            h = self.out_layers(h + emb_out)
-        return self.skip_connection(x) + h
+            h = self.out_layers[0](h.add_(emb_out))
+        h = self.out_layers[3](F.silu(h, inplace=True))
+        return h.add_(self.skip_connection(x))           # skip + h: addition commutes exactly
 
 
 class AttentionBlock(nn.Module):
@@ -109,7 +122,9 @@ class AttentionBlock(nn.Module):
         weight = torch.einsum("bct,bcs->bts", q * scale, k * scale)
         weight = torch.softmax(weight.float(), dim=-1).type(weight.dtype)
         a = torch.einsum("bts,bcs->bct", weight, v).reshape(bs, -1, length)
-        return (x + self.proj_out(a)).reshape(b, c, *spatial)
+        out = self.proj_out(a)
+        out = out.add_(x) if not torch.is_grad_enabled() else x + out
+        return out.reshape(b, c, *spatial)
 
 
 class Downsample(nn.Module):
@@ -131,9 +146,9 @@ class Upsample(nn.Module):
 
 
 class _Sequential(nn.Sequential):
-    """Passes the time embedding to the ResBlocks only."""
+    """Passes the time embedding (inference: the per-block projections) to the ResBlocks only."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:  # noqa: D401
+    def forward(self, x: torch.Tensor, emb) -> torch.Tensor:  # noqa: D401
         for layer in self:
             x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
         return x
@@ -191,9 +206,28 @@ class PriorUNet(nn.Module):
                     ds *= 2
                 self.output_blocks.append(_Sequential(*layers))
         self.out = nn.Sequential(_norm(ch), nn.SiLU(), nn.Conv2d(input_ch, c.out_channels, 3, padding=1))
+        self._resblocks = [m for m in self.modules() if isinstance(m, ResBlock)]   # a plain list: no new keys
+        for k, block in enumerate(self._resblocks):
+            block.emb_index = k
+        self._emb_cache = None
+
+    def _block_embeddings(self, emb: torch.Tensor) -> list:
+        """Every ResBlock's time projection, emb_layers(emb), from one matrix product over the blocks' stacked
+        Linear weights instead of one small product per block (41 in the released prior): on the CPU a small
+        product can cost milliseconds of thread wake-up in a busy machine. Each output element is the same
+        128-term dot product. The stacked weights are cached while the blocks' weights are unchanged."""
+        lins = [b.emb_layers[1] for b in self._resblocks]
+        key = tuple((m.weight.data_ptr(), m.weight._version, m.bias.data_ptr(), m.bias._version) for m in lins)
+        if self._emb_cache is None or self._emb_cache[0] != key:
+            self._emb_cache = (key, torch.cat([m.weight for m in lins]), torch.cat([m.bias for m in lins]),
+                               [m.out_features for m in lins])
+        _, weight, bias, sizes = self._emb_cache
+        return list(torch.split(F.linear(F.silu(emb), weight, bias), sizes, dim=1))
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(x.dtype))
+        if not torch.is_grad_enabled():
+            emb = self._block_embeddings(emb)
         hs = []
         h = x
         for block in self.input_blocks:
@@ -202,7 +236,9 @@ class PriorUNet(nn.Module):
         h = self.middle_block(h, emb)
         for block in self.output_blocks:
             h = block(torch.cat([h, hs.pop()], dim=1), emb)
-        return self.out(h)
+        if torch.is_grad_enabled():
+            return self.out(h)
+        return self.out[2](F.silu(self.out[0](h), inplace=True))
 
 
 # --------------------------------------------------------------------------------------------------------------

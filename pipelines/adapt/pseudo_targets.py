@@ -56,14 +56,26 @@ class PseudoTargetConfig:
 
 
 class PseudoTargetGenerator:
-    def __init__(self, unet: PriorUNet, config: PseudoTargetConfig = PseudoTargetConfig()):
+    """channels_last: the prior's weights and inputs in NHWC memory. Default: on the CPU only, where oneDNN's
+    convolutions then run without reordering every input and output (measured 20-25% faster at 512 px); CUDA's
+    GroupNorm works on NCHW only and would copy every activation there. The prior module is switched to the
+    layout in place (a memory layout, no change of values).
+    prior_batch: faces per network call within a batch (the loop's other steps always run on the whole batch).
+    Default: 1 on the CPU, where a larger call is no faster per face (measured 3-25% slower: more page faults and
+    parallel regions) and the official generator calls it face by face too; the whole batch elsewhere."""
+
+    def __init__(self, unet: PriorUNet, config: PseudoTargetConfig = PseudoTargetConfig(),
+                 channels_last: Optional[bool] = None, prior_batch: Optional[int] = None):
         self.unet = unet
         self.config = config
+        self.channels_last = channels_last
+        self.prior_batch = prior_batch
         try:
             self.schedule = SpacedSchedule(config.respacing)
         except ValueError as exc:
             raise ValueError(f"respacing {config.respacing!r}: {exc} (expected e.g. \"250\" or \"ddim50\")") from exc
         config.validate(self.schedule.num_steps)
+        self._lowpass: dict = {}
 
     @property
     def device(self) -> torch.device:
@@ -79,43 +91,80 @@ class PseudoTargetGenerator:
                  on_step: Optional[Callable[..., None]] = None) -> torch.Tensor:
         """restored: [N,3,H,W] RGB in [0,1] (the restorer's outputs on the user's faces). Returns targets of the
         same shape in [0,1], float32, on the input's device.
+        batch_size: faces sampled together (their network calls grouped by `prior_batch`).
         callback(n): after every denoising step (n = faces in the batch), for progress and interruption.
         on_step(i, x_before, x_after, noised_ref): after every constrained step (the constraint test uses it)."""
         seed = self.config.seed if seed is None else int(seed)
         n, _, h, w = restored.shape
         out = torch.empty((n, 3, h, w), dtype=torch.float32, device=restored.device)
+        device = self.device
+        cpu = device.type == "cpu"
+        channels_last = cpu if self.channels_last is None else bool(self.channels_last)
+        self._set_layout(channels_last)
+        prior_batch = (1 if cpu else n) if self.prior_batch is None else max(1, int(self.prior_batch))
         bs = max(1, int(batch_size))
         for start in range(0, n, bs):
-            chunk = restored[start:start + bs].to(self.device, torch.float32)
-            gens = [torch.Generator(device=self.device).manual_seed(seed + start + k) for k in range(chunk.shape[0])]
-            out[start:start + chunk.shape[0]] = self._run(chunk, gens, callback, on_step).to(out.device)
+            chunk = restored[start:start + bs].to(device, torch.float32)
+            gens = [torch.Generator(device=device).manual_seed(seed + start + k) for k in range(chunk.shape[0])]
+            out[start:start + chunk.shape[0]] = self._run(chunk, gens, channels_last, prior_batch, callback,
+                                                          on_step).to(out.device)
         return out
 
-    def _noise(self, gens, like: torch.Tensor) -> torch.Tensor:
-        return torch.cat([torch.randn(like.shape[1:], generator=g, device=like.device, dtype=like.dtype)[None]
-                          for g in gens])
+    def _set_layout(self, channels_last: bool) -> None:
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        w = self.unet.input_blocks[0][0].weight
+        if not w.is_contiguous(memory_format=fmt):
+            self.unet.to(memory_format=fmt)
 
-    def _run(self, im: torch.Tensor, gens, callback, on_step) -> torch.Tensor:
+    def _filter(self, size: int, device: torch.device) -> LowPass:
+        key = (size, self.config.down_factor, str(device))
+        if key not in self._lowpass:
+            self._lowpass = {key: LowPass(size, size, self.config.down_factor, device=device)}
+        return self._lowpass[key]
+
+    def _prior(self, x: torch.Tensor, t: torch.Tensor, channels_last: bool, prior_batch: int) -> torch.Tensor:
+        """The network on x in groups of `prior_batch` faces; the output back in the loop's NCHW layout."""
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        b = x.shape[0]
+        if prior_batch >= b:
+            out = self.unet(x, t)
+        else:
+            out = torch.cat([self.unet(x[j:j + prior_batch], t[j:j + prior_batch]) for j in range(0, b, prior_batch)])
+        return out.contiguous()
+
+    def _run(self, im: torch.Tensor, gens, channels_last: bool, prior_batch: int, callback, on_step) -> torch.Tensor:
         c = self.config
         s = c.image_size
         h, w = im.shape[-2:]
         im = im.clamp(0.0, 1.0)
         if (h, w) != (s, s):
             im = F.interpolate(im, size=(s, s), mode="bicubic", align_corners=False, antialias=True)
-        x_ref = (im - 0.5) / 0.5
+        x_ref = ((im - 0.5) / 0.5).contiguous()
         sched = self.schedule
         b = im.shape[0]
-        t0 = torch.full((b,), c.start_step, device=im.device, dtype=torch.long)
-        x = sched.q_sample(x_ref, t0, self._noise(gens, x_ref))
-        lowpass = LowPass(s, s, c.down_factor, device=im.device) if c.apply_filter else None
+        noise = torch.empty_like(x_ref)
+
+        def draw() -> torch.Tensor:
+            # Each face from its own generator, in the official order; normal_ on a contiguous face is the
+            # official torch.randn of that shape. The buffer is refilled: every draw is used before the next.
+            for k, g in enumerate(gens):
+                noise[k].normal_(generator=g)
+            return noise
+
+        timesteps = sched.model_timesteps(im.device)          # one upload; a step's is a view of it
+        x = sched.q_sample(x_ref, c.start_step, draw())
+        lowpass = self._filter(s, im.device) if c.apply_filter else None
         for i in range(c.start_step - 1, -1, -1):
-            t = torch.full((b,), i, device=im.device, dtype=torch.long)
-            model_out = self.unet(x, sched.model_timesteps(t))
-            x, _ = sched.p_sample(model_out, x, t, self._noise(gens, x), clip_denoised=c.clip_denoised)
+            model_out = self._prior(x, timesteps[i:i + 1].expand(b), channels_last, prior_batch)
+            # The official step draws its noise at i = 0 too, but nothing uses it and nothing is drawn after.
+            x = sched.p_sample(model_out, x, i, draw() if i else None, clip_denoised=c.clip_denoised)
             if lowpass is not None and i >= c.reg_end_step:
-                ref_t = sched.q_sample(x_ref, t - 1, self._noise(gens, x_ref))
+                ref_t = sched.q_sample(x_ref, i - 1, draw())
                 before = x
-                x = x - lowpass(x) + lowpass(ref_t)
+                # x - P(x) + P(ref_t) as x + P(ref_t - x): P is linear, one filter instead of two (float rounding
+                # only, and on the smaller difference).
+                x = x + lowpass(ref_t - x)
                 if on_step is not None:
                     on_step(i, before, x, ref_t)
             if callback is not None:

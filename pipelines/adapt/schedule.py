@@ -6,6 +6,8 @@ so that one step here is the official step bit for bit on the same device.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 
@@ -67,33 +69,37 @@ class SpacedSchedule:
         self.posterior_mean_coef2 = (1.0 - ac_prev) * np.sqrt(1.0 - b) / (1.0 - ac)
         self.log_betas = np.log(b)
 
-    @staticmethod
-    def _at(arr: np.ndarray, t: torch.Tensor, ndim: int) -> torch.Tensor:
-        res = torch.from_numpy(arr).to(device=t.device)[t].float()
-        return res.reshape(-1, *([1] * (ndim - 1)))
+    def coef(self, name: str, i: int) -> float:
+        """Coefficient `name` at respaced step i, rounded to float32 as the official `_extract_into_tensor` does
+        (float64 table, `.float()`). Returned as a Python float holding that float32 value: a float32 tensor
+        times it is the official broadcast product bit for bit, and on a GPU it travels as a kernel argument (no
+        host-to-device copy, no sync)."""
+        return float(np.float32(getattr(self, name)[i]))
 
-    def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
-        """The original (unscaled) timesteps the network is called with."""
-        return torch.tensor(self.timestep_map, device=t.device, dtype=t.dtype)[t]
+    def model_timesteps(self, device=None) -> torch.Tensor:
+        """[num_steps] int64 original (unscaled) timesteps the network is called with, indexed by respaced step."""
+        return torch.tensor(self.timestep_map, dtype=torch.long, device=device)
 
-    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return self._at(self.sqrt_alphas_cumprod, t, x0.ndim) * x0 + \
-            self._at(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise
+    def q_sample(self, x0: torch.Tensor, i: int, noise: torch.Tensor) -> torch.Tensor:
+        """x0 diffused to respaced step i (all of the batch at the same step)."""
+        return self.coef("sqrt_alphas_cumprod", i) * x0 + self.coef("sqrt_one_minus_alphas_cumprod", i) * noise
 
-    def p_sample(self, model_output: torch.Tensor, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-                 clip_denoised: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """One ancestral step from the network output (eps, learned-range variance values).
-        Returns (x_{t-1}, predicted x_0); no noise is added at t == 0."""
+    def p_sample(self, model_output: torch.Tensor, x: torch.Tensor, i: int, noise: Optional[torch.Tensor],
+                 clip_denoised: bool = True) -> torch.Tensor:
+        """One ancestral step at respaced step i from the network output (eps, learned-range variance values):
+        x_{i-1}. No noise is added at i == 0 (`noise` may be None there). The official arithmetic in its order;
+        the official mask multiply (1.0 or 0.0 times the noise term) is left out, which changes no bit (y * 1.0
+        is y, and mean + 0 * finite is mean)."""
         c = x.shape[1]
         eps, var_values = torch.split(model_output, c, dim=1)
-        min_log = self._at(self.posterior_log_variance_clipped, t, x.ndim)
-        max_log = self._at(self.log_betas, t, x.ndim)
-        frac = (var_values + 1) / 2
-        log_variance = frac * max_log + (1 - frac) * min_log
-        x0 = self._at(self.sqrt_recip_alphas_cumprod, t, x.ndim) * x - \
-            self._at(self.sqrt_recipm1_alphas_cumprod, t, x.ndim) * eps
+        x0 = self.coef("sqrt_recip_alphas_cumprod", i) * x - self.coef("sqrt_recipm1_alphas_cumprod", i) * eps
         if clip_denoised:
-            x0 = x0.clamp(-1, 1)
-        mean = self._at(self.posterior_mean_coef1, t, x.ndim) * x0 + self._at(self.posterior_mean_coef2, t, x.ndim) * x
-        nonzero = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))
-        return mean + nonzero * torch.exp(0.5 * log_variance) * noise, x0
+            x0 = x0.clamp_(-1, 1)
+        mean = self.coef("posterior_mean_coef1", i) * x0
+        mean += self.coef("posterior_mean_coef2", i) * x
+        if i == 0:
+            return mean
+        frac = (var_values + 1) / 2
+        log_variance = frac * self.coef("log_betas", i)
+        log_variance += (1 - frac).mul_(self.coef("posterior_log_variance_clipped", i))
+        return mean.add_(log_variance.mul_(0.5).exp_().mul_(noise))
