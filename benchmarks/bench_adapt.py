@@ -18,13 +18,12 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import load_facemend, sync  # noqa: E402
+from _common import Peak, load_facemend, sync  # noqa: E402
 
 load_facemend()
 
@@ -36,45 +35,6 @@ from facemend.pipelines.restore.restorer import FaceRestorer  # noqa: E402
 
 TINY_PRIOR = PriorUNetConfig(image_size=32, model_channels=32, num_res_blocks=(1, 2, 1), attention_resolutions=(16, 8),
                              channel_mult=(1, 1, 2), num_head_channels=16)
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakMemory:
-    def __init__(self, device):
-        self.device = torch.device(device)
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-            return self
-        self.base = self.peak = _rss()
-        self._stop = threading.Event()
-
-        def watch():
-            while not self._stop.is_set():
-                self.peak = max(self.peak, _rss())
-                time.sleep(0.005)
-
-        self._t = threading.Thread(target=watch, daemon=True)
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            self.peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            self._stop.set()
-            self._t.join()
-            self.peak = max(self.peak, _rss())
-
-    @property
-    def mib(self) -> float:
-        return (self.peak - self.base) / 2 ** 20
 
 
 def bench_prior(args, device):
@@ -94,14 +54,14 @@ def bench_prior(args, device):
         times.append(now - last[0])
         last[0] = now
 
-    with PeakMemory(device) as mem:
+    with Peak(device) as mem:
         last[0] = time.perf_counter()
         gen(faces, batch_size=args.faces, callback=cb)
     step = statistics.median(times[1:] or times)
     per_face = step * 150 / args.faces
     print(f"prior {'real 159.8M' if args.real_size else 'tiny'} at {size}px, batch {args.faces}, {device}: "
           f"{step:.3f} s per step ({len(times)} steps), so {per_face:.1f} s per face at the official 150 steps; "
-          f"peak +{mem.mib:.0f} MiB")
+          f"peak +{mem.used / 2 ** 20:.0f} MiB")
 
 
 def bench_train(args, device) -> dict:
@@ -132,7 +92,7 @@ def bench_train(args, device) -> dict:
         times.append(now - last[0])
         last[0] = now
 
-    with PeakMemory(device) as mem:
+    with Peak(device) as mem:
         last[0] = time.perf_counter()
         Finetuner(restorer, lpips_net, cfg).run(faces, targets, "bench", os.path.join(tmp, "out.safetensors"),
                                                 os.path.join(tmp, "work"), hook=hook)
@@ -141,9 +101,9 @@ def bench_train(args, device) -> dict:
     faces_per_step = args.micro_batch * args.accumulate
     print(f"fine-tune GFPGAN ({n_params:.1f}M params) at {size}px + LPIPS-VGG, micro-batch {args.micro_batch} x "
           f"{args.accumulate}, {args.precision}, {device}: {step:.2f} s per optimiser step "
-          f"({step / faces_per_step:.2f} s per face); peak +{mem.mib:.0f} MiB (includes the final save)")
+          f"({step / faces_per_step:.2f} s per face); peak +{mem.used / 2 ** 20:.0f} MiB (includes the final save)")
     return {"step_s": step, "faces_per_step": faces_per_step, "size": size, "params_m": n_params,
-            "peak_mib": mem.mib}
+            "peak_mib": mem.used / 2 ** 20}
 
 
 def main():
