@@ -91,6 +91,17 @@ def test_inference_path_is_the_autograd_path_bit_for_bit(scale_shift):
         assert torch.equal(got, want)
         sd = {k: v * 1.5 if v.is_floating_point() else v for k, v in net.state_dict().items()}
         net.load_state_dict(sd)                                    # second round: the stacked weights refresh
+    # A model loaded under inference_mode (as ComfyUI loads models) holds inference tensors, which have no version
+    # counter: the same bits, and new weights loaded there are picked up as well.
+    with torch.inference_mode():
+        frozen = PriorUNet(dataclasses.replace(tiny_config(), use_scale_shift_norm=scale_shift)).eval()
+        frozen.load_state_dict(net.state_dict())
+        for _ in range(2):
+            assert frozen.time_embed[0].weight.is_inference()
+            assert torch.equal(frozen(x, t), net(x, t))
+            sd = {k: v * 0.5 if v.is_floating_point() else v for k, v in frozen.state_dict().items()}
+            frozen.load_state_dict(sd)
+            net.load_state_dict(sd)
 
 
 def test_prior_refuses_damaged_files_naming_them(tmp_path):

@@ -217,8 +217,11 @@ class PriorUNet(nn.Module):
         product can cost milliseconds of thread wake-up in a busy machine. Each output element is the same
         128-term dot product. The stacked weights are cached while the blocks' weights are unchanged."""
         lins = [b.emb_layers[1] for b in self._resblocks]
-        key = tuple((m.weight.data_ptr(), m.weight._version, m.bias.data_ptr(), m.bias._version) for m in lins)
-        if self._emb_cache is None or self._emb_cache[0] != key:
+        # Inference tensors (weights loaded under torch.inference_mode, as ComfyUI loads models) have no version
+        # counter: their stack is not cached (a cat of small matrices per call).
+        key = None if any(m.weight.is_inference() or m.bias.is_inference() for m in lins) else \
+            tuple((m.weight.data_ptr(), m.weight._version, m.bias.data_ptr(), m.bias._version) for m in lins)
+        if key is None or self._emb_cache is None or self._emb_cache[0] != key:
             self._emb_cache = (key, torch.cat([m.weight for m in lins]), torch.cat([m.bias for m in lins]),
                                [m.out_features for m in lins])
         _, weight, bias, sizes = self._emb_cache
