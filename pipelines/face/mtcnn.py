@@ -189,16 +189,17 @@ def _crop_and_resize(images: torch.Tensor, boxes: torch.Tensor, image_ids: torch
 
 # --------------------------------------------------------------------------------------------- boxes
 
-def _iou_block(a: torch.Tensor, b: torch.Tensor, method: str) -> torch.Tensor:
-    """The package's IoU ([i,j] for a[i], b[j]); areas unclamped, 'union' or 'min' denominator."""
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    iw = (torch.minimum(a[:, None, 2], b[None, :, 2]) - torch.maximum(a[:, None, 0], b[None, :, 0])).clamp(min=0)
-    ih = (torch.minimum(a[:, None, 3], b[None, :, 3]) - torch.maximum(a[:, None, 1], b[None, :, 1])).clamp(min=0)
+def _iou(a: torch.Tensor, b: torch.Tensor, method: str) -> torch.Tensor:
+    """The package's IoU of boxes a[..., :4] and b[..., :4], elementwise with broadcasting (a[:, None], b[None]
+    gives the [i, j] matrix); areas unclamped, 'union' or 'min' denominator."""
+    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
+    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    iw = (torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0])).clamp(min=0)
+    ih = (torch.minimum(a[..., 3], b[..., 3]) - torch.maximum(a[..., 1], b[..., 1])).clamp(min=0)
     inter = iw * ih
     if method == "union":
-        return inter / (area_a[:, None] + area_b[None, :] - inter)
-    return inter / torch.minimum(area_a[:, None], area_b[None, :])
+        return inter / (area_a + area_b - inter)
+    return inter / torch.minimum(area_a, area_b)
 
 
 def _fast_nms_sorted(boxes: torch.Tensor, threshold: float, method: str) -> torch.Tensor:
@@ -209,7 +210,7 @@ def _fast_nms_sorted(boxes: torch.Tensor, threshold: float, method: str) -> torc
     chunk = max(1, _NMS_BLOCK // max(n, 1))
     for c0 in range(0, n, chunk):
         c1 = min(n, c0 + chunk)
-        iou = _iou_block(boxes[:c1], boxes[c0:c1], method)             # [c1, c1-c0]
+        iou = _iou(boxes[:c1, None], boxes[None, c0:c1], method)        # [c1, c1-c0]
         above = (iou > threshold) & (torch.arange(c1, device=boxes.device)[:, None]
                                      < torch.arange(c0, c1, device=boxes.device)[None, :])
         suppressed[c0:c1] = above.any(0)
@@ -255,16 +256,7 @@ def _dense_nms_sorted(b: torch.Tensor, counts: torch.Tensor, threshold: float, m
     pad[gi, slot] = b
     present = torch.zeros(n_groups, nmax, dtype=torch.bool, device=b.device)
     present[gi, slot] = True
-    area = (pad[..., 2] - pad[..., 0]) * (pad[..., 3] - pad[..., 1])
-    iw = (torch.minimum(pad[:, :, None, 2], pad[:, None, :, 2])
-          - torch.maximum(pad[:, :, None, 0], pad[:, None, :, 0])).clamp(min=0)
-    ih = (torch.minimum(pad[:, :, None, 3], pad[:, None, :, 3])
-          - torch.maximum(pad[:, :, None, 1], pad[:, None, :, 1])).clamp(min=0)
-    inter = iw * ih
-    if method == "union":
-        iou = inter / (area[:, :, None] + area[:, None, :] - inter)
-    else:
-        iou = inter / torch.minimum(area[:, :, None], area[:, None, :])
+    iou = _iou(pad[:, :, None], pad[:, None, :], method)
     upper = torch.ones(nmax, nmax, dtype=torch.bool, device=b.device).triu(1)
     above = (iou > threshold) & upper & present[:, :, None]
     keep = ~above.any(1)
@@ -327,21 +319,9 @@ def _sparse_nms_sorted(b: torch.Tensor, g: torch.Tensor, threshold: float, metho
         i, j = pos[first], pos[second]
         lo = torch.minimum(i, j)                            # earlier in score order: the suppressor (row)
         hi = torch.maximum(i, j)
-        iou = _iou_pairs(b[lo], b[hi], method)
+        iou = _iou(b[lo], b[hi], method)
         hits.index_add_(0, hi, (iou > threshold).int())
     return hits == 0
-
-
-def _iou_pairs(a: torch.Tensor, b: torch.Tensor, method: str) -> torch.Tensor:
-    """`_iou_block`'s expression for paired rows a[k], b[k] (elementwise, bit for bit the same values)."""
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    iw = (torch.minimum(a[:, 2], b[:, 2]) - torch.maximum(a[:, 0], b[:, 0])).clamp(min=0)
-    ih = (torch.minimum(a[:, 3], b[:, 3]) - torch.maximum(a[:, 1], b[:, 1])).clamp(min=0)
-    inter = iw * ih
-    if method == "union":
-        return inter / (area_a + area_b - inter)
-    return inter / torch.minimum(area_a, area_b)
 
 
 def _grouped_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, threshold: float,
