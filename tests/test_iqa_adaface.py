@@ -1,0 +1,103 @@
+"""AdaFace IR-50 and the NTIRE organisers' alignment (pipelines/quality/adaface.py) against the official code:
+the network on random weights saved in the official checkpoint layout, the similarity transform and the crops on
+real photos, and the whole per-image similarity as the organisers' inference_face computes it."""
+import numpy as np
+import pytest
+import torch
+
+from facemend.pipelines.io.errors import ModelFileInvalid
+from facemend.pipelines.quality import adaface as AF
+
+from adaface_official import (official_modules, organisers_crop, organisers_similarity, random_official_ir50,
+                              save_lightning_checkpoint)
+from conftest import load_image, modules_reorder_tol, need_shared
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def official_net():
+    return random_official_ir50(seed=0)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(official_net, tmp_path_factory):
+    path = tmp_path_factory.mktemp("adaface") / AF.CHECKPOINT_FILE
+    save_lightning_checkpoint(official_net, path)
+    return path
+
+
+def test_ir50_equals_official_network_on_random_weights(official_net, checkpoint):
+    ours = AF.AdaFaceIR50.from_file(str(checkpoint))
+    x = torch.rand(2, 3, 112, 112) * 2 - 1
+    with torch.no_grad():
+        ref_emb, ref_norm = official_net(x)
+    emb = ours.embed(x)
+    # the same layers in the same order: equal up to float32 reordering (measured against a float64 run)
+    tol = modules_reorder_tol(lambda m, t: m(t)[0], official_net, x)
+    assert (emb - ref_emb).abs().max().item() <= tol
+    assert torch.allclose(ours.net(x)[1], ref_norm, rtol=1e-5)
+    # the two faces differ, so the check above is not two constant vectors
+    assert (emb[0] @ emb[1]).abs().item() < 0.99
+
+
+def test_checkpoint_with_missing_key_or_foreign_objects_is_refused_naming_the_file(official_net, tmp_path):
+    bad = tmp_path / "bad.ckpt"
+    sd = {"model." + k: v for k, v in official_net.state_dict().items() if k != "body.3.res_layer.1.weight"}
+    torch.save({"state_dict": sd}, bad)
+    with pytest.raises(ModelFileInvalid, match=r"bad\.ckpt.*missing.*body\.3\.res_layer\.1\.weight"):
+        AF.load_adaface(str(bad))
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": sd, "callback": torch.nn.ReLU()}, evil)  # a pickled class outside the allow-list
+    with pytest.raises(ModelFileInvalid, match=r"evil\.ckpt holds Python objects other than weights"):
+        AF.load_adaface(str(evil))
+
+
+def _photo(name=("aligned_lq_real", "Adele_crop.png")):
+    img = load_image(need_shared("faces", *name))[0]
+    return img, AF.to_uint8_hwc(img)
+
+
+def _landmarks(img):
+    from facemend.pipelines.face.detectors import load_detector
+
+    det = load_detector("mtcnn").detect(img[None], score_threshold=0.8)[0]
+    return det[0, 5:15].reshape(5, 2).double().numpy()
+
+
+def test_transform_and_crops_equal_the_organisers_code_on_real_photos():
+    _, align_trans, cp2tform = official_modules()
+
+    ref = np.float32(align_trans.get_reference_facial_points(default_square=True))
+    assert AF.REFERENCE_112.tobytes() == ref.tobytes()
+    img, u8 = _photo()
+    pts = _landmarks(img)
+    rng = np.random.default_rng(0)
+    cases = [pts, pts + rng.normal(0, 3, (5, 2)), pts[[1, 0, 2, 4, 3]],  # detected; jittered; left/right swapped
+             pts * 0.5 + 40, pts + rng.normal(0, 25, (5, 2))]
+    reflective = []
+    for p in cases:
+        m = AF.ntire_transform(p)
+        np.testing.assert_array_equal(m, cp2tform.get_similarity_transform_for_cv2(np.float32(p), ref.copy()))
+        np.testing.assert_array_equal(AF.ntire_crops([u8], p[None])[0], organisers_crop(u8, p))
+        reflective.append(bool(np.linalg.det(m[:, :2]) < 0))
+    # the swapped points take the mirror-image fit, as the organisers' code does; the detected ones do not
+    assert reflective[0] is False and reflective[2] is True
+
+
+def test_similarity_equals_organisers_inference_face(official_net, checkpoint):
+    ours = AF.AdaFaceIR50.from_file(str(checkpoint))
+    img, out_u8 = _photo()
+    pts = _landmarks(img)
+    lq = torch.nn.functional.avg_pool2d(img[None], 5, stride=1, padding=2, count_include_pad=False)[0]
+    lq_u8 = AF.to_uint8_hwc(lq)
+    lq = torch.from_numpy(lq_u8).permute(2, 0, 1).float() / 255  # what read_image gives for the saved 8-bit input
+    out = torch.from_numpy(out_u8).permute(2, 0, 1).float() / 255
+    sim = ours.similarity(torch.stack([lq, out]), torch.stack([out, out]),
+                          torch.from_numpy(np.stack([pts, pts])))
+    ref = organisers_similarity(official_net, lq_u8, out_u8, pts)
+    x = AF.crops_to_input(AF.ntire_crops([lq_u8, out_u8], np.stack([pts, pts])))
+    tol = 2 * modules_reorder_tol(lambda m, t: m(t)[0], official_net, x)  # two embeddings in the dot product
+    assert abs(sim[0].item() - ref) <= tol
+    assert abs(sim[1].item() - 1.0) <= tol  # a face against itself
+    assert sim[0].item() < 1 - 10 * tol  # the blur moved the embedding: the comparison is not vacuous
