@@ -302,14 +302,28 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def evaluate_folder(outputs: str, out_dir: str = "report", inputs: str | None = None, metrics=("niqe",),
                     id_model: str | None = None, id_threshold: float = 0.6, fid_stats: str | None = None,
-                    niqe_variant: str = "pyiqa", qalign: float | None = None, log=print) -> dict:
+                    niqe_variant: str = "pyiqa", qalign: float | None = None, log=print,
+                    protocol: str = "ntire2025", landmarks: str | None = None) -> dict:
     """Score a folder of restored images: per-image NR-IQA (+ ID similarity to --inputs, + FID against stored
-    statistics), the NTIRE 2025 score and low-ID count; writes report.json, per_image.csv, summary.png."""
-    from .nodes.quality import ID_FOLDER, IQA_FOLDER, open_id_model, open_metric
+    statistics), the NTIRE score and the ID gate of `protocol` (ntire2025 | ntire2026); writes report.json,
+    per_image.csv, summary.png. id_model: AdaFace adaface_ir50_ms1mv2.ckpt (the challenge's) or an ArcFace ONNX
+    (a proxy); landmarks: the organisers' landmark CSV (else AdaFace finds the input's face with the embedded
+    MTCNN detector)."""
+    from .nodes.quality import IQA_FOLDER, id_folder, open_id_model, open_metric
     from .pipelines.quality.evaluate import evaluate, write_report
+    from .pipelines.quality.ntire_score import protocol as check_protocol, read_landmark_file
 
+    check_protocol(protocol)
+    marks = read_landmark_file(landmarks) if landmarks else None
+    if marks is not None and not id_model:
+        raise FaceMendError("--landmarks is for the ID gate: give --id-model too (adaface_ir50_ms1mv2.ckpt)")
     loaded = {name: open_metric(name, niqe_variant=niqe_variant) for name in metrics}
-    idm = open_id_model(id_model, model_file(ID_FOLDER, id_model)) if id_model else None
+    idm = open_id_model(id_model, model_file(id_folder(id_model), id_model)) if id_model else None
+    detector = None
+    if idm is not None and idm.name == "adaface" and marks is None:
+        detector = load_detector(EMBEDDED_MTCNN, device=dev.compute_device())
+        log("no --landmarks file: the inputs' five landmarks come from the embedded MTCNN detector (the "
+            "challenge's come from its landmark CSV)")
     fid = None
     if fid_stats:
         from .pipelines.quality.fid import INCEPTION_FILE, FIDInception, load_stats
@@ -317,13 +331,16 @@ def evaluate_folder(outputs: str, out_dir: str = "report", inputs: str | None = 
         fid = (FIDInception.from_file(model_paths.find_file(IQA_FOLDER, INCEPTION_FILE), dev.compute_device()),
                load_stats(model_file(IQA_FOLDER, fid_stats)))
     report = evaluate(outputs, loaded, inputs, idm, fid, id_threshold, dev.compute_device(), log,
-                      dev.check_interrupt, {"qalign": qalign} if qalign is not None else None)
+                      dev.check_interrupt, {"qalign": qalign} if qalign is not None else None,
+                      protocol_name=protocol, landmarks=marks, detector=detector)
     paths = write_report(report, out_dir)
     ntire = report["ntire"]
     log(f"{report['images']} images: " + ", ".join(f"{k} {v:.4f}" for k, v in report["means"].items())
         + f"; NTIRE score {ntire['score']:.4f}" + ("" if ntire["complete"] else
                                                   f" (without {', '.join(ntire['missing_terms'])})")
-        + (f"; low ID {report['id_gate']['low_count']} ({'pass' if report['id_gate']['passed'] else 'FAIL'})"
+        + (f"; {protocol} ID gate ({report['id_model']['name']}): {report['id_gate']['low_count']} low "
+           f"({'pass' if report['id_gate']['passed'] else 'FAIL'}, at most {report['id_gate']['max_low']})"
+           + "".join(f", {k} {v}" for k, v in report["id_gate"]["low_by_dataset"].items())
            if "id_gate" in report else "") + f"; wrote {', '.join(paths)}")
     return report
 
@@ -461,8 +478,14 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--metrics", default="niqe", help="comma-separated from niqe, clipiqa, maniqa, musiq")
     p_eval.add_argument("--niqe-variant", default="pyiqa", choices=["pyiqa", "matlab"],
                         help="NIQE as pyiqa/BasicSR compute it (default) or as the original MATLAB code")
-    p_eval.add_argument("--id-model", default=None, help="ArcFace ONNX in models/insightface/, e.g. "
-                        "models/buffalo_l/w600k_r50.onnx (needs --inputs)")
+    p_eval.add_argument("--id-model", default=None, help="adaface_ir50_ms1mv2.ckpt in models/adaface/ (the NTIRE "
+                        "gate's own model) or an ArcFace ONNX in models/insightface/, e.g. "
+                        "models/buffalo_l/w600k_r50.onnx (a proxy); needs --inputs")
+    p_eval.add_argument("--protocol", default="ntire2025", choices=["ntire2025", "ntire2026"],
+                        help="the challenge year's ID thresholds per subset (2026: Wider-Test 0.2, WebPhoto-Test "
+                        "0.25; otherwise the same); more than 10 low faces fail (default ntire2025)")
+    p_eval.add_argument("--landmarks", default=None, help="the organisers' landmark CSV (face_alignment/"
+                        "test_face.csv, test_2026_face.csv, val_face.csv): each input's five points and subset")
     p_eval.add_argument("--id-threshold", type=float, default=0.6,
                         help="low-ID threshold for images outside the NTIRE subsets (default 0.6)")
     p_eval.add_argument("--fid-stats", default=None, help="FID statistics in models/facemend_iqa/ "
@@ -575,7 +598,8 @@ def main(argv=None) -> int:
                          args.gan_weight, args.gan_real, args.respacing)
         elif args.command == "evaluate":
             evaluate_folder(args.outputs, args.out, args.inputs, [m for m in args.metrics.split(",") if m],
-                            args.id_model, args.id_threshold, args.fid_stats, args.niqe_variant, args.qalign)
+                            args.id_model, args.id_threshold, args.fid_stats, args.niqe_variant, args.qalign,
+                            protocol=args.protocol, landmarks=args.landmarks)
         else:
             return _restore_command(args)
     except FaceMendError as exc:

@@ -30,6 +30,7 @@ FOLDERS = {
         ModelFolder("facedetection", WEIGHT_EXTENSIONS + (".onnx",), "face detectors and parsing nets (facexlib RetinaFace, YuNet)"),
         ModelFolder("facerestore_models", WEIGHT_EXTENSIONS, "face restorers (GFPGAN, CodeFormer, RestoreFormer++, GPEN)"),
         ModelFolder("insightface", (".onnx",), "ArcFace / SCRFD packs under insightface/models/<pack>/"),
+        ModelFolder("adaface", WEIGHT_EXTENSIONS, "AdaFace recognition (adaface_ir50_ms1mv2.ckpt: the NTIRE ID gate)"),
         ModelFolder("facemend_iqa", WEIGHT_EXTENSIONS + (".npz", ".mat"), "IQA metric weights and NIQE parameters"),
         ModelFolder("onestep_sr", WEIGHT_EXTENSIONS + (".pkl",), "one-step diffusion SR LoRAs and prompt embeddings "
                     "(tsdsr/ folder, osediff.pkl)"),
@@ -129,6 +130,12 @@ KNOWN_FILES = {
         "insightface", "the insightface antelopev2 pack (python-package model zoo; unzip to "
         "models/insightface/models/antelopev2/)", "insightface models: non-commercial research only",
         "part of the antelopev2 pack"),
+    # AdaFace IR-50: the NTIRE 2025/2026 face restoration challenges' ID model (pipelines/quality/adaface.py).
+    "adaface_ir50_ms1mv2.ckpt": KnownFile(
+        "adaface", "https://drive.google.com/file/d/1eUaSHG4pGlIZK7hBkqjyp2fc2epKoBvI (AdaFace README, "
+        "mk-minchul/AdaFace: R50 MS1MV2; the NTIRE READMEs link the same file)",
+        "MIT (AdaFace code; the weights are trained on MS1MV2, a research data set)",
+        "not stated; at least 350 MB (backbone 43.6 M + head 43.9 M fp32 parameters, computed from the layout)"),
     # RestorerID (identity preservation from a reference photo).
     "RestorerIDFull.ckpt": KnownFile(
         "restorer_id", "https://huggingface.co/YingJiacheng/RestorerID (ckpt/RestorerIDFull.ckpt)",

@@ -15,6 +15,7 @@ from .common import CATEGORY, bchw_to_image, empty_faces, image_to_bchw, no_face
 
 IQA_FOLDER = "facemend_iqa"
 ID_FOLDER = "insightface"
+ADAFACE_FOLDER = "adaface"
 DEFAULT_FILE = "default"
 DEFAULT_ID_MODEL = "models/buffalo_l/w600k_r50.onnx"
 _cache: dict = {}
@@ -43,15 +44,26 @@ def open_metric(name: str, weights_file: str = DEFAULT_FILE, niqe_variant: str =
     return _cache[key]
 
 
-def open_id_model(model: str = DEFAULT_ID_MODEL, path: str | None = None):
-    """ArcFace `model` from models/insightface/ (cached); `path`: a file the caller resolved (the CLI's own)."""
-    from ..pipelines.quality.id_similarity import ArcFaceONNX
+def id_folder(model: str) -> str:
+    """ArcFace ONNX files live in models/insightface/, AdaFace checkpoints in models/adaface/."""
+    return ID_FOLDER if model.lower().endswith(".onnx") else ADAFACE_FOLDER
 
-    path = path or find_file(ID_FOLDER, model)
+
+def open_id_model(model: str = DEFAULT_ID_MODEL, path: str | None = None):
+    """The ID model `model` (cached): an ArcFace ONNX from models/insightface/ (the proxy) or AdaFace IR-50
+    (adaface_ir50_ms1mv2.ckpt, the NTIRE gate's own) from models/adaface/; `path`: a file the caller resolved."""
+    path = path or find_file(id_folder(model), model)
     device = dev.compute_device()
     key = ("id", os.path.abspath(path), os.path.getmtime(path), str(device))
     if key not in _cache:
-        _cache[key] = ArcFaceONNX.from_file(path, device)
+        if path.lower().endswith(".onnx"):
+            from ..pipelines.quality.id_similarity import ArcFaceONNX
+
+            _cache[key] = ArcFaceONNX.from_file(path, device)
+        else:
+            from ..pipelines.quality.adaface import AdaFaceIR50
+
+            _cache[key] = AdaFaceIR50.from_file(path, device)
     return _cache[key]
 
 

@@ -4,7 +4,12 @@ PNG chart.
 
 Outputs are matched to inputs by file stem (anywhere under the inputs folder, as eval.py does by name). Outputs
 in sub-folders named like the NTIRE subsets (CelebA, LFW-Test, CelebChild-Test, Wider-Test, WebPhoto-Test) get
-that subset's ID threshold and dataset weighting; others the default threshold and a plain mean.
+that subset's ID threshold and dataset weighting; others the default threshold and a plain mean. With the
+organisers' landmark file, each input's subset and five landmarks come from it instead, as eval.py does.
+
+The ID model is the challenge's own (AdaFace IR-50, adaface.py) or an ArcFace proxy (id_similarity.py); the report
+says which. Landmarks for the ID warp: the landmark file; else, for AdaFace, the detector on the input; else the
+FFHQ template (the outputs taken as aligned crops); each image's row says which.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import torch.nn.functional as F
 
 from ..io.errors import FaceMendError
 from ..io.images import IMAGE_EXTENSIONS, read_image
-from .ntire_score import ID_THRESHOLDS, id_gate, score_terms, weighted_mean
+from .ntire_score import ID_THRESHOLDS, id_gate, landmark_key, protocol, score_terms, weighted_mean
 
 
 def find_images(folder: str) -> list[str]:
@@ -35,12 +40,33 @@ def _dataset_of(path: str, root: str) -> Optional[str]:
     return next((p for p in parts if p in ID_THRESHOLDS), None)
 
 
+def _input_landmarks(lq: torch.Tensor, key: str, landmarks: Optional[dict], detector, use_detector: bool):
+    """(points [1,5,2] in the input's pixels or None for the FFHQ template, where they came from)."""
+    if landmarks is not None:
+        if key not in landmarks:
+            raise FaceMendError(f"input {key!r} is not in the landmark file (keys are file names without extension, "
+                                "as the organisers' inference_face looks them up)")
+        return torch.tensor(landmarks[key]["points"], dtype=torch.float64)[None], "file"
+    if use_detector and detector is not None:
+        dets = detector.detect(lq, score_threshold=0.5)[0]
+        if dets.shape[0]:
+            best = dets[dets[:, 4].argmax()]  # the most confident face, as the organisers' MTCNN align takes
+            return best[5:15].reshape(1, 5, 2).double().cpu(), "detector"
+        return None, "template (no face detected in the input)"
+    return None, "template"
+
+
 def evaluate(outputs_dir: str, metrics: dict, inputs_dir: Optional[str] = None, id_model=None, fid=None,
              id_threshold: float = 0.6, device=None, log: Callable = print, interrupt: Callable = lambda: None,
-             external_means: Optional[dict] = None) -> dict:
-    """metrics: name -> IQAMetric; id_model: ArcFaceONNX or None; fid: (FIDInception, (mu, sigma)) or None;
-    external_means: means computed elsewhere (e.g. {'qalign': 4.6} from pyiqa on a large GPU), used in the score
-    and listed under 'external_means'."""
+             external_means: Optional[dict] = None, protocol_name: str = "ntire2025",
+             landmarks: Optional[dict] = None, detector=None) -> dict:
+    """metrics: name -> IQAMetric; id_model: AdaFaceIR50, ArcFaceONNX or None; fid: (FIDInception, (mu, sigma)) or
+    None; external_means: means computed elsewhere (e.g. {'qalign': 4.6} from pyiqa on a large GPU), used in the
+    score and listed under 'external_means'; protocol_name: 'ntire2025' | 'ntire2026' (ID thresholds per subset);
+    landmarks: read_landmark_file() of the organisers' CSV; detector: finds the input's landmarks for AdaFace
+    when no landmark file is given."""
+    proto = protocol(protocol_name)
+    thresholds = proto["thresholds"]
     files = find_images(outputs_dir)
     if not files:
         raise FaceMendError(f"no images found under {outputs_dir}")
@@ -55,8 +81,18 @@ def evaluate(outputs_dir: str, metrics: dict, inputs_dir: Optional[str] = None, 
     for i, path in enumerate(files):
         interrupt()
         img = read_image(path)[0].to(device)
+        dataset = _dataset_of(path, outputs_dir)
+        if landmarks is not None:
+            entry = landmarks.get(landmark_key(path))
+            if entry is None:
+                raise FaceMendError(f"output {path}: {landmark_key(path)!r} is not in the landmark file, so its "
+                                    "subset is unknown (name outputs like their inputs, as the challenge requires)")
+            dataset = entry["dataset"]
+            if dataset not in thresholds:
+                raise FaceMendError(f"the landmark file puts {landmark_key(path)!r} in subset {dataset!r}, which "
+                                    f"{protocol_name} has no threshold for ({', '.join(thresholds)})")
         row = {"file": os.path.relpath(path, outputs_dir).replace(os.sep, "/"),
-               "dataset": _dataset_of(path, outputs_dir), "width": img.shape[-1], "height": img.shape[-2]}
+               "dataset": dataset, "width": img.shape[-1], "height": img.shape[-2]}
         with torch.no_grad():
             for name, metric in metrics.items():
                 row[name] = float(metric.score(img)[0])
@@ -65,9 +101,25 @@ def evaluate(outputs_dir: str, metrics: dict, inputs_dir: Optional[str] = None, 
                 if stem not in inputs:
                     raise FaceMendError(f"no input image named {stem}.* under {inputs_dir} for output {path}")
                 lq = read_image(inputs[stem])[0].to(device)
-                if lq.shape[-2:] != img.shape[-2:]:  # e.g. x2 outputs: compare at the output's size
-                    lq = F.interpolate(lq, size=img.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
-                row["id_sim"] = float(id_model.similarity(lq, img)[0])
+                adaface = getattr(id_model, "name", "") == "adaface"
+                pts, row["landmarks"] = _input_landmarks(lq, landmark_key(inputs[stem]), landmarks, detector,
+                                                         adaface)
+                if adaface and pts is not None:
+                    # the organisers warp each 8-bit image at its own size; an output of another size gets the
+                    # points scaled to it
+                    scale = torch.tensor([img.shape[-1] / lq.shape[-1], img.shape[-2] / lq.shape[-2]],
+                                         dtype=torch.float64)
+                    row["id_sim"] = float(id_model.similarity(lq, img, pts, pts * scale)[0])
+                else:
+                    if lq.shape[-2:] != img.shape[-2:]:  # e.g. x2 outputs: compare at the output's size
+                        if pts is not None:
+                            pts = pts * torch.tensor([img.shape[-1] / lq.shape[-1], img.shape[-2] / lq.shape[-2]],
+                                                     dtype=torch.float64)
+                        lq = F.interpolate(lq, size=img.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
+                    if adaface:  # no face found in the input: the outputs taken as aligned crops
+                        row["id_sim"] = float(id_model.similarity(lq, img)[0])
+                    else:
+                        row["id_sim"] = float(id_model.similarity(lq, img, pts)[0])
             if fid is not None:
                 feats.append(fid[0].features(img).double().cpu())
         rows.append(row)
@@ -93,13 +145,29 @@ def evaluate(outputs_dir: str, metrics: dict, inputs_dir: Optional[str] = None, 
                        "missing_terms": [m for m in ("clipiqa", "maniqa", "musiq", "niqe", "qalign", "fid")
                                          if m not in terms],
                        "complete": len(terms) == 6}
+    report["protocol"] = {"name": protocol_name, "id_thresholds": dict(thresholds), "max_low": proto["max_low"],
+                          "source": proto["source"], "score": "the same formula and metrics in 2025 and 2026"}
     if id_model is not None:
-        gate = id_gate([r["id_sim"] for r in rows], datasets, default_threshold=id_threshold)
+        gate = id_gate([r["id_sim"] for r in rows], datasets, default_threshold=id_threshold, thresholds=thresholds,
+                       max_low=proto["max_low"])
         for r, g in zip(rows, gate["per_image"]):
-            r["low_id"] = g["low"]
+            r["id_threshold"], r["low_id"] = g["threshold"], g["low"]
         means["id_sim"] = sum(r["id_sim"] for r in rows) / len(rows)
         report["id_gate"] = {k: gate[k] for k in ("low_count", "low_by_dataset", "max_low", "passed")}
         report["id_gate"]["default_threshold"] = id_threshold
+        report["id_gate"]["protocol"] = protocol_name
+        sources: dict = {}
+        for r in rows:
+            sources[r["landmarks"]] = sources.get(r["landmarks"], 0) + 1
+        report["id_gate"]["landmarks"] = sources
+        adaface = getattr(id_model, "name", "") == "adaface"
+        report["id_model"] = {
+            "name": "AdaFace IR-50" if adaface else "ArcFace (proxy)",
+            "file": os.path.basename(getattr(id_model, "path", "") or ""),
+            "as_the_challenge": adaface,
+            "note": ("the challenge's own ID model and alignment" if adaface else
+                     "a proxy: the challenge gates with AdaFace IR-50 (adaface_ir50_ms1mv2.ckpt); ArcFace numbers "
+                     "differ, a face can pass here and fail there")}
     report["seconds"] = round(time.perf_counter() - t0, 2)
     return report
 
@@ -161,10 +229,13 @@ def plot_summary(report: dict, path: str) -> None:
         colors = ["#C44E52" if rows[i].get("low_id") else "#55A868" for i in order]
         ax.bar(range(len(order)), [rows[i]["id_sim"] for i in order], color=colors)
         gate = report["id_gate"]
-        ax.axhline(gate["default_threshold"], color="k", lw=1, ls="--", label="threshold")
+        # each image's own threshold (its subset's under the protocol)
+        ax.scatter(range(len(order)), [rows[i].get("id_threshold", gate["default_threshold"]) for i in order],
+                   marker="_", s=80, color="k", label="threshold")
         ax.set_ylim(min(0.0, min(r["id_sim"] for r in rows)), 1.0)
-        ax.set_title(f"ID similarity: {gate['low_count']} low ({'pass' if gate['passed'] else 'FAIL'}, "
-                     f"max {gate['max_low']})", fontsize=10)
+        model = report.get("id_model", {}).get("name", "ArcFace (proxy)")
+        ax.set_title(f"ID ({model}, {gate.get('protocol', 'ntire2025')}): {gate['low_count']} low\n"
+                     f"({'pass' if gate['passed'] else 'FAIL'}, max {gate['max_low']})", fontsize=10)
         ax.set_xlabel("images, lowest first")
         ax.legend(fontsize=8)
     fig.tight_layout()
