@@ -1,4 +1,4 @@
-"""Nodes: IQA metric loader and scoring, ArcFace ID model loader and ID similarity, best-of selection,
+"""Nodes: IQA metric loader and scoring, ID model loader (ArcFace / AdaFace) and ID similarity, best-of selection,
 authenticity check."""
 from __future__ import annotations
 
@@ -159,9 +159,11 @@ class IQAScore:
 
 
 class IDModelLoader:
-    DESCRIPTION = ("Loads an ArcFace face-recognition model (ONNX) from models/insightface/: buffalo_l's "
-                   "w600k_r50.onnx or antelopev2's glintr100.onnx (non-commercial insightface models; needs "
-                   "onnxruntime). Used for ID similarity and the ID gate.")
+    DESCRIPTION = ("Loads a face-recognition model for ID similarity and the ID gate: AdaFace IR-50 "
+                   "(adaface_ir50_ms1mv2.ckpt in models/adaface/: the model the NTIRE 2025/2026 challenges gate "
+                   "with, aligned as the organisers do) or an ArcFace ONNX from models/insightface/ (buffalo_l's "
+                   "w600k_r50.onnx, antelopev2's glintr100.onnx; non-commercial insightface models on onnxruntime; "
+                   "a proxy for the challenge's number).")
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = ("FACE_ID",)
@@ -169,11 +171,12 @@ class IDModelLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        files = list_files(ID_FOLDER) or [DEFAULT_ID_MODEL]
+        files = (list_files(ID_FOLDER) + list_files(ADAFACE_FOLDER)) or [DEFAULT_ID_MODEL]
         default = DEFAULT_ID_MODEL if DEFAULT_ID_MODEL in files else files[0]
         return {"required": {
             "model": (files, {"default": default, "tooltip":
-                      "ArcFace recognition ONNX under models/insightface/ (e.g. models/buffalo_l/w600k_r50.onnx). "
+                      "adaface_ir50_ms1mv2.ckpt (models/adaface/, the NTIRE gate's model) or an ArcFace "
+                      "recognition ONNX under models/insightface/ (e.g. models/buffalo_l/w600k_r50.onnx). "
                       "Detection models of the same packs (det_10g.onnx, scrfd) are refused."}),
         }}
 
@@ -181,35 +184,60 @@ class IDModelLoader:
         return (open_id_model(model),)
 
 
+PROTOCOL_CHOICES = ("custom", "ntire2025", "ntire2026")
+
+
+def _model_report(id_model) -> dict:
+    adaface = getattr(id_model, "name", "") == "adaface"
+    return {"model": os.path.basename(getattr(id_model, "path", "") or ""),
+            "model_kind": "AdaFace IR-50" if adaface else "ArcFace (proxy)", "as_the_challenge": adaface}
+
+
 class IDSimilarity:
-    DESCRIPTION = ("Identity similarity (ArcFace cosine) between each input face and its restored version, both "
-                   "warped with the input's five landmarks as the NTIRE 2025 check does. Counts faces below the "
-                   "threshold (the challenge fails a submission with more than 10).")
+    DESCRIPTION = ("Identity similarity between each input face and its restored version, both warped with the "
+                   "input's five landmarks as the NTIRE check does (AdaFace IR-50: the organisers' alignment and "
+                   "model, their number; ArcFace: a proxy). Counts faces below the threshold, or below the subset's "
+                   "threshold of an NTIRE protocol (which fails a submission with more than 10).")
     CATEGORY = CATEGORY
     FUNCTION = "run"
     RETURN_TYPES = ("FLOAT", "INT", "STRING")
     RETURN_NAMES = ("mean_similarity", "low_id_count", "report_json")
-    OUTPUT_TOOLTIPS = ("Mean cosine similarity over the faces (1 = same embedding).",
+    OUTPUT_TOOLTIPS = ("Mean similarity over the faces (1 = same embedding).",
                        "Faces whose similarity is below the threshold.",
-                       "Per-face similarity, threshold, low flags.")
+                       "Per-face similarity, threshold, low flags, which model and protocol.")
 
     @classmethod
     def INPUT_TYPES(cls):
+        from ..pipelines.quality.ntire_score import ID_THRESHOLDS
+
         return {"required": {
             "input_faces": ("IMAGE", {"tooltip": "The faces before restoration (aligned crops)."}),
             "restored_faces": ("IMAGE", {"tooltip": "The same faces after restoration, same size and order."}),
             "id_model": ("FACE_ID", {"tooltip": "From the FaceMend ID model loader."}),
         }, "optional": {
             "threshold": ("FLOAT", {"default": 0.6, "min": -1.0, "max": 1.0, "step": 0.01, "tooltip":
-                          "Low-ID threshold. NTIRE 2025: CelebA 0.5, LFW / CelebChild 0.6, WIDER / WebPhoto 0.3."}),
+                          "Low-ID threshold when protocol is custom. NTIRE 2025: CelebA 0.5, LFW / CelebChild 0.6, "
+                          "WIDER / WebPhoto 0.3 (2026: WIDER 0.2, WebPhoto 0.25)."}),
             "face_alignment": ("FACE_ALIGNMENT", {"tooltip":
                                "Optional: the alignment of these crops, whose detected landmarks are then used. "
                                "Without it the crops are taken as FFHQ-aligned (landmarks = the template)."}),
+            "protocol": (list(PROTOCOL_CHOICES), {"default": "custom", "tooltip":
+                         "custom: the threshold above. ntire2025 / ntire2026: the threshold of the subset below "
+                         "in that year's eval.py, and the challenge's rule (more than 10 low faces fail)."}),
+            "subset": (list(ID_THRESHOLDS), {"default": "CelebA", "tooltip":
+                       "The NTIRE test subset these faces are from (used with an NTIRE protocol)."}),
         }}
 
-    def run(self, input_faces, restored_faces, id_model, threshold=0.6, face_alignment=None):
-        from ..pipelines.quality.ntire_score import id_gate
+    def run(self, input_faces, restored_faces, id_model, threshold=0.6, face_alignment=None, protocol="custom",
+            subset="CelebA"):
+        from ..pipelines.quality.ntire_score import MAX_LOW_ID, id_gate, protocol as ntire_protocol
 
+        max_low = 10**9  # custom: count only
+        if protocol != "custom":
+            proto = ntire_protocol(protocol)
+            if subset not in proto["thresholds"]:
+                raise FaceMendError(f"unknown NTIRE subset {subset!r}; choose from {', '.join(proto['thresholds'])}")
+            threshold, max_low = proto["thresholds"][subset], proto["max_low"]
         if no_faces(input_faces) and no_faces(restored_faces):
             return (0.0, 0, json.dumps({"threshold": threshold, "similarities": [], "low_id_count": 0, "mean": None,
                                         "note": "no faces found: nothing was compared"}))
@@ -220,10 +248,12 @@ class IDSimilarity:
                                "or count; ID similarity compares each face with its own restoration")
         dev.check_interrupt()
         sims = id_model.similarity(a, b, crop_landmarks(face_alignment, a.shape[0], a.shape[-1])).float().cpu()
-        gate = id_gate(sims.tolist(), default_threshold=threshold, max_low=10**9)
-        report = {"model": os.path.basename(getattr(id_model, "path", "")), "threshold": threshold,
+        gate = id_gate(sims.tolist(), default_threshold=threshold, max_low=max_low)
+        report = {**_model_report(id_model), "threshold": threshold,
                   "similarities": _rounded(sims), "low": [p["low"] for p in gate["per_image"]],
                   "low_id_count": gate["low_count"], "mean": round(float(sims.mean()), 5)}
+        if protocol != "custom":
+            report.update(protocol=protocol, subset=subset, max_low=MAX_LOW_ID, passed=gate["passed"])
         return (float(sims.mean()), int(gate["low_count"]), json.dumps(report))
 
 
@@ -331,7 +361,7 @@ class Authenticity:
 NODES = {
     "FaceMend_IQALoader": (IQAMetricLoader, "FaceMend IQA Metric Loader"),
     "FaceMend_IQAScore": (IQAScore, "FaceMend IQA Score"),
-    "FaceMend_IDModelLoader": (IDModelLoader, "FaceMend ID Model Loader (ArcFace)"),
+    "FaceMend_IDModelLoader": (IDModelLoader, "FaceMend ID Model Loader (ArcFace / AdaFace)"),
     "FaceMend_IDSimilarity": (IDSimilarity, "FaceMend ID Similarity"),
     "FaceMend_BestOf": (BestOf, "FaceMend Best-Of Selection"),
     "FaceMend_Authenticity": (Authenticity, "FaceMend Authenticity Check (f(f(x)))"),
