@@ -56,6 +56,19 @@ def _input_landmarks(lq: torch.Tensor, key: str, landmarks: Optional[dict], dete
     return None, "template"
 
 
+def _id_similarity(id_model, lq: torch.Tensor, img: torch.Tensor, pts, adaface: bool) -> float:
+    """One input/output pair; pts: the input's landmarks or None (both taken as aligned crops)."""
+    scale = torch.tensor([img.shape[-1] / lq.shape[-1], img.shape[-2] / lq.shape[-2]], dtype=torch.float64)
+    if adaface and pts is not None:
+        # as the organisers: each 8-bit image warped at its own size (an output of another size gets the points
+        # scaled to it)
+        return float(id_model.similarity(lq, img, pts, pts * scale)[0])
+    if lq.shape[-2:] != img.shape[-2:]:  # e.g. x2 outputs: compare at the output's size
+        pts = None if pts is None else pts * scale
+        lq = F.interpolate(lq, size=img.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
+    return float(id_model.similarity(lq, img, pts)[0])
+
+
 def evaluate(outputs_dir: str, metrics: dict, inputs_dir: Optional[str] = None, id_model=None, fid=None,
              id_threshold: float = 0.6, device=None, log: Callable = print, interrupt: Callable = lambda: None,
              external_means: Optional[dict] = None, protocol_name: str = "ntire2025",
@@ -104,22 +117,7 @@ def evaluate(outputs_dir: str, metrics: dict, inputs_dir: Optional[str] = None, 
                 adaface = getattr(id_model, "name", "") == "adaface"
                 pts, row["landmarks"] = _input_landmarks(lq, landmark_key(inputs[stem]), landmarks, detector,
                                                          adaface)
-                if adaface and pts is not None:
-                    # the organisers warp each 8-bit image at its own size; an output of another size gets the
-                    # points scaled to it
-                    scale = torch.tensor([img.shape[-1] / lq.shape[-1], img.shape[-2] / lq.shape[-2]],
-                                         dtype=torch.float64)
-                    row["id_sim"] = float(id_model.similarity(lq, img, pts, pts * scale)[0])
-                else:
-                    if lq.shape[-2:] != img.shape[-2:]:  # e.g. x2 outputs: compare at the output's size
-                        if pts is not None:
-                            pts = pts * torch.tensor([img.shape[-1] / lq.shape[-1], img.shape[-2] / lq.shape[-2]],
-                                                     dtype=torch.float64)
-                        lq = F.interpolate(lq, size=img.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
-                    if adaface:  # no face found in the input: the outputs taken as aligned crops
-                        row["id_sim"] = float(id_model.similarity(lq, img)[0])
-                    else:
-                        row["id_sim"] = float(id_model.similarity(lq, img, pts)[0])
+                row["id_sim"] = _id_similarity(id_model, lq, img, pts, adaface)
             if fid is not None:
                 feats.append(fid[0].features(img).double().cpu())
         rows.append(row)
