@@ -32,7 +32,9 @@ def test_ir50_equals_official_network_on_random_weights(official_net, checkpoint
     x = torch.rand(2, 3, 112, 112) * 2 - 1
     with torch.no_grad():
         ref_emb, ref_norm = official_net(x)
-    emb = ours.embed(x)
+    emb = ours.embed_input(x)
+    # the ArcFace-style entry (RGB in [0,1]) is the same network on the same pixels
+    assert torch.equal(ours.embed((x.flip(1) + 1) / 2), ours.embed_input(((x.flip(1) + 1) / 2).flip(1) * 2 - 1))
     # the same layers in the same order: equal up to float32 reordering (measured against a float64 run)
     tol = modules_reorder_tol(lambda m, t: m(t)[0], official_net, x)
     assert (emb - ref_emb).abs().max().item() <= tol
@@ -140,3 +142,12 @@ def test_nodes_load_adaface_and_gate_faces_by_the_protocol_subset(official_net, 
     finally:
         model_paths.set_models_dirs([])
         N._cache.clear()
+
+
+def test_restorerid_refuses_adaface_embeddings(checkpoint):
+    """RestorerID's ID tokens are learnt on ArcFace embeddings: an AdaFace model wired there is refused, not used."""
+    from facemend.pipelines.identity.reference import reference_identity
+    from facemend.pipelines.io.errors import FaceMendError
+
+    with pytest.raises(FaceMendError, match="RestorerID needs an ArcFace model.*w600k_r50.onnx"):
+        reference_identity(torch.rand(1, 3, 64, 64), detector=None, arcface=AF.AdaFaceIR50.from_file(str(checkpoint)))

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..face.detection import select_faces
-from ..io.errors import InvalidImage
+from ..io.errors import FaceMendError, InvalidImage
 from ..face.geometry import fit_similarity, warp_to_crops
 from ..quality.id_similarity import ARCFACE_TEMPLATE_112, INPUT_SIZE
 
@@ -86,6 +86,10 @@ def find_reference_faces(images: torch.Tensor, detector, score_threshold: float 
 def reference_identity(images: torch.Tensor, detector, arcface, score_threshold: float = 0.5) -> Reference:
     """images [R,3,H,W] RGB in [0,1] (one or more photos of the person; same size, or pass them one by one and
     use combine()). arcface: the FACE_ID model (embed([N,3,112,112]) -> [N,D] unit vectors)."""
+    if getattr(arcface, "name", "") == "adaface":  # another embedding space than the one the tokens learnt
+        raise FaceMendError("RestorerID needs an ArcFace model (insightface w600k_r50.onnx: IP-Adapter-FaceID was "
+                            "trained on its embeddings); AdaFace (adaface_ir50_ms1mv2.ckpt) is for ID similarity "
+                            "and the NTIRE gate only. Load w600k_r50.onnx in the ID model loader for RestorerID.")
     landmarks, report = find_reference_faces(images, detector, score_threshold)
     idx = torch.arange(images.shape[0], device=images.device)
     emb = arcface.embed(norm_crop(images, idx, landmarks, INPUT_SIZE))

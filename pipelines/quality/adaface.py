@@ -205,11 +205,15 @@ class AdaFaceIR50:
         return cls(load_adaface(path, device), path, device)
 
     @torch.no_grad()
-    def embed(self, faces_bgr: torch.Tensor) -> torch.Tensor:
+    def embed_input(self, faces_bgr: torch.Tensor) -> torch.Tensor:
         """[N,3,112,112] BGR in [-1,1] (crops_to_input) -> [N,512] unit embeddings."""
         if faces_bgr.shape[1:] != (3, INPUT_SIZE, INPUT_SIZE):
             raise ValueError(f"AdaFace expects [N,3,112,112] faces, got {tuple(faces_bgr.shape)}")
         return self.net(faces_bgr.to(self.device, torch.float32))[0]
+
+    def embed(self, faces: torch.Tensor) -> torch.Tensor:
+        """ArcFaceONNX's interface: [N,3,112,112] RGB in [0,1], aligned to the 112 reference -> [N,512]."""
+        return self.embed_input(faces.flip(1) * 2 - 1)
 
     def similarity(self, a: torch.Tensor, b: torch.Tensor, landmarks: torch.Tensor | None = None,
                    landmarks_b: torch.Tensor | None = None) -> torch.Tensor:
@@ -217,7 +221,8 @@ class AdaFaceIR50:
 
         landmarks [N,5,2]: the five points of each input face in a[i]'s pixels; both are warped with them (b with
         landmarks_b when given, e.g. scaled for an output of another size). None: the faces are the pack's
-        FFHQ-aligned square crops, whose landmarks are the FFHQ template at their size.
+        FFHQ-aligned square crops, whose landmarks are the FFHQ template at their size. The faces are rounded to
+        8 bits first: the organisers read 8-bit PNG files and warp those.
         """
         from ..face.geometry import face_template
 
@@ -233,7 +238,7 @@ class AdaFaceIR50:
         pts_b = pts_a if landmarks_b is None else landmarks_b.detach().double().cpu().reshape(n, 5, 2).numpy()
         crops = np.concatenate([ntire_crops([to_uint8_hwc(x) for x in a], pts_a),
                                 ntire_crops([to_uint8_hwc(x) for x in b], pts_b)])
-        emb = self.embed(crops_to_input(crops, self.device))
+        emb = self.embed_input(crops_to_input(crops, self.device))
         return (emb[:n] * emb[n:]).sum(1).to(a.device)
 
     def __call__(self, a, b, landmarks=None):
