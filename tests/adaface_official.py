@@ -6,9 +6,10 @@ NTIRE2025_RealWorld_Face_Restoration @ b06055c, jkwang28/NTIRE2026_RealWorld_Fac
 file but for the 2026 landmark CSV name) does `from . import net` and `from face_alignment.mtcnn_pytorch.src.
 align_trans import get_reference_facial_points, warp_and_crop_face`: AdaFace's net.py and its face_alignment/
 mtcnn_pytorch/src/align_trans.py (+ matlab_cp2tform.py), by the same module paths. Neither organisers' repository
-has those files in its stored listing (only face_alignment/{align,inference,mtcnn}.py and the landmark CSVs), so
-they come from AdaFace. Their align.py and mtcnn.py differ from AdaFace's (align returns the box and points too;
-align_multi has debug prints) but are off the gate's path: the landmarks come from the CSV, not from MTCNN.
+has those files in its stored listing (2025: face_alignment/{align,inference,mtcnn}.py and the landmark CSVs; 2026:
+face_alignment/inference.py and test_2026_face.csv only), so they come from AdaFace. The 2025 align.py and
+mtcnn.py differ from AdaFace's (align returns the box and points too; align_multi has debug prints) but are off
+the gate's path: the landmarks come from the CSV, not from MTCNN.
 The organisers' steps on top (inference_face): PIL .convert('RGB') -> np.array -> warp_and_crop_face(img, points,
 get_reference_facial_points(default_square=True), crop_size=(112, 112)) -> to_input (BGR, /255, -0.5, /0.5) ->
 model(x)[0] for input and output -> (lq_feature @ pred_feature.T).item(); organisers_similarity below does the same.

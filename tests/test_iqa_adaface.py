@@ -64,6 +64,10 @@ def test_checkpoint_with_missing_key_or_foreign_objects_is_refused_naming_the_fi
     # the allow-list: refused while unpickling, before any key is looked at
     with pytest.raises(ModelFileInvalid, match=r"evil\.ckpt holds Python objects other than weights"):
         AF.load_adaface(str(evil))
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"garbage" * 10)  # e.g. an HTML page saved under the checkpoint's name
+    with pytest.raises(ModelFileInvalid, match=r"Cannot read model file .*junk\.ckpt.*corrupt, truncated"):
+        AF.load_adaface(str(junk))
 
 
 def _photo(name=("aligned_lq_real", "Adele_crop.png")):

@@ -88,7 +88,10 @@ def _read_checkpoint(path: str):
     with torch.serialization.safe_globals(_CKPT_GLOBALS + [argparse.Namespace]):
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:  # a global outside the list above: refuse, say which
+        except pickle.UnpicklingError as exc:
+            if "Unsupported global" not in str(exc):  # junk bytes: the shared loader's message names the file
+                return load_weights(path)
+            # a global outside the list above: refuse, say which
             why = str(exc).split("WeightsUnpickler error:")[-1].strip()
             first = (why.splitlines() or ["(no message)"])[0][:300]
             raise ModelFileInvalid(f"{path} holds Python objects other than weights ({first}); AdaFace's "
