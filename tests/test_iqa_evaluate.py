@@ -81,6 +81,9 @@ def test_evaluate_writes_table_means_score_and_chart(setup, capsys):
     assert rows["julia.png"]["low_id"] == (rows["julia.png"]["id_sim"] < 0.999)
     assert all(rows[f]["low_id"] == (rows[f]["id_sim"] < 0.5) for f in ("CelebA/ffhq.png", "CelebA/adele.png"))
     assert gate["low_count"] == sum(r["low_id"] for r in rows.values()) and gate["passed"]
+    # an ArcFace model is reported as the proxy it is, under the default protocol
+    assert report["id_model"]["name"] == "ArcFace (proxy)" and not report["id_model"]["as_the_challenge"]
+    assert report["protocol"]["name"] == "ntire2025" and gate["landmarks"] == {"template": 3}
     with open(report_dir / "per_image.csv") as f:
         table = list(csv.DictReader(f))
     assert len(table) == 3 and {"file", "niqe", "id_sim", "low_id"} <= set(table[0])
