@@ -76,6 +76,30 @@ def skipped(stage, why):
     return {"stage": stage, "why": why}
 
 
+def failed(stage, case, exc):
+    """A row that raised: reported with its error (listed with the skipped ones) while the stage's other rows
+    run. The traceback goes to the console; CUDA memory the failed attempt held is released."""
+    traceback.print_exc()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    first = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return skipped(stage, f"{case} failed: {type(exc).__name__}: {first}")
+
+
+def reference_autocast(call, device, dtype):
+    """Run an official network kept in float32 under autocast to `dtype`, as the official inference scripts run
+    half precision: casting its weights to bf16/fp16 breaks modules that mix in float32 tensors (spandrel's
+    CodeFormer multiplies a float32 one-hot matrix by the codebook)."""
+    if dtype == torch.float32:
+        return call
+
+    def run(x):
+        with torch.autocast(device.type, dtype=dtype):
+            return call(x.float())
+
+    return run
+
+
 StagePeak = Peak  # CUDA allocator peak on a GPU, sampled RSS on the CPU (benchmarks/_common.py)
 
 
@@ -160,8 +184,10 @@ def _codeformer_pair(device, dtype):
     torch.manual_seed(0)
     ref = _randomized(cls(), seed=1)
     ours = _file_restorer(lambda p: torch.save({"params_ema": ref.state_dict()}, p), "codeformer.pth", device, dtype)
-    ref = ref.to(device=device, dtype=ours.dtype).eval()
-    return ours, lambda x: ref(x, weight=0.5)[0], "official CodeFormer (spandrel_extra_arches)", "w 0.5"
+    ref = ref.to(device=device).eval()    # float32, under autocast to our dtype
+    half = ours.dtype != torch.float32
+    return (ours, reference_autocast(lambda x: ref(x, weight=0.5)[0], device, ours.dtype),
+            "official CodeFormer (spandrel_extra_arches)" + (" in fp32 + autocast" if half else ""), "w 0.5")
 
 
 def _restoreformer_pair(device, dtype, plus_plus):
@@ -250,6 +276,8 @@ def stage_restore(args, device, dtype):
 
     batches = ([1] if device.type == "cpu" else [8]) if args.quick else ([1, 4] if device.type == "cpu" else [1, 8, 32])
     rows = []
+    # One row's failure (a reference that cannot run in this dtype, out of memory) is that row's result: the
+    # stage's other rows still run.
     for name in (n for n in RESTORERS if n in args.restorers and n != "gfpgan"):
         label, make = PAIRS[name]
         try:
@@ -257,8 +285,15 @@ def stage_restore(args, device, dtype):
         except ImportError as exc:
             rows.append(skipped("restore", f"{label}: ImportError: {exc}"))
             continue
+        except Exception as exc:  # noqa: BLE001
+            rows.append(failed("restore", label, exc))
+            continue
         throughput(ours, args)
-        rows += [_restore_pair_row(args, device, label, ours, ref_call, reference, note, b) for b in batches]
+        for b in batches:
+            try:
+                rows.append(_restore_pair_row(args, device, label, ours, ref_call, reference, note, b))
+            except Exception as exc:  # noqa: BLE001
+                rows.append(failed("restore", f"{label}, batch {b}", exc))
         del ours, ref_call
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -268,14 +303,20 @@ def stage_restore(args, device, dtype):
         official, ours = B.build_pair(device, dtype)
     except SystemExit as exc:   # the official GFPGAN is not installed: the other restorers' rows stay
         return rows + [skipped("restore", f"GFPGAN: {exc}")]
+    except Exception as exc:  # noqa: BLE001
+        return rows + [failed("restore", "GFPGAN v1.4", exc)]
     throughput(ours, args)
     per_face = 0
     # On a GPU, one batch of 512 faces after the others (sub-batched to fit: the batch before it gives the
     # memory per face), reported for all 512.
     for batch in batches + ([BIG_BATCH] if device.type == "cuda" else []):
         sub = _sub_batch(per_face, batch, device) if batch == BIG_BATCH else batch
-        with StagePeak(device) as peak:
-            r = B.compare(official, ours, batch, device, dtype, 1 if args.quick else args.repeats, sub)
+        try:
+            with StagePeak(device) as peak:
+                r = B.compare(official, ours, batch, device, dtype, 1 if args.quick else args.repeats, sub)
+        except Exception as exc:  # noqa: BLE001
+            rows.append(failed("restore", f"GFPGAN v1.4, batch {batch}", exc))
+            continue
         per_face = max(per_face, peak.used / sub)
         note = f"max |diff| {r['max_abs_diff']:.1e}" + (f"; sub-batches of {sub}" if sub < batch else "")
         note += _flops_note(ours.net, ours.input_size, r["ours_s_per_face"], args, device)
@@ -388,10 +429,17 @@ def stage_onestep(args, device, dtype):
     rows = []
     real = device.type == "cuda"
     for backend in ("tsdsr", "osediff"):
-        with tempfile.TemporaryDirectory() as folder:
-            model = B.real_size_model(backend, device, dtype) if real else B.tiny_model(backend, device, dtype, folder)
-            r = B.measure(model, 512, 1, device, 1 if args.quick else args.repeats, model.tiles)
-            del model
+        try:
+            with tempfile.TemporaryDirectory() as folder:
+                model = B.real_size_model(backend, device, dtype) if real else \
+                    B.tiny_model(backend, device, dtype, folder)
+                r = B.measure(model, 512, 1, device, 1 if args.quick else args.repeats, model.tiles)
+                del model
+        except (ImportError, FileNotFoundError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the other backend still runs
+            rows.append(failed("onestep", backend, exc))
+            continue
         if device.type == "cuda":
             torch.cuda.empty_cache()
         rows.append(row("onestep", f"{backend} 512, {'real-size' if real else 'tiny'} random",
@@ -408,12 +456,16 @@ def stage_iqa(args, device, dtype):
     x = B._faces(2 if args.quick else 8, 512).to(device)
     rows = []
     for name in (("niqe", "musiq") if args.quick else ("niqe", "musiq", "maniqa", "fid")):
-        built = B.build_metric(name, device, 4 if args.quick else 20)
-        if built is None:
+        try:
+            built = B.build_metric(name, device, 4 if args.quick else 20)
+            if built is None:
+                continue
+            fn, note = built
+            with StagePeak(device) as peak:
+                ips = B._time(fn, x, device, 1)
+        except Exception as exc:  # noqa: BLE001 - the other metrics still run
+            rows.append(failed("iqa", name, exc))
             continue
-        fn, note = built
-        with StagePeak(device) as peak:
-            ips = B._time(fn, x, device, 1)
         rows.append(row("iqa", name, x.shape[0] / ips, None, x.shape[0], peak.used, "", note))
     return rows
 
@@ -629,6 +681,9 @@ def write_readme(json_path: str, readme: Path) -> None:
 
 def run(args) -> dict:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if device.type == "cuda" and device.index is not None:
+        # --device cuda:1: what uses "the current device" (empty_cache, library handles) works on that one too.
+        torch.cuda.set_device(device)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
