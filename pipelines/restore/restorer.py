@@ -64,6 +64,7 @@ class FaceRestorer:
         self._channels_last: Optional[bool] = None
         self._apply_layout()
         self._compiled = None  # torch.compile'd network (set_compile), else the network itself is called
+        self._compiled_batch = 0  # the batch size the compiled graph was built for (short chunks are padded to it)
 
     def set_throughput(self, channels_last: bool | None = None, compile: bool | str | None = None) -> "FaceRestorer":
         """GPU throughput switches (same results up to float rounding; tests/test_throughput.py).
@@ -72,12 +73,14 @@ class FaceRestorer:
             convolutions, and faster on CPUs too); False: the contiguous NCHW layout; None: unchanged (the
             default is "auto": `channels_last_for(device, arch)`).
         compile: torch.compile the network (True: the default inductor backend; a string: that backend; False:
-            off). Compilation happens on the first call and again for each new batch shape; kept off by default
-            because it pays only on long GPU runs."""
+            off). Compilation happens on the first call and again for each new batch shape (a short last chunk
+            is padded to the chunk size so that it does not compile again); kept off by default because it pays
+            only on long GPU runs."""
         if channels_last is not None:
             self._channels_last = bool(channels_last)
             self._apply_layout()
         if compile is not None:
+            self._compiled_batch = 0
             if compile is False:
                 self._compiled = None
             else:
@@ -198,8 +201,17 @@ class FaceRestorer:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         kwargs = {} if noise_maps is None else {"noise_maps": noise_maps}
+        n = x.shape[0]
+        if self._compiled is not None and n < self._compiled_batch:
+            # Static shapes (dynamic=False): a short last chunk would compile a graph of its own (tens of seconds
+            # for one chunk). Pad it with copies of its last face instead; every face is computed independently.
+            x = torch.cat([x, x[-1:].expand(self._compiled_batch - n, *x.shape[1:])])
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+        elif self._compiled is not None:
+            self._compiled_batch = n
         out = (self._compiled or self.net)(x, noise=noise, generator=gen, fidelity=float(fidelity), **kwargs)
-        return out.float()
+        return out[:n].float()
 
     @staticmethod
     def _check(faces: torch.Tensor) -> torch.Tensor:
