@@ -119,3 +119,35 @@ def test_onestep_models_run_after_moving_to_another_device(onestep_models, backe
     z = torch.empty(2, model.modules[0].config.in_channels, 8, 8, device="meta")
     pred = model.denoise(z)                         # the prompt embeddings moved with the model
     assert pred.device.type == "meta" and model.update(z, pred).shape == z.shape
+
+
+def test_restorerid_prompt_cache_follows_the_modules_device():
+    """RestorerID caches the text encoder's output per prompt; a host that moves the modules itself (as a model
+    manager does, not through RestorerID.to) must get embeddings on the modules' new device."""
+    pytest.importorskip("diffusers")
+    from types import SimpleNamespace
+
+    from facemend.pipelines.identity.restorer import RestorerID
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+
+        def forward(self, input_ids):
+            return SimpleNamespace(last_hidden_state=self.emb(input_ids))
+
+    tok = lambda texts, **kw: SimpleNamespace(input_ids=torch.zeros(1, 3, dtype=torch.long))  # noqa: E731
+    r = object.__new__(RestorerID)
+    r.unet, r.text_encoder, r.tokenizer, r.dtype, r._text_cache = nn.Linear(1, 1), Encoder(), tok, torch.float32, {}
+    assert r.encode_prompt("a face").device.type == "cpu"
+    r.unet.to("meta")
+    r.text_encoder.to("meta")
+    assert r.encode_prompt("a face").device.type == "meta"
+    r.image_proj = r.struct = r.vae = r.image_encoder = nn.Identity()
+    r._text_cache = {k: v for k, v in r._text_cache.items() if v.device.type == "cpu"}
+    r.unet.to_empty(device="cpu")
+    r.text_encoder.to_empty(device="cpu")
+    r.to("meta")                                        # through RestorerID.to, the cache moves with the modules
+    assert list(r._text_cache) == [("a face", "meta")]
+    assert all(v.device.type == "meta" for v in r._text_cache.values())
