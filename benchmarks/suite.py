@@ -31,6 +31,8 @@ figures equal the standalone scripts' and the references are the ones the tests 
 --quick keeps every stage to one small case (CPU: minutes on 2 cores; GPU: the real-size one-step models).
 Without ../shared, stages that need its photos or weights are reported as skipped with the path they need;
 without a snapshot of the official code (identity, adapt), with where it is looked for and how to get it.
+A row that fails (a reference that cannot run in --dtype, out of memory, ...) is listed with its error among the
+skipped ones; the stage's other rows still run. --device cuda:N synchronises and measures that device.
 Peak memory: the peak above the level before the stage (RSS sampled every 2 ms on the CPU,
 torch.cuda.max_memory_allocated on a GPU), over the whole stage (both implementations) unless the row says "ours".
 """
@@ -136,11 +138,15 @@ def stage_detect_align_paste(args, device, dtype):
     for rel in photos:
         path = SHARED / rel
         need(path)
-        image = read_image(str(path))[0].to(device)
-        bgr = cv2.imread(str(path))
-        with StagePeak(device) as peak:
-            n_us, n_fx, t_us, t_fx = B.compare_photo(ours, helper, image, bgr, device, args.repeats)
         name = rel.split("/")[-1]
+        try:
+            image = read_image(str(path))[0].to(device)
+            bgr = cv2.imread(str(path))
+            with StagePeak(device) as peak:
+                n_us, n_fx, t_us, t_fx = B.compare_photo(ours, helper, image, bgr, device, args.repeats)
+        except Exception as exc:  # noqa: BLE001 - the other photos still run
+            rows.append(failed("detect_align_paste", name, exc))
+            continue
         for step in ("detect", "align", "paste"):
             rows.append(row("detect_align_paste", f"{name} {step}", t_us[step], t_fx[step], n_us,
                             reference="facexlib FaceRestoreHelper", note=f"{n_us}/{n_fx} faces"))
@@ -360,8 +366,12 @@ def stage_fast_preset(args, device, dtype):
     max_faces = (1 if device.type == "cpu" else 0) if args.quick else 0
     rows, warm = [], True
     for rel in photos:
-        r = B.compare_photo(reference, ours, detector, SHARED / rel, device, 1 if args.quick else args.repeats,
-                            max_faces, warm)
+        try:
+            r = B.compare_photo(reference, ours, detector, SHARED / rel, device, 1 if args.quick else args.repeats,
+                                max_faces, warm)
+        except Exception as exc:  # noqa: BLE001 - the other photos still run
+            rows.append(failed("fast_preset", rel.split("/")[-1], exc))
+            continue
         if r is None:
             continue
         warm = False
