@@ -106,7 +106,8 @@ StagePeak = Peak  # CUDA allocator peak on a GPU, sampled RSS on the CPU (benchm
 
 
 def throughput(restorer, args) -> None:
-    """The throughput switches of FaceRestorer as asked on the command line (else its defaults: channels-last)."""
+    """The throughput switches of FaceRestorer as asked on the command line (else its defaults: the layout per
+    architecture and device, no compilation)."""
     restorer.set_throughput(channels_last=args.channels_last, compile=args.compile or None)
 
 
@@ -261,9 +262,15 @@ def _restore_pair_row(args, device, label, ours, ref_call, reference, note, batc
         ((t_ref, _), (t_us, _)), (out_ref, out_us) = B.side_by_side(run_ref, run_ours, device,
                                                                     1 if args.quick else args.repeats)
     diff = float((out_us - out_ref).abs().max())
-    note = "; ".join(n for n in (note, f"max |diff| {diff:.1e}") if n)
+    note = "; ".join(n for n in (note, f"max |diff| {diff:.1e}", _layout(ours)) if n)
     note += _flops_note(ours.net, ours.input_size, t_us / batch, args, device)
     return row("restore", f"{label}, batch {batch}", t_us, t_ref, batch, peak.used, reference, note)
+
+
+def _layout(restorer) -> str:
+    """The memory layout the restorer ran in (its per-architecture/device choice or --channels-last)."""
+    cl = getattr(restorer, "channels_last", None)
+    return "" if cl is None else ("channels-last" if cl else "NCHW")
 
 
 def _sub_batch(per_face_bytes, batch, device) -> int:
@@ -324,7 +331,8 @@ def stage_restore(args, device, dtype):
             rows.append(failed("restore", f"GFPGAN v1.4, batch {batch}", exc))
             continue
         per_face = max(per_face, peak.used / sub)
-        note = f"max |diff| {r['max_abs_diff']:.1e}" + (f"; sub-batches of {sub}" if sub < batch else "")
+        note = f"max |diff| {r['max_abs_diff']:.1e}; {_layout(ours)}"
+        note += f"; sub-batches of {sub}" if sub < batch else ""
         note += _flops_note(ours.net, ours.input_size, r["ours_s_per_face"], args, device)
         rows.append(row("restore", f"GFPGAN v1.4, batch {batch}", r["ours_s_per_face"] * batch,
                         r["official_s_per_face"] * batch, batch, peak.used, "official GFPGANv1Clean", note))
@@ -740,7 +748,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--repeats", type=int, default=3, help="runs per case (the fastest or the median is kept)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--channels-last", dest="channels_last", action=argparse.BooleanOptionalAction, default=None,
-                    help="restorers in channels-last memory (default: on, FaceRestorer's default)")
+                    help="restorers in channels-last memory (default: FaceRestorer's choice per architecture and "
+                    "device: CPU all, CUDA all but CodeFormer/RestoreFormer)")
     ap.add_argument("--peak-tflops", type=float, default=0.0,
                     help="the device's dense bf16 peak for the restore stage's %% of peak (default: known GPUs)")
     ap.add_argument("--restorers", default=",".join(RESTORERS), help="comma-separated restorers of the restore "

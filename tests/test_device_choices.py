@@ -90,7 +90,8 @@ def test_gfpgan_noise_maps_drawn_once_per_call_with_unchanged_results(monkeypatc
     faces = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     draws = []
     orig = StyleGAN2DecoderSFT.make_noise
-    monkeypatch.setattr(StyleGAN2DecoderSFT, "make_noise", lambda self, mode, *a: draws.append(mode) or orig(self, mode, *a))
+    monkeypatch.setattr(StyleGAN2DecoderSFT, "make_noise",
+                        lambda self, mode, *a: draws.append(mode) or orig(self, mode, *a))
     got = fr(faces, batch_size=1, seed=7)
     assert draws == ["random"]
     monkeypatch.setattr(StyleGAN2DecoderSFT, "make_noise", orig)
