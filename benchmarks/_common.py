@@ -24,8 +24,10 @@ def load_facemend() -> None:
 
 
 def sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+    """Wait for `device` (the one given, e.g. cuda:1, not the current CUDA device)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class PeakRSS:

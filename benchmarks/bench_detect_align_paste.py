@@ -42,7 +42,7 @@ THRESHOLD = 0.97  # facexlib's FaceRestoreHelper threshold; used for both
 
 def sync(device):
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def timed(fn, device):

@@ -139,14 +139,14 @@ def measure(fn, device, repeats: int):
     times, mem, out = [], 0, None
     for _ in range(repeats):
         if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
             t = time.perf_counter()
             out = fn()
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
             times.append(time.perf_counter() - t)
-            mem = max(mem, torch.cuda.max_memory_allocated() - base)
+            mem = max(mem, torch.cuda.max_memory_allocated(device) - base)
         else:
             with PeakRSS() as p:
                 t = time.perf_counter()

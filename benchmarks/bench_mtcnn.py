@@ -68,7 +68,7 @@ def _sync(device) -> None:
     import torch
 
     if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def time_detect(detectors, image, repeats: int = 3, threshold: float = 0.9):

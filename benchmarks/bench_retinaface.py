@@ -19,6 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import sync  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 WEIGHTS = SHARED / "models" / "facedetection" / "retinaface_mobilenet0.25_1mb.pth"
@@ -54,12 +57,10 @@ def _time(fn, repeat: int, device: str) -> float:
     fn()  # warm-up (allocations, cudnn/oneDNN kernel choice, prior-box cache)
     times = []
     for _ in range(repeat):
-        if device == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         t = time.perf_counter()
         fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 

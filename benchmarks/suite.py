@@ -31,6 +31,8 @@ figures equal the standalone scripts' and the references are the ones the tests 
 --quick keeps every stage to one small case (CPU: minutes on 2 cores; GPU: the real-size one-step models).
 Without ../shared, stages that need its photos or weights are reported as skipped with the path they need;
 without a snapshot of the official code (identity, adapt), with where it is looked for and how to get it.
+A row that fails (a reference that cannot run in --dtype, out of memory, ...) is listed with its error among the
+skipped ones; the stage's other rows still run. --device cuda:N synchronises and measures that device.
 Peak memory: the peak above the level before the stage (RSS sampled every 2 ms on the CPU,
 torch.cuda.max_memory_allocated on a GPU), over the whole stage (both implementations) unless the row says "ours".
 """
@@ -76,11 +78,36 @@ def skipped(stage, why):
     return {"stage": stage, "why": why}
 
 
+def failed(stage, case, exc):
+    """A row that raised: reported with its error (listed with the skipped ones) while the stage's other rows
+    run. The traceback goes to the console; CUDA memory the failed attempt held is released."""
+    traceback.print_exc()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    first = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return skipped(stage, f"{case} failed: {type(exc).__name__}: {first}")
+
+
+def reference_autocast(call, device, dtype):
+    """Run an official network kept in float32 under autocast to `dtype`, as the official inference scripts run
+    half precision: casting its weights to bf16/fp16 breaks modules that mix in float32 tensors (spandrel's
+    CodeFormer multiplies a float32 one-hot matrix by the codebook)."""
+    if dtype == torch.float32:
+        return call
+
+    def run(x):
+        with torch.autocast(device.type, dtype=dtype):
+            return call(x.float())
+
+    return run
+
+
 StagePeak = Peak  # CUDA allocator peak on a GPU, sampled RSS on the CPU (benchmarks/_common.py)
 
 
 def throughput(restorer, args) -> None:
-    """The throughput switches of FaceRestorer as asked on the command line (else its defaults: channels-last)."""
+    """The throughput switches of FaceRestorer as asked on the command line (else its defaults: the layout per
+    architecture and device, no compilation)."""
     restorer.set_throughput(channels_last=args.channels_last, compile=args.compile or None)
 
 
@@ -112,11 +139,15 @@ def stage_detect_align_paste(args, device, dtype):
     for rel in photos:
         path = SHARED / rel
         need(path)
-        image = read_image(str(path))[0].to(device)
-        bgr = cv2.imread(str(path))
-        with StagePeak(device) as peak:
-            n_us, n_fx, t_us, t_fx = B.compare_photo(ours, helper, image, bgr, device, args.repeats)
         name = rel.split("/")[-1]
+        try:
+            image = read_image(str(path))[0].to(device)
+            bgr = cv2.imread(str(path))
+            with StagePeak(device) as peak:
+                n_us, n_fx, t_us, t_fx = B.compare_photo(ours, helper, image, bgr, device, args.repeats)
+        except Exception as exc:  # noqa: BLE001 - the other photos still run
+            rows.append(failed("detect_align_paste", name, exc))
+            continue
         for step in ("detect", "align", "paste"):
             rows.append(row("detect_align_paste", f"{name} {step}", t_us[step], t_fx[step], n_us,
                             reference="facexlib FaceRestoreHelper", note=f"{n_us}/{n_fx} faces"))
@@ -160,8 +191,10 @@ def _codeformer_pair(device, dtype):
     torch.manual_seed(0)
     ref = _randomized(cls(), seed=1)
     ours = _file_restorer(lambda p: torch.save({"params_ema": ref.state_dict()}, p), "codeformer.pth", device, dtype)
-    ref = ref.to(device=device, dtype=ours.dtype).eval()
-    return ours, lambda x: ref(x, weight=0.5)[0], "official CodeFormer (spandrel_extra_arches)", "w 0.5"
+    ref = ref.to(device=device).eval()    # float32, under autocast to our dtype
+    half = ours.dtype != torch.float32
+    return (ours, reference_autocast(lambda x: ref(x, weight=0.5)[0], device, ours.dtype),
+            "official CodeFormer (spandrel_extra_arches)" + (" in fp32 + autocast" if half else ""), "w 0.5")
 
 
 def _restoreformer_pair(device, dtype, plus_plus):
@@ -229,9 +262,15 @@ def _restore_pair_row(args, device, label, ours, ref_call, reference, note, batc
         ((t_ref, _), (t_us, _)), (out_ref, out_us) = B.side_by_side(run_ref, run_ours, device,
                                                                     1 if args.quick else args.repeats)
     diff = float((out_us - out_ref).abs().max())
-    note = "; ".join(n for n in (note, f"max |diff| {diff:.1e}") if n)
+    note = "; ".join(n for n in (note, f"max |diff| {diff:.1e}", _layout(ours)) if n)
     note += _flops_note(ours.net, ours.input_size, t_us / batch, args, device)
     return row("restore", f"{label}, batch {batch}", t_us, t_ref, batch, peak.used, reference, note)
+
+
+def _layout(restorer) -> str:
+    """The memory layout the restorer ran in (its per-architecture/device choice or --channels-last)."""
+    cl = getattr(restorer, "channels_last", None)
+    return "" if cl is None else ("channels-last" if cl else "NCHW")
 
 
 def _sub_batch(per_face_bytes, batch, device) -> int:
@@ -250,6 +289,8 @@ def stage_restore(args, device, dtype):
 
     batches = ([1] if device.type == "cpu" else [8]) if args.quick else ([1, 4] if device.type == "cpu" else [1, 8, 32])
     rows = []
+    # One row's failure (a reference that cannot run in this dtype, out of memory) is that row's result: the
+    # stage's other rows still run.
     for name in (n for n in RESTORERS if n in args.restorers and n != "gfpgan"):
         label, make = PAIRS[name]
         try:
@@ -257,8 +298,15 @@ def stage_restore(args, device, dtype):
         except ImportError as exc:
             rows.append(skipped("restore", f"{label}: ImportError: {exc}"))
             continue
+        except Exception as exc:  # noqa: BLE001
+            rows.append(failed("restore", label, exc))
+            continue
         throughput(ours, args)
-        rows += [_restore_pair_row(args, device, label, ours, ref_call, reference, note, b) for b in batches]
+        for b in batches:
+            try:
+                rows.append(_restore_pair_row(args, device, label, ours, ref_call, reference, note, b))
+            except Exception as exc:  # noqa: BLE001
+                rows.append(failed("restore", f"{label}, batch {b}", exc))
         del ours, ref_call
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -268,16 +316,23 @@ def stage_restore(args, device, dtype):
         official, ours = B.build_pair(device, dtype)
     except SystemExit as exc:   # the official GFPGAN is not installed: the other restorers' rows stay
         return rows + [skipped("restore", f"GFPGAN: {exc}")]
+    except Exception as exc:  # noqa: BLE001
+        return rows + [failed("restore", "GFPGAN v1.4", exc)]
     throughput(ours, args)
     per_face = 0
     # On a GPU, one batch of 512 faces after the others (sub-batched to fit: the batch before it gives the
     # memory per face), reported for all 512.
     for batch in batches + ([BIG_BATCH] if device.type == "cuda" else []):
         sub = _sub_batch(per_face, batch, device) if batch == BIG_BATCH else batch
-        with StagePeak(device) as peak:
-            r = B.compare(official, ours, batch, device, dtype, 1 if args.quick else args.repeats, sub)
+        try:
+            with StagePeak(device) as peak:
+                r = B.compare(official, ours, batch, device, dtype, 1 if args.quick else args.repeats, sub)
+        except Exception as exc:  # noqa: BLE001
+            rows.append(failed("restore", f"GFPGAN v1.4, batch {batch}", exc))
+            continue
         per_face = max(per_face, peak.used / sub)
-        note = f"max |diff| {r['max_abs_diff']:.1e}" + (f"; sub-batches of {sub}" if sub < batch else "")
+        note = f"max |diff| {r['max_abs_diff']:.1e}; {_layout(ours)}"
+        note += f"; sub-batches of {sub}" if sub < batch else ""
         note += _flops_note(ours.net, ours.input_size, r["ours_s_per_face"], args, device)
         rows.append(row("restore", f"GFPGAN v1.4, batch {batch}", r["ours_s_per_face"] * batch,
                         r["official_s_per_face"] * batch, batch, peak.used, "official GFPGANv1Clean", note))
@@ -319,8 +374,12 @@ def stage_fast_preset(args, device, dtype):
     max_faces = (1 if device.type == "cpu" else 0) if args.quick else 0
     rows, warm = [], True
     for rel in photos:
-        r = B.compare_photo(reference, ours, detector, SHARED / rel, device, 1 if args.quick else args.repeats,
-                            max_faces, warm)
+        try:
+            r = B.compare_photo(reference, ours, detector, SHARED / rel, device, 1 if args.quick else args.repeats,
+                                max_faces, warm)
+        except Exception as exc:  # noqa: BLE001 - the other photos still run
+            rows.append(failed("fast_preset", rel.split("/")[-1], exc))
+            continue
         if r is None:
             continue
         warm = False
@@ -388,10 +447,17 @@ def stage_onestep(args, device, dtype):
     rows = []
     real = device.type == "cuda"
     for backend in ("tsdsr", "osediff"):
-        with tempfile.TemporaryDirectory() as folder:
-            model = B.real_size_model(backend, device, dtype) if real else B.tiny_model(backend, device, dtype, folder)
-            r = B.measure(model, 512, 1, device, 1 if args.quick else args.repeats, model.tiles)
-            del model
+        try:
+            with tempfile.TemporaryDirectory() as folder:
+                model = B.real_size_model(backend, device, dtype) if real else \
+                    B.tiny_model(backend, device, dtype, folder)
+                r = B.measure(model, 512, 1, device, 1 if args.quick else args.repeats, model.tiles)
+                del model
+        except (ImportError, FileNotFoundError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the other backend still runs
+            rows.append(failed("onestep", backend, exc))
+            continue
         if device.type == "cuda":
             torch.cuda.empty_cache()
         rows.append(row("onestep", f"{backend} 512, {'real-size' if real else 'tiny'} random",
@@ -408,12 +474,16 @@ def stage_iqa(args, device, dtype):
     x = B._faces(2 if args.quick else 8, 512).to(device)
     rows = []
     for name in (("niqe", "musiq") if args.quick else ("niqe", "musiq", "maniqa", "fid")):
-        built = B.build_metric(name, device, 4 if args.quick else 20)
-        if built is None:
+        try:
+            built = B.build_metric(name, device, 4 if args.quick else 20)
+            if built is None:
+                continue
+            fn, note = built
+            with StagePeak(device) as peak:
+                ips = B._time(fn, x, device, 1)
+        except Exception as exc:  # noqa: BLE001 - the other metrics still run
+            rows.append(failed("iqa", name, exc))
             continue
-        fn, note = built
-        with StagePeak(device) as peak:
-            ips = B._time(fn, x, device, 1)
         rows.append(row("iqa", name, x.shape[0] / ips, None, x.shape[0], peak.used, "", note))
     return rows
 
@@ -629,6 +699,9 @@ def write_readme(json_path: str, readme: Path) -> None:
 
 def run(args) -> dict:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if device.type == "cuda" and device.index is not None:
+        # --device cuda:1: what uses "the current device" (empty_cache, library handles) works on that one too.
+        torch.cuda.set_device(device)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
@@ -675,7 +748,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--repeats", type=int, default=3, help="runs per case (the fastest or the median is kept)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--channels-last", dest="channels_last", action=argparse.BooleanOptionalAction, default=None,
-                    help="restorers in channels-last memory (default: on, FaceRestorer's default)")
+                    help="restorers in channels-last memory (default: FaceRestorer's choice per architecture and "
+                    "device: CPU all, CUDA all but CodeFormer/RestoreFormer)")
     ap.add_argument("--peak-tflops", type=float, default=0.0,
                     help="the device's dense bf16 peak for the restore stage's %% of peak (default: known GPUs)")
     ap.add_argument("--restorers", default=",".join(RESTORERS), help="comma-separated restorers of the restore "

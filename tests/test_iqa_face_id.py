@@ -86,3 +86,70 @@ def test_non_arcface_models_are_refused(tmp_path):
     junk.write_bytes(b"not onnx")
     with pytest.raises(ModelFileInvalid, match="Cannot load ONNX model"):
         ArcFaceONNX.from_file(str(junk))
+
+
+# --- onnxruntime provider per device (issue 20): faked provider lists, the real session on the CPU underneath
+
+class _Session:
+    """onnxruntime.InferenceSession on the CPU that reports the providers a GPU session would have ended with."""
+
+    ends_with: list = []
+    asked: list = []
+    real = None
+
+    def __init__(self, path, sess_options=None, providers=None):
+        type(self).asked.append(providers)
+        self._real = type(self).real(path, sess_options=sess_options, providers=["CPUExecutionProvider"])
+
+    def get_providers(self):
+        return list(type(self).ends_with)
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+@pytest.fixture
+def fake_ort(monkeypatch, tmp_path):
+    import onnxruntime
+
+    path = tmp_path / "w600k_r50.onnx"
+    _export(path)
+    _Session.asked, _Session.real = [], onnxruntime.InferenceSession
+    monkeypatch.setattr(onnxruntime, "InferenceSession", _Session)
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    return str(path)
+
+
+def test_provider_follows_the_device_and_the_log_says_which_runs(fake_ort, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="facemend")
+    _Session.ends_with = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    arc = ArcFaceONNX.from_file(fake_ort, "cuda:1")
+    assert _Session.asked[-1] == [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+    assert arc.provider == "CUDAExecutionProvider" and "runs on onnxruntime's CUDAExecutionProvider" in caplog.text
+    _Session.ends_with = ["CPUExecutionProvider"]
+    arc = ArcFaceONNX.from_file(fake_ort, "cpu")
+    assert _Session.asked[-1] == ["CPUExecutionProvider"] and arc.provider == "CPUExecutionProvider"
+    x = torch.rand(2, 3, 112, 112)
+    assert arc.embed(x).shape == (2, 512)
+
+
+def test_a_failed_cuda_provider_is_refused_not_replaced_by_the_cpu(fake_ort):
+    from facemend.pipelines.io.errors import FaceMendError
+
+    _Session.ends_with = ["CPUExecutionProvider"]     # what onnxruntime does when CUDA/cuDNN fail to load
+    with pytest.raises(FaceMendError, match=r"w600k_r50.onnx.*cuda:0.*CUDA provider failed to start.*onnxruntime-gpu"):
+        ArcFaceONNX.from_file(fake_ort, "cuda:0")
+
+
+def test_cpu_only_package_on_a_cuda_device_runs_on_the_cpu_and_says_how_to_get_the_gpu_one(monkeypatch, caplog):
+    from facemend.pipelines.quality.id_similarity import choose_providers
+
+    with caplog.at_level("WARNING", logger="facemend"):
+        got = choose_providers(torch.device("cuda", 0), ["AzureExecutionProvider", "CPUExecutionProvider"])
+    assert got == ["CPUExecutionProvider"]
+    assert "runs on the CPU" in caplog.text and "onnxruntime-gpu" in caplog.text and "identity-gpu" in caplog.text
+    assert choose_providers(torch.device("cpu"), ["CUDAExecutionProvider", "CPUExecutionProvider"]) == \
+        ["CPUExecutionProvider"]

@@ -209,3 +209,100 @@ def test_identity_and_adapt_rows_against_the_official_code():
         assert diff < 1e-3, r
     ft = result["rows"][3]
     assert ft["reference_s"] is None and ft["ratio"] is None and "ours only" in ft["note"] and ft["faces"] == 1
+
+
+def test_a_failing_row_reports_its_error_and_the_stage_goes_on(monkeypatch):
+    """A restorer whose reference cannot run (as spandrel's CodeFormer in bf16) or whose build fails gives a failed
+    row with its error; the other restorers and GFPGAN's rows are still measured."""
+    import torch
+
+    suite = _suite()
+    import bench_restore
+    monkeypatch.setattr(bench_restore, "build_pair", lambda device, dtype: (None, _Conv()))
+    monkeypatch.setattr(bench_restore, "compare", lambda *a, **k: {"ours_s_per_face": 0.01,
+                                                                  "official_s_per_face": 0.02, "max_abs_diff": 0.0})
+
+    def pair(name):
+        def make(device, dtype):
+            if name == "gpen":
+                raise ValueError("bad build")
+            ours = _Conv()
+
+            def ref_call(x):
+                if name == "codeformer":
+                    raise RuntimeError("expected m1 and m2 to have the same dtype\nmore")
+                return ours.net(x)
+            return ours, ref_call, f"official {name}", ""
+        return name, make
+
+    monkeypatch.setattr(suite, "PAIRS", {n: pair(n) for n in suite.PAIRS})
+    args = suite.parser().parse_args(["--quick", "--restorers", "gfpgan,codeformer,restoreformer,gpen"])
+    args.restorers = args.restorers.split(",")
+    with torch.no_grad():
+        rows = suite.stage_restore(args, torch.device("cpu"), torch.float32)
+    assert [r.get("case") or r["why"] for r in rows] == [
+        "codeformer, batch 1 failed: RuntimeError: expected m1 and m2 to have the same dtype",
+        "restoreformer, batch 1", "gpen failed: ValueError: bad build", "GFPGAN v1.4, batch 1"]
+
+
+def test_the_reference_runs_in_float32_under_autocast_for_half_precision():
+    """spandrel's CodeFormer computes `one_hot.float() @ codebook`: with its weights cast to bf16 that matmul
+    fails (float32 x bf16); kept in float32 under autocast (as the official scripts run half precision) it runs,
+    in bf16 arithmetic."""
+    import torch
+
+    suite = _suite()
+
+    class Codebook(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 1)
+            self.embedding = torch.nn.Parameter(torch.randn(4, 3))
+
+        def forward(self, x):
+            one_hot = torch.nn.functional.one_hot(self.conv(x).argmax(1), 4)
+            return torch.matmul(one_hot.float(), self.embedding).permute(0, 3, 1, 2)
+
+    torch.manual_seed(0)
+    ref, x = Codebook().eval(), torch.rand(2, 3, 8, 8)
+    with pytest.raises(RuntimeError, match="dtype"):
+        ref.to(torch.bfloat16)(x.to(torch.bfloat16))
+    ref.float()
+    want = ref(x)
+    got = suite.reference_autocast(ref, torch.device("cpu"), torch.bfloat16)(x.to(torch.bfloat16))
+    assert got.dtype == torch.bfloat16
+    assert suite.reference_autocast(ref, torch.device("cpu"), torch.float32) is ref
+    # the same codes wherever bf16 rounding of the 1x1 conv does not flip the argmax; the codes are exact in bf16
+    # up to the codebook's bf16 rounding (2^-8 relative)
+    close = (got.float() - want).abs() <= want.abs() * 2 ** -8
+    assert close.float().mean() > 0.9
+
+
+def test_benchmark_timing_and_memory_use_the_device_given(monkeypatch):
+    """--device cuda:1 synchronises and measures cuda:1, not the current CUDA device (faked torch.cuda calls)."""
+    import torch
+
+    _suite()
+    import _common
+
+    calls = []
+    for fn in ("synchronize", "reset_peak_memory_stats", "memory_allocated", "max_memory_allocated"):
+        monkeypatch.setattr(torch.cuda, fn, lambda device=None, _fn=fn: calls.append((_fn, device)) or 0)
+    _common.sync("cuda:1")
+    with _common.Peak("cuda:1"):
+        pass
+    assert calls and all(torch.device(d) == torch.device("cuda", 1) for _, d in calls), calls
+    assert {c for c, _ in calls} == {"synchronize", "reset_peak_memory_stats", "memory_allocated",
+                                     "max_memory_allocated"}
+
+
+def test_no_benchmark_synchronises_or_measures_the_current_device_implicitly():
+    """Every CUDA synchronize / memory call in benchmarks/ names its device: a bare call measures the current
+    device, which --device cuda:1 does not change."""
+    import re
+
+    bare = re.compile(r"torch\.cuda\.(synchronize|reset_peak_memory_stats|memory_allocated|max_memory_allocated|"
+                      r"mem_get_info)\(\)")
+    found = [f"{p.name}:{i}" for p in sorted((ROOT / "benchmarks").glob("*.py"))
+             for i, line in enumerate(p.read_text().splitlines(), 1) if bare.search(line)]
+    assert found == []

@@ -57,3 +57,21 @@ def test_compile_switch_runs_the_compiled_network(narrow):
     assert calls and (got - ref).abs().max() < 1e-6
     fr.set_throughput(compile=False)
     assert fr._compiled is None and torch.equal(fr(x, noise="stored"), ref)
+
+
+def test_compiled_restorer_pads_the_last_short_chunk_instead_of_recompiling(narrow):
+    """torch.compile with static shapes compiles again for every new batch size: 5 faces in chunks of 2 would
+    compile for 2 and for 1. The short last chunk is padded to 2 (copies of its last face), so the compiled
+    network only ever sees one shape; every face's result stays that of the plain network (float rounding: the
+    padded chunk runs the batched modulated convolution instead of the single-face one)."""
+    x = _to_ours(_faces_uint8(5, 32, seed=11))
+    fr = FaceRestorer.from_file(narrow)
+    ref = fr(x, noise="stored", batch_size=2)
+    tol = 2 * restorer_reorder_tol(fr, x, noise="stored", batch_size=2)
+    shapes = []
+    fr.set_throughput(compile="eager")
+    inner = fr._compiled
+    fr._compiled = lambda x, **k: shapes.append(tuple(x.shape)) or inner(x, **k)
+    got = fr(x, noise="stored", batch_size=2)
+    assert shapes == [(2, 3, 32, 32)] * 3
+    assert got.shape == ref.shape and (got - ref).abs().max() < tol

@@ -211,6 +211,12 @@ class PriorUNet(nn.Module):
             block.emb_index = k
         self._emb_cache = None
 
+    def _apply(self, fn, recurse=True):
+        # .to()/.half()/... : the cached stack is a copy of weights outside the module tree; drop it rather than
+        # keep the old device's copy alive (an offloaded prior would still hold GPU memory).
+        self._emb_cache = None
+        return super()._apply(fn, recurse)
+
     def _block_embeddings(self, emb: torch.Tensor) -> list:
         """Every ResBlock's time projection, emb_layers(emb), from one matrix product over the blocks' stacked
         Linear weights instead of one small product per block (41 in the released prior): on the CPU a small

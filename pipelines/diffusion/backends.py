@@ -24,7 +24,7 @@ import torch
 from ..io.checkpoints import load_weights
 from ..io.errors import ModelFileInvalid, ModelFileNotFound
 from .lora import lora_pairs, lora_rank, merge_lora
-from .refiner import OneStepSR, TileSettings
+from .refiner import Conditioning, OneStepSR, TileSettings
 
 BACKENDS = ("tsdsr", "osediff")
 
@@ -193,21 +193,20 @@ def tsdsr_from_modules(transformer, vae, prompt: torch.Tensor, pooled: torch.Ten
     if vae.config.latent_channels != cfg.in_channels:
         raise ModelFileInvalid(f"{where}: VAE latent channels {vae.config.latent_channels} != transformer "
                                f"input channels {cfg.in_channels}; is this an SD3 folder?")
-    _prepare((transformer, vae), device, dtype)
-    prompt = prompt[:1].to(device, dtype)
-    pooled = pooled[:1].to(device, dtype)
+    cond = Conditioning(prompt=prompt[:1], pooled=pooled[:1])  # buffers: they move with OneStepSR.to
+    _prepare((transformer, vae, cond), device, dtype)
 
     def denoise(z):
         n = z.shape[0]
         t = torch.full((n,), TSDSR_TIMESTEP, device=z.device, dtype=z.dtype)
-        return transformer(hidden_states=z, timestep=t, encoder_hidden_states=prompt.expand(n, -1, -1),
-                           pooled_projections=pooled.expand(n, -1), return_dict=False)[0]
+        return transformer(hidden_states=z, timestep=t, encoder_hidden_states=cond.prompt.expand(n, -1, -1),
+                           pooled_projections=cond.pooled.expand(n, -1), return_dict=False)[0]
 
     def update(z, v):
         return z - v  # flow matching: x0 = x_t - sigma * v at sigma = 1
 
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    return OneStepSR("TSD-SR", vae, denoise, update, [transformer, vae], size_multiple=factor * cfg.patch_size,
+    return OneStepSR("TSD-SR", vae, denoise, update, [transformer, vae, cond], size_multiple=factor * cfg.patch_size,
                      tiles=TileSettings(latent_tile=64, latent_overlap=8), description=description)
 
 
@@ -295,13 +294,13 @@ def osediff_from_modules(unet, vae, scheduler, embeds: torch.Tensor, device="cpu
     kind = scheduler.config.prediction_type
     if kind not in ("epsilon", "v_prediction"):
         raise ModelFileInvalid(f"scheduler prediction_type {kind!r} is not supported (epsilon, v_prediction)")
-    _prepare((unet, vae), device, dtype)
-    embeds = embeds.to(device, dtype)
+    cond = Conditioning(embeds=embeds)  # a buffer: it moves with OneStepSR.to
+    _prepare((unet, vae, cond), device, dtype)
 
     def denoise(z):
         n = z.shape[0]
         t = torch.full((n,), OSEDIFF_TIMESTEP, device=z.device, dtype=torch.long)
-        return unet(z, t, encoder_hidden_states=embeds.expand(n, -1, -1), return_dict=False)[0]
+        return unet(z, t, encoder_hidden_states=cond.embeds.expand(n, -1, -1), return_dict=False)[0]
 
     a, s = alpha ** 0.5, (1 - alpha) ** 0.5
 
@@ -311,5 +310,5 @@ def osediff_from_modules(unet, vae, scheduler, embeds: torch.Tensor, device="cpu
         x0 = (z32 - s * p32) / a if kind == "epsilon" else a * z32 - s * p32
         return x0.to(z.dtype)
 
-    return OneStepSR("OSEDiff", vae, denoise, update, [unet, vae], size_multiple=8,
+    return OneStepSR("OSEDiff", vae, denoise, update, [unet, vae, cond], size_multiple=8,
                      tiles=TileSettings(latent_tile=96, latent_overlap=32), description=description)

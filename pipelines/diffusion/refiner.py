@@ -51,6 +51,18 @@ class TileSettings:
         return None
 
 
+class Conditioning(torch.nn.Module):
+    """Tensors a denoiser needs besides its weights (prompt / pooled embeddings), held as buffers so that they
+    move with the model: a closure that captured the tensors themselves would keep them on the load device
+    after the model moved ("Expected all tensors to be on the same device"). Closures capture this module and
+    read its attributes at call time."""
+
+    def __init__(self, **tensors: torch.Tensor):
+        super().__init__()
+        for name, t in tensors.items():
+            self.register_buffer(name, t)
+
+
 def default_is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
@@ -89,7 +101,8 @@ class OneStepSR:
         return self
 
     def model_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for m in self.modules for p in m.parameters())
+        return sum(t.numel() * t.element_size() for m in self.modules
+                   for t in list(m.parameters()) + list(m.buffers()))
 
     # --- stages -------------------------------------------------------------------------------------------
     def encode(self, x: torch.Tensor, tiles: TileSettings, generator: torch.Generator, hook=None) -> torch.Tensor:

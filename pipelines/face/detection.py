@@ -106,8 +106,11 @@ def select_faces(
     if dets.shape[0] == 0:
         return dets
     area = (dets[:, 2] - dets[:, 0]) * (dets[:, 3] - dets[:, 1])
-    # Sort by area descending; ties broken by x then y for determinism.
-    order = sorted(range(dets.shape[0]), key=lambda i: (-float(area[i]), float(dets[i, 0]), float(dets[i, 1])))
+    # Sort by area descending; ties broken by x then y for determinism: stable sorts from the last key to the
+    # first, on the device (a per-face float() would wait for the device once per face).
+    order = torch.arange(dets.shape[0], device=dets.device)
+    for key in (dets[:, 1], dets[:, 0], -area):
+        order = order[torch.sort(key[order], stable=True).indices]
     dets = dets[order]
     if mode == "largest":
         dets = dets[:1]

@@ -209,7 +209,8 @@ class RestorerID:
     def to(self, device) -> "RestorerID":
         for m in self.modules():
             m.to(device)
-        self._text_cache = {k: v.to(device) for k, v in self._text_cache.items()}
+        device = torch.device(device)
+        self._text_cache = {(prompt, str(device)): v.to(device) for (prompt, _), v in self._text_cache.items()}
         return self
 
     def model_bytes(self) -> int:
@@ -223,11 +224,14 @@ class RestorerID:
     # -- conditioning ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompt(self, prompt: str) -> torch.Tensor:
-        if prompt not in self._text_cache:
+        # Keyed by device too: a host that moves the modules itself (not through .to) gets embeddings on the
+        # modules' device, never a stale copy on the old one.
+        key = (prompt, str(self.device))
+        if key not in self._text_cache:
             ids = self.tokenizer([prompt], truncation=True, max_length=TEXT_TOKENS, padding="max_length",
                                  return_tensors="pt").input_ids.to(self.device)
-            self._text_cache[prompt] = self.text_encoder(input_ids=ids).last_hidden_state.to(self.dtype)
-        return self._text_cache[prompt]
+            self._text_cache[key] = self.text_encoder(input_ids=ids).last_hidden_state.to(self.dtype)
+        return self._text_cache[key]
 
     @torch.no_grad()
     def id_tokens(self, ref: Reference) -> tuple[torch.Tensor, torch.Tensor]:

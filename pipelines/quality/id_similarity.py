@@ -7,6 +7,7 @@ challenge itself uses AdaFace IR-50; ArcFace is the documented proxy (reference/
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -20,6 +21,11 @@ from ..face.geometry import face_template, fit_similarity, warp_to_crops
 ARCFACE_TEMPLATE_112 = ((38.2946, 51.6963), (73.5318, 51.5014), (56.0252, 71.7366),
                         (41.5493, 92.3655), (70.7299, 92.2041))
 INPUT_SIZE = 112
+CUDA_PROVIDER, CPU_PROVIDER = "CUDAExecutionProvider", "CPUExecutionProvider"
+GPU_PACKAGE_HINT = ("for ArcFace on the GPU install onnxruntime-gpu instead of onnxruntime (pip uninstall onnxruntime "
+                    "&& pip install onnxruntime-gpu, or the extra 'identity-gpu' / 'iqa-gpu'; the two packages share "
+                    "one module, so only one of them may be installed)")
+log = logging.getLogger("facemend")
 
 
 def _import_onnxruntime():
@@ -45,6 +51,22 @@ def _input_normalisation(path: str) -> tuple[float, float]:
     return (0.0, 1.0) if sub and mul else (127.5, 127.5)
 
 
+def choose_providers(device: torch.device, available: list) -> list:
+    """onnxruntime providers for `device`: CUDA (that device's index) first on a CUDA device when the installed
+    package has it, CPU otherwise. The CPU package on a CUDA device runs on the CPU, with a warning that says how
+    to get the GPU package (ArcFace is small: correct, only slower)."""
+    if device.type != "cuda":
+        return [CPU_PROVIDER]
+    if CUDA_PROVIDER not in available:
+        log.warning("FaceMend: ArcFace runs on the CPU although the compute device is %s: the installed onnxruntime "
+                    "has no CUDA provider (providers: %s); %s.", device, ", ".join(available), GPU_PACKAGE_HINT)
+        return [CPU_PROVIDER]
+    index = device.index if device.index is not None else (torch.cuda.current_device()
+                                                           if torch.cuda.is_available() else 0)
+    # CPU stays listed after CUDA for the few operators CUDA lacks (onnxruntime's graph partitioning).
+    return [(CUDA_PROVIDER, {"device_id": index}), CPU_PROVIDER]
+
+
 class ArcFaceONNX:
     """``embed(faces112 [N,3,112,112] RGB in [0,1]) -> [N,D]`` L2-normalised embeddings, and
     ``similarity(a, b, landmarks=None) -> [N]`` cosine between faces a (the input) and b (the output)."""
@@ -55,15 +77,26 @@ class ArcFaceONNX:
         ort = _import_onnxruntime()
         self.path = path
         self.device = torch.device(device)
-        providers = ["CPUExecutionProvider"]
-        if self.device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, ("CUDAExecutionProvider", {"device_id": self.device.index or 0}))
+        providers = choose_providers(self.device, list(ort.get_available_providers()))
         options = ort.SessionOptions()
         options.log_severity_level = 3
         try:
             self.session = ort.InferenceSession(path, sess_options=options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types on bad files
             raise ModelFileInvalid(f"Cannot load ONNX model {path}: {str(exc).splitlines()[0][:300]}") from exc
+        used = list(self.session.get_providers())
+        if providers[0] != CPU_PROVIDER and (not used or used[0] != CUDA_PROVIDER):
+            # onnxruntime drops a provider that fails to initialise (CUDA/cuDNN libraries missing or of the wrong
+            # version) and carries on with the CPU: refuse rather than run silently elsewhere than asked.
+            raise FaceMendError(
+                f"ArcFace ({os.path.basename(path)}) was to run on {self.device}, but onnxruntime's CUDA provider "
+                f"failed to start (session providers: {', '.join(used) or 'none'}). Usually the CUDA or cuDNN "
+                "libraries that this onnxruntime-gpu build needs are missing or of another version (see the "
+                "onnxruntime log above and https://onnxruntime.ai/docs/execution-providers/CUDA-ExecutionProvider.html"
+                "#requirements); install a matching onnxruntime-gpu, or run FaceMend on the CPU.")
+        self.provider = used[0] if used else CPU_PROVIDER
+        log.info("FaceMend: ArcFace %s runs on onnxruntime's %s (device %s).", os.path.basename(path),
+                 self.provider, self.device)
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         shape = inputs[0].shape
         if len(inputs) != 1 or len(shape) != 4 or shape[1] != 3 or any(

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from . import archs
 from ..io.checkpoints import check_keys, load_weights, unwrap_state_dict
+from ..io.device_caps import bf16_native, channels_last_for
 from ..io.errors import InvalidImage, ModelFileInvalid
 
 RESIZE_IN = "bilinear"
@@ -57,25 +58,29 @@ class FaceRestorer:
         self.requested_dtype = dtype
         self.dtype = self._usable_dtype(dtype)
         self.net.to(device=self.device, dtype=self.dtype)
-        # Channels-last by default on every device: tensor cores' native layout on a GPU, and 10-17% faster on a
-        # CPU too (oneDNN; one 512 face, 1 thread: GFPGAN v1.4 3.1 -> 2.6 s, CodeFormer 7.0 -> 6.3 s,
-        # RestoreFormer 4.8 -> 4.2 s, GPEN 2.9 -> 2.5 s).
-        self.channels_last = True
+        # Memory layout: None = decided per architecture and device (io/device_caps.channels_last_for: CPU always
+        # channels-last, CUDA channels-last except the GroupNorm-heavy CodeFormer/RestoreFormer); set_throughput
+        # overrides it.
+        self._channels_last: Optional[bool] = None
         self._apply_layout()
         self._compiled = None  # torch.compile'd network (set_compile), else the network itself is called
+        self._compiled_batch = 0  # the batch size the compiled graph was built for (short chunks are padded to it)
 
     def set_throughput(self, channels_last: bool | None = None, compile: bool | str | None = None) -> "FaceRestorer":
         """GPU throughput switches (same results up to float rounding; tests/test_throughput.py).
 
-        channels_last: weights and faces in NHWC memory (the default: tensor cores' native layout for fp16/bf16
-            convolutions, and faster on CPUs too); False: the contiguous NCHW layout.
+        channels_last: True: weights and faces in NHWC memory (tensor cores' native layout for fp16/bf16
+            convolutions, and faster on CPUs too); False: the contiguous NCHW layout; None: unchanged (the
+            default is "auto": `channels_last_for(device, arch)`).
         compile: torch.compile the network (True: the default inductor backend; a string: that backend; False:
-            off). Compilation happens on the first call and again for each new batch shape; kept off by default
-            because it pays only on long GPU runs."""
+            off). Compilation happens on the first call and again for each new batch shape (a short last chunk
+            is padded to the chunk size so that it does not compile again); kept off by default because it pays
+            only on long GPU runs."""
         if channels_last is not None:
-            self.channels_last = bool(channels_last)
+            self._channels_last = bool(channels_last)
             self._apply_layout()
         if compile is not None:
+            self._compiled_batch = 0
             if compile is False:
                 self._compiled = None
             else:
@@ -87,7 +92,7 @@ class FaceRestorer:
         """float16 for an architecture that is not fp16-safe becomes bfloat16 (GPU with bf16) or float32."""
         if dtype != torch.float16 or self.spec.fp16_ok:
             return dtype
-        if self.device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        if bf16_native(self.device):  # this device's capability; emulated bf16 (T4, V100) is slower than fp32
             return torch.bfloat16
         return torch.float32
 
@@ -157,10 +162,17 @@ class FaceRestorer:
         self._apply_layout()
         return self
 
+    @property
+    def channels_last(self) -> bool:
+        """The layout in use: set_throughput's choice, else the decision table for this architecture and device."""
+        if self._channels_last is not None:
+            return self._channels_last
+        return channels_last_for(self.device, self.spec.groupnorm_heavy)
+
     def _apply_layout(self) -> None:
         """4-D weights in the chosen memory format (Module.to(memory_format=) refuses the 5-D modulated-conv
         weights of the StyleGAN decoders)."""
-        fmt = torch.channels_last if getattr(self, "channels_last", False) else torch.contiguous_format
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         for t in list(self.net.parameters()) + list(self.net.buffers()):
             if t.ndim == 4:
                 t.data = t.data.contiguous(memory_format=fmt)
@@ -169,16 +181,37 @@ class FaceRestorer:
         return f"FaceRestorer({self.name}: {self.arch}, {self.input_size}px, {self.device}, {self.dtype})"
 
     # ------------------------------------------------------------------ inference
+    def noise_maps(self, noise: str, seed: int) -> Optional[list]:
+        """The network's random noise maps for `seed`, drawn once on the CPU generator (the official stream) and
+        moved to the device in one go, for reuse by every chunk of a call; None when the network draws none."""
+        draw = getattr(self.net, "random_noise_maps", None)
+        if noise != "random" or draw is None:
+            return None
+        return draw(torch.Generator().manual_seed(int(seed)), self.device, self.dtype)
+
     @torch.no_grad()
     def forward_normalized(self, x: torch.Tensor, fidelity: float = 0.5, noise: str = "random",
-                           seed: int = 0) -> torch.Tensor:
-        """The bare network on x in [-1,1] at input_size (any batch); float32 output, not clamped."""
-        gen = torch.Generator().manual_seed(int(seed)) if noise == "random" else None
+                           seed: int = 0, noise_maps: Optional[list] = None) -> torch.Tensor:
+        """The bare network on x in [-1,1] at input_size (any batch); float32 output, not clamped. noise_maps:
+        `self.noise_maps(noise, seed)` when calling repeatedly (else drawn here)."""
+        if noise_maps is None:
+            noise_maps = self.noise_maps(noise, seed)
+        gen = torch.Generator().manual_seed(int(seed)) if noise == "random" and noise_maps is None else None
         x = x.to(device=self.device, dtype=self.dtype)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        out = (self._compiled or self.net)(x, noise=noise, generator=gen, fidelity=float(fidelity))
-        return out.float()
+        kwargs = {} if noise_maps is None else {"noise_maps": noise_maps}
+        n = x.shape[0]
+        if self._compiled is not None and n < self._compiled_batch:
+            # Static shapes (dynamic=False): a short last chunk would compile a graph of its own (tens of seconds
+            # for one chunk). Pad it with copies of its last face instead; every face is computed independently.
+            x = torch.cat([x, x[-1:].expand(self._compiled_batch - n, *x.shape[1:])])
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+        elif self._compiled is not None:
+            self._compiled_batch = n
+        out = (self._compiled or self.net)(x, noise=noise, generator=gen, fidelity=float(fidelity), **kwargs)
+        return out[:n].float()
 
     @staticmethod
     def _check(faces: torch.Tensor) -> torch.Tensor:
@@ -243,11 +276,12 @@ class FaceRestorer:
             return result.copy_(faces).to(out_device)
         s = self.input_size
         bs = int(batch_size) if int(batch_size) > 0 else self.auto_batch_size()
+        maps = self.noise_maps(noise, seed)  # once per call, not per chunk: no CPU draw or upload in the loop
         start = 0
         while start < n:
             chunk = faces[start:start + bs].to(self.device)
             try:
-                restored = self._restore_chunk(chunk, s, fidelity, noise, seed)
+                restored = self._restore_chunk(chunk, s, fidelity, noise, seed, maps)
             except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
                 if not _is_oom(exc) or bs == 1:
                     raise
@@ -264,13 +298,14 @@ class FaceRestorer:
                 callback(chunk.shape[0])
         return result.to(out_device)
 
-    def _restore_chunk(self, chunk: torch.Tensor, s: int, fidelity: float, noise: str, seed: int) -> torch.Tensor:
+    def _restore_chunk(self, chunk: torch.Tensor, s: int, fidelity: float, noise: str, seed: int,
+                       maps: Optional[list] = None) -> torch.Tensor:
         h, w = chunk.shape[-2:]
         x = chunk
         if (h, w) != (s, s):
             x = F.interpolate(x, size=(s, s), mode=RESIZE_IN, align_corners=False, antialias=True)
         x = (x - 0.5) / 0.5                                   # torchvision normalize(mean .5, std .5)
-        y = self.forward_normalized(x, fidelity=fidelity, noise=noise, seed=seed)
+        y = self.forward_normalized(x, fidelity=fidelity, noise=noise, seed=seed, noise_maps=maps)
         y = (y.clamp(-1.0, 1.0) + 1.0) / 2.0                  # tensor2img(min_max=(-1, 1)) before quantisation
         if (h, w) != (s, s):
             y = F.interpolate(y, size=(h, w), mode=RESIZE_OUT, align_corners=False, antialias=True).clamp(0.0, 1.0)

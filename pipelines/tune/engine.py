@@ -151,27 +151,28 @@ class GroupedCNN:
 
 
 class _Adam:
-    """Adam (torch defaults) on stacked per-face weights, with a step size per face."""
+    """Adam (torch defaults) on stacked per-face weights, with a step size per face. Everything, the step counts
+    and bias corrections included, stays on the weights' device: a step reads nothing back to the host."""
 
     def __init__(self, weights: Sequence[torch.Tensor], betas=(0.9, 0.999), eps=1e-8):
         self.m = [torch.zeros_like(w) for w in weights]
         self.v = [torch.zeros_like(w) for w in weights]
-        self.t = torch.zeros(weights[0].shape[0], dtype=torch.float64)
+        self.t = torch.zeros(weights[0].shape[0], dtype=torch.float64, device=weights[0].device)
         self.b1, self.b2 = betas
         self.eps = eps
 
     @torch.no_grad()
     def step(self, weights: list[torch.Tensor], grads: Sequence[torch.Tensor], idx: torch.Tensor,
              lr: torch.Tensor) -> None:
-        """Update faces `idx` of `weights` (in place) with their gradients `grads` ([len(idx), ...])."""
+        """Update faces `idx` of `weights` (in place) with their gradients `grads` ([len(idx), ...]); idx and the
+        per-face learning rates lr ([len(idx)], float64) on the weights' device."""
         full = idx.numel() == weights[0].shape[0]
-        idx_cpu = idx.cpu()
-        self.t[idx_cpu] += 1
-        t = self.t[idx_cpu]
+        self.t.index_add_(0, idx, torch.ones_like(self.t[:1]).expand(idx.numel()))
+        t = self.t if full else self.t.index_select(0, idx)
         bc1 = (1 - self.b1 ** t)
         bc2 = (1 - self.b2 ** t)
-        step = (lr.double().cpu() / bc1).float().to(weights[0].device)
-        root_bc2 = bc2.sqrt().float().to(weights[0].device)
+        step = (lr.to(dtype=torch.float64) / bc1).float()
+        root_bc2 = bc2.sqrt().float()
         for layer, g in enumerate(grads):
             shape = (-1,) + (1,) * (g.ndim - 1)
             m = self.m[layer] if full else self.m[layer].index_select(0, idx)

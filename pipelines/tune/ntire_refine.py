@@ -143,31 +143,47 @@ class NTIRETune:
         p = torch.tensor(scales, dtype=torch.float64) ** 2
         return copies, p / p.sum()
 
-    def _crops(self, copies, probs, crop, gens, device) -> torch.Tensor:
-        """[n, B, 3, crop, crop] identity-pair crops, each face from its own generator."""
+    def _crop_plan(self, copies, probs, crop, gens, steps: int, device) -> torch.Tensor:
+        """The crops of `steps` training steps, drawn at once: each face's generator gives rand(B, 6) per step,
+        in step order (the same calls as one step at a time); the scale, the corner in every scale's copy, the
+        rotation and the flip of each crop are worked out on the host and moved to the device in one copy:
+        long [steps, n, B, 3 + 2 * scales] = (scale, rotation, flip, y0 per scale, x0 per scale)."""
         cfg = self.config
         n, b = len(gens), cfg.batch_size
         cum = probs.cumsum(0)
-        u = torch.stack([torch.rand(b, 6, generator=g, dtype=torch.float64) for g in gens])     # [n,b,6]
-        which = (u[..., 0:1] > cum[:-1]).sum(-1)                                                 # [n,b]
-        out = torch.empty(n, b, 3, crop, crop, device=device, dtype=copies[0].dtype)
-        ar = torch.arange(crop)
-        for j, cp in enumerate(copies):                       # a loop over the (6) scales, not the faces
-            sel = (which == j).nonzero()
-            if sel.numel() == 0:
-                continue
-            f, s = sel[:, 0], sel[:, 1]
-            hh, ww = cp.shape[-2:]
-            y0 = torch.floor(u[f, s, 1] * (hh - crop + 1)).long().clamp(max=hh - crop)
-            x0 = torch.floor(u[f, s, 2] * (ww - crop + 1)).long().clamp(max=ww - crop)
-            rows = (y0[:, None] + ar[None]).to(device)
-            cols = (x0[:, None] + ar[None]).to(device)
-            fd = f.to(device)
-            patch = cp[fd[:, None, None], :, rows[:, :, None], cols[:, None, :]]            # [m,c,c,3]
-            out[fd, s.to(device)] = patch.permute(0, 3, 1, 2)
+        u = torch.empty(steps, n, b, 6, dtype=torch.float64)
+        for f, g in enumerate(gens):
+            for s in range(steps):
+                u[s, f] = torch.rand(b, 6, generator=g, dtype=torch.float64)
+        which = (u[..., 0:1] > cum[:-1]).sum(-1)                                                 # [S,n,b]
         # RandomRotate90 (p 0.5, k uniform in 0..3) and HorizontalFlip (p 0.5), as albumentations draws them
-        rot = torch.where(u[..., 3] < 0.5, torch.floor(u[..., 4] * 4).long().clamp(max=3), 0).to(device)
-        flip = (u[..., 5] < 0.5).to(device)
+        rot = torch.where(u[..., 3] < 0.5, torch.floor(u[..., 4] * 4).long().clamp(max=3), 0)
+        flip = (u[..., 5] < 0.5).long()
+        corners = []
+        for cp in copies:
+            hh, ww = cp.shape[-2:]
+            corners.append(torch.floor(u[..., 1] * (hh - crop + 1)).long().clamp(max=hh - crop))
+        for cp in copies:
+            hh, ww = cp.shape[-2:]
+            corners.append(torch.floor(u[..., 2] * (ww - crop + 1)).long().clamp(max=ww - crop))
+        return torch.stack([which, rot, flip] + corners, -1).to(device)
+
+    @staticmethod
+    def _crops(copies, plan: torch.Tensor, crop: int) -> torch.Tensor:
+        """[n, B, 3, crop, crop] identity-pair crops of one step from its plan rows ([n, B, 3 + 2 * scales], on
+        the device): every scale's copy is cut at every crop's corner and the crop's own scale kept (no host
+        work, no synchronisation; the scales are few and the crops small)."""
+        n, b = plan.shape[:2]
+        j_count = len(copies)
+        ar = torch.arange(crop, device=plan.device)
+        faces = torch.arange(n, device=plan.device)[:, None, None, None]
+        out = None
+        for j, cp in enumerate(copies):                       # a loop over the (6) scales, not the faces
+            rows = plan[..., 3 + j, None] + ar                                                     # [n,b,c]
+            cols = plan[..., 3 + j_count + j, None] + ar
+            patch = cp[faces, :, rows[..., :, None], cols[..., None, :]].permute(0, 1, 4, 2, 3)  # [n,b,3,c,c]
+            out = patch if out is None else torch.where((plan[..., 0] == j)[..., None, None, None], patch, out)
+        rot, flip = plan[..., 1], plan[..., 2] > 0
         res = out
         for r in (1, 2, 3):
             res = torch.where((rot == r)[..., None, None, None], torch.rot90(out, r, dims=(-2, -1)), res)
@@ -219,6 +235,7 @@ class NTIRETune:
         adam = _Adam(net.weights)
         copies, probs = self._copies(images, crop)
         idx = torch.arange(n, device=device)
+        plan, plan_start = None, 1
         best = images.clone()
         best_score = torch.full((n,), -math.inf, dtype=torch.float64)
         best_step: list[Optional[int]] = [None] * n
@@ -232,7 +249,12 @@ class NTIRETune:
             frac = (step - 1) / max(1, steps)
             eta_min = cfg.learning_rate * cfg.final_lr_ratio
             cur_lr = eta_min + (cfg.learning_rate - eta_min) * (1 + math.cos(math.pi * frac)) / 2
-            crops = self._crops(copies, probs, crop, gens, device)                    # [n,B,3,c,c]
+            if plan is None or step - plan_start == plan.shape[0]:
+                # the random crops of the steps up to the next validation, drawn and moved at once
+                plan_start = step
+                plan = self._crop_plan(copies, probs, crop, gens, min(interval - (step - 1) % interval,
+                                                                      steps - step + 1), device)
+            crops = self._crops(copies, plan[step - plan_start], crop)                # [n,B,3,c,c]
             inputs = _faces_to_batch(crops)
             parts: dict = {}
 
@@ -247,7 +269,8 @@ class NTIRETune:
                         total = total + wt * fn(flat).reshape(n, -1).mean(1)
                 return total
 
-            losses = _train_step(net, adam, idx, torch.full((n,), cur_lr, dtype=torch.float64), inputs, loss_fn)
+            lr = torch.full((n,), cur_lr, dtype=torch.float64, device=device)    # a fill on the device, no copy
+            losses = _train_step(net, adam, idx, lr, inputs, loss_fn)
             last_l1 = parts["l1"]
             hook(1)
             if step % interval == 0 or step == steps:

@@ -94,14 +94,19 @@ class ZSSRConfig:
 # ----------------------------------------------------------------------------------------------------------
 # ZSSR
 
-def _zssr_fathers(sources: list[torch.Tensor], base_scales: list[float], max_scale: float, crop: int,
-                  cfg: ZSSRConfig, rnd: torch.Tensor, nrm: torch.Tensor) -> torch.Tensor:
-    """Random augmented HR fathers [k, 3, crop, crop] for the k faces of `sources[j]` ([k,3,Hj,Wj]), from
-    per-face random numbers rnd [k, 6] (uniform) and nrm [k, 4] (normal), as ZSSR's random_augment:
-    3x3 transform = shift_back . shift . shear . rotation . scale . shift_to_center, sampled with bicubic
-    (affine) or exactly (integer shifts and 90-degree rotations). Out-of-image samples reflect."""
+GEOMETRY_COLUMNS = 10   # per father: the 2x3 map (6), its offset (2), source index, bicubic flag
+
+
+def _zssr_father_geometry(sizes: list[tuple[int, int]], base_scales: list[float], max_scale: float, crop: int,
+                          cfg: ZSSRConfig, rnd: torch.Tensor, nrm: torch.Tensor) -> torch.Tensor:
+    """The sampling maps of random augmented HR fathers, as ZSSR's random_augment: 3x3 transform = shift_back .
+    shift . shear . rotation . scale . shift_to_center, sampled with bicubic (affine) or exactly (integer
+    shifts and 90-degree rotations). From per-father random numbers rnd [m, 6] (uniform) and nrm [m, 4]
+    (normal) and the sources' sizes (h, w), in float64 on the host; every row is computed on its own, so a
+    block of steps' fathers is computed at once. Returns float32 [m, GEOMETRY_COLUMNS]: crop pixel ->
+    normalised source coordinates (2x3 matrix, then the offset), the source's index and 1.0 where bicubic."""
     k = rnd.shape[0]
-    h0, w0 = sources[0].shape[-2:]
+    h0, w0 = sizes[0]
     dt = torch.float64
     u = rnd.to(dt)
     nr = nrm.to(dt)
@@ -114,8 +119,8 @@ def _zssr_fathers(sources: list[torch.Tensor], base_scales: list[float], max_sca
     bases = torch.tensor(base_scales, dtype=dt)
     src_idx = (bases[None, :] <= scale[:, None] - 1e-6).sum(1).clamp(max=len(base_scales) - 1)
     base = bases[src_idx]
-    hs = torch.tensor([s.shape[-2] for s in sources], dtype=dt)[src_idx]
-    ws = torch.tensor([s.shape[-1] for s in sources], dtype=dt)[src_idx]
+    hs = torch.tensor([s[0] for s in sizes], dtype=dt)[src_idx]
+    ws = torch.tensor([s[1] for s in sizes], dtype=dt)[src_idx]
     s = torch.where(affine, scale / base, torch.ones_like(scale))
     diff = torch.where(affine, nr[:, 0] * cfg.scale_diff_sigma, torch.zeros_like(scale))
     reflect = torch.where(leave | (not cfg.allow_rotation), torch.ones_like(scale), torch.sign(nr[:, 1]))
@@ -151,27 +156,37 @@ def _zssr_fathers(sources: list[torch.Tensor], base_scales: list[float], max_sca
     minv = torch.linalg.inv(m)
     # exact integer maps: remove float noise so the nearest sampler cannot slip
     minv = torch.where(rnd_int[:, None, None], minv.round(), minv)
-    # crop pixel -> normalised source coordinates (align_corners=False), built on the compute device
-    device = sources[0].device
+    # crop pixel -> normalised source coordinates (align_corners=False)
     norm = torch.stack([2 / ws, 2 / hs], -1)[:, :, None]                         # [k,2,1]
-    offset = torch.stack([1 / ws - 1, 1 / hs - 1], -1)[:, None, None, :]
-    a = (minv[:, :2, :] * norm).to(device=device, dtype=torch.float32)           # [k,2,3]
+    offset = torch.stack([1 / ws - 1, 1 / hs - 1], -1)                           # [k,2]
+    a = (minv[:, :2, :] * norm).to(torch.float32)                                # [k,2,3]
+    return torch.cat([a.reshape(k, 6), offset.to(torch.float32), src_idx[:, None].to(torch.float32),
+                      affine[:, None].to(torch.float32)], 1)
+
+
+def _zssr_fathers(sources: list[torch.Tensor], geometry: torch.Tensor, crop: int) -> torch.Tensor:
+    """HR fathers [k, 3, crop, crop] for the k faces of `sources[j]` ([k,3,Hj,Wj]) from their geometry rows
+    ([k, GEOMETRY_COLUMNS], on the device): no host work, no synchronisation. Out-of-image samples reflect. Each
+    source is sampled for every face and the face's own source selected (there are at most 3 sources)."""
+    k = geometry.shape[0]
+    device = sources[0].device
+    a = geometry[:, :6].reshape(k, 2, 3).contiguous()
+    offset = geometry[:, None, None, 6:8]
+    src_idx = geometry[:, 8]
+    use_bic = (geometry[:, 9] > 0.5)[:, None, None, None]
     ys, xs = torch.meshgrid(torch.arange(crop, device=device, dtype=torch.float32),
                             torch.arange(crop, device=device, dtype=torch.float32), indexing="ij")
     dst = torch.stack([xs, ys, torch.ones_like(xs)], -1)                         # [c,c,3]
-    grid = torch.einsum("kij,yxj->kyxi", a, dst) + offset.to(device=device, dtype=torch.float32)
-    out = torch.empty(k, 3, crop, crop, device=device, dtype=sources[0].dtype)
+    # contiguous as before (grid_sample's vectorised CPU path, bit for bit the same fathers)
+    grid = (torch.einsum("kij,yxj->kyxi", a, dst) + offset).contiguous()
+    out = None
     for j, source in enumerate(sources):
-        sel = (src_idx == j).nonzero().flatten()
-        if sel.numel() == 0:
-            continue
-        sel_d = sel.to(device)
-        g = grid.index_select(0, sel_d).to(source.dtype)
-        img = source.index_select(0, sel_d)
-        bic = F.grid_sample(img, g, mode="bicubic", padding_mode="reflection", align_corners=False)
-        near = F.grid_sample(img, g, mode="nearest", padding_mode="reflection", align_corners=False)
-        use_bic = affine[sel].to(device)[:, None, None, None]
-        out[sel_d] = torch.where(use_bic, bic, near)
+        g = grid.to(source.dtype)
+        bic = F.grid_sample(source, g, mode="bicubic", padding_mode="reflection", align_corners=False)
+        near = F.grid_sample(source, g, mode="nearest", padding_mode="reflection", align_corners=False)
+        sampled = torch.where(use_bic, bic, near)
+        out = sampled if len(sources) == 1 else (
+            torch.where((src_idx == j)[:, None, None, None], sampled, out) if out is not None else sampled)
     return out.clamp(0, 1)
 
 
@@ -299,6 +314,8 @@ class ZSSR:
         h0, w0 = sources[0].shape[-2:]
         crop = max(sf, min(cfg.crop_size, h0, w0) // sf * sf)
         max_scale = base_scales[-1]
+        # The policy's state (learning rates, active faces) lives on the host, where its decisions are taken;
+        # the device holds copies, refreshed only when the policy changes something (at its checks).
         lr = torch.full((n,), cfg.learning_rate, dtype=torch.float64)
         active = torch.ones(n, dtype=torch.bool)
         last_change = [0] * n
@@ -314,26 +331,42 @@ class ZSSR:
             test_target = stage_input[..., y0:y0 + th, x0:x0 + tw]
         son_full_in = resize(downscale(test_target, sf), test_target.shape[-2:])
         slope_points = max(1, cfg.lr_slope_range // cfg.run_test_every)
-        it = 0
+        check = max(1, cfg.lr_policy_check_every)
+        sizes = [tuple(s.shape[-2:]) for s in sources]
+        son = max(1, math.ceil(crop / sf))
+        it, block, block_start = 0, None, 0
         for it in range(cfg.max_iters):
-            idx_cpu = active.nonzero().flatten()
-            k = idx_cpu.numel()
-            rnd = torch.stack([torch.rand(6, generator=gens[i], dtype=torch.float64) for i in idx_cpu.tolist()])
-            nrm = torch.stack([torch.randn(4, generator=gens[i], dtype=torch.float64) for i in idx_cpu.tolist()])
-            idx = idx_cpu.to(device)
-            src_k = [s.index_select(0, idx) if k < n else s for s in sources]
-            fathers = _zssr_fathers(src_k, base_scales, max_scale, crop, cfg, rnd, nrm)      # [k,3,c,c]
+            if block is None or it - block_start == block[0].shape[0]:
+                # The active faces change only at the policy's checks: draw the random numbers of the steps up
+                # to the next check at once (each face's generator in the order the per-step draws took), build
+                # the fathers' sampling maps on the host, and move them (and the noise, the indices and the
+                # learning rates) to the device in one go.
+                idx_cpu = active.nonzero().flatten()
+                k = idx_cpu.numel()
+                steps = 1 if cfg.learning_rate < cfg.min_learning_rate else \
+                    min(cfg.max_iters, (it // check + 1) * check) - it
+                block = self._draw_block(gens, idx_cpu.tolist(), steps,
+                                         (3, son, son) if cfg.noise_std > 0 else None)
+                geometry = _zssr_father_geometry(sizes, base_scales, max_scale, crop, cfg,
+                                                 block[0].flatten(0, 1), block[1].flatten(0, 1))
+                block = (geometry.view(steps, k, -1).to(device),
+                         None if block[2] is None else block[2].to(device))
+                block_start = it
+                idx = idx_cpu.to(device)
+                lr_k = lr[idx_cpu].to(device)
+                src_k = [s.index_select(0, idx) if k < n else s for s in sources]
+            step = it - block_start
+            fathers = _zssr_fathers(src_k, block[0][step], crop)                              # [k,3,c,c]
             sons = downscale(fathers, sf)
             if cfg.noise_std > 0:
-                noise = torch.stack([torch.randn(sons.shape[1:], generator=gens[i]) for i in idx_cpu.tolist()])
-                sons = (sons + noise.to(device) * cfg.noise_std).clamp(0, 1)
+                sons = (sons + block[1][step] * cfg.noise_std).clamp(0, 1)
             inputs = resize(sons, fathers.shape[-2:]).reshape(1, k * 3, crop, crop)
             target = fathers.reshape(1, k * 3, crop, crop)
 
             def l1(out, target=target, k=k):
                 return (out - target).abs().reshape(k, -1).mean(1)
 
-            losses = _train_step(net, adam, idx, lr[idx_cpu], inputs, l1)
+            losses = _train_step(net, adam, idx, lr_k, inputs, l1)
             final_loss[idx] = losses                       # stays on the device: no sync per step
             for i in idx_cpu.tolist():
                 iters[i] = it + 1
@@ -352,6 +385,7 @@ class ZSSR:
                             lr[i] /= 10
                             last_change[i] = it
                             lr_changes[i].append(it)
+                            block = None        # new learning rates (and maybe fewer faces) for the device
             active &= lr >= cfg.min_learning_rate
             hook(1)
             if not bool(active.any()):
@@ -360,6 +394,27 @@ class ZSSR:
         return {"iterations": iters, "final_l1": final_loss.tolist(), "lr_changes": lr_changes,
                 "final_lr": lr.tolist(), "crop": crop,
                 "reconstruction_mse": [m[-1] if m else None for m in test_mse]}
+
+    @staticmethod
+    def _draw_block(gens, faces: list, steps: int, noise_shape) -> tuple:
+        """The random numbers of `steps` training steps for `faces`, drawn from each face's generator in the
+        order the per-step draws take (uniform [6], normal [4], then the sons' noise map): rnd [steps,k,6],
+        nrm [steps,k,4] (float64), noise [steps,k,*noise_shape] or None. The same calls as one step at a time
+        (normal draws of 16+ values take another path than shorter ones, so the sizes must not be merged)."""
+        cfg_noise = noise_shape is not None
+        rnd = torch.empty(steps, len(faces), 6, dtype=torch.float64)
+        nrm = torch.empty(steps, len(faces), 4, dtype=torch.float64)
+        noise = None
+        for j, i in enumerate(faces):
+            g = gens[i]
+            for s in range(steps):
+                rnd[s, j] = torch.rand(6, generator=g, dtype=torch.float64)
+                nrm[s, j] = torch.randn(4, generator=g, dtype=torch.float64)
+                if cfg_noise:
+                    if noise is None:
+                        noise = torch.empty(steps, len(faces), *noise_shape)
+                    noise[s, j] = torch.randn(noise_shape, generator=g)
+        return rnd, nrm, noise
 
     # --- test time ------------------------------------------------------------------------------------
     def _final_test(self, net: GroupedCNN, lr_img: torch.Tensor, hook: Hook = None,

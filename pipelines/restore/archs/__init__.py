@@ -30,6 +30,7 @@ class ArchSpec:
     optional_keys: tuple = ()                   # key prefixes a file may omit (e.g. non-persistent noise buffers)
     licence: str = ""
     fp16_ok: bool = True                        # False: float16 requests run in bfloat16 (GPU) or float32
+    groupnorm_heavy: bool = False               # GroupNorm in most blocks: NCHW on CUDA (io/device_caps.py)
 
 
 def _gfpgan_matches(sd: Mapping) -> bool:
@@ -98,6 +99,7 @@ ARCHS: list[ArchSpec] = [
         licence="weights: NTU S-Lab License 1.0, non-commercial (sczhou/CodeFormer)",
         # The code choice is an argmax over 1024 logits and spandrel marks CodeFormer fp16-unsafe: use bf16/fp32.
         fp16_ok=False,
+        groupnorm_heavy=True,   # VQGAN encoder/decoder: GroupNorm before every convolution
     ),
     ArchSpec(
         name="RestoreFormer",
@@ -108,6 +110,7 @@ ARCHS: list[ArchSpec] = [
         # Attention logits over 256-1024 positions and a nearest-code search: spandrel marks RestoreFormer
         # fp16-unsafe (bf16 safe); fp16 requests run in bf16 (GPU) or fp32.
         fp16_ok=False,
+        groupnorm_heavy=True,   # VQGAN encoder/decoder, like CodeFormer
     ),
     ArchSpec(
         name="GPEN",

@@ -21,7 +21,8 @@ This is the network of the official GFPGAN v1.2 / v1.3 / v1.4 checkpoints (Tence
   Here noise comes from an explicit `torch.Generator`: mode "random" draws the per-layer maps in the official
   order with shape (1,1,h,w) from a CPU generator, which is exactly what the official network draws for one face
   after `torch.manual_seed(seed)` on CPU; the maps are shared by every face of a batch, so a face's result does
-  not depend on the batch it is in. Mode "stored" uses the checkpoint's `noises.noise{i}` buffers
+  not depend on the batch it is in. A caller restoring many chunks draws them once (`random_noise_maps`, one
+  transfer to the device) and passes them as `noise_maps`, instead of a CPU draw and ~15 copies per chunk. Mode "stored" uses the checkpoint's `noises.noise{i}` buffers
   (`randomize_noise=False` in the official code); "none" injects nothing.
 """
 from __future__ import annotations
@@ -342,10 +343,16 @@ class GFPGANv1Clean(nn.Module):
     def input_size(self) -> int:
         return self.out_size
 
+    def random_noise_maps(self, generator: Optional[torch.Generator], device, dtype) -> list:
+        """The per-layer maps of noise mode "random" (see make_noise), drawn once for reuse over many calls."""
+        return self.stylegan_decoder.make_noise("random", generator, device, dtype)
+
     def forward(self, x: torch.Tensor, noise: str = "random", generator: Optional[torch.Generator] = None,
-                **_ignored) -> torch.Tensor:
+                noise_maps: Optional[list] = None, **_ignored) -> torch.Tensor:
         """x: [B,3,S,S] in [-1,1] (S = out_size). Returns [B,3,S,S] float32 (unclamped, nominally [-1,1]).
 
+        noise_maps: with noise "random", maps from `random_noise_maps` (on x's device and dtype) used instead of
+        drawing them from `generator`.
         Extra keyword arguments (e.g. CodeFormer's fidelity) are accepted and ignored, like the official
         `weight=` argument that GFPGANer passes.
         """
@@ -364,9 +371,10 @@ class GFPGANv1Clean(nn.Module):
             feat = block(_add(feat, skips[-1 - i]))            # feat is fresh; the skip is not used again
             conditions.append(self.condition_scale[i](feat))
             conditions.append(self.condition_shift[i](feat))
-        if generator is None and noise == "random":
-            generator = torch.Generator().manual_seed(0)
-        noise_maps = self.stylegan_decoder.make_noise(noise, generator, x.device, x.dtype)
+        if noise != "random" or noise_maps is None:
+            if generator is None and noise == "random":
+                generator = torch.Generator().manual_seed(0)
+            noise_maps = self.stylegan_decoder.make_noise(noise, generator, x.device, x.dtype)
         return self.stylegan_decoder(style, conditions, noise_maps, input_is_latent=self.config.input_is_latent,
                                      dtype=x.dtype)
 
