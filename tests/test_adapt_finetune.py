@@ -26,7 +26,7 @@ from facemend.pipelines.io.errors import ModelFileNotFound
 from facemend.pipelines.restore.restorer import FaceRestorer
 
 from conftest import FACES, load_image, modules_reorder_tol, need_shared, reorder_tol
-from test_adapt_prior import tiny_config, tiny_official
+from test_adapt_prior import tiny_config, tiny_prior
 
 pytest.importorskip("lpips")
 S = 32
@@ -51,9 +51,9 @@ def setup(tmp_path_factory):
     base = root / "tiny_gfpgan.pth"
     torch.save({"params_ema": net.state_dict()}, base)
     restorer = FaceRestorer.from_file(str(base))
-    # Pseudo targets with the tiny prior (official computation at 64 px).
+    # Pseudo targets with the tiny random prior (ours: the mechanics need no official code).
     prior_path = root / "prior.pth"
-    torch.save(tiny_official(seed=2).state_dict(), prior_path)
+    torch.save(tiny_prior(seed=2).state_dict(), prior_path)
     prior = load_prior_unet(str(prior_path), config=tiny_config())
     gen = PseudoTargetGenerator(prior, PseudoTargetConfig(image_size=S, down_factor=4, start_step=15,
                                                           reg_end_step=9, respacing="25"))
@@ -169,15 +169,11 @@ def test_lpips_loads_like_the_official_package_and_never_downloads(setup, tmp_pa
 
 def _official_discriminator():
     """Real-ESRGAN's UNetDiscriminatorSN from DifFace's vendored basicsr, with its registry import stubbed."""
-    import subprocess
     import types
 
-    from adapt_official import DIFFACE_GIT
+    from adapt_official import DIFFACE, official_file
 
-    if not os.path.isdir(DIFFACE_GIT):
-        pytest.skip(f"needs the DifFace snapshot at {DIFFACE_GIT}")
-    src = subprocess.run(["git", "--git-dir", DIFFACE_GIT, "show", "HEAD:basicsr/archs/discriminator_arch.py"],
-                         check=True, capture_output=True, text=True).stdout
+    src = official_file(DIFFACE, "basicsr/archs/discriminator_arch.py").read_text()
     src = src.replace("from basicsr.utils.registry import ARCH_REGISTRY",
                       "class ARCH_REGISTRY:\n    register = staticmethod(lambda *a, **k: (lambda c: c))")
     mod = types.ModuleType("_official_discriminator_arch")

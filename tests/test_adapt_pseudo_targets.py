@@ -23,19 +23,27 @@ from facemend.pipelines.adapt.lowpass import LowPass, resize_matrix
 from facemend.pipelines.adapt.prior import load_prior_unet
 from facemend.pipelines.adapt.pseudo_targets import PseudoTargetConfig, PseudoTargetGenerator
 
-from adapt_official import ufr_diffusion
+from adapt_official import difface_unet, ufr_diffusion
 from conftest import rounding_bound
-from test_adapt_prior import tiny_config, tiny_official
+from test_adapt_prior import TINY, tiny_config, tiny_prior
 
 CFG = PseudoTargetConfig(image_size=32, down_factor=4, start_step=15, reg_end_step=9, respacing="25", seed=123)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    ref = tiny_official(seed=1)
+    """Our tiny random prior, saved and loaded as a user's file is (no official code needed)."""
     path = tmp_path_factory.mktemp("prior") / "tiny_prior.pth"
-    torch.save(ref.state_dict(), path)
-    return ref, load_prior_unet(str(path), config=tiny_config())
+    torch.save(tiny_prior(seed=1).state_dict(), path)
+    return load_prior_unet(str(path), config=tiny_config())
+
+
+@pytest.fixture(scope="module")
+def tiny_ref(tiny):
+    """The official UNetModel holding the same weights (skips without the DifFace checkout)."""
+    ref = difface_unet()(**TINY)
+    ref.load_state_dict({k: v.contiguous() for k, v in tiny.state_dict().items()}, strict=True)
+    return ref.eval()
 
 
 def _faces(n, size=32, seed=0):
@@ -85,8 +93,8 @@ def _official_targets(ref_unet, faces, seed, cfg=CFG):
 # The CPU default (channels-last prior called face by face), the CUDA default (NCHW, whole batch per call), and
 # the other two combinations, all run here on the CPU.
 @pytest.mark.parametrize("channels_last,prior_batch", [(None, None), (False, 2), (True, 2), (False, 1)])
-def test_pseudo_targets_equal_official_generator(tiny, channels_last, prior_batch):
-    ref, ours = tiny
+def test_pseudo_targets_equal_official_generator(tiny, tiny_ref, channels_last, prior_batch):
+    ref, ours = tiny_ref, tiny
     faces = _faces(2)
     gen = PseudoTargetGenerator(ours, CFG, channels_last=channels_last, prior_batch=prior_batch)
     got = gen(faces, batch_size=2)
@@ -101,7 +109,7 @@ def test_pseudo_targets_equal_official_generator(tiny, channels_last, prior_batc
 
 
 def test_low_frequency_constraint_after_every_constrained_step(tiny):
-    _, ours = tiny
+    ours = tiny
     n, f = CFG.image_size, CFG.down_factor
     p1 = resize_matrix(n // f, float(f)) @ resize_matrix(n, 1 / f)          # 1-D P, float64
     p2 = np.kron(p1, p1)                                                    # 2-D P on flattened images
@@ -136,7 +144,7 @@ def test_low_frequency_constraint_after_every_constrained_step(tiny):
 
 
 def test_invalid_settings_are_refused(tiny):
-    _, ours = tiny
+    ours = tiny
     for bad in (dict(start_step=25), dict(start_step=0), dict(reg_end_step=0), dict(down_factor=5),
                 dict(respacing="fast")):
         with pytest.raises(ValueError):
