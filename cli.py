@@ -85,6 +85,7 @@ def build_pipeline(preset: str = "demo", detector: str = EMBEDDED_MTCNN, device=
     if preset == "id_preserve":
         stages.append(("restorer_id", _identity_stage(det, device, precision, reference, id_scale, steps, cfg,
                                                       seed or 42)))
+        options.setdefault("color_method", "none")  # the stage fixes colour on the unclamped decode (official order)
     return FaceRestorePipeline(detector=det, face_stages=stages, **options)
 
 

@@ -177,13 +177,18 @@ class RestorerIDRestore:
             "negative_prompt": ("STRING", {"default": "cartoon, 3d, paint, monochrome, lowres, bad anatomy, worst "
                                 "quality, low quality", "tooltip": "Negative prompt (official)."}),
             "batch_size": ("INT", {"default": 0, "min": 0, "max": 64, "tooltip":
-                           "Faces per sampler run (0: 1 on CPU, 8 on GPU)."}),
+                           "Faces per sampler run (0: 1 on CPU, 8 on GPU). Face k always draws its noise from "
+                           "seed + k, so the result does not depend on it."}),
+            "color_fix": (["none", "wavelet", "adain"], {"default": "none", "tooltip":
+                          "Colour fix against the input crops in the official order (on the unclamped decode, "
+                          "then clamp): use wavelet here instead of a following Color Fix node. none: the decode "
+                          "clamped to [0,1] (for a Color Fix node after)."}),
         }}
 
     def run(self, face_crops, restorer_id, reference, detector, id_model, id_scale=0.75, seed=42, steps=50,
             cfg=4.0, musiq_metric=None, alpha=9.5, beta=10.0, prompt="best quality, high quality",
             negative_prompt="cartoon, 3d, paint, monochrome, lowres, bad anatomy, worst quality, low quality",
-            batch_size=0):
+            batch_size=0, color_fix="none"):
         from ..pipelines.identity.adaptive_scale import adaptive_id_scale
         from ..pipelines.identity.reference import reference_identity
 
@@ -195,7 +200,8 @@ class RestorerIDRestore:
         refs = image_to_bchw(reference, device, "reference")
         ref = reference_identity(refs, detector, id_model)
         n = faces.shape[0]
-        report = {"faces": n, "reference": ref.report, "steps": int(steps), "cfg": float(cfg), "seed": int(seed)}
+        report = {"faces": n, "reference": ref.report, "steps": int(steps), "cfg": float(cfg), "seed": int(seed),
+                  "color_fix": color_fix}
         if musiq_metric is not None:
             with torch.no_grad():
                 musiq = torch.cat([musiq_metric.score(faces[i:i + 1]).float().cpu() for i in range(n)])
@@ -213,13 +219,12 @@ class RestorerIDRestore:
         if moved:
             restorer_id.to(device)
         try:
-            g = torch.Generator().manual_seed(int(seed))
             outs = []
-            for i in range(0, n, bs):
+            for i in range(0, n, bs):  # face k draws from seed + k whatever batch_size is
                 dev.check_interrupt()
                 outs.append(restorer_id.restore(faces[i:i + bs], ref, ip_scale=scales[i:i + bs], steps=int(steps),
-                                                cfg=float(cfg), prompt=prompt, negative_prompt=negative_prompt,
-                                                hook=hook, generator=g))
+                                                cfg=float(cfg), seed=int(seed), first=i, prompt=prompt,
+                                                negative_prompt=negative_prompt, hook=hook, color_fix=color_fix))
         finally:
             if moved:
                 restorer_id.to(dev.offload_device())
