@@ -174,7 +174,7 @@ WORKFLOWS = {
                                                "beta": 10.0, "prompt": "best quality, high quality",
                                                "negative_prompt": "cartoon, 3d, paint, monochrome, lowres, bad "
                                                                   "anatomy, worst quality, low quality",
-                                               "batch_size": 0, "color_fix": "wavelet"},
+                                               "batch_size": 0, "color_fix": "wavelet", "scale_mode": "auto"},
                 # the wavelet fix inside the node: on the unclamped decode, then the clamp (the official order)
                 {"face_crops": (3, 0), "restorer_id": (7, 0), "reference": (4, 0), "detector": (2, 0),
                  "id_model": (5, 0), "musiq_metric": (6, 0)}),

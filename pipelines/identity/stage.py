@@ -28,7 +28,8 @@ def similarity_to_reference(arcface, faces: torch.Tensor, ref: Reference) -> tor
 class IdentityStage:
     def __init__(self, model, reference: Reference, arcface, musiq=None, fixed_scale: Optional[float] = None,
                  steps: int = 50, cfg: float = 4.0, seed: int = 42, alpha: float = ALPHA, beta: float = BETA,
-                 batch_size: int = 0, hook: Optional[Callable[[int], None]] = None, color_fix: str = "wavelet"):
+                 batch_size: int = 0, hook: Optional[Callable[[int], None]] = None, color_fix: str = "wavelet",
+                 scale_source: str = ""):
         if musiq is None and fixed_scale is None:
             raise ValueError("the adaptive ID scale needs a MUSIQ metric (or give a fixed scale)")
         self.model, self.reference, self.arcface, self.musiq = model, reference, arcface, musiq
@@ -36,6 +37,9 @@ class IdentityStage:
         self.alpha, self.beta, self.hook = alpha, beta, hook
         self.batch_size = batch_size
         self.color_fix = color_fix
+        # where the scale comes from, for the report (the CLI says why a fixed scale is used)
+        self.scale_source = scale_source or ("adaptive from MUSIQ" if fixed_scale is None else
+                                             f"fixed id_scale {float(fixed_scale)}")
         self.last_report: dict = {}
 
     def scales(self, faces: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -57,7 +61,7 @@ class IdentityStage:
         after = similarity_to_reference(self.arcface, out, self.reference)
         self.last_report = {
             "musiq": None if musiq is None else [round(float(v), 4) for v in musiq],
-            "id_scale": [round(float(v), 5) for v in scales],
+            "id_scale": [round(float(v), 5) for v in scales], "id_scale_source": self.scale_source,
             "id_similarity_before": [round(float(v), 5) for v in before],
             "id_similarity_after": [round(float(v), 5) for v in after],
             "reference": self.reference.report, "steps": self.steps, "cfg": self.cfg, "seed": self.seed,
