@@ -504,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_adapt.add_argument("--seed", type=int, default=20000, help="seed of the pseudo targets (default 20000)")
     p_adapt.add_argument("--batch-size", type=int, default=1, help="faces per prior call")
     p_adapt.add_argument("--respacing", default="250", help="respaced schedule (official 250); the step options "
-                         "count in it")
+                         "count in it (ddimN is refused: the official code then drops the constraint)")
     p_adapt.add_argument("--gan-weight", type=float, default=0.0, help="adversarial loss weight (official 0.1; "
                          "0 = off)")
     p_adapt.add_argument("--gan-real", default=None, help="folder of clean aligned faces for the discriminator "

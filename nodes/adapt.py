@@ -57,7 +57,7 @@ _PSEUDO_INPUTS = {
              "Seed (official 20000); face i uses seed + i, so a face's target does not depend on its batch."}),
     "respacing": ("STRING", {"default": "250", "tooltip":
                   "Respacing of the 1000-step schedule (official \"250\"); start_step and reg_end_step count in "
-                  "these respaced steps."}),
+                  "these respaced steps. \"ddimN\" is refused (the official code then drops the constraint)."}),
     "clip_denoised": ("BOOLEAN", {"default": True, "tooltip": "Clamp each predicted clean image to [-1, 1] "
                                                                "(official: on)."}),
 }

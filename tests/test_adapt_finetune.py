@@ -22,7 +22,7 @@ from facemend.pipelines.adapt.perceptual import VGG16_FILE, find_vgg16, load_lpi
 from facemend.pipelines.adapt.prior import load_prior_unet
 from facemend.pipelines.adapt.pseudo_targets import PseudoTargetConfig, PseudoTargetGenerator
 from facemend.pipelines.restore.archs.gfpgan import GFPGANConfig, GFPGANv1Clean
-from facemend.pipelines.io.errors import ModelFileNotFound
+from facemend.pipelines.io.errors import FaceMendError, ModelFileNotFound
 from facemend.pipelines.restore.restorer import FaceRestorer
 
 from conftest import FACES, load_image, modules_reorder_tol, need_shared, reorder_tol
@@ -142,6 +142,44 @@ def test_interrupted_run_resumes_from_last_checkpoint(setup, tmp_path):
     with pytest.raises(Exception, match="w_int"):
         Finetuner(s["restorer"], s["lpips"], FinetuneConfig(**{**CFG_RESUME.__dict__, "lr": 5e-4})).run(
             s["faces"], s["targets"], "a", str(tmp_path / "other.safetensors"), str(work))
+    # ... and so is resuming on other pseudo targets (same faces, same count: the old check let it through).
+    with pytest.raises(FaceMendError, match=r"w_int holds a run on other \(face, pseudo target\) pairs"):
+        Finetuner(s["restorer"], s["lpips"], CFG_RESUME).run(
+            s["faces"], (s["targets"] * 0.9).clamp(0, 1), "a", str(tmp_path / "other.safetensors"), str(work))
+    assert not (tmp_path / "other.safetensors").exists()
+
+
+def test_cached_pseudo_targets_are_keyed_on_everything_that_makes_them(setup, tmp_path):
+    """targets.pt is reused only for the same photos, restorer weights, prior weights and settings; a new prior
+    file (or any other change) used to reuse the old targets silently when only the prior changed."""
+    import copy
+
+    from facemend.pipelines.adapt.run import make_or_load_targets
+
+    s = setup
+    cfg = PseudoTargetConfig(image_size=S, down_factor=4, start_step=15, reg_end_step=9, respacing="25")
+
+    def gen(seed=2, config=cfg):
+        path = tmp_path / f"prior{seed}.pth"
+        torch.save(tiny_prior(seed=seed).state_dict(), path)
+        return PseudoTargetGenerator(load_prior_unet(str(path), config=tiny_config()), config)
+
+    faces, work, logs = s["faces"][:2], str(tmp_path / "work"), []
+    first = make_or_load_targets(faces, s["restorer"], gen(), work)
+    again = make_or_load_targets(faces, s["restorer"], gen(), work, log=logs.append)   # same file content
+    assert torch.equal(first, again) and logs and "pseudo targets from" in logs[0]
+    other_restorer = copy.copy(s["restorer"])
+    other_restorer.net = copy.deepcopy(s["restorer"].net)
+    with torch.no_grad():
+        next(other_restorer.net.parameters()).add_(1e-3)                 # same name, other weights
+    for why, args in (("the prior's weights", (faces, s["restorer"], gen(seed=5))),
+                      ("the generator settings", (faces, s["restorer"], gen(config=PseudoTargetConfig(
+                          **{**cfg.__dict__, "seed": 7})))),
+                      ("the photos", (s["faces"][1:3], s["restorer"], gen())),
+                      ("the restorer's weights", (faces, other_restorer, gen()))):
+        with pytest.raises(FaceMendError, match=f"targets.pt holds pseudo targets made from other inputs "
+                                                f"\\(not the same: {why}\\)"):
+            make_or_load_targets(*args, work)
 
 
 def test_lpips_loads_like_the_official_package_and_never_downloads(setup, tmp_path, monkeypatch):

@@ -149,3 +149,12 @@ def test_invalid_settings_are_refused(tiny):
                 dict(respacing="fast")):
         with pytest.raises(ValueError):
             PseudoTargetGenerator(ours, PseudoTargetConfig(**{**CFG.__dict__, **bad}))
+
+
+def test_ddim_respacing_is_refused_not_run_as_the_ancestral_loop(tiny):
+    """The official generator runs its DDIM loop (eta 0, no low-frequency constraint) for "ddimN"; FaceMend used to
+    accept the value and run the ancestral loop on the DDIM grid. Refused now, saying what to use."""
+    for value in ("ddim25", "DDIM25", " ddim25"):
+        with pytest.raises(ValueError, match="DDIM without the low-frequency constraint.*\"250\""):
+            PseudoTargetGenerator(tiny, PseudoTargetConfig(**{**CFG.__dict__, "respacing": value}))
+    PseudoTargetGenerator(tiny, PseudoTargetConfig(**{**CFG.__dict__, "respacing": "10,15"}))   # sections stay
