@@ -222,7 +222,7 @@ class Finetuner:
         total = c.l1_weight * terms["l1"] + c.lpips_weight * terms.get("lpips", torch.zeros((), device=out.device))
         if self.disc is not None:
             self.disc.requires_grad_(False)
-            terms["gan"] = self._bce(out, real=True)
+            terms["gan"] = self._bce((out + 1) / 2, real=True)  # the official discriminator sees [0, 1]
             total = total + c.gan_weight * terms["gan"]
         terms["total"] = total
         if keep_output:
@@ -306,9 +306,9 @@ class Finetuner:
                 if self.disc is not None:
                     self.disc.requires_grad_(True)
                     ridx = torch.randint(0, reals.shape[0], (min(c.micro_batch, reals.shape[0]),), generator=gen)
-                    terms["d_real"] = self._bce(reals[ridx].to(self.device) * 2 - 1, real=True)
+                    terms["d_real"] = self._bce(reals[ridx].to(self.device), real=True)
                     scaler.scale(terms["d_real"] / c.accumulate).backward()
-                    terms["d_fake"] = self._bce(out.detach(), real=False)
+                    terms["d_fake"] = self._bce((out.detach() + 1) / 2, real=False)
                     scaler.scale(terms["d_fake"] / c.accumulate).backward()
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach()) / c.accumulate
