@@ -125,7 +125,10 @@ class AdaptRestorer:
     DESCRIPTION = ("Adapts a restorer (GFPGAN v1.3/v1.4, GPEN) to your own photos: pseudo targets from the diffusion "
                    "prior, then fine-tuning with L1 + LPIPS. Saves a NEW model in models/facerestore_models/ "
                    "(never overwrites); checkpoints and the pseudo targets go to output/facemend_adapt/<name>/, "
-                   "and re-running with the same settings resumes there after an interruption.")
+                   "and re-running with the same settings resumes there after an interruption. Departures from "
+                   "the official recipe: the GAN term is off unless gan_weight > 0 (official 0.1, with FFHQ faces "
+                   "as its real side), and micro-batches are drawn with replacement (the official loader "
+                   "shuffles epochs).")
     CATEGORY = CATEGORY
     FUNCTION = "run"
     OUTPUT_NODE = True
