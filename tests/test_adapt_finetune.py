@@ -182,15 +182,21 @@ def test_cached_pseudo_targets_are_keyed_on_everything_that_makes_them(setup, tm
             make_or_load_targets(*args, work)
 
 
-def test_lpips_loads_like_the_official_package_and_never_downloads(setup, tmp_path, monkeypatch):
+def _official_lpips(vgg_path):
+    """The lpips package's LPIPS-VGG (its calibration layers) with the random VGG-16 features of vgg_path."""
     import lpips
 
-    s = setup
     ref = lpips.LPIPS(pretrained=True, net="vgg", pnet_rand=True, verbose=False).eval()
-    feats = torch.load(s["vgg"], weights_only=True)
-    for i, (lo, hi) in enumerate(((0, 4), (4, 9), (9, 16), (16, 23), (23, 30))):
+    feats = torch.load(vgg_path, weights_only=True)
+    for i in range(5):
         sl = getattr(ref.net, f"slice{i + 1}")
         sl.load_state_dict({k: feats[f"features.{k}"] for k in sl.state_dict()})
+    return ref
+
+
+def test_lpips_loads_like_the_official_package_and_never_downloads(setup, tmp_path, monkeypatch):
+    s = setup
+    ref = _official_lpips(s["vgg"])
     a, b = torch.rand(2, 3, S, S) * 2 - 1, torch.rand(2, 3, S, S) * 2 - 1
     with torch.no_grad():
         # each side's own float32 error (against its float64 copy), 2x for another summation order
@@ -347,14 +353,8 @@ def test_finetune_loss_and_gradient_equal_the_official_compute_loss(setup, gan_w
     """One micro-batch: the total loss of Finetuner.loss_terms (L1 + 0.1 * sum LPIPS [+ 0.1 GAN]) and its gradient
     with respect to the restorer's output equal the official trainer's on the same output and pseudo targets.
     The network is replaced by a fixed output tensor: what is compared is the loss, not the network."""
-    import lpips
-
     s = setup
-    ref = lpips.LPIPS(pretrained=True, net="vgg", pnet_rand=True, verbose=False).eval()
-    feats = torch.load(s["vgg"], weights_only=True)
-    for i, (lo, hi) in enumerate(((0, 4), (4, 9), (9, 16), (16, 23), (23, 30))):
-        sl = getattr(ref.net, f"slice{i + 1}")
-        sl.load_state_dict({k: feats[f"features.{k}"] for k in sl.state_dict()})
+    ref = _official_lpips(s["vgg"])
     tuner = Finetuner(s["restorer"], s["lpips"], FinetuneConfig(gan_weight=gan_weight, seed=3))
     if tuner.disc is not None:
         with torch.no_grad():            # a few power iterations, so that the spectral norms hold (logits of size ~1)
