@@ -85,6 +85,7 @@ def build_pipeline(preset: str = "demo", detector: str = EMBEDDED_MTCNN, device=
     if preset == "id_preserve":
         stages.append(("restorer_id", _identity_stage(det, device, precision, reference, id_scale, steps, cfg,
                                                       seed or 42)))
+        options.setdefault("color_method", "none")  # the stage fixes colour on the unclamped decode (official order)
     return FaceRestorePipeline(detector=det, face_stages=stages, **options)
 
 
@@ -153,8 +154,8 @@ def _ntire_tune_stage(seed=0, steps=0, progress=None, **config):
 
 def _identity_stage(detector, device, precision, reference, id_scale, steps, cfg, seed):
     """RestorerID with the reference photos' identity; per-face MUSIQ scale unless id_scale is given."""
-    from .nodes.identity import load_restorer_id
-    from .nodes.quality import open_id_model, open_metric
+    from .nodes.identity import FIXED_ID_SCALE, default_musiq, load_restorer_id
+    from .nodes.quality import open_id_model
     from .pipelines.identity.reference import combine, reference_identity
     from .pipelines.identity.stage import IdentityStage
 
@@ -171,11 +172,18 @@ def _identity_stage(detector, device, precision, reference, id_scale, steps, cfg
     ref = combine(refs)
     for entry, path in zip(ref.report, reference):
         entry["reference"] = path
-    musiq = None if id_scale is not None else open_metric("musiq")
+    musiq, source = None, f"fixed id_scale {id_scale} (--id-scale)"
+    if id_scale is None:  # adaptive whenever MUSIQ's weights are there; else a fixed scale, said out loud
+        musiq, why = default_musiq()
+        source = f"adaptive from MUSIQ's weights {musiq.weights}" if musiq is not None else (
+            f"fixed id_scale {FIXED_ID_SCALE}: {why}; pass --id-scale or add the weights for the adaptive scale")
+        if musiq is None:
+            id_scale = FIXED_ID_SCALE
+            print(f"id_preserve: {source}", file=sys.stderr)
     model = load_restorer_id(precision=precision)
     model.to(device)
     return IdentityStage(model, ref, arcface, musiq=musiq, fixed_scale=id_scale, steps=steps, cfg=cfg, seed=seed,
-                         hook=lambda n=1: dev.check_interrupt())
+                         hook=lambda n=1: dev.check_interrupt(), scale_source=source)
 
 
 def restore_files(inputs: list[str], out_dir: str, pipeline: FaceRestorePipeline, device=None,
@@ -448,7 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_restore.add_argument("--reference", nargs="+", default=None, metavar="PHOTO",
                            help="preset id_preserve: one or more photos of the person (largest face of each)")
     p_restore.add_argument("--id-scale", type=float, default=None, help="preset id_preserve: a fixed ID scale "
-                           "instead of the adaptive exp((9.5 - MUSIQ)/10) per face")
+                           "instead of the adaptive exp((9.5 - MUSIQ)/10) per face (the default when MUSIQ's "
+                           "weights are in facemend_iqa/; without them 0.75, said on stderr and in the report)")
     p_restore.add_argument("--steps", type=int, default=50, help="preset id_preserve: DDIM steps (default 50)")
     p_restore.add_argument("--cfg", type=float, default=4.0, help="preset id_preserve: guidance (default 4)")
     p_restore.add_argument("--report", default=None, help="write a JSON report here (one entry per input; "
@@ -518,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_adapt.add_argument("--seed", type=int, default=20000, help="seed of the pseudo targets (default 20000)")
     p_adapt.add_argument("--batch-size", type=int, default=1, help="faces per prior call")
     p_adapt.add_argument("--respacing", default="250", help="respaced schedule (official 250); the step options "
-                         "count in it")
+                         "count in it (ddimN is refused: the official code then drops the constraint)")
     p_adapt.add_argument("--gan-weight", type=float, default=0.0, help="adversarial loss weight (official 0.1; "
                          "0 = off)")
     p_adapt.add_argument("--gan-real", default=None, help="folder of clean aligned faces for the discriminator "

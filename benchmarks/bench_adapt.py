@@ -1,7 +1,7 @@
 """Adaptation speed and peak memory: seconds per prior step (and so per face of pseudo targets, 150 steps at the
 official settings) and per fine-tuning step, through the same code the nodes run.
 
-    /work/venv/bin/python benchmarks/bench_adapt.py [--real-size] [--device cuda] [--prior-steps 2]
+    python benchmarks/bench_adapt.py [--real-size] [--device cuda] [--prior-steps 2]
                                                    [--train-steps 2] [--micro-batch 1] [--accumulate 1]
                                                    [--precision fp32] [--threads 2] [--part prior|train|both]
 

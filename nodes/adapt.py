@@ -57,7 +57,7 @@ _PSEUDO_INPUTS = {
              "Seed (official 20000); face i uses seed + i, so a face's target does not depend on its batch."}),
     "respacing": ("STRING", {"default": "250", "tooltip":
                   "Respacing of the 1000-step schedule (official \"250\"); start_step and reg_end_step count in "
-                  "these respaced steps."}),
+                  "these respaced steps. \"ddimN\" is refused (the official code then drops the constraint)."}),
     "clip_denoised": ("BOOLEAN", {"default": True, "tooltip": "Clamp each predicted clean image to [-1, 1] "
                                                                "(official: on)."}),
 }
@@ -125,7 +125,10 @@ class AdaptRestorer:
     DESCRIPTION = ("Adapts a restorer (GFPGAN v1.3/v1.4, GPEN) to your own photos: pseudo targets from the diffusion "
                    "prior, then fine-tuning with L1 + LPIPS. Saves a NEW model in models/facerestore_models/ "
                    "(never overwrites); checkpoints and the pseudo targets go to output/facemend_adapt/<name>/, "
-                   "and re-running with the same settings resumes there after an interruption.")
+                   "and re-running with the same settings resumes there after an interruption. Departures from "
+                   "the official recipe: the GAN term is off unless gan_weight > 0 (official 0.1, with FFHQ faces "
+                   "as its real side), and micro-batches are drawn with replacement (the official loader "
+                   "shuffles epochs).")
     CATEGORY = CATEGORY
     FUNCTION = "run"
     OUTPUT_NODE = True

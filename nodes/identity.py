@@ -16,7 +16,19 @@ DEFAULT_CKPT = "RestorerIDFull.ckpt"
 DEFAULT_IP_ADAPTER = "ip-adapter-faceid-plus_sd15.bin"
 DEFAULT_CLIP_VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K"
 DEFAULT_TEXT_ENCODER = "stable-diffusion-v1-5"
+FIXED_ID_SCALE = 0.75  # the scale RestorerID was trained with
 _cache: dict = {}
+
+
+def default_musiq():
+    """(MUSIQ metric, None) when its weights are in models/facemend_iqa/, else (None, why). Only a missing file
+    is tolerated (the caller then uses a fixed scale and says so); weights that are there but fail to load raise."""
+    from .quality import open_metric
+
+    try:
+        return open_metric("musiq"), None
+    except ModelFileNotFound as exc:
+        return None, f"no MUSIQ weights ({str(exc).splitlines()[0]})"
 
 
 def _file_or_dir(folder: str, name: str) -> str:
@@ -105,8 +117,9 @@ class AdaptiveIDScale:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "musiq": ("FLOAT", {"default": 27.6, "min": 0.0, "max": 100.0, "step": 0.01,
-                      "tooltip": "MUSIQ (KonIQ, 0..100) of the LQ input, e.g. the IQA score node's mean_score."}),
+            "musiq": ("FLOAT", {"forceInput": True, "min": 0.0, "max": 100.0, "tooltip":
+                      "MUSIQ (KonIQ, 0..100) of the LQ input: wire the IQA score node's mean_score (metric musiq). "
+                      "There is no default score: an unwired input is an error."}),
             "mode": (["adaptive", "fixed"], {"default": "adaptive", "tooltip":
                      "adaptive: exp((alpha - musiq) / beta); fixed: always fixed_scale."}),
             "alpha": ("FLOAT", {"default": 9.5, "min": -100.0, "max": 100.0, "step": 0.1, "tooltip":
@@ -122,9 +135,13 @@ class AdaptiveIDScale:
                             "The scale in fixed mode (0.75 is what RestorerID was trained with)."}),
         }}
 
-    def run(self, musiq, mode="adaptive", alpha=9.5, beta=10.0, min_scale=0.0, max_scale=0.0, fixed_scale=0.75):
+    def run(self, musiq=None, mode="adaptive", alpha=9.5, beta=10.0, min_scale=0.0, max_scale=0.0,
+            fixed_scale=FIXED_ID_SCALE):
         from ..pipelines.identity.adaptive_scale import adaptive_id_scale
 
+        if musiq is None:
+            raise ValueError("FaceMend Adaptive ID Scale: the musiq input is not connected. Wire the IQA score "
+                             "node's mean_score (IQA loader with metric musiq) into it; there is no default score.")
         if mode == "fixed":
             return (float(fixed_scale),)
         return (adaptive_id_scale(float(musiq), alpha, beta, min_scale or None, max_scale or None),)
@@ -134,6 +151,31 @@ def _id_similarity(id_model, faces: torch.Tensor, ref) -> list:
     from ..pipelines.identity.stage import similarity_to_reference
 
     return [round(float(v), 5) for v in similarity_to_reference(id_model, faces, ref)]
+
+
+def _scales(faces, id_scale, scale_mode, musiq_metric, alpha, beta):
+    """(per-face scales, MUSIQ scores or None, where the scale came from) for the restore node."""
+    from ..pipelines.identity.adaptive_scale import adaptive_id_scale
+
+    if scale_mode not in ("auto", "adaptive", "fixed"):
+        raise ValueError(f"scale_mode must be auto, adaptive or fixed, got {scale_mode!r}")
+    n = faces.shape[0]
+    if scale_mode == "fixed":
+        return torch.full((n,), float(id_scale)), None, f"fixed id_scale {float(id_scale)} (scale_mode fixed)"
+    metric, source = musiq_metric, "adaptive from the wired musiq_metric"
+    if metric is None:
+        metric, why = default_musiq()
+        if metric is None:
+            if scale_mode == "adaptive":
+                raise ModelFileNotFound(f"scale_mode adaptive needs MUSIQ: wire musiq_metric or put its weights in "
+                                        f"models/facemend_iqa/ ({why}).")
+            return (torch.full((n,), float(id_scale)), None,
+                    f"fixed id_scale {float(id_scale)}: no musiq_metric wired and {why}; wire one or add the "
+                    "weights for the adaptive scale")
+        source = f"adaptive from MUSIQ's weights {metric.weights} (no musiq_metric wired)"
+    with torch.no_grad():
+        musiq = torch.cat([metric.score(faces[i:i + 1]).float().cpu() for i in range(n)])
+    return adaptive_id_scale(musiq, alpha, beta), musiq, source
 
 
 class RestorerIDRestore:
@@ -159,8 +201,9 @@ class RestorerIDRestore:
             "detector": ("FACE_DETECTOR", {"tooltip": "Finds the face and its 5 landmarks in the reference."}),
             "id_model": ("FACE_ID", {"tooltip": "ArcFace model (w600k_r50.onnx of buffalo_l, as RestorerID uses)."}),
             "id_scale": ("FLOAT", {"default": 0.75, "min": 0.0, "max": 10.0, "step": 0.01, "tooltip":
-                         "Weight of the reference's ID attention (wire the adaptive ID scale node). Ignored when "
-                         "musiq_metric is wired."}),
+                         "Weight of the reference's ID attention, used when scale_mode is fixed, or in auto mode "
+                         "when no MUSIQ metric is wired and its weights are not in models/facemend_iqa/ (the "
+                         "report then says so)."}),
             "seed": ("INT", {"default": 42, "min": 0, "max": 0xFFFFFFFF, "tooltip":
                      "Seed of the posterior sample, start noise and per-step noise."}),
             "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": "DDIM steps (official 50)."}),
@@ -177,14 +220,23 @@ class RestorerIDRestore:
             "negative_prompt": ("STRING", {"default": "cartoon, 3d, paint, monochrome, lowres, bad anatomy, worst "
                                 "quality, low quality", "tooltip": "Negative prompt (official)."}),
             "batch_size": ("INT", {"default": 0, "min": 0, "max": 64, "tooltip":
-                           "Faces per sampler run (0: 1 on CPU, 8 on GPU)."}),
+                           "Faces per sampler run (0: 1 on CPU, 8 on GPU). Face k always draws its noise from "
+                           "seed + k, so the result does not depend on it."}),
+            "scale_mode": (["auto", "adaptive", "fixed"], {"default": "auto", "tooltip":
+                           "auto: the adaptive scale exp((alpha - MUSIQ(face)) / beta) per face from musiq_metric, "
+                           "or from MUSIQ's weights in models/facemend_iqa/ when nothing is wired; id_scale only "
+                           "when neither is there (named in the report). adaptive: an error without MUSIQ. "
+                           "fixed: always id_scale."}),
+            "color_fix": (["none", "wavelet", "adain"], {"default": "none", "tooltip":
+                          "Colour fix against the input crops in the official order (on the unclamped decode, "
+                          "then clamp): use wavelet here instead of a following Color Fix node. none: the decode "
+                          "clamped to [0,1] (for a Color Fix node after)."}),
         }}
 
     def run(self, face_crops, restorer_id, reference, detector, id_model, id_scale=0.75, seed=42, steps=50,
             cfg=4.0, musiq_metric=None, alpha=9.5, beta=10.0, prompt="best quality, high quality",
             negative_prompt="cartoon, 3d, paint, monochrome, lowres, bad anatomy, worst quality, low quality",
-            batch_size=0):
-        from ..pipelines.identity.adaptive_scale import adaptive_id_scale
+            batch_size=0, color_fix="none", scale_mode="auto"):
         from ..pipelines.identity.reference import reference_identity
 
         if no_faces(face_crops):  # Detect + Align found no face: nothing to restore, no reference to embed
@@ -195,14 +247,11 @@ class RestorerIDRestore:
         refs = image_to_bchw(reference, device, "reference")
         ref = reference_identity(refs, detector, id_model)
         n = faces.shape[0]
-        report = {"faces": n, "reference": ref.report, "steps": int(steps), "cfg": float(cfg), "seed": int(seed)}
-        if musiq_metric is not None:
-            with torch.no_grad():
-                musiq = torch.cat([musiq_metric.score(faces[i:i + 1]).float().cpu() for i in range(n)])
-            scales = adaptive_id_scale(musiq, alpha, beta)
+        report = {"faces": n, "reference": ref.report, "steps": int(steps), "cfg": float(cfg), "seed": int(seed),
+                  "color_fix": color_fix}
+        scales, musiq, report["id_scale_source"] = _scales(faces, id_scale, scale_mode, musiq_metric, alpha, beta)
+        if musiq is not None:
             report["musiq"] = [round(float(v), 4) for v in musiq]
-        else:
-            scales = torch.full((n,), float(id_scale))
         report["id_scale"] = [round(float(v), 5) for v in scales]
         report["id_similarity_before"] = _id_similarity(id_model, faces, ref)
         bs = int(batch_size) or (8 if device.type == "cuda" else 1)
@@ -213,13 +262,12 @@ class RestorerIDRestore:
         if moved:
             restorer_id.to(device)
         try:
-            g = torch.Generator().manual_seed(int(seed))
             outs = []
-            for i in range(0, n, bs):
+            for i in range(0, n, bs):  # face k draws from seed + k whatever batch_size is
                 dev.check_interrupt()
                 outs.append(restorer_id.restore(faces[i:i + bs], ref, ip_scale=scales[i:i + bs], steps=int(steps),
-                                                cfg=float(cfg), prompt=prompt, negative_prompt=negative_prompt,
-                                                hook=hook, generator=g))
+                                                cfg=float(cfg), seed=int(seed), first=i, prompt=prompt,
+                                                negative_prompt=negative_prompt, hook=hook, color_fix=color_fix))
         finally:
             if moved:
                 restorer_id.to(dev.offload_device())

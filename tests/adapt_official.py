@@ -1,39 +1,38 @@
-"""The official reference code for the adaptation tests, imported test-only from git snapshots.
+"""The official reference code for the adaptation tests, imported test-only from the pinned checkouts.
 
 - zsyOAOA/DifFace (S-Lab licence): `models/unet.py` (+ basic_ops, fp16_util), the prior's network.
 - SamsungLabs/unsupervised-face-restoration (CC BY-NC-SA): `models/gaussian_diffusion.py`, `models/respace.py`
-  (the sampling loop with the low-frequency constraint) and `resizer.py` (the ILVR filter).
+  (the sampling loop with the low-frequency constraint), `resizer.py` (the ILVR filter) and `trainer.py`'s loss.
 
-The files are read from the snapshots' git directories (FACEMEND_DIFFACE_GIT / FACEMEND_UFR_GIT, by default the
-session mirrors /work/.mirror/<owner>+<name>/repo) into a temporary package with a private name, imported, and
-the package path removed again. Nothing of them is copied into the project. Without a snapshot the tests skip.
+Both are pinned in tests/official_pins.json and fetched by tests/fetch_official.py (official_code.official_dir
+finds the checkout or skips the test with the command to run). The few files needed are copied into a temporary
+package with a private name (the repositories' own top-level names `models`, `utils` would clash), imported, and
+the package path removed again. Nothing of them is copied into the project.
 """
 from __future__ import annotations
 
 import importlib
-import os
-import subprocess
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-import pytest
+from official_code import official_dir
 
-DIFFACE_GIT = os.environ.get("FACEMEND_DIFFACE_GIT", "/work/.mirror/zsyOAOA+DifFace/repo")
-UFR_GIT = os.environ.get("FACEMEND_UFR_GIT", "/work/.mirror/SamsungLabs+unsupervised-face-restoration/repo")
+DIFFACE = "zsyOAOA/DifFace"
+UFR = "SamsungLabs/unsupervised-face-restoration"
 _cache: dict = {}
 
 
-def _show(git_dir: str, path: str) -> str:
-    return subprocess.run(["git", "--git-dir", git_dir, "show", f"HEAD:{path}"], check=True, capture_output=True,
-                          text=True).stdout
+def official_file(name: str, path: str) -> Path:
+    """One file of a pinned checkout (skips the test with the fetch command when the checkout is missing)."""
+    return official_dir(name) / path
 
 
-def _import(pkg: str, git_dir: str, files: list[str], modules: list[str]):
+def _import(pkg: str, name: str, files: list[str], modules: list[str]):
     if pkg in _cache:
         return _cache[pkg]
-    if not os.path.isdir(git_dir):
-        pytest.skip(f"needs a snapshot of the official code at {git_dir} (fetch it, or set the env variable)")
+    src = official_dir(name)
     root = Path(tempfile.mkdtemp(prefix=f"{pkg}_"))
     (root / pkg).mkdir()
     (root / pkg / "__init__.py").write_text("")
@@ -43,7 +42,7 @@ def _import(pkg: str, git_dir: str, files: list[str], modules: list[str]):
         init = dst.parent / "__init__.py"
         if not init.exists():
             init.write_text("")
-        dst.write_text(_show(git_dir, f))
+        shutil.copyfile(src / f, dst)
     sys.path.insert(0, str(root))
     try:
         mods = [importlib.import_module(f"{pkg}.{m}") for m in modules]
@@ -55,7 +54,7 @@ def _import(pkg: str, git_dir: str, files: list[str], modules: list[str]):
 
 def difface_unet():
     """The official UNetModel class of DifFace."""
-    (unet,) = _import("_difface_ref", DIFFACE_GIT,
+    (unet,) = _import("_difface_ref", DIFFACE,
                       ["models/unet.py", "models/basic_ops.py", "models/fp16_util.py"], ["models.unet"])
     return unet.UNetModel
 
@@ -63,7 +62,7 @@ def difface_unet():
 def ufr_diffusion():
     """(create_gaussian_diffusion-like SpacedDiffusion factory, Resizer) of the pseudo-target code."""
     respace, gd, resizer = _import(
-        "_ufr_ref", UFR_GIT,
+        "_ufr_ref", UFR,
         ["models/respace.py", "models/gaussian_diffusion.py", "models/basic_ops.py", "models/losses.py",
          "resizer.py"],
         ["models.respace", "models.gaussian_diffusion", "resizer"])

@@ -1,43 +1,28 @@
-"""The official RestorerID modules (YingJiacheng/RestorerID @157e288), imported test-only from a snapshot.
+"""The official RestorerID modules (YingJiacheng/RestorerID, pinned in tests/official_pins.json), imported test-only.
 
-The repository is not packaged. Its `ldm` tree is taken from RESTORERID_SRC (a checkout, or a bare git directory
-from which `ldm/` is extracted with git archive; default: the snapshot the `fetch` tool leaves in
-/work/.mirror/YingJiacheng+RestorerID/repo) and imported as the top-level package `ldm` it expects; every `ldm*`
-module is removed from sys.modules again afterwards. Without a snapshot the tests skip and say how to get one.
-Nothing of it is copied into the pack.
+The repository is not packaged. Its `ldm` tree is imported from the pinned checkout that tests/fetch_official.py
+leaves in the cache (official_code.official_dir finds it, or skips the test with the command to run) as the
+top-level package `ldm` it expects; every `ldm*` module is removed from sys.modules again afterwards. Nothing of
+it is copied into the pack.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib.util
 import os
-import types
-import subprocess
 import sys
-import tarfile
-import io
+import types
 
-import pytest
+from official_code import official_dir
 
-DEFAULT_SRC = "/work/.mirror/YingJiacheng+RestorerID/repo"
+NAME = "YingJiacheng/RestorerID"
 MODULES = ("ldm.modules.diffusionmodules.openaimodel", "ldm.modules.attention", "ldm.modules.IDBalance",
            "ldm.modules.spade", "ldm.modules.diffusionmodules.util", "ldm.models.diffusion.ddim")
 
 
-def _ldm_root(tmp_root: str) -> str:
-    src = os.environ.get("RESTORERID_SRC", DEFAULT_SRC)
-    if os.path.isdir(os.path.join(src, "ldm")):
-        return src
-    if os.path.isdir(src) and os.path.isfile(os.path.join(src, "HEAD")):  # a bare git directory
-        out = os.path.join(tmp_root, "restorerid_src")
-        if not os.path.isdir(os.path.join(out, "ldm")):
-            data = subprocess.run(["git", "--git-dir", src, "archive", "HEAD", "ldm"], check=True,
-                                  capture_output=True).stdout
-            with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-                tar.extractall(out)
-        return out
-    pytest.skip(f"official RestorerID code not found at {src}: clone https://github.com/YingJiacheng/RestorerID "
-                "and set RESTORERID_SRC to it")
+def _ldm_root(tmp_root: str = "") -> str:
+    """The checkout holding ldm/ (tmp_root: kept for callers, unused)."""
+    return str(official_dir(NAME))
 
 
 def load_official(tmp_root: str) -> dict:

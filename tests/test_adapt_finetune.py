@@ -22,11 +22,11 @@ from facemend.pipelines.adapt.perceptual import VGG16_FILE, find_vgg16, load_lpi
 from facemend.pipelines.adapt.prior import load_prior_unet
 from facemend.pipelines.adapt.pseudo_targets import PseudoTargetConfig, PseudoTargetGenerator
 from facemend.pipelines.restore.archs.gfpgan import GFPGANConfig, GFPGANv1Clean
-from facemend.pipelines.io.errors import ModelFileNotFound
+from facemend.pipelines.io.errors import FaceMendError, ModelFileNotFound
 from facemend.pipelines.restore.restorer import FaceRestorer
 
-from conftest import FACES, load_image, modules_reorder_tol, need_shared, reorder_tol
-from test_adapt_prior import tiny_config, tiny_official
+from conftest import FACES, load_image, modules_reorder_tol, need_shared, reorder_tol, rounding_bound
+from test_adapt_prior import tiny_config, tiny_prior
 
 pytest.importorskip("lpips")
 S = 32
@@ -51,9 +51,9 @@ def setup(tmp_path_factory):
     base = root / "tiny_gfpgan.pth"
     torch.save({"params_ema": net.state_dict()}, base)
     restorer = FaceRestorer.from_file(str(base))
-    # Pseudo targets with the tiny prior (official computation at 64 px).
+    # Pseudo targets with the tiny random prior (ours: the mechanics need no official code).
     prior_path = root / "prior.pth"
-    torch.save(tiny_official(seed=2).state_dict(), prior_path)
+    torch.save(tiny_prior(seed=2).state_dict(), prior_path)
     prior = load_prior_unet(str(prior_path), config=tiny_config())
     gen = PseudoTargetGenerator(prior, PseudoTargetConfig(image_size=S, down_factor=4, start_step=15,
                                                           reg_end_step=9, respacing="25"))
@@ -142,17 +142,61 @@ def test_interrupted_run_resumes_from_last_checkpoint(setup, tmp_path):
     with pytest.raises(Exception, match="w_int"):
         Finetuner(s["restorer"], s["lpips"], FinetuneConfig(**{**CFG_RESUME.__dict__, "lr": 5e-4})).run(
             s["faces"], s["targets"], "a", str(tmp_path / "other.safetensors"), str(work))
+    # ... and so is resuming on other pseudo targets (same faces, same count: the old check let it through).
+    with pytest.raises(FaceMendError, match=r"w_int holds a run on other \(face, pseudo target\) pairs"):
+        Finetuner(s["restorer"], s["lpips"], CFG_RESUME).run(
+            s["faces"], (s["targets"] * 0.9).clamp(0, 1), "a", str(tmp_path / "other.safetensors"), str(work))
+    assert not (tmp_path / "other.safetensors").exists()
+
+
+def test_cached_pseudo_targets_are_keyed_on_everything_that_makes_them(setup, tmp_path):
+    """targets.pt is reused only for the same photos, restorer weights, prior weights and settings; a new prior
+    file (or any other change) used to reuse the old targets silently when only the prior changed."""
+    import copy
+
+    from facemend.pipelines.adapt.run import make_or_load_targets
+
+    s = setup
+    cfg = PseudoTargetConfig(image_size=S, down_factor=4, start_step=15, reg_end_step=9, respacing="25")
+
+    def gen(seed=2, config=cfg):
+        path = tmp_path / f"prior{seed}.pth"
+        torch.save(tiny_prior(seed=seed).state_dict(), path)
+        return PseudoTargetGenerator(load_prior_unet(str(path), config=tiny_config()), config)
+
+    faces, work, logs = s["faces"][:2], str(tmp_path / "work"), []
+    first = make_or_load_targets(faces, s["restorer"], gen(), work)
+    again = make_or_load_targets(faces, s["restorer"], gen(), work, log=logs.append)   # same file content
+    assert torch.equal(first, again) and logs and "pseudo targets from" in logs[0]
+    other_restorer = copy.copy(s["restorer"])
+    other_restorer.net = copy.deepcopy(s["restorer"].net)
+    with torch.no_grad():
+        next(other_restorer.net.parameters()).add_(1e-3)                 # same name, other weights
+    for why, args in (("the prior's weights", (faces, s["restorer"], gen(seed=5))),
+                      ("the generator settings", (faces, s["restorer"], gen(config=PseudoTargetConfig(
+                          **{**cfg.__dict__, "seed": 7})))),
+                      ("the photos", (s["faces"][1:3], s["restorer"], gen())),
+                      ("the restorer's weights", (faces, other_restorer, gen()))):
+        with pytest.raises(FaceMendError, match=f"targets.pt holds pseudo targets made from other inputs "
+                                                f"\\(not the same: {why}\\)"):
+            make_or_load_targets(*args, work)
+
+
+def _official_lpips(vgg_path):
+    """The lpips package's LPIPS-VGG (its calibration layers) with the random VGG-16 features of vgg_path."""
+    import lpips
+
+    ref = lpips.LPIPS(pretrained=True, net="vgg", pnet_rand=True, verbose=False).eval()
+    feats = torch.load(vgg_path, weights_only=True)
+    for i in range(5):
+        sl = getattr(ref.net, f"slice{i + 1}")
+        sl.load_state_dict({k: feats[f"features.{k}"] for k in sl.state_dict()})
+    return ref
 
 
 def test_lpips_loads_like_the_official_package_and_never_downloads(setup, tmp_path, monkeypatch):
-    import lpips
-
     s = setup
-    ref = lpips.LPIPS(pretrained=True, net="vgg", pnet_rand=True, verbose=False).eval()
-    feats = torch.load(s["vgg"], weights_only=True)
-    for i, (lo, hi) in enumerate(((0, 4), (4, 9), (9, 16), (16, 23), (23, 30))):
-        sl = getattr(ref.net, f"slice{i + 1}")
-        sl.load_state_dict({k: feats[f"features.{k}"] for k in sl.state_dict()})
+    ref = _official_lpips(s["vgg"])
     a, b = torch.rand(2, 3, S, S) * 2 - 1, torch.rand(2, 3, S, S) * 2 - 1
     with torch.no_grad():
         # each side's own float32 error (against its float64 copy), 2x for another summation order
@@ -169,15 +213,11 @@ def test_lpips_loads_like_the_official_package_and_never_downloads(setup, tmp_pa
 
 def _official_discriminator():
     """Real-ESRGAN's UNetDiscriminatorSN from DifFace's vendored basicsr, with its registry import stubbed."""
-    import subprocess
     import types
 
-    from adapt_official import DIFFACE_GIT
+    from adapt_official import DIFFACE, official_file
 
-    if not os.path.isdir(DIFFACE_GIT):
-        pytest.skip(f"needs the DifFace snapshot at {DIFFACE_GIT}")
-    src = subprocess.run(["git", "--git-dir", DIFFACE_GIT, "show", "HEAD:basicsr/archs/discriminator_arch.py"],
-                         check=True, capture_output=True, text=True).stdout
+    src = official_file(DIFFACE, "basicsr/archs/discriminator_arch.py").read_text()
     src = src.replace("from basicsr.utils.registry import ARCH_REGISTRY",
                       "class ARCH_REGISTRY:\n    register = staticmethod(lambda *a, **k: (lambda c: c))")
     mod = types.ModuleType("_official_discriminator_arch")
@@ -270,3 +310,88 @@ def test_gpen_fine_tunes_and_reloads_and_codeformer_is_refused(setup, tmp_path):
                                 "spec": type("S", (), {"family": "CodeFormer"})()})()
     with pytest.raises(FaceMendError, match="codeformer.pth is CodeFormer"):
         Finetuner(codeformer, s["lpips"], cfg)
+
+
+def _official_generator_loss(lpips_ref, gan_weight):
+    """trainer.py's compute_loss (and loss_fun_l1 / _l2) with configs/main/swinir_gan.yaml's loss settings, plus its
+    generator GAN term (basicsr GANLoss, vanilla, loss_weight 0.1) when gan_weight > 0: pred and target in [0, 1]
+    (the data config's mean 0 / std 1), the discriminator on pred. The methods are taken from the file alone (the
+    trainer's module imports the whole training stack)."""
+    import ast
+    import types
+
+    from adapt_official import UFR, official_file
+
+    def defs(path, names, namespace):
+        tree = ast.parse(official_file(UFR, path).read_text())
+        found = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name in names]
+        for n in found:
+            n.decorator_list = []                                  # the basicsr registry
+        assert {n.name for n in found} == set(names), path
+        ns = dict(namespace)
+        exec(compile(ast.Module(body=found, type_ignores=[]), path, "exec"), ns)
+        return ns
+
+    tr = defs("trainer.py", ("compute_loss", "loss_fun_l1", "loss_fun_l2"), {"F": F, "torch": torch})
+    gl = defs("basicsr/losses/gan_loss.py", ("GANLoss",), {"nn": torch.nn, "F": F, "torch": torch})
+    loss_cfg = types.SimpleNamespace(lpips=0.1, l1_loss=1.0, l2_loss=0.0, reduction="mean")
+    trainer = types.SimpleNamespace(configs=types.SimpleNamespace(train=types.SimpleNamespace(loss=loss_cfg)),
+                                    lpips_loss=lpips_ref)
+    for name in ("loss_fun_l1", "loss_fun_l2"):
+        setattr(trainer, name, types.MethodType(tr[name], trainer))
+    cri_gan = gl["GANLoss"]("vanilla", real_label_val=1.0, fake_label_val=0.0, loss_weight=gan_weight)
+
+    def loss(pred, target, disc):
+        total = tr["compute_loss"](trainer, pred, target, pred.shape[0])
+        return total + cri_gan(disc(pred), True, is_disc=False) if gan_weight > 0 else total
+
+    return loss
+
+
+@pytest.mark.parametrize("gan_weight", [0.0, 0.1])
+def test_finetune_loss_and_gradient_equal_the_official_compute_loss(setup, gan_weight):
+    """One micro-batch: the total loss of Finetuner.loss_terms (L1 + 0.1 * sum LPIPS [+ 0.1 GAN]) and its gradient
+    with respect to the restorer's output equal the official trainer's on the same output and pseudo targets.
+    The network is replaced by a fixed output tensor: what is compared is the loss, not the network."""
+    s = setup
+    ref = _official_lpips(s["vgg"])
+    tuner = Finetuner(s["restorer"], s["lpips"], FinetuneConfig(gan_weight=gan_weight, seed=3))
+    if tuner.disc is not None:
+        with torch.no_grad():            # a few power iterations, so that the spectral norms hold (logits of size ~1)
+            for _ in range(5):
+                tuner.disc(torch.rand(1, 3, S, S))
+        tuner.disc.eval()                # then no update any more: the same D on both sides
+    g = torch.Generator().manual_seed(8)
+    out0 = (torch.rand(2, 3, S, S, generator=g) * 2.2 - 1.1)   # a restorer output in [-1, 1], a little beyond
+    y = s["targets"][:2]
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x, noise=None, generator=None):
+            return leaf
+
+    tuner.net = Fixed()
+    leaf = out0.clone().requires_grad_(True)
+    ours = tuner.loss_terms(s["faces"][:2], y, g)["total"]
+    (g_ours,) = torch.autograd.grad(ours, leaf)
+    leaf2 = out0.clone().requires_grad_(True)
+    official = _official_generator_loss(ref, gan_weight)((leaf2 + 1) / 2, y, tuner.disc)
+    (g_off,) = torch.autograd.grad(official, leaf2)
+    # LPIPS: each side's float32 error against its float64 run (2x), summed over the 2 faces, weight 0.1; the value
+    # and the gradient alike. L1: a mean of n terms each rounded a few times. The GAN term is the same computation
+    # on the same values on both sides (the discriminator gets (out + 1) / 2 in both).
+    a, b = out0, y * 2 - 1
+
+    def lp_sum(m, x_, y_):
+        return m(x_, y_).sum()
+
+    def lp_grad(m, x_, y_):
+        with torch.enable_grad():        # reorder_tol runs under no_grad
+            x_ = x_.clone().requires_grad_(True)
+            return torch.autograd.grad(m(x_, y_).sum(), x_)[0]
+
+    tol_v = 0.1 * (modules_reorder_tol(lp_sum, s["lpips"], a, b, margin=2.0)
+                   + modules_reorder_tol(lp_sum, ref, a, b, margin=2.0)) + rounding_bound(a.numel() + 4, 2.2)
+    tol_g = 0.1 * (modules_reorder_tol(lp_grad, s["lpips"], a, b, margin=2.0)
+                   + modules_reorder_tol(lp_grad, ref, a, b, margin=2.0)) + rounding_bound(4, 1.0 / a.numel())
+    assert 0.1 < float(ours) < 10 and abs(float(ours) - float(official)) < tol_v
+    assert g_ours.abs().max() > 100 * tol_g and (g_ours - g_off).abs().max() < tol_g

@@ -28,13 +28,23 @@ TINY = dict(image_size=32, in_channels=3, model_channels=32, out_channels=6, num
             use_new_attention_order=False)
 
 
-def tiny_official(seed: int = 0):
+def _randomise(net, seed: int):
     torch.manual_seed(seed)
-    net = difface_unet()(**TINY).eval()
     with torch.no_grad():
         for p in net.parameters():
             p.copy_(torch.randn_like(p) * 0.2)
-    return net
+    return net.eval()
+
+
+def tiny_official(seed: int = 0):
+    """The official UNetModel, tiny, random weights (skips without the DifFace checkout)."""
+    return _randomise(difface_unet()(**TINY), seed)
+
+
+def tiny_prior(seed: int = 0) -> PriorUNet:
+    """Ours with the same random weights as tiny_official(seed) (the parameters come in the same order): for the
+    tests that only need a prior, so they run without the official code."""
+    return _randomise(PriorUNet(tiny_config()), seed)
 
 
 def tiny_config() -> PriorUNetConfig:
@@ -104,8 +114,15 @@ def test_inference_path_is_the_autograd_path_bit_for_bit(scale_shift):
             net.load_state_dict(sd)
 
 
+def test_tiny_prior_has_the_official_random_weights():
+    """tiny_prior (ours, for the mechanics tests) and tiny_official draw the same weights: the tests that compare
+    with the official code and those that need only a prior use the same network."""
+    ours, ref = tiny_prior(3).state_dict(), tiny_official(3).state_dict()
+    assert list(ours) == list(ref) and all(torch.equal(ours[k], ref[k]) for k in ref)
+
+
 def test_prior_refuses_damaged_files_naming_them(tmp_path):
-    sd = tiny_official().state_dict()
+    sd = tiny_prior().state_dict()
     missing = dict(sd)
     missing.pop("middle_block.1.qkv.weight")
     extra = dict(sd, **{"extra.weight": torch.zeros(1)})

@@ -23,19 +23,27 @@ from facemend.pipelines.adapt.lowpass import LowPass, resize_matrix
 from facemend.pipelines.adapt.prior import load_prior_unet
 from facemend.pipelines.adapt.pseudo_targets import PseudoTargetConfig, PseudoTargetGenerator
 
-from adapt_official import ufr_diffusion
+from adapt_official import difface_unet, ufr_diffusion
 from conftest import rounding_bound
-from test_adapt_prior import tiny_config, tiny_official
+from test_adapt_prior import TINY, tiny_config, tiny_prior
 
 CFG = PseudoTargetConfig(image_size=32, down_factor=4, start_step=15, reg_end_step=9, respacing="25", seed=123)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    ref = tiny_official(seed=1)
+    """Our tiny random prior, saved and loaded as a user's file is (no official code needed)."""
     path = tmp_path_factory.mktemp("prior") / "tiny_prior.pth"
-    torch.save(ref.state_dict(), path)
-    return ref, load_prior_unet(str(path), config=tiny_config())
+    torch.save(tiny_prior(seed=1).state_dict(), path)
+    return load_prior_unet(str(path), config=tiny_config())
+
+
+@pytest.fixture(scope="module")
+def tiny_ref(tiny):
+    """The official UNetModel holding the same weights (skips without the DifFace checkout)."""
+    ref = difface_unet()(**TINY)
+    ref.load_state_dict({k: v.contiguous() for k, v in tiny.state_dict().items()}, strict=True)
+    return ref.eval()
 
 
 def _faces(n, size=32, seed=0):
@@ -85,23 +93,48 @@ def _official_targets(ref_unet, faces, seed, cfg=CFG):
 # The CPU default (channels-last prior called face by face), the CUDA default (NCHW, whole batch per call), and
 # the other two combinations, all run here on the CPU.
 @pytest.mark.parametrize("channels_last,prior_batch", [(None, None), (False, 2), (True, 2), (False, 1)])
-def test_pseudo_targets_equal_official_generator(tiny, channels_last, prior_batch):
-    ref, ours = tiny
+def test_pseudo_targets_equal_official_generator(tiny, tiny_ref, channels_last, prior_batch):
+    ref, ours = tiny_ref, tiny
     faces = _faces(2)
     gen = PseudoTargetGenerator(ours, CFG, channels_last=channels_last, prior_batch=prior_batch)
     got = gen(faces, batch_size=2)
     for k in range(2):
         want = _official_targets(ref, faces[k:k + 1], seed=CFG.seed + k)
-        # Float rounding only (the filter's sums run in another order), carried through 15 steps.
+        # Float rounding only: without the filter the loop is the official one bit for bit (test below), and the
+        # prior equals the official network (0 difference here, within its rounding bound elsewhere); the filter
+        # sums in another order (dense products vs the Resizer's taps, each call within the bound of
+        # test_lowpass_equals_official_resizer) on 6 constrained steps, carried through 15. Measured 1.4-2.5e-6 on
+        # outputs in [0,1] for these four layouts, ~40 float32 unit roundoffs: the bound is 40x that (1e-4),
+        # and 100x below what another seed changes (checked below).
         assert (got[k:k + 1] - want).abs().max().item() < 1e-4
-    # A face's target does not depend on its batch; another seed gives another target.
+    # A face's target does not depend on its batch: its draws are its own; only a network call shared with other
+    # faces sums in another order (0 difference face by face, measured up to 1.9e-6 with 2 faces per call): 1e-5.
     alone = gen(faces[1:], seed=CFG.seed + 1)
-    assert torch.allclose(alone, got[1:], atol=1e-5)
+    assert torch.allclose(alone, got[1:], rtol=0, atol=1e-5)
     assert (gen(faces[:1], seed=7) - got[:1]).abs().max() > 1e-2
 
 
+def test_without_the_filter_the_loop_is_the_official_one_bit_for_bit(tiny_ref):
+    """The sampling loop alone (no low-frequency constraint), face by face in NCHW as the official script runs,
+    with the official network as the prior: the schedule's float32 coefficients and the step arithmetic in the
+    official order give the official targets bit for bit (elementwise float operations on the same values)."""
+    cfg = PseudoTargetConfig(**{**CFG.__dict__, "apply_filter": False})
+    create, _ = ufr_diffusion()
+    diff = create(cfg.respacing)
+    faces = _faces(2, seed=5)
+    got = PseudoTargetGenerator(tiny_ref, cfg, channels_last=False, prior_batch=1)(faces, batch_size=2)
+    for k in range(2):
+        torch.manual_seed(cfg.seed + k)
+        x_ref = (faces[k:k + 1] - 0.5) / 0.5
+        yt = diff.q_sample(x_start=x_ref, t=torch.tensor([cfg.start_step]))
+        sample = diff.p_sample_loop(tiny_ref, shape=yt.shape, noise=yt, start_timesteps=cfg.start_step,
+                                    clip_denoised=True, filter_dict=None, end_timesteps=None,
+                                    reg_end_timesteps=cfg.reg_end_step)
+        assert torch.equal(got[k:k + 1], (sample * 0.5 + 0.5).clamp(0.0, 1.0))
+
+
 def test_low_frequency_constraint_after_every_constrained_step(tiny):
-    _, ours = tiny
+    ours = tiny
     n, f = CFG.image_size, CFG.down_factor
     p1 = resize_matrix(n // f, float(f)) @ resize_matrix(n, 1 / f)          # 1-D P, float64
     p2 = np.kron(p1, p1)                                                    # 2-D P on flattened images
@@ -136,8 +169,17 @@ def test_low_frequency_constraint_after_every_constrained_step(tiny):
 
 
 def test_invalid_settings_are_refused(tiny):
-    _, ours = tiny
+    ours = tiny
     for bad in (dict(start_step=25), dict(start_step=0), dict(reg_end_step=0), dict(down_factor=5),
                 dict(respacing="fast")):
         with pytest.raises(ValueError):
             PseudoTargetGenerator(ours, PseudoTargetConfig(**{**CFG.__dict__, **bad}))
+
+
+def test_ddim_respacing_is_refused_not_run_as_the_ancestral_loop(tiny):
+    """The official generator runs its DDIM loop (eta 0, no low-frequency constraint) for "ddimN"; FaceMend used to
+    accept the value and run the ancestral loop on the DDIM grid. Refused now, saying what to use."""
+    for value in ("ddim25", "DDIM25", " ddim25"):
+        with pytest.raises(ValueError, match="DDIM without the low-frequency constraint.*\"250\""):
+            PseudoTargetGenerator(tiny, PseudoTargetConfig(**{**CFG.__dict__, "respacing": value}))
+    PseudoTargetGenerator(tiny, PseudoTargetConfig(**{**CFG.__dict__, "respacing": "10,15"}))   # sections stay

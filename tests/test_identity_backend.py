@@ -17,6 +17,7 @@ is a rounding of the same size.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -297,3 +298,115 @@ def test_vae_conversion_equals_official_ldm_autoencoder(tmp_path_factory):
         tol_dec = modules_reorder_tol(lambda v, z_: v.decode(z_).sample, vae, z)
     assert (dist.mean - mean).abs().max() < tol_mean and (dist.std - std).abs().max() < tol_std
     assert ref_dec.abs().max() > 1e-2 and (got_dec - ref_dec).abs().max() < tol_dec
+
+
+def test_whole_restore_equals_the_official_inference_path(official, nets, tmp_path_factory, monkeypatch):
+    """RestorerID.restore (encode -> posterior sample x 0.18215 -> [text | ID] contexts, conditional and
+    unconditional -> DDIM with CFG -> decode / 0.18215 -> wavelet fix on the unclamped decode -> clamp) against
+    scripts/Inference.py's path built from the official modules on the same weights: the LDM Encoder/Decoder with
+    quant convs and DiagonalGaussianDistribution.sample, the CLIP text encoder's last_hidden_state, ProjPlusModel
+    on the reference's CLIP features (and on zeros / CLIP(zeros) for the unconditional tokens), the official
+    DDIMSampler with its schedule registered as there, wavelet_reconstruction. The official run draws its noise
+    from the global generator after torch.manual_seed(seed), as Inference.py does (posterior, x_T, per step):
+    our face 0 of that seed must be that run."""
+    import importlib.util
+    import types
+
+    import torch.nn as nn
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, \
+        CLIPVisionModelWithProjection
+
+    from facemend.pipelines.identity.checkpoint import build_image_proj, build_vae
+    from facemend.pipelines.identity.reference import Reference
+    from facemend.pipelines.identity.restorer import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, RestorerID
+    from official_code import official_dir
+    from restorerid_models import _random, ldm_vae_shapes, make_restorerid_files
+
+    unet, enc_s, o_unet, o_enc = nets
+    tmp = str(tmp_path_factory.mktemp("rid_whole"))
+    vae_ns = ro.official_definitions(tmp, "ldm/modules/diffusionmodules/model.py",
+                                     ["Normalize", "nonlinearity", "Upsample", "Downsample", "ResnetBlock",
+                                      "AttnBlock", "make_attn", "Encoder", "Decoder"],
+                                     {"torch": torch, "nn": nn, "np": np, "math": math, "XFORMERS_IS_AVAILBLE": False})
+    dist_ns = ro.official_definitions(tmp, "ldm/modules/distributions/distributions.py",
+                                      ["DiagonalGaussianDistribution"], {"torch": torch, "np": np})
+    proj_ns = ro.official_definitions(tmp, "ldm/modules/encoders/modules.py",
+                                      ["reshape_tensor", "PerceiverAttention", "FeedForward", "FacePerceiverResampler",
+                                       "ProjPlusModel"], {"torch": torch, "nn": nn, "math": math})
+    spec = importlib.util.spec_from_file_location(
+        "_rid_colorfix", official_dir("YingJiacheng/RestorerID") / "scripts" / "wavelet_color_fix.py")
+    colorfix = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(colorfix)
+    # the same weights on both sides
+    dd = dict(ch=32, out_ch=3, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=[], in_channels=3, resolution=32,
+              z_channels=4, double_z=True)
+    vsd = _random(ldm_vae_shapes(32, (1, 2), 1, 4), torch.Generator().manual_seed(4))
+    o_vae_enc, o_vae_dec = vae_ns["Encoder"](**dd).eval(), vae_ns["Decoder"](**dd).eval()
+    o_vae_enc.load_state_dict({k[8:]: v for k, v in vsd.items() if k.startswith("encoder.")}, strict=True)
+    o_vae_dec.load_state_dict({k[8:]: v for k, v in vsd.items() if k.startswith("decoder.")}, strict=True)
+    torch.manual_seed(0)
+    o_proj = randomise(proj_ns["ProjPlusModel"](cross_attention_dim=768, id_embeddings_dim=512,
+                                                  clip_embeddings_dim=64), seed=2).eval()
+    vision = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=32,
+        image_size=224, projection_dim=16, hidden_act="gelu")).eval()
+    tok = CLIPTokenizer.from_pretrained(
+        str(Path(make_restorerid_files(tmp)["text_encoder"]) / "tokenizer"), local_files_only=True)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=768, intermediate_size=64,
+                                        num_hidden_layers=1, num_attention_heads=12, max_position_embeddings=77,
+                                        bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
+    model = RestorerID(unet, enc_s, build_vae(vsd, "RestorerIDFull.ckpt"),
+                       build_image_proj(o_proj.state_dict(), "ip-adapter-faceid-plus_sd15.bin"), vision, text, tok)
+    g = torch.Generator().manual_seed(12)
+    ref = Reference(nn.functional.normalize(torch.randn(1, 512, generator=g), dim=1),
+                    torch.randn(1, 3, 224, 224, generator=g))
+    face = torch.rand(1, 3, 32, 32, generator=g)
+    steps, cfg, scale, seed = 3, 4.0, 0.6, 21
+    ours = model.restore(face, ref, ip_scale=scale, steps=steps, cfg=cfg, seed=seed, color_fix="wavelet")
+
+    ddim = official["ddim"]
+    monkeypatch.setattr(ddim.DDIMSampler, "register_buffer", lambda self, name, attr: setattr(self, name, attr))
+
+    def official_restore(u, en, v_enc, v_dec, proj, vis, txt, qw, qb, pw, pb, lq01, emb, pix):
+        torch.manual_seed(seed)
+        lq = lq01 * 2 - 1                                                  # load_img
+        moments = nn.functional.conv2d(v_enc(lq), qw, qb)                  # encode_first_stage
+        lq_latent = 0.18215 * dist_ns["DiagonalGaussianDistribution"](moments).sample()
+
+        def embed(prompt):                                                 # FrozenCLIPEmbedder
+            ids = tok([prompt], truncation=True, max_length=77, padding="max_length", return_tensors="pt").input_ids
+            return txt(input_ids=ids).last_hidden_state
+
+        feats = vis(pix, output_hidden_states=True).hidden_states[-2]      # IPAdapterFaceIDPlus
+        zeros = vis(torch.zeros_like(pix), output_hidden_states=True).hidden_states[-2]
+        ref_c = proj(emb, feats, shortcut=False, scale=1.0)
+        uncon_ref_c = proj(torch.zeros_like(emb), zeros, shortcut=False, scale=1.0)
+        cond = torch.cat([embed(DEFAULT_PROMPT), ref_c], 1)
+        uncond = torch.cat([embed(DEFAULT_NEGATIVE_PROMPT), uncon_ref_c], 1)
+        # ddim_sampling_sr_t's own x_T = torch.randn(shape) at this point of the global stream, drawn here so that
+        # the float64 reference run can take it in its dtype (the draw itself is float32 either way)
+        x_T = torch.randn(lq_latent.shape).to(lq_latent.dtype)
+        sampler = ddim.DDIMSampler(_OfficialModelShim(u, en, official["util"]))
+        sampler.make_schedule(ddim_num_steps=steps, ddim_eta=1.0, verbose=False)
+        samples, _ = sampler.ddim_sampling_sr_t(
+            cond=cond, struct_cond=lq_latent, ipscale=scale, shape=lq_latent.shape, unconditional_conditioning=uncond,
+            unconditional_guidance_scale=cfg, timesteps=np.array(sorted(ddim.space_timesteps(1000, [steps]))),
+            x_T=x_T)
+        x = v_dec(nn.functional.conv2d(samples / 0.18215, pw, pb))         # decode_first_stage
+        x = colorfix.wavelet_reconstruction(x, lq)
+        return torch.clamp((x + 1.0) / 2.0, min=0.0, max=1.0)
+
+    args = (o_unet, o_enc, o_vae_enc, o_vae_dec, o_proj, vision, text, vsd["quant_conv.weight"],
+            vsd["quant_conv.bias"], vsd["post_quant_conv.weight"], vsd["post_quant_conv.bias"], face, ref.id_embed,
+            ref.clip_pixels)
+    with torch.no_grad():
+        want = official_restore(*args)
+        # The official chain's own float32 error (against its float64 run on the same noise: the global draws are
+        # float32 either way), 2x for another order and 2x again for ours, which runs the same computation
+        # (each part is compared with its official module above); plus the official float32 schedule.
+        tol = _official_tol(official_restore, *args) * 2
+        tol += rounding_bound(4 * steps, 2.0, evaluations=1)
+    assert 0.05 < float(want.std()) and (ours - want).abs().max() < tol
+    # The old order (clamp, then the fix) or another seed is far outside that.
+    assert (model.restore(face, ref, ip_scale=scale, steps=steps, cfg=cfg, seed=seed + 1, color_fix="wavelet")
+            - want).abs().max() > 10 * tol

@@ -3,6 +3,7 @@ MTCNN on a real reference photo and a tiny ArcFace ONNX model."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -89,3 +90,45 @@ def test_restore_node_is_interruptible(models_dir):
             _node("FaceMend_RestorerIDRestore").run(crops, rid, ref, det, idm, steps=3)
     finally:
         dev.clear_interrupt()
+
+
+def test_adaptive_scale_node_refuses_an_unwired_musiq():
+    """No default score: an unwired MUSIQ used to give 27.6 (always 0.164) without a word."""
+    node = _node("FaceMend_AdaptiveIDScale")
+    spec = node.INPUT_TYPES()["required"]["musiq"][1]
+    assert spec.get("forceInput") and "default" not in spec          # a socket, not a widget with a value
+    with pytest.raises(ValueError, match="musiq input is not connected"):
+        node.run()
+    with pytest.raises(ValueError, match="not connected"):
+        node.run(mode="fixed")
+
+
+def test_restore_node_uses_musiq_weights_when_present_and_names_a_fixed_scale_otherwise(models_dir, tmp_path):
+    """Nothing wired: the adaptive scale from MUSIQ's weights in models/facemend_iqa/ when they are there; else
+    id_scale, and the report says which scale and why (it used to be 0.75 without a word)."""
+    from test_identity_preset import _musiq_file
+
+    from facemend.nodes import quality
+
+    rid, det, idm, ref, crops = _inputs(models_dir)
+    node = _node("FaceMend_RestorerIDRestore")
+    _, report = node.run(crops, rid, ref, det, idm, id_scale=0.6, steps=1)
+    r = json.loads(report)
+    assert r["id_scale"] == [0.6, 0.6] and "musiq" not in r
+    assert r["id_scale_source"].startswith("fixed id_scale 0.6: no musiq_metric wired and no MUSIQ weights")
+    assert "musiq_koniq_ckpt-e95806b9.pth" in r["id_scale_source"]
+    with pytest.raises(ModelFileNotFound, match="scale_mode adaptive needs MUSIQ"):
+        node.run(crops, rid, ref, det, idm, steps=1, scale_mode="adaptive")
+    _musiq_file(models_dir)
+    try:
+        _, report = node.run(crops, rid, ref, det, idm, id_scale=0.6, steps=1)
+        r = json.loads(report)
+        assert len(r["musiq"]) == 2 and r["id_scale_source"].startswith("adaptive from MUSIQ's weights")
+        for m, s in zip(r["musiq"], r["id_scale"]):
+            assert s == pytest.approx(math.exp((9.5 - m) / 10), rel=1e-4, abs=1e-5)   # the report's rounding
+        _, report = node.run(crops, rid, ref, det, idm, id_scale=0.6, steps=1, scale_mode="fixed")
+        r = json.loads(report)
+        assert r["id_scale"] == [0.6, 0.6] and r["id_scale_source"] == "fixed id_scale 0.6 (scale_mode fixed)"
+    finally:
+        (models_dir / "facemend_iqa" / "musiq_koniq_ckpt-e95806b9.pth").unlink()
+        quality._cache.clear()

@@ -65,3 +65,29 @@ def test_cli_runs_with_a_fixed_scale(models_dir, tmp_path):
     assert report["restorer_id"]["musiq"] is None and set(report["restorer_id"]["id_scale"]) == {0.5}
     assert len(report["restorer_id"]["reference"]) == 2
     json.dumps(report)
+
+
+def test_cli_without_musiq_weights_says_which_fixed_scale_it_uses(models_dir, tmp_path, capsys):
+    """No --id-scale and no MUSIQ weights: RestorerID's training scale 0.75, said on stderr and in the report
+    (before, a missing MUSIQ file stopped the run)."""
+    from facemend.nodes import quality
+    from facemend.pipelines.quality import metrics as M
+
+    musiq = models_dir / "facemend_iqa" / M.SPECS["musiq"].file
+    away = tmp_path / "musiq.pth"
+    if musiq.exists():
+        musiq.rename(away)
+    quality._cache.clear()
+    try:
+        photo = need_shared("faces", "clean", "ffhq_00000000.png")
+        ref = need_shared("faces", "aligned_lq_real", "0143.png")
+        pipe = cli.build_pipeline("id_preserve", device="cpu", reference=[str(ref)], steps=1, crop_size=64)
+        err = capsys.readouterr().err
+        assert "id_preserve: fixed id_scale 0.75: no MUSIQ weights" in err and M.SPECS["musiq"].file in err
+        (report,) = cli.restore_files([str(photo)], str(tmp_path / "o"), pipe, log=lambda *a: None)
+        r = report["restorer_id"]
+        assert set(r["id_scale"]) == {0.75} and r["musiq"] is None
+        assert r["id_scale_source"].startswith("fixed id_scale 0.75: no MUSIQ weights")
+    finally:
+        if away.exists():
+            away.rename(musiq)

@@ -2,7 +2,6 @@
 stage's structure (GPU-only batch of 512), and the identity / adapt stages against the official code."""
 import importlib.util
 import json
-import os
 
 import pytest
 
@@ -167,9 +166,7 @@ def test_identity_and_adapt_without_official_snapshots_are_skipped_saying_what_t
     import adapt_official
 
     suite = _suite()
-    monkeypatch.setenv("RESTORERID_SRC", str(tmp_path / "no_restorerid"))
-    for name in ("DIFFACE_GIT", "UFR_GIT"):
-        monkeypatch.setattr(adapt_official, name, str(tmp_path / f"no_{name.lower()}"))
+    monkeypatch.setenv("FACEMEND_OFFICIAL_DIR", str(tmp_path / "no_official"))   # an empty cache
     monkeypatch.setattr(adapt_official, "_cache", {})
     try:
         result = suite.run(suite.parser().parse_args(["--stages", "identity,adapt", "--quick"]))
@@ -178,8 +175,9 @@ def test_identity_and_adapt_without_official_snapshots_are_skipped_saying_what_t
     assert result["rows"] == []
     why = {s["stage"]: s["why"] for s in result["skipped"]}
     assert set(why) == {"identity", "adapt"}
-    assert "no_restorerid" in why["identity"] and "RestorerID" in why["identity"]
-    assert "no_difface_git" in why["adapt"] and "snapshot" in why["adapt"]
+    # each names the cache it looked in and the command that fetches the pinned checkout
+    assert "no_official" in why["identity"] and "fetch_official.py YingJiacheng/RestorerID" in why["identity"]
+    assert "no_official" in why["adapt"] and "fetch_official.py zsyOAOA/DifFace" in why["adapt"]
     table = suite.markdown(result)
     assert "| identity | skipped |" in table and "| adapt | skipped |" in table
 
@@ -189,13 +187,12 @@ def test_identity_and_adapt_rows_against_the_official_code():
     far below their size (the equivalence tests hold the exact bounds) - the suite timed the same computation."""
     import re
 
-    import adapt_official
-    import restorerid_official
+    from adapt_official import DIFFACE, UFR
+    from official_code import official_dir
+    from restorerid_official import NAME
 
-    src = os.environ.get("RESTORERID_SRC", restorerid_official.DEFAULT_SRC)
-    missing = [p for p in (src, adapt_official.DIFFACE_GIT, adapt_official.UFR_GIT) if not os.path.isdir(p)]
-    if missing:
-        pytest.skip(f"official snapshots not present: {missing}")
+    for name in (NAME, DIFFACE, UFR):
+        official_dir(name)   # skips with the fetch command when a pinned checkout is missing
     suite = _suite()
     result = suite.run(suite.parser().parse_args(["--stages", "identity,adapt", "--quick"]))
     assert result["skipped"] == []

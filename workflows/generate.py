@@ -174,13 +174,12 @@ WORKFLOWS = {
                                                "beta": 10.0, "prompt": "best quality, high quality",
                                                "negative_prompt": "cartoon, 3d, paint, monochrome, lowres, bad "
                                                                   "anatomy, worst quality, low quality",
-                                               "batch_size": 0},
+                                               "batch_size": 0, "color_fix": "wavelet", "scale_mode": "auto"},
+                # the wavelet fix inside the node: on the unclamped decode, then the clamp (the official order)
                 {"face_crops": (3, 0), "restorer_id": (7, 0), "reference": (4, 0), "detector": (2, 0),
                  "id_model": (5, 0), "musiq_metric": (6, 0)}),
-            9: ("FaceMend_ColorFix", {"method": "wavelet", "strength": 1.0},
-                {"image": (8, 0), "reference": (3, 0)}),
             10: ("FaceMend_PasteBack", {"feather": 0.1, "margin": 0.04, "interpolation": "bilinear"},
-                 {"image": (1, 0), "face_crops": (9, 0), "alignment": (3, 1)}),
+                 {"image": (1, 0), "face_crops": (8, 0), "alignment": (3, 1)}),
             11: ("SaveImage", {"filename_prefix": "facemend_id_preserve"}, {"images": (10, 0)}),
         },
     },

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..io.errors import FaceMendError
+from .fingerprint import tensors_fingerprint
 
 # Architectures fine-tuned (and tested) end to end here. CodeFormer's official fine-tuning uses code-level losses
 # instead, and RestoreFormer would need a straight-through quantiser: not offered yet.
@@ -221,7 +222,7 @@ class Finetuner:
         total = c.l1_weight * terms["l1"] + c.lpips_weight * terms.get("lpips", torch.zeros((), device=out.device))
         if self.disc is not None:
             self.disc.requires_grad_(False)
-            terms["gan"] = self._bce(out, real=True)
+            terms["gan"] = self._bce((out + 1) / 2, real=True)  # the official discriminator sees [0, 1]
             total = total + c.gan_weight * terms["gan"]
         terms["total"] = total
         if keep_output:
@@ -257,6 +258,8 @@ class Finetuner:
         scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda" and c.precision == "fp16")
         history: list[dict] = []
         start = 0
+        # what this run trains on: a resumed run must continue on exactly these pairs
+        data = tensors_fingerprint(inputs.float(), targets.float(), *(() if gan_real is None else (gan_real.float(),)))
         ckpts = _checkpoints(work_dir)
         if ckpts:
             step0, path = ckpts[-1]
@@ -266,6 +269,11 @@ class Finetuner:
                 raise FaceMendError(
                     f"{work_dir} holds a run with other settings or data ({os.path.basename(path)}: {saved}, "
                     f"{state['num_faces']} faces); use another work folder or the same settings to resume.")
+            if state.get("data") != data:
+                raise FaceMendError(
+                    f"{work_dir} holds a run on other (face, pseudo target) pairs ({os.path.basename(path)} was "
+                    "trained on other faces, targets or GAN real faces, or written by an older FaceMend that did "
+                    "not record them); use another work folder, or delete it to start over.")
             self.net.load_state_dict(state["net"])
             opt.load_state_dict(state["optimizer"])
             if self.disc is not None:
@@ -298,9 +306,9 @@ class Finetuner:
                 if self.disc is not None:
                     self.disc.requires_grad_(True)
                     ridx = torch.randint(0, reals.shape[0], (min(c.micro_batch, reals.shape[0]),), generator=gen)
-                    terms["d_real"] = self._bce(reals[ridx].to(self.device) * 2 - 1, real=True)
+                    terms["d_real"] = self._bce(reals[ridx].to(self.device), real=True)
                     scaler.scale(terms["d_real"] / c.accumulate).backward()
-                    terms["d_fake"] = self._bce(out.detach(), real=False)
+                    terms["d_fake"] = self._bce((out.detach() + 1) / 2, real=False)
                     scaler.scale(terms["d_fake"] / c.accumulate).backward()
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach()) / c.accumulate
@@ -317,7 +325,7 @@ class Finetuner:
             if done % c.checkpoint_every == 0 or done == c.steps:
                 state = {"net": self.net.state_dict(), "optimizer": opt.state_dict(),
                          "config": json.dumps(asdict(c)), "history": json.dumps(history), "name": name,
-                         "num_faces": n, "step": done}
+                         "num_faces": n, "step": done, "data": data}
                 if self.disc is not None:
                     state.update(disc=self.disc.state_dict(), optimizer_d=opt_d.state_dict())
                 _atomic_save(state, os.path.join(work_dir, f"step_{done:06d}.pt"))

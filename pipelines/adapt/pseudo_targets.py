@@ -70,10 +70,16 @@ class PseudoTargetGenerator:
         self.config = config
         self.channels_last = channels_last
         self.prior_batch = prior_batch
+        if config.respacing.strip().lower().startswith("ddim"):
+            # The official sampler runs its deterministic DDIM loop for "ddimN" and leaves out the low-frequency
+            # constraint there: not the paper's pseudo targets, so not offered rather than run differently.
+            raise ValueError(f"respacing {config.respacing!r}: the official generator switches to DDIM without the "
+                             "low-frequency constraint for ddimN, which FaceMend does not offer; use a plain step "
+                             "count such as \"250\" (official) or sections such as \"10,15,20\"")
         try:
             self.schedule = SpacedSchedule(config.respacing)
         except ValueError as exc:
-            raise ValueError(f"respacing {config.respacing!r}: {exc} (expected e.g. \"250\" or \"ddim50\")") from exc
+            raise ValueError(f"respacing {config.respacing!r}: {exc} (expected e.g. \"250\" or \"10,15,20\")") from exc
         config.validate(self.schedule.num_steps)
         self._lowpass: dict = {}
 

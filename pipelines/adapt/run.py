@@ -1,11 +1,13 @@
 """The whole adaptation: restorer outputs -> pseudo targets -> fine-tuning -> a new restorer file.
 
 Pseudo targets are the slow part (150 prior steps per face); they are kept in the work folder (`targets.pt`,
-with the inputs they belong to) so that a resumed run neither recomputes them nor trains on different ones.
+keyed on everything that changes them: the photos' contents, the restorer's and the prior's weights, the
+generator's settings) so that a resumed run neither recomputes them nor trains on different ones; the fine-tuning
+checkpoints record the fingerprint of the (input, target) pairs and refuse to resume on other ones.
 """
 from __future__ import annotations
 
-import hashlib
+import json
 import os
 from typing import Callable, Optional
 
@@ -13,31 +15,44 @@ import torch
 
 from ..io.errors import FaceMendError
 from .finetune import FinetuneConfig, FinetuneResult, Finetuner
+from .fingerprint import module_fingerprint, tensors_fingerprint
 from .pseudo_targets import PseudoTargetGenerator
 
 
-def _fingerprint(faces: torch.Tensor) -> str:
-    return hashlib.sha256(faces.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
+def targets_key(faces: torch.Tensor, restorer, generator: PseudoTargetGenerator) -> dict:
+    """Everything the pseudo targets depend on (float rounding of the batch layout aside)."""
+    return {"faces": tensors_fingerprint(faces.float()), "config": repr(generator.config),
+            "restorer": restorer.name, "restorer_weights": module_fingerprint(restorer.net),
+            "prior_weights": module_fingerprint(generator.unet)}
 
 
 def make_or_load_targets(faces: torch.Tensor, restorer, generator: PseudoTargetGenerator, work_dir: str,
                          batch_size: int = 1, hook: Optional[Callable[[int], None]] = None,
                          log: Callable[[str], None] = lambda s: None) -> torch.Tensor:
     """Pseudo targets of `faces` ([N,3,H,W] in [0,1]) in "general" mode: the reference is the restorer's output.
-    Cached in work_dir/targets.pt for the same faces and generator settings."""
+    Cached in work_dir/targets.pt, reused only for the same photos, restorer weights, prior weights and generator
+    settings (targets_key); other inputs are refused, naming what changed."""
     os.makedirs(work_dir, exist_ok=True)
     path = os.path.join(work_dir, "targets.pt")
-    key = {"faces": _fingerprint(faces), "config": repr(generator.config), "restorer": restorer.name}
+    key = targets_key(faces, restorer, generator)
     if os.path.isfile(path):
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        if saved.get("key") == repr(key):
+        try:
+            old = json.loads(saved.get("key", ""))
+        except (TypeError, ValueError):
+            old = None  # an older FaceMend's key (it left out the prior and the restorer's weights)
+        if old == key:
             log(f"pseudo targets from {path}")
             return saved["targets"]
-        raise FaceMendError(f"{path} holds pseudo targets of other faces or settings; use another work folder.")
+        what = {"faces": "the photos", "config": "the generator settings", "restorer": "the restorer",
+                "restorer_weights": "the restorer's weights", "prior_weights": "the prior's weights"}
+        differ = [what[k] for k in key if old.get(k) != key[k]] if isinstance(old, dict) else ["an older cache"]
+        raise FaceMendError(f"{path} holds pseudo targets made from other inputs (not the same: "
+                            f"{', '.join(differ)}); use another work folder, or delete this one to start over.")
     restored = restorer(faces, seed=0)
     targets = generator(restored, batch_size=batch_size, callback=hook)
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save({"key": repr(key), "targets": targets.cpu(), "restored": restored.cpu()}, tmp)
+    torch.save({"key": json.dumps(key, sort_keys=True), "targets": targets.cpu(), "restored": restored.cpu()}, tmp)
     os.replace(tmp, path)
     return targets
 

@@ -4,8 +4,12 @@ reference identity (reference/restorerid_and_adaptation.md A.1).
 Per batch of faces: LQ latent = 0.18215 * VAE posterior *sample* of 2x-1; text contexts of the fixed prompts
 (77 CLIP-L tokens, `last_hidden_state`); ID tokens = FaceID-Plus projection of (ArcFace embedding, CLIP-ViT-H
 penultimate features), unconditional ones from (zeros, CLIP(zeros)); context = [text | ID tokens]; the official
-DDIM sampler (sampler.py); decode; output in [0,1] (the official colour fix is the separate wavelet stage).
-Random draws come from one CPU generator in the official order (posterior, x_T, per-step noise).
+DDIM sampler (sampler.py); decode; the official colour fix (wavelet or AdaIN against the LQ input) on the
+unclamped decode, then the clamp to [0,1], in Inference.py's order.
+Random draws: face k of a call with seed s has its own CPU generator seeded s + k (+ the offset of its chunk),
+drawing in the official order (posterior, x_T, per-step noise), all of it before sampling and moved to the
+device in one copy. So a seed gives the same faces on every device and batch size, face 0 equals the official
+run after torch.manual_seed(s), and the sampler loop does no host work.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..color.fix import wavelet_lowpass
 from ..io.errors import InvalidImage, ModelFileInvalid, ModelFileNotFound
 from .checkpoint import build_image_proj, build_struct, build_unet, build_vae, read_ip_adapter, read_restorerid
 from .layers import FP32GroupNorm
@@ -26,6 +31,36 @@ from .unet import TEXT_TOKENS
 DEFAULT_PROMPT = "best quality, high quality"
 DEFAULT_NEGATIVE_PROMPT = "cartoon, 3d, paint, monochrome, lowres, bad anatomy, worst quality, low quality"
 LATENT_SCALE = 0.18215
+COLOR_FIXES = ("wavelet", "adain", "none")
+
+
+def face_noise(seed: int, n: int, shape, steps: int, first: int = 0) -> torch.Tensor:
+    """[steps + 2, n, *shape] float32 on the CPU: per face k (generator seeded seed + first + k) the posterior
+    sample's noise, x_T and one eta noise per step, each drawn as the official loop draws it (one randn of the
+    face's latent shape after another)."""
+    out = torch.empty((steps + 2, n, *shape))
+    for k in range(n):
+        g = torch.Generator().manual_seed(int(seed) + int(first) + k)
+        for j in range(steps + 2):
+            out[j, k] = torch.randn(tuple(shape), generator=g)
+    return out
+
+
+def official_color_fix(decoded: torch.Tensor, lq: torch.Tensor, method: str) -> torch.Tensor:
+    """Inference.py's colour fix of the unclamped decode against the LQ input, both in [-1,1] as there (AdaIN's
+    eps makes the scale matter): wavelet_reconstruction (the decode's high frequencies + the LQ's 5-level low
+    frequencies) or adaptive_instance_normalization (eps 1e-5 on the unbiased variance)."""
+    if method == "wavelet":
+        lows = wavelet_lowpass(torch.cat([decoded, lq]))
+        return decoded - lows[:decoded.shape[0]] + lows[decoded.shape[0]:]
+    if method == "adain":
+        def stats(x):
+            flat = x.flatten(2)
+            return flat.mean(2)[..., None, None], (flat.var(2) + 1e-5).sqrt()[..., None, None]
+
+        (mc, sc), (ms, ss) = stats(decoded), stats(lq)
+        return (decoded - mc) / sc * ss + ms
+    return decoded
 
 # CLIP vision towers by width, for single files without a config (ComfyUI's models/clip_vision/*.safetensors).
 _VISION_TOWERS = {1280: dict(num_attention_heads=16, hidden_act="gelu"),       # ViT-H-14 (laion2B)
@@ -254,12 +289,16 @@ class RestorerID:
     @torch.no_grad()
     def restore(self, faces: torch.Tensor, ref: Reference, ip_scale=1.0, steps: int = 50, cfg: float = 4.0,
                 seed: int = 0, prompt: str = DEFAULT_PROMPT, negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
-                eta: float = 1.0, hook: Optional[Callable[[int], None]] = None,
-                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                eta: float = 1.0, hook: Optional[Callable[[int], None]] = None, first: int = 0,
+                color_fix: str = "none") -> torch.Tensor:
         """faces [B,3,H,W] RGB in [0,1] (aligned crops, 512 for the released model) -> restored [B,3,H,W] in [0,1].
-        ip_scale: a float or one value per face."""
+        ip_scale: a float or one value per face. first: the index of faces[0] among all faces of the run (face k
+        draws from seed + first + k). color_fix: "wavelet" / "adain" against the input, on the unclamped decode
+        as the official inference does ("none": the decode clamped)."""
         if faces.ndim != 4 or faces.shape[1] != 3:
             raise InvalidImage(f"RestorerID expects [B,3,H,W] RGB faces, got {tuple(faces.shape)}")
+        if color_fix not in COLOR_FIXES:
+            raise ValueError(f"color_fix must be one of {COLOR_FIXES}, got {color_fix!r}")
         device = self.device
         b, _, h, w = faces.shape
         m = self.latent_multiple()
@@ -267,17 +306,17 @@ class RestorerID:
         x = faces.to(device, torch.float32)
         if (th, tw) != (h, w):  # the denoiser needs sides divisible by m; back to the input size at the end
             x = F.interpolate(x, size=(th, tw), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
-        g = generator if generator is not None else torch.Generator().manual_seed(int(seed))
         dist = self.vae.encode((2 * x - 1).to(self.dtype)).latent_dist
-        z = dist.mean.float() + dist.std.float() * torch.randn(dist.mean.shape, generator=g).to(device)
+        noise = face_noise(seed, b, dist.mean.shape[1:], steps, first).to(device)   # one copy
+        z = dist.mean.float() + dist.std.float() * noise[0]
         lq_latent = LATENT_SCALE * z
         id_c, id_u = self.id_tokens(ref)
         cond = torch.cat([self.encode_prompt(prompt), id_c], 1).expand(b, -1, -1)
         uncond = torch.cat([self.encode_prompt(negative_prompt), id_u], 1).expand(b, -1, -1)
         latents = ddim_sample(self.unet, self.struct, lq_latent, cond, uncond, ip_scale=ip_scale, steps=steps,
-                              cfg=cfg, eta=eta, generator=g, hook=hook)
+                              cfg=cfg, eta=eta, x_T=noise[1], noise=lambda i: noise[2 + i], hook=hook)
         out = self.vae.decode((latents / LATENT_SCALE).to(self.dtype)).sample.float()
-        out = ((out + 1) / 2).clamp(0, 1)
+        out = ((official_color_fix(out, 2 * x - 1, color_fix) + 1) / 2).clamp(0, 1)  # fix, then clamp
         if (th, tw) != (h, w):
             out = F.interpolate(out, size=(h, w), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
         return out

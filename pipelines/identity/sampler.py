@@ -108,15 +108,18 @@ def ddim_sample(unet, encoder, lq_latent: torch.Tensor, cond: torch.Tensor, unco
         scale_in = torch.cat([scale, scale]) if isinstance(scale, torch.Tensor) else scale
     else:
         lq_in, ctx, scale_in = lq, cond.to(device), scale
-    for i, t in enumerate(plan.timesteps):
-        ts = torch.full((lq_in.shape[0],), t, device=device, dtype=torch.long)
+    # everything a step needs, prepared before the loop: one upload of the timesteps, coefficients as floats
+    all_t = torch.tensor(plan.timesteps, device=device, dtype=torch.long)
+    coefs = list(zip(plan.alphas.tolist(), plan.alphas_prev.tolist(), plan.sigmas.tolist()))
+    for i in range(len(plan)):
+        ts = all_t[i:i + 1].expand(lq_in.shape[0])
         struct = encoder(lq_in, ts)
         x_in = torch.cat([x, x]) if guided else x
         e = unet(x_in, ts, ctx, struct, scale_in).to(dtype)
         if guided:
             e_u, e_c = e.chunk(2)
             e = e_u + cfg * (e_c - e_u)
-        a_t, a_prev, sigma = (float(v[i]) for v in (plan.alphas, plan.alphas_prev, plan.sigmas))
+        a_t, a_prev, sigma = coefs[i]
         pred_x0 = (x - (1 - a_t) ** 0.5 * e) / a_t ** 0.5
         eps_noise = (noise(i) if noise is not None else draw()).to(device, dtype)
         x = a_prev ** 0.5 * pred_x0 + max(1 - a_prev - sigma ** 2, 0.0) ** 0.5 * e + sigma * eps_noise

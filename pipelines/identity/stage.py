@@ -1,6 +1,7 @@
 """The `id_preserve` face stage: RestorerID on aligned crops with a reference identity and, per face, the
-adaptive ID scale from MUSIQ (or a fixed scale). After each call `last_report` holds, per face, MUSIQ, the scale
-and the ArcFace similarity to the reference before and after restoration."""
+adaptive ID scale from MUSIQ (or a fixed scale), and the official colour fix against the input crops on the
+unclamped decode (so a pipeline using this stage sets its own colour fix to "none"). After each call
+`last_report` holds, per face, MUSIQ, the scale and the ArcFace similarity to the reference before and after."""
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -27,13 +28,18 @@ def similarity_to_reference(arcface, faces: torch.Tensor, ref: Reference) -> tor
 class IdentityStage:
     def __init__(self, model, reference: Reference, arcface, musiq=None, fixed_scale: Optional[float] = None,
                  steps: int = 50, cfg: float = 4.0, seed: int = 42, alpha: float = ALPHA, beta: float = BETA,
-                 batch_size: int = 0, hook: Optional[Callable[[int], None]] = None):
+                 batch_size: int = 0, hook: Optional[Callable[[int], None]] = None, color_fix: str = "wavelet",
+                 scale_source: str = ""):
         if musiq is None and fixed_scale is None:
             raise ValueError("the adaptive ID scale needs a MUSIQ metric (or give a fixed scale)")
         self.model, self.reference, self.arcface, self.musiq = model, reference, arcface, musiq
         self.fixed_scale, self.steps, self.cfg, self.seed = fixed_scale, steps, cfg, seed
         self.alpha, self.beta, self.hook = alpha, beta, hook
         self.batch_size = batch_size
+        self.color_fix = color_fix
+        # where the scale comes from, for the report (the CLI says why a fixed scale is used)
+        self.scale_source = scale_source or ("adaptive from MUSIQ" if fixed_scale is None else
+                                             f"fixed id_scale {float(fixed_scale)}")
         self.last_report: dict = {}
 
     def scales(self, faces: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -47,15 +53,17 @@ class IdentityStage:
         scales, musiq = self.scales(faces)
         before = similarity_to_reference(self.arcface, faces, self.reference)
         bs = self.batch_size or (8 if faces.device.type == "cuda" else 1)
-        g = torch.Generator().manual_seed(int(self.seed))
+        # face k draws from seed + k whatever the chunk size (1 on CPU, 8 on GPU by default)
         out = torch.cat([self.model.restore(faces[i:i + bs], self.reference, ip_scale=scales[i:i + bs],
-                                            steps=self.steps, cfg=self.cfg, hook=self.hook, generator=g)
+                                            steps=self.steps, cfg=self.cfg, seed=self.seed, first=i, hook=self.hook,
+                                            color_fix=self.color_fix)
                          for i in range(0, faces.shape[0], bs)])
         after = similarity_to_reference(self.arcface, out, self.reference)
         self.last_report = {
             "musiq": None if musiq is None else [round(float(v), 4) for v in musiq],
-            "id_scale": [round(float(v), 5) for v in scales],
+            "id_scale": [round(float(v), 5) for v in scales], "id_scale_source": self.scale_source,
             "id_similarity_before": [round(float(v), 5) for v in before],
             "id_similarity_after": [round(float(v), 5) for v in after],
-            "reference": self.reference.report, "steps": self.steps, "cfg": self.cfg, "seed": self.seed}
+            "reference": self.reference.report, "steps": self.steps, "cfg": self.cfg, "seed": self.seed,
+            "color_fix": self.color_fix}
         return out
