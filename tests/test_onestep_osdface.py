@@ -1,0 +1,180 @@
+"""OSDFace backend against the official code (jkwang28/OSDFace at its pin) on tiny random weights in the official
+layouts: the embedder's tokens (default and concatenated + position-table paths), the whole one-step output with the
+merged LoRA (--merge_lora) and with the applied one (diffusers' load_lora_weights), the full-size key layouts from the
+official constructors, and the file errors."""
+import copy
+import inspect
+import os
+import shutil
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from conftest import reorder_tol  # noqa: E402
+from official_code import official_dir  # noqa: E402
+from osdface_models import (SETSTATE_CALLS, TINY_EMBEDDER, make_osdface, official_args, official_embedder,  # noqa: E402
+                            official_model, official_modules)
+from facemend.pipelines.diffusion.osdface import (EmbedderConfig, EmbeddingChange, VisualEmbedder,  # noqa: E402
+                                                  load_embedder, load_osdface)
+from facemend.pipelines.io.errors import ModelFileInvalid, ModelFileNotFound  # noqa: E402
+
+OFFICIAL = "jkwang28/OSDFace"
+TINY = EmbedderConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in TINY_EMBEDDER.items()})
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    torch.set_num_threads(1)
+    return make_osdface(str(tmp_path_factory.mktemp("models")))
+
+
+def _face(seed=0, n=1):
+    """A smooth random 'face' at 512 (the official input size), [N,3,512,512] in [0,1]."""
+    g = torch.Generator().manual_seed(seed)
+    small = torch.rand(n, 3, 32, 32, generator=g)
+    return torch.nn.functional.interpolate(small, size=(512, 512), mode="bicubic", align_corners=False).clamp(0, 1)
+
+
+def _distances(emb: VisualEmbedder, lq, dtype):
+    """The selection's distance matrix, computed as the embedder does, with the embedder cast to dtype."""
+    m = copy.deepcopy(emb).to(dtype)
+    with torch.no_grad():
+        x = torch.nn.functional.interpolate(lq.to(dtype), size=(512, 512), mode="bilinear", align_corners=False)
+        h = m.quant_conv(m.encoder((x - 0.5) / 0.5))
+        z = h.permute(0, 2, 3, 1).reshape(h.shape[0], -1, h.shape[1])
+        e = m.quantize.embedding.weight
+        return torch.sum(z ** 2, dim=2, keepdim=True) + torch.sum(e ** 2, dim=1) - 2 * torch.matmul(z, e.t())
+
+
+def _assert_selection_is_well_posed(emb: VisualEmbedder, lq):
+    """Token selection is discrete: it is reproducible across float orders (another CPU, thread count, the official
+    op order) only when the float error of the distances (measured: float32 against float64, x4 as reorder_tol)
+    can neither change a position's nearest code nor the order in which the first 77 distinct codes are first
+    reached (two codes whose best distances are that close)."""
+    d32, d64 = _distances(emb, lq, torch.float32), _distances(emb, lq, torch.float64)
+    tol = 4 * (d32.double() - d64).abs().max().item()
+    two = d64.topk(2, dim=2, largest=False)
+    best, code = two.values[..., 0], two.indices[..., 0]
+    first = torch.full((best.shape[0], d64.shape[2]), float("inf"), dtype=torch.float64)
+    first = first.scatter_reduce(1, code, best, reduce="amin").sort(dim=1).values
+    reached = first[:, :78][torch.isfinite(first[:, :78])]
+    assert (two.values[..., 1] - best).min() > tol and reached.diff().min() > tol, tol
+
+
+def test_full_size_layouts_follow_the_official_constructors():
+    odir = official_dir(OFFICIAL)
+    with official_modules(odir) as (infer, lq_embed):
+        from lq_embed.vqvae import VQVAEencoder
+
+        sig = inspect.signature(lq_embed.vqvae_encoder.__init__).parameters
+        kw = {k: p.default for k, p in sig.items() if k not in ("self", "args") and p.default is not p.empty}
+        assert kw["n_min"] == 77 and kw["embed_dim"] == 512
+        args = official_args("", "", merge=True)
+        with torch.device("meta"):
+            ref = VQVAEencoder(args=args, **kw)
+            ours = VisualEmbedder(EmbedderConfig())
+            ref_change, our_change = lq_embed.TwoLayerConv1x1(512, 1024), EmbeddingChange(512, 1024)
+    for a, b in ((ref, ours), (ref_change, our_change)):
+        sa = {k: tuple(v.shape) for k, v in a.state_dict().items()}
+        sb = {k: tuple(v.shape) for k, v in b.state_dict().items()}
+        assert sa == sb
+    assert ours.cfg.latent_w == 16 and sum(v.numel() for v in ours.state_dict().values()) > 20_000_000
+
+
+@pytest.mark.parametrize("concat,pos", [(False, False), (True, True)], ids=["default", "concat+pos"])
+def test_tokens_equal_the_official_embedder(files, concat, pos):
+    base, own = files
+    odir = official_dir(OFFICIAL)
+    lq = _face(1) * 2 - 1
+    cfg = EmbedderConfig(**{**TINY.__dict__, "concat": concat, "pos_embedding": pos})
+    ours = load_embedder(os.path.join(own, "associate_2.ckpt"), cfg)
+    assert not SETSTATE_CALLS  # the pickled callback class was read as an inert stand-in
+    with official_modules(odir) as (infer, lq_embed):
+        ref = official_embedder(lq_embed, official_args(base, own, merge=True, concat=concat, pos=pos))
+        with torch.no_grad():
+            want = ref(lq)
+            got = ours(lq)
+            # the continuous features before the selection, within float reordering of this network
+            feat_ref = ref.encoder.quant_conv(ref.encoder.encoder((torch.nn.functional.interpolate(
+                lq, size=(512, 512), mode="bilinear", align_corners=False) - 0.5) / 0.5)[0]["out"])
+    tol = reorder_tol(lambda dt: copy.deepcopy(ours).to(dt).quant_conv(copy.deepcopy(ours).to(dt).encoder(
+        ((torch.nn.functional.interpolate(lq, size=(512, 512), mode="bilinear", align_corners=False) - 0.5) / 0.5)
+        .to(dt))))
+    feat = ours.quant_conv(ours.encoder((torch.nn.functional.interpolate(
+        lq, size=(512, 512), mode="bilinear", align_corners=False) - 0.5) / 0.5))
+    assert (feat - feat_ref).abs().max() <= tol
+    _assert_selection_is_well_posed(ours, lq)
+    assert got.shape == want.shape == (1, 77, 1024 if concat else 512)
+    if pos:  # the table: numpy float64 sin/cos there, torch here, both rounded to float32
+        assert (got - want).abs().max() <= torch.finfo(torch.float32).eps
+    else:
+        assert torch.equal(got, want)  # rows of the codebook, picked identically
+    assert (got.abs().sum(2) > 0).sum() >= 20  # many distinct codes (fewer than 77 here: the zero rows are checked too)
+
+
+@pytest.mark.parametrize("mode", ["merged", "applied"])
+def test_one_step_equals_official_infer(files, mode):
+    base, own = files
+    odir = official_dir(OFFICIAL)
+    face = _face(2)
+    ours = load_osdface(base, own, lora_mode=mode, embedder_config=TINY)
+    got = ours(face, seed=7)
+    with official_modules(odir) as (infer, lq_embed):
+        ref = official_model(infer, lq_embed, official_args(base, own, merge=mode == "merged"))
+        torch.manual_seed(7)  # diffusers' latent_dist.sample() draws from the global generator
+        want = ref(face * 2 - 1)
+
+    def run(dt):
+        m = copy.deepcopy(ours).to(dtype=dt)
+        return m.run(face, seed=7)
+
+    tol = reorder_tol(run)
+    assert got.shape == want.shape == (1, 3, 512, 512)
+    assert (got - want).abs().max().item() <= tol, (got - want).abs().max().item()
+    assert tol < 1e-3  # a meaningful bound (no token flipped between the float32 and float64 runs)
+
+
+def test_merged_and_applied_lora_agree_and_faces_batch(files):
+    base, own = files
+    face = _face(3)
+    merged = load_osdface(base, own, lora_mode="merged", embedder_config=TINY, latent="mean")
+    applied = load_osdface(base, own, lora_mode="applied", embedder_config=TINY, latent="mean")
+    a, b = merged(face), applied(face)
+    tol = reorder_tol(lambda dt: copy.deepcopy(merged).to(dtype=dt).run(face))
+    assert (a - b).abs().max() <= tol
+    # batched faces give the per-face results
+    two = torch.cat([face, _face(4)])
+    both = merged(two)
+    # two float32 results in two orders: apart by at most the sum of their measured distances to the exact one
+    tol2 = tol + reorder_tol(lambda dt: copy.deepcopy(merged).to(dtype=dt).run(two)[:1])
+    assert (both[:1] - a).abs().max() <= tol2
+
+
+def test_file_errors_name_the_file(files, tmp_path):
+    base, own = files
+    bad = tmp_path / "osdface"
+    shutil.copytree(own, bad)
+    os.remove(bad / "embedding_change_weights.pth")
+    with pytest.raises(ModelFileNotFound, match="embedding_change_weights.pth"):
+        load_osdface(base, str(bad), embedder_config=TINY)
+    # the concatenated variant does not need it
+    shutil.copy(os.path.join(own, "pytorch_lora_weights.safetensors"), bad / "x.safetensors")
+    torch.save({"state_dict": {"vqvae_LQ.quant_conv.weight": torch.zeros(1)}}, bad / "associate_2.ckpt")
+    with pytest.raises(ModelFileInvalid, match="associate_2.ckpt.*missing keys"):
+        load_osdface(base, str(bad), embedding="concat", embedder_config=TINY)
+    torch.save({"conv1.weight": torch.zeros(256, 512, 1)}, bad / "embedding_change_weights.pth")
+    shutil.copy(os.path.join(own, "associate_2.ckpt"), bad / "associate_2.ckpt")
+    with pytest.raises(ModelFileInvalid, match="embedding_change_weights.pth.*missing keys"):
+        load_osdface(base, str(bad), embedder_config=TINY)
+    shutil.copy(os.path.join(own, "embedding_change_weights.pth"), bad / "embedding_change_weights.pth")
+    from safetensors.torch import save_file
+
+    save_file({"text_encoder.x.lora_A.weight": torch.zeros(4, 4)}, str(bad / "pytorch_lora_weights.safetensors"))
+    with pytest.raises(ModelFileInvalid, match="pytorch_lora_weights.safetensors.*UNet weights only"):
+        load_osdface(base, str(bad), embedder_config=TINY)
+    with pytest.raises(ModelFileInvalid, match="not a single-file"):
+        load_osdface(os.path.join(base, "model.safetensors"), own, embedder_config=TINY)
+    with pytest.raises(ModelFileInvalid, match="associate_2.ckpt"):  # the default full-size widths do not fit
+        load_osdface(base, own)
