@@ -17,7 +17,7 @@ from argparse import Namespace
 
 import torch
 
-from onestep_models import random_lora, tiny_vae
+from onestep_models import random_lora
 
 # A small VQ encoder that keeps what the official code fixes: 512 input, 6 levels (16x16 tokens grid), attention
 # at 16, 512-wide codes (TwoLayerConv1x1(512, 1024) is hard-wired in infer.py), GroupNorm(32).
@@ -46,6 +46,16 @@ def tiny_unet_1024():
                                 attention_head_dim=4, norm_num_groups=4, use_linear_projection=True).eval()
 
 
+def tiny_osd_vae():
+    """SD's VAE shape (x8, 4 latent channels, quant convs) at widths that keep float64 reference runs at 512 cheap."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(17)
+    return AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         block_out_channels=(4, 8, 8, 8), layers_per_block=1, norm_num_groups=4, latent_channels=4,
+                         scaling_factor=0.18215).eval()
+
+
 def make_osdface(root, rank=4, base_name="sd21-osd-tiny", pos_embedding=False):
     """Writes the tiny files; returns (base_dir, osdface_dir)."""
     from diffusers import DDIMScheduler
@@ -57,7 +67,7 @@ def make_osdface(root, rank=4, base_name="sd21-osd-tiny", pos_embedding=False):
     own = os.path.join(root, "onestep_sr", "osdface")
     os.makedirs(own, exist_ok=True)
     unet = tiny_unet_1024()
-    vae = tiny_vae(latent_channels=4, scaling_factor=0.18215, shift_factor=None, quant=True)
+    vae = tiny_osd_vae()
     unet.save_pretrained(os.path.join(base, "unet"))
     vae.save_pretrained(os.path.join(base, "vae"))
     DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
@@ -129,10 +139,11 @@ def official_args(base, own, merge, concat=False, pos=False, rank=4):
                      merge_lora=merge, lora_rank=rank, lora_alpha=float(rank), seed=114)
 
 
-def official_model(infer, lq_embed, args):
-    """infer.OSDFace_test built as main_worker builds it (merge_Unet first when --merge_lora), on the CPU, with the
-    tiny VQ encoder widths passed to the official vqvae_encoder constructor."""
-    infer.torch = _CpuTorch()
+def official_model(infer, lq_embed, args, on_cpu=True):
+    """infer.OSDFace_test built as main_worker builds it (merge_Unet first when --merge_lora), on the CPU (or its
+    own cuda:0), with the tiny VQ encoder widths passed to the official vqvae_encoder constructor."""
+    if on_cpu:
+        infer.torch = _CpuTorch()
     infer.vqvae_encoder = functools.partial(lq_embed.vqvae_encoder, **TINY_EMBEDDER)
     unet = infer.merge_Unet(args) if args.merge_lora else None
     model = infer.OSDFace_test(args, 0, unet)

@@ -279,9 +279,36 @@ def _check_state(sd: dict, model: nn.Module, path: str, what: str) -> None:
         raise ModelFileInvalid(f"{path} is not {what}: {'; '.join(parts)}. First keys of the file: {list(sd)[:4]}")
 
 
-def load_embedder(path: str, cfg: EmbedderConfig = EmbedderConfig()) -> VisualEmbedder:
+def embedder_config_from(sd: dict, path: str, **switches) -> EmbedderConfig:
+    """The encoder's widths and depths read off its weights (the official file gives vqvae_encoder's defaults; tests'
+    tiny files load through the same code). Heads are not visible in the weights: the official 1."""
+    need = ("encoder.conv_in.weight", "encoder.conv_out.weight", "quantize.embedding.weight")
+    absent = [k for k in need if k not in sd]
+    if absent:
+        raise ModelFileInvalid(f"{path} is not OSDFace's VQ-VAE embedder ({ENCODER_FILE}): no "
+                               f"{['vqvae_LQ.' + k for k in absent]} in its 'state_dict'")
+    ch = sd["encoder.conv_in.weight"].shape[0]
+    levels = 0
+    while f"encoder.down.{levels}.block.0.conv1.weight" in sd:
+        levels += 1
+    blocks = 0
+    while f"encoder.down.0.block.{blocks}.conv1.weight" in sd:
+        blocks += 1
+    if not levels or not blocks:
+        raise ModelFileInvalid(f"{path}: no encoder.down.*.block.* weights; not OSDFace's {ENCODER_FILE}")
+    mult = tuple(sd[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // ch for i in range(levels))
+    attn = tuple(512 // 2 ** i for i in range(levels) if f"encoder.down.{i}.attn.0.q.weight" in sd)
+    n_embed, embed_dim = sd["quantize.embedding.weight"].shape
+    return EmbedderConfig(ch=ch, ch_mult=mult, num_res_blocks=blocks, attn_resolutions=attn,
+                          z_channels=sd["encoder.conv_out.weight"].shape[0], embed_dim=embed_dim, n_embed=n_embed,
+                          **switches)
+
+
+def load_embedder(path: str, cfg: EmbedderConfig | None = None, concat: bool = False,
+                  pos_embedding: bool = False) -> VisualEmbedder:
     """associate_2.ckpt: a Lightning checkpoint whose 'state_dict' holds 'vqvae_LQ.*' (the encoder half is read,
-    as vqvae_encoder does, but every key it needs must be there with its shape)."""
+    as vqvae_encoder does, but every key it needs must be there with its shape). cfg: the widths (default: read
+    off the file)."""
     obj = read_pickled_checkpoint(path)
     sd = obj.get("state_dict") if isinstance(obj, dict) else None
     if not isinstance(sd, dict) or not any(str(k).startswith("vqvae_LQ.") for k in sd):
@@ -290,6 +317,12 @@ def load_embedder(path: str, cfg: EmbedderConfig = EmbedderConfig()) -> VisualEm
                                f"'state_dict' with 'vqvae_LQ.*' keys, found {found}")
     sd = {k[len("vqvae_LQ."):]: v for k, v in sd.items()
           if k.startswith("vqvae_LQ.") and not k.startswith("vqvae_LQ.decoder")}
+    if cfg is None:
+        cfg = embedder_config_from(sd, path, concat=concat, pos_embedding=pos_embedding)
+    latent_w = cfg.latent_w
+    if latent_w * latent_w < cfg.n_select:
+        raise ModelFileInvalid(f"{path}: its encoder gives a {latent_w}x{latent_w} grid, fewer than the "
+                               f"{cfg.n_select} tokens OSDFace selects (the official one: 16x16)")
     if cfg.pos_embedding:  # a fixed table the file may or may not carry: ours is computed like the official one
         sd.setdefault("quantize.pos_embedding", sincos_2d(cfg.latent_w, cfg.embed_dim).float())
     model = VisualEmbedder(cfg)
@@ -338,7 +371,6 @@ class OSDFace(nn.Module):
     Called like the other one-step backends (OneStepSR): [N,3,H,W] in [0,1] -> [N,3,H*scale,W*scale]."""
 
     name = "OSDFace"
-    vae_factor = 8
 
     def __init__(self, unet, vae, embedder: VisualEmbedder, embedding_change: EmbeddingChange | None,
                  alpha_t: float, latent: str = "sample", description: str = "OSDFace"):
@@ -351,6 +383,7 @@ class OSDFace(nn.Module):
         self.description = description
         self.tiles = TileSettings(max_batch=4)  # faces per network call (no tiling: always one 512 face)
         self.scaling_factor = float(vae.config.scaling_factor)
+        self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.requires_grad_(False)
         self.eval()
 
@@ -485,7 +518,8 @@ def load_osdface(base_dir: str, osdface_dir: str, device="cpu", dtype=torch.floa
                  embedder_config: EmbedderConfig | None = None) -> OSDFace:
     """base_dir: the SD-2.1-base diffusers folder (unet/, vae/, scheduler/); osdface_dir: the folder with the
     three official files. embedding 'concat' is the official --cat_prompt_embedding (no embedding change file
-    needed then), pos_embedding its --use_pos_embedding."""
+    needed then), pos_embedding its --use_pos_embedding. embedder_config: the VQ encoder's widths (default: read
+    off associate_2.ckpt)."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
     from .backends import SD21_SOURCE, _from_pretrained, is_single_file, missing_files_error
@@ -504,8 +538,9 @@ def load_osdface(base_dir: str, osdface_dir: str, device="cpu", dtype=torch.floa
         own_missing = [p for p in own_missing if not p.endswith(EMBED_CHANGE_FILE)]
     if base_missing or own_missing:
         raise missing_files_error("OSDFace", base_dir, base_missing, own_missing, SD21_SOURCE, OSDFACE_SOURCE)
-    cfg = replace(embedder_config or EmbedderConfig(), concat=embedding == "concat", pos_embedding=pos_embedding)
-    embedder = load_embedder(os.path.join(osdface_dir, ENCODER_FILE), cfg)
+    cfg = None if embedder_config is None else replace(embedder_config, concat=embedding == "concat",
+                                                       pos_embedding=pos_embedding)
+    embedder = load_embedder(os.path.join(osdface_dir, ENCODER_FILE), cfg, embedding == "concat", pos_embedding)
     change = None if embedding == "concat" else load_embedding_change(os.path.join(osdface_dir, EMBED_CHANGE_FILE))
     lora_path = os.path.join(osdface_dir, LORA_FILE)
     pairs = read_lora(lora_path)
