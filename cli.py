@@ -33,7 +33,8 @@ def build_pipeline(preset: str = "demo", detector: str = EMBEDDED_MTCNN, device=
     """The Python API: a ready pipeline for `preset`, models resolved through the model search path.
     `restorer` overrides the preset's restorer file (a name in facerestore_models/ or a path); `tune_steps`
     is the demo preset's ZSSR step count; `onestep_base` / `onestep_lora` the ntire preset's SD3 folder (in
-    diffusers/) and TSD-SR folder (in onestep_sr/), or the osdface preset's SD-2.1-base folder and OSDFace folder. id_preserve: `reference` photo paths of the person, `id_scale`
+    diffusers/) and TSD-SR folder (in onestep_sr/), or the osdface preset's SD-2.1-base folder and OSDFace
+    folder. id_preserve: `reference` photo paths of the person, `id_scale`
     a fixed ID scale instead of the adaptive one (which needs MUSIQ's weights), `steps` / `cfg` of the sampler.
     `progress` (e.g. a CLIProgress) hears of the face work: stage(name, total) when a face stage starts, then
     progress(n) as faces / steps finish."""

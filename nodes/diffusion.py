@@ -181,11 +181,11 @@ class OneStepSRLoader:
 
 
 class OneStepSRNode:
-    DESCRIPTION = ("One-step diffusion super-resolution / refinement (TSD-SR, OSEDiff or OSDFace): scale 1 refines (the "
-                   "NTIRE 2025 setting on 512 face crops), 2 and 4 upscale whole images. Large images run in "
+    DESCRIPTION = ("One-step diffusion super-resolution / refinement (TSD-SR, OSEDiff or OSDFace): scale 1 refines "
+                   "(the NTIRE 2025 setting on 512 face crops), 2 and 4 upscale whole images. Large images run in "
                    "overlapping latent tiles with blended borders; out of memory retries with smaller batches and "
-                   "tiles. Output is pixel-aligned with the input. Follow with Color Fix (wavelet) against the input. OSDFace "
-                   "restores each face at 512 in one piece (the tile inputs do not apply; max_batch does).")
+                   "tiles. Output is pixel-aligned with the input. Follow with Color Fix (wavelet) against the input. "
+                   "OSDFace restores each face at 512 in one piece (the tile inputs do not apply; max_batch does).")
     CATEGORY = CATEGORY
     FUNCTION = "run"
     RETURN_TYPES = ("IMAGE",)

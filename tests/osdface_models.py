@@ -74,7 +74,8 @@ def make_osdface(root, rank=4, base_name="sd21-osd-tiny", pos_embedding=False):
                   set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon").save_pretrained(
         os.path.join(base, "scheduler"))
     g = torch.Generator().manual_seed(15)
-    save_file(random_lora(unet, LORA_TARGETS, rank, g, prefix="unet."), os.path.join(own, "pytorch_lora_weights.safetensors"))
+    save_file(random_lora(unet, LORA_TARGETS, rank, g, prefix="unet."),
+              os.path.join(own, "pytorch_lora_weights.safetensors"))
     torch.manual_seed(16)
     torch.save(EmbeddingChange(512, 1024).state_dict(), os.path.join(own, "embedding_change_weights.pth"))
     cfg = EmbedderConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in TINY_EMBEDDER.items()},

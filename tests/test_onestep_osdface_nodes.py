@@ -90,13 +90,13 @@ def test_sr_node_interrupts_and_halves_the_batch_on_oom(models_dir, monkeypatch)
         _node("FaceMend_OneStepSR").run(faces, model, scale=1, seed=0)
 
 
-def test_missing_files_are_listed_with_their_folders(tmp_path):
+def test_missing_files_are_listed_with_their_folders(models_dir, tmp_path):
     model_paths.set_models_dirs([str(tmp_path)])
     try:
         with pytest.raises(ModelFileNotFound) as err:
             _node("FaceMend_OSDFaceLoader").load("stable-diffusion-2-1-base", "osdface", "fp32")
     finally:
-        model_paths.set_models_dirs([])
+        model_paths.set_models_dirs([models_dir])
     msg = str(err.value)
     for f in ("pytorch_lora_weights.safetensors", "embedding_change_weights.pth", "associate_2.ckpt"):
         assert str(tmp_path / "onestep_sr" / "osdface" / f) in msg
@@ -108,8 +108,9 @@ def test_osdface_preset_detects_restores_colour_fixes_and_pastes(models_dir, mon
     photo = need_shared("faces", "clean", "ffhq_00000000.png")
     calls = []
     real_fix = presets.color_fix
-    monkeypatch.setattr(presets, "color_fix",
-                        lambda target, ref, method: calls.append((target, ref, method)) or real_fix(target, ref, method))
+    monkeypatch.setattr(presets, "color_fix", lambda target, ref, method: calls.append((target, ref, method))
+                        or real_fix(target, ref, method))
+    model_paths.set_models_dirs([models_dir])  # (another test may have pointed them elsewhere)
     pipe = cli.build_pipeline("osdface", device="cpu", precision="fp32")
     assert [name for name, _ in pipe.face_stages] == ["osdface"]
     image = load_image(photo)

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..io.checkpoints import load_weights
-from ..io.errors import InvalidImage, ModelFileInvalid, ModelFileNotFound
+from ..io.errors import InvalidImage, ModelFileInvalid
 from .lora import apply_lora, lora_pairs, lora_rank, merge_lora
 from .refiner import OutOfMemory, TileSettings, default_is_oom
 
@@ -386,10 +386,6 @@ class OSDFace(nn.Module):
         self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.requires_grad_(False)
         self.eval()
-
-    @property
-    def modules_list(self):
-        return [m for m in (self.unet, self.vae, self.embedder, self.embedding_change) if m is not None]
 
     @property
     def device(self) -> torch.device:
