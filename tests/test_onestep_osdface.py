@@ -151,6 +151,16 @@ def test_faces_batch_with_the_posterior_mean(files):
     assert torch.equal(model(face), one)  # no randomness with the mean
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precisions_load_and_run(files, dtype):
+    base, own = files
+    model = load_osdface(base, own, dtype=dtype, lora_mode="applied", latent="mean")
+    assert {p.dtype for p in model.parameters()} == {dtype} and model.embedder.quantize.embedding.weight.dtype == dtype
+    out = model(_face(5))
+    assert out.dtype == torch.float32 and out.shape == (1, 3, 512, 512)
+    assert torch.isfinite(out).all() and 0 <= out.min() and out.max() <= 1
+
+
 def test_file_errors_name_the_file(files, tmp_path):
     base, own = files
     bad = tmp_path / "osdface"
