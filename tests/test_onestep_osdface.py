@@ -151,6 +151,19 @@ def test_faces_batch_with_the_posterior_mean(files):
     assert torch.equal(model(face), one)  # no randomness with the mean
 
 
+def test_every_tensor_moves_with_the_model(files):
+    """Nothing the step reads is a plain tensor attribute left behind by .to(): only parameters and buffers."""
+    base, own = files
+    for mode in ("merged", "applied"):
+        model = load_osdface(base, own, lora_mode=mode, embedding="concat", pos_embedding=True)
+        stray = [f"{name}.{k}" for name, m in model.named_modules() for k, v in vars(m).items()
+                 if isinstance(v, torch.Tensor)]
+        assert not stray
+        model.to("meta")
+        assert {t.device.type for t in list(model.parameters()) + list(model.buffers())} == {"meta"}
+        assert "embedder.quantize.pos_embedding" in dict(model.named_buffers())
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_half_precisions_load_and_run(files, dtype):
     base, own = files
