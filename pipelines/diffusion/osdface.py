@@ -215,11 +215,10 @@ class VisualEmbedder(nn.Module):
         first = first.scatter_reduce(1, codes, steps, reduce="amin")
         is_new = first.gather(1, codes) == steps
         slot = torch.cumsum(is_new.long(), dim=1) - 1
-        keep = is_new & (slot < k)
-        tokens = e.new_zeros(n, k, e.shape[1])
-        rows = torch.arange(n, device=codes.device)[:, None].expand_as(codes)
-        tokens[rows[keep], slot[keep]] = e[codes[keep]]
-        return tokens
+        slot = torch.where(is_new & (slot < k), slot, k)  # repeats and codes past the k-th go to a dropped row
+        tokens = e.new_zeros(n, k + 1, e.shape[1])
+        tokens.scatter_(1, slot[..., None].expand(-1, -1, e.shape[1]), e[codes])  # no host sync (no masks)
+        return tokens[:, :k]
 
 
 class EmbeddingChange(nn.Module):
