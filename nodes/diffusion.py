@@ -95,7 +95,8 @@ OSDFACE_TOKENS = ("embedding change", "concat", "concat + position table")
 
 class OSDFaceLoader:
     DESCRIPTION = ("Loads OSDFace (CVPR 2025), the one-step face diffusion prior: SD-2.1-base (unet/, vae/, "
-                   "scheduler/ of the diffusers folder in models/diffusers/) and models/onestep_sr/osdface/ with the "
+                   "scheduler/ of the diffusers folder in models/diffusers/, or the single file "
+                   "v2-1_512-ema-pruned.safetensors in models/checkpoints/) and models/onestep_sr/osdface/ with the "
                    "three official files pytorch_lora_weights.safetensors, embedding_change_weights.pth and "
                    "associate_2.ckpt. Feed the One-Step Diffusion SR node (scale 1 on 512 face crops) with it. "
                    "Missing files are listed in the error with where they go.")
@@ -107,11 +108,13 @@ class OSDFaceLoader:
     @classmethod
     def INPUT_TYPES(cls):
         bases = sorted(set(list_dirs("diffusers")) | {BASE_DEFAULTS["osdface"]})
+        bases += [f for f in list_files(CHECKPOINTS) if f.lower().endswith(".safetensors")]
         folders = sorted(set(list_dirs("onestep_sr")) | {LORA_DEFAULTS["osdface"]})
         return {"required": {
             "base_model": (bases, {"default": BASE_DEFAULTS["osdface"], "tooltip":
                            "The SD-2.1-base diffusers folder in models/diffusers/ (unet/, vae/, scheduler/ are read; "
-                           "no text encoder: the prompt is made from the face)."}),
+                           "no text encoder: the prompt is made from the face), or the single file "
+                           "v2-1_512-ema-pruned.safetensors in models/checkpoints/ (its UNet and VAE are read)."}),
             "osdface_folder": (folders, {"default": LORA_DEFAULTS["osdface"], "tooltip":
                                "Folder in models/onestep_sr/ with OSDFace's pytorch_lora_weights.safetensors, "
                                "embedding_change_weights.pth and associate_2.ckpt."}),

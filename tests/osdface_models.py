@@ -153,3 +153,66 @@ def official_model(infer, lq_embed, args, on_cpu=True):
 
 def official_embedder(lq_embed, args):
     return functools.partial(lq_embed.vqvae_encoder, **TINY_EMBEDDER)(args).eval()
+
+
+# --- SD-2.1-base as a single file (Stability's original layout) ---------------------------------------------
+def tiny_sd2_unet():
+    """SD-2.1-base's block structure (4 levels, 2 layers each, linear projections, 1024-wide context), tiny widths."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(18)
+    return UNet2DConditionModel(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                                block_out_channels=(16, 16, 32, 32),
+                                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=1024,
+                                attention_head_dim=2, norm_num_groups=8, use_linear_projection=True).eval()
+
+
+_RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"), ("conv2", "out_layers.3"),
+           ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection"))
+
+
+def unet_to_original(unet) -> dict:
+    """The diffusers UNet's state dict under Stability's original (LDM openaimodel) names, the inverse of diffusers'
+    convert_ldm_unet_checkpoint for SD 1.x/2.x structures."""
+    cfg = unet.config
+    per = cfg.layers_per_block
+    prefix_map = {"time_embedding.linear_1.": "time_embed.0.", "time_embedding.linear_2.": "time_embed.2.",
+                  "conv_in.": "input_blocks.0.0.", "conv_norm_out.": "out.0.", "conv_out.": "out.2.",
+                  "mid_block.attentions.0.": "middle_block.1.", "mid_block.resnets.0.": "middle_block.0.",
+                  "mid_block.resnets.1.": "middle_block.2."}
+    for i, kind in enumerate(cfg.down_block_types):
+        for j in range(per):
+            prefix_map[f"down_blocks.{i}.resnets.{j}."] = f"input_blocks.{i * (per + 1) + j + 1}.0."
+            if "CrossAttn" in kind:
+                prefix_map[f"down_blocks.{i}.attentions.{j}."] = f"input_blocks.{i * (per + 1) + j + 1}.1."
+        prefix_map[f"down_blocks.{i}.downsamplers.0.conv."] = f"input_blocks.{(i + 1) * (per + 1)}.0.op."
+    for i, kind in enumerate(cfg.up_block_types):
+        for j in range(per + 1):
+            prefix_map[f"up_blocks.{i}.resnets.{j}."] = f"output_blocks.{i * (per + 1) + j}.0."
+            if "CrossAttn" in kind:
+                prefix_map[f"up_blocks.{i}.attentions.{j}."] = f"output_blocks.{i * (per + 1) + j}.1."
+        prefix_map[f"up_blocks.{i}.upsamplers.0."] = (f"output_blocks.{i * (per + 1) + per}."
+                                                      f"{2 if 'CrossAttn' in kind else 1}.")
+    out = {}
+    for key, value in unet.state_dict().items():
+        best = max((p for p in prefix_map if key.startswith(p)), key=len)
+        rest = key[len(best):]
+        if ".resnets." in best or best.startswith("mid_block.resnets"):
+            for new, old in _RESNET:
+                if rest.startswith(new + "."):
+                    rest = old + rest[len(new):]
+                    break
+        out[prefix_map[best] + rest] = value
+    return out
+
+
+def write_sd21_single_file(path, unet, vae, extra=None):
+    from safetensors.torch import save_file
+    from sd3_original_layout import vae_to_original
+
+    sd = {f"model.diffusion_model.{k}": v.contiguous() for k, v in unet_to_original(unet).items()}
+    n = len(vae.config.block_out_channels)
+    sd.update({f"first_stage_model.{k}": v.contiguous() for k, v in vae_to_original(vae.state_dict(), n).items()})
+    sd.update(extra or {})
+    save_file(sd, path)

@@ -174,6 +174,57 @@ def test_half_precisions_load_and_run(files, dtype):
     assert torch.isfinite(out).all() and 0 <= out.min() and out.max() <= 1
 
 
+def test_single_file_base_gives_the_folder_output(files, tmp_path):
+    """SD-2.1-base as one original-layout file (models/checkpoints/v2-1_512-ema-pruned.safetensors) loads into the
+    same weights as the diffusers folder; its text encoder tensors are never needed."""
+    from diffusers import DDIMScheduler
+    from osdface_models import tiny_osd_vae, tiny_sd2_unet, write_sd21_single_file
+
+    from facemend.pipelines.diffusion.sd21_single_file import shipped_config
+
+    _, own = files
+    unet, vae = tiny_sd2_unet(), tiny_osd_vae()
+    folder = tmp_path / "sd21"
+    unet.save_pretrained(folder / "unet")
+    vae.save_pretrained(folder / "vae")
+    DDIMScheduler.from_config(shipped_config("scheduler")).save_pretrained(folder / "scheduler")
+    single = str(tmp_path / "v2-1_512-tiny.safetensors")
+    write_sd21_single_file(single, unet, vae, {"cond_stage_model.model.token_embedding.weight": torch.zeros(4, 8)})
+    from safetensors.torch import save_file
+
+    # the LoRA of the tests' other UNet does not fit this one: a LoRA for this UNet
+    from onestep_models import random_lora
+    from osdface_models import LORA_TARGETS
+
+    lora_dir = tmp_path / "osdface"
+    shutil.copytree(own, lora_dir)
+    save_file(random_lora(unet, LORA_TARGETS, 4, torch.Generator().manual_seed(19), prefix="unet."),
+              str(lora_dir / "pytorch_lora_weights.safetensors"))
+    a = load_osdface(str(folder), str(lora_dir), latent="mean")
+    b = load_osdface(single, str(lora_dir), latent="mean", base_configs=(str(folder / "unet"), str(folder / "vae")))
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    face = _face(6)
+    assert torch.equal(a(face), b(face))
+    # the shipped configs are SD-2.1-base's architecture
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    with torch.device("meta"):
+        n_unet = sum(p.numel() for p in UNet2DConditionModel.from_config(shipped_config("unet")).parameters())
+        n_vae = sum(p.numel() for p in AutoencoderKL.from_config(shipped_config("vae")).parameters())
+    assert (n_unet, n_vae) == (865910724, 83653863)
+    with pytest.raises(ModelFileInvalid, match="UNet does not fit the SD-2.1-base config"):
+        load_osdface(single, str(lora_dir))  # the tiny file against the real-size shipped configs
+    sd1 = str(tmp_path / "v1-5-like.safetensors")
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3),
+               "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(8, 768)},
+              sd1)
+    with pytest.raises(ModelFileInvalid, match="not a Stable Diffusion 2.x checkpoint: it holds a Stable Diffusion 1"):
+        load_osdface(sd1, str(lora_dir))
+    with pytest.raises(ModelFileNotFound, match="v2-1_512-ema-pruned.safetensors"):
+        load_osdface(str(tmp_path / "absent.safetensors"), str(lora_dir))
+
+
 def test_file_errors_name_the_file(files, tmp_path):
     base, own = files
     bad = tmp_path / "osdface"
@@ -196,7 +247,5 @@ def test_file_errors_name_the_file(files, tmp_path):
     save_file({"text_encoder.x.lora_A.weight": torch.zeros(4, 4)}, str(bad / "pytorch_lora_weights.safetensors"))
     with pytest.raises(ModelFileInvalid, match="pytorch_lora_weights.safetensors.*UNet weights only"):
         load_osdface(base, str(bad))
-    with pytest.raises(ModelFileInvalid, match="not a single-file"):
-        load_osdface(os.path.join(base, "model.safetensors"), own)
     with pytest.raises(ModelFileInvalid, match="associate_2.ckpt.*missing keys"):  # full-size widths do not fit
         load_osdface(base, own, embedder_config=EmbedderConfig())

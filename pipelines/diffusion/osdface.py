@@ -43,6 +43,8 @@ OSDFACE_FILES = (LORA_FILE, EMBED_CHANGE_FILE, ENCODER_FILE)
 SD21_PARTS = ("unet", "vae", "scheduler")  # no text encoder: the prompt is the embedder's tokens
 OSDFACE_SOURCE = ("the OSDFace release (Google Drive link in https://github.com/jkwang28/OSDFace, 'pretrained/'): "
                   f"{LORA_FILE}, {EMBED_CHANGE_FILE} and {ENCODER_FILE}, all three into models/onestep_sr/osdface/")
+SD21_FILE_SOURCE = (", or instead the single file v2-1_512-ema-pruned.safetensors from the same page -> "
+                    "models/checkpoints/")
 LORA_MODES = ("merged", "applied")
 EMBEDDINGS = ("change", "concat")
 LATENTS = ("sample", "mean")
@@ -510,8 +512,10 @@ def missing_files(base_dir: str, osdface_dir: str) -> tuple[list, list]:
 
 def load_osdface(base_dir: str, osdface_dir: str, device="cpu", dtype=torch.float32, lora_mode: str = "merged",
                  embedding: str = "change", pos_embedding: bool = False, latent: str = "sample",
-                 embedder_config: EmbedderConfig | None = None) -> OSDFace:
-    """base_dir: the SD-2.1-base diffusers folder (unet/, vae/, scheduler/); osdface_dir: the folder with the
+                 embedder_config: EmbedderConfig | None = None, base_configs: tuple = (None, None)) -> OSDFace:
+    """base_dir: the SD-2.1-base diffusers folder (unet/, vae/, scheduler/) or single file
+    (v2-1_512-ema-pruned.safetensors; base_configs: its (unet, vae) configs, default the shipped SD-2.1-base
+    ones); osdface_dir: the folder with the
     three official files. embedding 'concat' is the official --cat_prompt_embedding (no embedding change file
     needed then), pos_embedding its --use_pos_embedding. embedder_config: the VQ encoder's widths (default: read
     off associate_2.ckpt)."""
@@ -525,30 +529,37 @@ def load_osdface(base_dir: str, osdface_dir: str, device="cpu", dtype=torch.floa
     if pos_embedding and embedding != "concat":
         raise ValueError("OSDFace adds its position table only in the concatenated-embedding path "
                          "(--use_pos_embedding with --cat_prompt_embedding); the default path ignores it")
-    if is_single_file(base_dir):
-        raise ModelFileInvalid(f"OSDFace reads the SD-2.1-base diffusers folder (unet/, vae/, scheduler/), not a "
-                               f"single-file checkpoint ({base_dir}). Get the folder from {SD21_SOURCE}")
+    single = is_single_file(base_dir)
     base_missing, own_missing = missing_files(base_dir, osdface_dir)
+    if single:
+        base_missing = [] if os.path.isfile(base_dir) else [os.path.basename(base_dir)]
     if embedding == "concat":
         own_missing = [p for p in own_missing if not p.endswith(EMBED_CHANGE_FILE)]
     if base_missing or own_missing:
-        raise missing_files_error("OSDFace", base_dir, base_missing, own_missing, SD21_SOURCE, OSDFACE_SOURCE)
+        raise missing_files_error("OSDFace", base_dir, base_missing, own_missing, SD21_SOURCE + SD21_FILE_SOURCE,
+                                  OSDFACE_SOURCE)
     cfg = None if embedder_config is None else replace(embedder_config, concat=embedding == "concat",
                                                        pos_embedding=pos_embedding)
     embedder = load_embedder(os.path.join(osdface_dir, ENCODER_FILE), cfg, embedding == "concat", pos_embedding)
     change = None if embedding == "concat" else load_embedding_change(os.path.join(osdface_dir, EMBED_CHANGE_FILE))
     lora_path = os.path.join(osdface_dir, LORA_FILE)
     pairs = read_lora(lora_path)
-    unet = _from_pretrained(UNet2DConditionModel, base_dir, "unet", torch.float32)
-    vae = _from_pretrained(AutoencoderKL, base_dir, "vae", torch.float32)
+    if single:
+        from .sd21_single_file import load_sd21_single_file, shipped_config
+
+        unet, vae = load_sd21_single_file(base_dir, *base_configs)
+        scheduler = DDIMScheduler.from_config(shipped_config("scheduler"))
+    else:
+        unet = _from_pretrained(UNet2DConditionModel, base_dir, "unet", torch.float32)
+        vae = _from_pretrained(AutoencoderKL, base_dir, "vae", torch.float32)
+        try:
+            scheduler = DDIMScheduler.from_pretrained(base_dir, subfolder="scheduler", local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise ModelFileInvalid(f"Cannot read {os.path.join(base_dir, 'scheduler')}: {exc}") from exc
     # alpha = rank (16) in the official files and diffusers' default for peft keys without alphas: scale 1.
     if lora_mode == "merged":
         merge_lora(unet, pairs, 1.0, lora_path, "SD-2.1 UNet")
     else:
         apply_lora(unet, pairs, 1.0, lora_path, "SD-2.1 UNet")
-    try:
-        scheduler = DDIMScheduler.from_pretrained(base_dir, subfolder="scheduler", local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise ModelFileInvalid(f"Cannot read {os.path.join(base_dir, 'scheduler')}: {exc}") from exc
     return osdface_from_modules(unet, vae, scheduler, embedder, change, device, dtype, latent,
                                 f"OSDFace ({lora_mode} LoRA) on {os.path.basename(os.path.normpath(base_dir))}")
