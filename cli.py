@@ -116,10 +116,15 @@ def _onestep_stage(device, precision, base=None, lora=None, seed=0, progress=Non
     lora_dir = os.path.abspath(lora) if os.path.isdir(lora) else (
         model_paths.find_dir("onestep_sr", lora) or model_paths.expected_path("onestep_sr", lora))
     model = load_tsdsr(base_dir, lora_dir, device=device, dtype=dev.resolve_dtype(precision, device))
+    return _face_sr_stage(model, "one-step SR", seed, progress)
+
+
+def _face_sr_stage(model, label, seed=0, progress=None):
+    """A loaded one-step model as a face stage: all faces at scale 1, seeded, out-of-memory halving."""
     progress = progress or _NoProgress()
 
     def stage(faces):
-        progress.stage("one-step SR", faces.shape[0])
+        progress.stage(label, faces.shape[0])
         out = model(faces, scale=1, seed=seed, is_oom=dev.is_oom)
         progress(faces.shape[0])
         return out
@@ -138,15 +143,7 @@ def _osdface_stage(device, precision, base=None, folder=None, seed=0, progress=N
     own_dir = os.path.abspath(folder) if os.path.isdir(folder) else (
         model_paths.find_dir("onestep_sr", folder) or model_paths.expected_path("onestep_sr", folder))
     model = load_osdface(base_dir, own_dir, device=device, dtype=dev.resolve_dtype(precision, device))
-    progress = progress or _NoProgress()
-
-    def stage(faces):
-        progress.stage("OSDFace", faces.shape[0])
-        out = model(faces, scale=1, seed=seed, is_oom=dev.is_oom)
-        progress(faces.shape[0])
-        return out
-
-    return stage
+    return _face_sr_stage(model, "OSDFace", seed, progress)
 
 
 def _ntire_tune_stage(seed=0, steps=0, progress=None, **config):

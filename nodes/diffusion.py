@@ -49,19 +49,25 @@ def load_onestep(backend: str, base_model: str = "", lora: str = "", precision: 
     device = dev.compute_device()
     dtype = dev.resolve_dtype(precision, device)
     prompt = prompt or OSEDIFF_DEFAULT_PROMPT
-    stamp = tuple(os.path.getmtime(p) if os.path.exists(p) else 0 for p in (base_dir, lora_path))
-    key = (backend, os.path.abspath(base_dir), os.path.abspath(lora_path), stamp, str(device), dtype,
-           prompt if backend == "osediff" else "")
-    if key not in _cache:
-        _cache.clear()  # billions of parameters: never two resident
-        dev.soft_empty_cache()
-        # Hosted: load on the offload device and move to the GPU only while the SR node runs.
-        where = dev.offload_device() if dev.is_hosted() else device
+
+    def build(where):
         if backend == "tsdsr":
-            model = load_tsdsr(base_dir, lora_path, device=where, dtype=dtype)
-        else:
-            model = load_osediff(base_dir, lora_path, device=where, dtype=dtype, prompt=prompt)
-        _cache[key] = model
+            return load_tsdsr(base_dir, lora_path, device=where, dtype=dtype)
+        return load_osediff(base_dir, lora_path, device=where, dtype=dtype, prompt=prompt)
+
+    return _cached((backend, base_dir, lora_path, device, dtype, prompt if backend == "osediff" else ""), build)
+
+
+def _cached(key: tuple, build):
+    """One one-step model resident at a time (billions of parameters), keyed by its files (and their times) and
+    settings; hosted, loaded on the offload device and moved to the GPU only while the SR node runs."""
+    backend, base_dir, files, device = key[:4]
+    stamp = tuple(os.path.getmtime(p) if os.path.exists(p) else 0 for p in (base_dir, files))
+    key = (backend, os.path.abspath(base_dir), os.path.abspath(files), stamp, str(device)) + key[4:]
+    if key not in _cache:
+        _cache.clear()
+        dev.soft_empty_cache()
+        _cache[key] = build(dev.offload_device() if dev.is_hosted() else device)
     return _cache[key]
 
 
@@ -77,17 +83,13 @@ def load_osdface_model(base_model: str = "", folder: str = "", precision: str = 
     own_dir = _lora_path("osdface", folder or LORA_DEFAULTS["osdface"])
     device = dev.compute_device()
     dtype = dev.resolve_dtype(precision, device)
-    stamp = tuple(os.path.getmtime(p) if os.path.exists(p) else 0 for p in (base_dir, own_dir))
-    key = ("osdface", os.path.abspath(base_dir), os.path.abspath(own_dir), stamp, str(device), dtype, lora_mode,
-           tokens, latent)
-    if key not in _cache:
-        _cache.clear()
-        dev.soft_empty_cache()
-        where = dev.offload_device() if dev.is_hosted() else device
-        _cache[key] = load_osdface(base_dir, own_dir, device=where, dtype=dtype, lora_mode=lora_mode,
-                                   embedding="change" if tokens == "embedding change" else "concat",
-                                   pos_embedding=tokens == "concat + position table", latent=latent)
-    return _cache[key]
+
+    def build(where):
+        return load_osdface(base_dir, own_dir, device=where, dtype=dtype, lora_mode=lora_mode,
+                            embedding="change" if tokens == "embedding change" else "concat",
+                            pos_embedding=tokens == "concat + position table", latent=latent)
+
+    return _cached(("osdface", base_dir, own_dir, device, dtype, lora_mode, tokens, latent), build)
 
 
 OSDFACE_TOKENS = ("embedding change", "concat", "concat + position table")
