@@ -115,6 +115,14 @@ class LoraApplied(torch.nn.Module):
         self.lora_A.to(w.device)
         self.lora_B.to(w.device)
 
+    @property
+    def weight(self):  # code that reads a layer's weight (its dtype, device) still finds it
+        return self.base.weight
+
+    @property
+    def bias(self):
+        return self.base.bias
+
     def forward(self, x, *args, **kwargs):
         return self.base(x, *args, **kwargs) + self.scale * self.lora_B(self.lora_A(x))
 
