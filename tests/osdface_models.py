@@ -106,6 +106,7 @@ def official_modules(odir):
     saved = {k: v for k, v in sys.modules.items() if ours(k)}
     for k in saved:
         del sys.modules[k]
+    path = list(sys.path)  # infer.py and utils/vaehook.py also append the working directory
     sys.path.insert(0, str(odir))
     try:
         import infer
@@ -113,7 +114,7 @@ def official_modules(odir):
 
         yield infer, lq_embed
     finally:
-        sys.path.remove(str(odir))
+        sys.path[:] = path
         for k in [k for k in sys.modules if ours(k)]:
             del sys.modules[k]
         sys.modules.update(saved)

@@ -447,7 +447,7 @@ class OSDFace(nn.Module):
             lq = F.interpolate(lq, size=(OSDFACE_SIZE, OSDFACE_SIZE), mode="bilinear", align_corners=True)
         lq = lq.to(self.dtype)
         noise = None
-        if self.latent == "sample":  # one draw for the whole batch: the batch size does not change a face's noise
+        if self.latent == "sample":  # one draw for all faces: the max_batch split (or an OOM halving) changes nothing
             gen = torch.Generator(device="cpu").manual_seed(int(seed))
             lat = OSDFACE_SIZE // self.vae_factor
             noise = torch.randn((n, self.vae.config.latent_channels, lat, lat), generator=gen)

@@ -68,7 +68,8 @@ def load_sd21_single_file(path: str, unet_config=None, vae_config=None, dtype=to
     found = describe_checkpoint(header)
     probe = f"{UNET_PREFIX}input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
     if probe not in header or header.shape(probe)[-1] != 1024:
-        raise ModelFileInvalid(f"{path} is not a Stable Diffusion 2.x checkpoint: it holds {found}. Expected {EXPECTED}.")
+        raise ModelFileInvalid(f"{path} is not a Stable Diffusion 2.x checkpoint: it holds {found}. "
+                               f"Expected {EXPECTED}.")
     if f"{VAE_PREFIX}encoder.conv_in.weight" not in header:
         raise ModelFileInvalid(f"{path} holds {found} but no VAE ('first_stage_model.*'). Expected {EXPECTED}.")
     ucfg = shipped_config("unet") if unet_config is None else _config(unet_config, "unet")
