@@ -109,9 +109,13 @@ def official_modules(odir):
     path = list(sys.path)  # infer.py and utils/vaehook.py also append the working directory
     sys.path.insert(0, str(odir))
     try:
-        import infer
-        import lq_embed
+        try:
+            import infer
+            import lq_embed
+        except ImportError as exc:  # its own imports: matplotlib, imageio, einops, tqdm (utils/), diffusers
+            import pytest
 
+            pytest.skip(f"the official OSDFace code needs {exc.name or exc} (pip install it to run this test)")
         yield infer, lq_embed
     finally:
         sys.path[:] = path
