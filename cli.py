@@ -33,7 +33,8 @@ def build_pipeline(preset: str = "demo", detector: str = EMBEDDED_MTCNN, device=
     """The Python API: a ready pipeline for `preset`, models resolved through the model search path.
     `restorer` overrides the preset's restorer file (a name in facerestore_models/ or a path); `tune_steps`
     is the demo preset's ZSSR step count; `onestep_base` / `onestep_lora` the ntire preset's SD3 folder (in
-    diffusers/) and TSD-SR folder (in onestep_sr/). id_preserve: `reference` photo paths of the person, `id_scale`
+    diffusers/) and TSD-SR folder (in onestep_sr/), or the osdface preset's SD-2.1-base folder and OSDFace
+    folder. id_preserve: `reference` photo paths of the person, `id_scale`
     a fixed ID scale instead of the adaptive one (which needs MUSIQ's weights), `steps` / `cfg` of the sampler.
     `progress` (e.g. a CLIProgress) hears of the face work: stage(name, total) when a face stage starts, then
     progress(n) as faces / steps finish."""
@@ -82,6 +83,8 @@ def build_pipeline(preset: str = "demo", detector: str = EMBEDDED_MTCNN, device=
         options.setdefault("color_reference", "restore")  # AIIA: wavelet fix against the GFPGAN output
     if preset == "ntire_full":
         stages.append(("ntire_tune", _ntire_tune_stage(seed, progress=progress)))
+    if preset == "osdface":
+        stages.append(("osdface", _osdface_stage(device, precision, onestep_base, onestep_lora, seed, progress)))
     if preset == "id_preserve":
         stages.append(("restorer_id", _identity_stage(det, device, precision, reference, id_scale, steps, cfg,
                                                       seed or 42)))
@@ -114,15 +117,34 @@ def _onestep_stage(device, precision, base=None, lora=None, seed=0, progress=Non
     lora_dir = os.path.abspath(lora) if os.path.isdir(lora) else (
         model_paths.find_dir("onestep_sr", lora) or model_paths.expected_path("onestep_sr", lora))
     model = load_tsdsr(base_dir, lora_dir, device=device, dtype=dev.resolve_dtype(precision, device))
+    return _face_sr_stage(model, "one-step SR", seed, progress)
+
+
+def _face_sr_stage(model, label, seed=0, progress=None):
+    """A loaded one-step model as a face stage: all faces at scale 1, seeded, out-of-memory halving."""
     progress = progress or _NoProgress()
 
     def stage(faces):
-        progress.stage("one-step SR", faces.shape[0])
+        progress.stage(label, faces.shape[0])
         out = model(faces, scale=1, seed=seed, is_oom=dev.is_oom)
         progress(faces.shape[0])
         return out
 
     return stage
+
+
+def _osdface_stage(device, precision, base=None, folder=None, seed=0, progress=None):
+    """OSDFace on the 512 face crops, all faces in batches (files of PRESETS['osdface'])."""
+    from .nodes.diffusion import base_model_path
+    from .pipelines.diffusion.osdface import load_osdface
+
+    spec = dict(PRESETS["osdface"].needs)
+    base, folder = base or spec["diffusers"], folder or spec["onestep_sr"]
+    base_dir = os.path.abspath(base) if os.path.exists(base) else base_model_path(base)
+    own_dir = os.path.abspath(folder) if os.path.isdir(folder) else (
+        model_paths.find_dir("onestep_sr", folder) or model_paths.expected_path("onestep_sr", folder))
+    model = load_osdface(base_dir, own_dir, device=device, dtype=dev.resolve_dtype(precision, device))
+    return _face_sr_stage(model, "OSDFace", seed, progress)
 
 
 def _ntire_tune_stage(seed=0, steps=0, progress=None, **config):
@@ -450,9 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="weights precision (default auto: fp16 on GPUs that support it, fp32 on CPU)")
     p_restore.add_argument("--onestep-base", default=None, help="preset ntire: SD3-medium diffusers folder in "
                            "models/diffusers/ (default stable-diffusion-3-medium-diffusers) or single file in "
-                           "models/checkpoints/ (sd3_medium.safetensors)")
+                           "models/checkpoints/ (sd3_medium.safetensors); preset osdface: the SD-2.1-base folder "
+                           "(default stable-diffusion-2-1-base)")
     p_restore.add_argument("--onestep-lora", default=None, help="preset ntire: TSD-SR folder in models/onestep_sr/ "
-                           "(default tsdsr)")
+                           "(default tsdsr); preset osdface: the folder with OSDFace's three files (default osdface)")
     p_restore.add_argument("--reference", nargs="+", default=None, metavar="PHOTO",
                            help="preset id_preserve: one or more photos of the person (largest face of each)")
     p_restore.add_argument("--id-scale", type=float, default=None, help="preset id_preserve: a fixed ID scale "

@@ -20,6 +20,9 @@ figures equal the standalone scripts' and the references are the ones the tests 
   zssr                ZSSR x2 on real faces; reference: the paper's 54 s per image per scale (published); also
                       the faces per group a batch of 512 faces would get from the free memory
   onestep             TSD-SR / OSEDiff per image at 512; reference: published times (A100-class; GPU only)
+  osdface             OSDFace per 512 face vs the official infer.py (jkwang28/OSDFace at its pin, its CUDA calls
+                      pointed at the CPU there) on the tests' tiny files; the real-size architecture (SD-2.1-base
+                      UNet + VAE, the full VQ encoder, random weights) per face, against the published ~0.1 s (GPU)
   iqa                 NIQE, MUSIQ, MANIQA, FID features: images/s (no reference run: pyiqa's are the same nets)
   identity            RestorerID's denoiser (structure encoder + UNet, one call at CFG batch 2) vs the official
                       modules (a snapshot of YingJiacheng/RestorerID, tests/restorerid_official.py); on the CPU
@@ -58,12 +61,13 @@ from _common import Peak  # noqa: E402
 
 SHARED = conftest.SHARED
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-STAGES = ("detect_align_paste", "restore", "fast_preset", "color_fix", "zssr", "onestep", "iqa", "identity", "adapt")
+STAGES = ("detect_align_paste", "restore", "fast_preset", "color_fix", "zssr", "onestep", "osdface", "iqa", "identity",
+          "adapt")
 README_BEGIN, README_END = "<!-- performance:begin -->", "<!-- performance:end -->"
 # Published reference figures (no code to run): ZSSR paper (Shocher et al. 2018, 54 s per image per x2 scale);
 # TSD-SR (0.136 s) and OSEDiff (0.105 s) per 512 image on an A100-class GPU.
 ZSSR_PAPER_S = 54.0
-ONESTEP_PUBLISHED_S = {"tsdsr": 0.136, "osediff": 0.105}
+ONESTEP_PUBLISHED_S = {"tsdsr": 0.136, "osediff": 0.105, "osdface": 0.1}  # OSDFace: ~0.1 s per 512 face
 
 
 def row(stage, case, ours_s, ref_s=None, faces=None, peak=None, reference="", note=""):
@@ -466,6 +470,86 @@ def stage_onestep(args, device, dtype):
                         "" if real else "tiny models: scaling only, no reference" +
                         ("" if r["finite"] else "; non-finite output")))
     return rows
+
+
+def _median_time(fn, repeats, device, warm=True):
+    if warm:
+        fn()
+    walls = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        walls.append(time.perf_counter() - t0)
+    return sorted(walls)[len(walls) // 2]
+
+
+def stage_osdface(args, device, dtype):
+    import tempfile
+
+    from osdface_models import make_osdface, official_args, official_model, official_modules
+
+    from facemend.pipelines.diffusion.osdface import load_osdface
+
+    rows = []
+    repeats = 1 if args.quick else args.repeats
+    face = torch.rand(1, 3, 512, 512, generator=torch.Generator().manual_seed(0)).to(device)
+    with tempfile.TemporaryDirectory() as folder:
+        torch.manual_seed(0)
+        base, own = make_osdface(folder)
+        ours = load_osdface(base, own, device=device, dtype=dtype)
+        with StagePeak(device) as peak:
+            t_us = _median_time(lambda: ours(face, seed=0), repeats, device)
+        t_ref, reference = None, ""
+        if dtype == torch.float32:
+            try:
+                from official_code import official_dir
+
+                odir = official_dir("jkwang28/OSDFace")
+                with official_modules(odir) as (infer, lq_embed):
+                    ref = official_model(infer, lq_embed, official_args(base, own, merge=True),
+                                         on_cpu=device.type == "cpu")
+                    lq = face * 2 - 1
+                    t_ref = _median_time(lambda: ref(lq), repeats, device)
+                reference = "official infer.py (merge_lora), same tiny files"
+            except pytest.skip.Exception as exc:
+                rows.append(skipped("osdface", f"official code: {exc}"))
+        rows.append(row("osdface", "tiny files, 1 face 512, merged LoRA", t_us, t_ref, 1, peak.used, reference,
+                        "tiny models: scaling only"))
+        del ours
+    rows.append(_osdface_real_row(args, device, dtype, face, repeats))
+    return rows
+
+
+def _osdface_real_row(args, device, dtype, face, repeats):
+    from bench_onestep import SD21_UNET, SD21_VAE
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+    from facemend.pipelines.diffusion.osdface import (EmbedderConfig, EmbeddingChange, VisualEmbedder,
+                                                      osdface_from_modules)
+
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build in the target dtype: no fp32 copy on the way
+    try:
+        with torch.device(device):
+            unet, vae = UNet2DConditionModel(**SD21_UNET), AutoencoderKL(**SD21_VAE)
+            emb, change = VisualEmbedder(EmbedderConfig()), EmbeddingChange()
+    finally:
+        torch.set_default_dtype(previous)
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+    model = osdface_from_modules(unet, vae, sched, emb, change, device, dtype, description="OSDFace (real size)")
+    params = sum(p.numel() for p in model.parameters()) / 1e9
+    with StagePeak(device) as peak:
+        t = _median_time(lambda: model(face, seed=0), repeats, device, warm=device.type == "cuda")
+    real_ref = device.type == "cuda"
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row("osdface", f"real-size architecture ({params:.2f} B parameters), 1 face 512, random weights", t,
+               ONESTEP_PUBLISHED_S["osdface"] if real_ref else None, 1, peak.used,
+               "published (GPU)" if real_ref else "", "" if real_ref else "CPU: no published CPU figure")
 
 
 def stage_iqa(args, device, dtype):

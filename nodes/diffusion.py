@@ -1,4 +1,4 @@
-"""Nodes: one-step diffusion SR loader (TSD-SR / OSEDiff) and the SR / refine node."""
+"""Nodes: one-step diffusion SR loaders (TSD-SR / OSEDiff / OSDFace) and the SR / refine node."""
 from __future__ import annotations
 
 import os
@@ -8,8 +8,9 @@ from ..host import device as dev
 from ..host.model_paths import expected_path, find_dir, find_optional_file, list_dirs, list_files
 from .common import CATEGORY, bchw_to_image, empty_faces, image_to_bchw, no_faces
 
-BASE_DEFAULTS = {"tsdsr": "stable-diffusion-3-medium-diffusers", "osediff": "stable-diffusion-2-1-base"}
-LORA_DEFAULTS = {"tsdsr": "tsdsr", "osediff": "osediff.pkl"}
+BASE_DEFAULTS = {"tsdsr": "stable-diffusion-3-medium-diffusers", "osediff": "stable-diffusion-2-1-base",
+                 "osdface": "stable-diffusion-2-1-base"}
+LORA_DEFAULTS = {"tsdsr": "tsdsr", "osediff": "osediff.pkl", "osdface": "osdface"}
 _cache: dict = {}
 
 
@@ -30,7 +31,7 @@ def base_model_path(name: str) -> str:
 
 
 def _lora_path(backend: str, name: str) -> str:
-    if backend == "tsdsr":
+    if backend in ("tsdsr", "osdface"):  # folders of files
         return find_dir("onestep_sr", name) or expected_path("onestep_sr", name)
     return find_optional_file("onestep_sr", name) or expected_path("onestep_sr", name)
 
@@ -39,6 +40,8 @@ def load_onestep(backend: str, base_model: str = "", lora: str = "", precision: 
     """Resolve the folders/files and load the backend (cached: one one-step model resident at a time)."""
     from ..pipelines.diffusion.backends import BACKENDS, OSEDIFF_DEFAULT_PROMPT, load_osediff, load_tsdsr
 
+    if backend == "osdface":
+        return load_osdface_model(base_model, lora, precision)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     base_dir = base_model_path(base_model or BASE_DEFAULTS[backend])
@@ -46,20 +49,96 @@ def load_onestep(backend: str, base_model: str = "", lora: str = "", precision: 
     device = dev.compute_device()
     dtype = dev.resolve_dtype(precision, device)
     prompt = prompt or OSEDIFF_DEFAULT_PROMPT
-    stamp = tuple(os.path.getmtime(p) if os.path.exists(p) else 0 for p in (base_dir, lora_path))
-    key = (backend, os.path.abspath(base_dir), os.path.abspath(lora_path), stamp, str(device), dtype,
-           prompt if backend == "osediff" else "")
-    if key not in _cache:
-        _cache.clear()  # billions of parameters: never two resident
-        dev.soft_empty_cache()
-        # Hosted: load on the offload device and move to the GPU only while the SR node runs.
-        where = dev.offload_device() if dev.is_hosted() else device
+
+    def build(where):
         if backend == "tsdsr":
-            model = load_tsdsr(base_dir, lora_path, device=where, dtype=dtype)
-        else:
-            model = load_osediff(base_dir, lora_path, device=where, dtype=dtype, prompt=prompt)
-        _cache[key] = model
+            return load_tsdsr(base_dir, lora_path, device=where, dtype=dtype)
+        return load_osediff(base_dir, lora_path, device=where, dtype=dtype, prompt=prompt)
+
+    return _cached((backend, base_dir, lora_path, device, dtype, prompt if backend == "osediff" else ""), build)
+
+
+def _cached(key: tuple, build):
+    """One one-step model resident at a time (billions of parameters), keyed by its files (and their times) and
+    settings; hosted, loaded on the offload device and moved to the GPU only while the SR node runs."""
+    backend, base_dir, files, device = key[:4]
+    stamp = tuple(os.path.getmtime(p) if os.path.exists(p) else 0 for p in (base_dir, files))
+    key = (backend, os.path.abspath(base_dir), os.path.abspath(files), stamp, str(device)) + key[4:]
+    if key not in _cache:
+        _cache.clear()
+        dev.soft_empty_cache()
+        _cache[key] = build(dev.offload_device() if dev.is_hosted() else device)
     return _cache[key]
+
+
+def load_osdface_model(base_model: str = "", folder: str = "", precision: str = "auto", lora_mode: str = "merged",
+                       tokens: str = "embedding change", latent: str = "sample"):
+    """OSDFace: SD-2.1-base folder + models/onestep_sr/<folder>/ with the three official files (cached like
+    load_onestep: one one-step model resident at a time)."""
+    from ..pipelines.diffusion.osdface import load_osdface
+
+    if tokens not in OSDFACE_TOKENS:
+        raise ValueError(f"tokens must be one of {OSDFACE_TOKENS}, got {tokens!r}")
+    base_dir = base_model_path(base_model or BASE_DEFAULTS["osdface"])
+    own_dir = _lora_path("osdface", folder or LORA_DEFAULTS["osdface"])
+    device = dev.compute_device()
+    dtype = dev.resolve_dtype(precision, device)
+
+    def build(where):
+        return load_osdface(base_dir, own_dir, device=where, dtype=dtype, lora_mode=lora_mode,
+                            embedding="change" if tokens == "embedding change" else "concat",
+                            pos_embedding=tokens == "concat + position table", latent=latent)
+
+    return _cached(("osdface", base_dir, own_dir, device, dtype, lora_mode, tokens, latent), build)
+
+
+OSDFACE_TOKENS = ("embedding change", "concat", "concat + position table")
+
+
+class OSDFaceLoader:
+    DESCRIPTION = ("Loads OSDFace (CVPR 2025), the one-step face diffusion prior: SD-2.1-base (unet/, vae/, "
+                   "scheduler/ of the diffusers folder in models/diffusers/, or the single file "
+                   "v2-1_512-ema-pruned.safetensors in models/checkpoints/) and models/onestep_sr/osdface/ with the "
+                   "three official files pytorch_lora_weights.safetensors, embedding_change_weights.pth and "
+                   "associate_2.ckpt. Feed the One-Step Diffusion SR node (scale 1 on 512 face crops) with it. "
+                   "Missing files are listed in the error with where they go.")
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("ONESTEP_SR",)
+    RETURN_NAMES = ("sr_model",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        bases = sorted(set(list_dirs("diffusers")) | {BASE_DEFAULTS["osdface"]})
+        bases += [f for f in list_files(CHECKPOINTS) if f.lower().endswith(".safetensors")]
+        folders = sorted(set(list_dirs("onestep_sr")) | {LORA_DEFAULTS["osdface"]})
+        return {"required": {
+            "base_model": (bases, {"default": BASE_DEFAULTS["osdface"], "tooltip":
+                           "The SD-2.1-base diffusers folder in models/diffusers/ (unet/, vae/, scheduler/ are read; "
+                           "no text encoder: the prompt is made from the face), or the single file "
+                           "v2-1_512-ema-pruned.safetensors in models/checkpoints/ (its UNet and VAE are read)."}),
+            "osdface_folder": (folders, {"default": LORA_DEFAULTS["osdface"], "tooltip":
+                               "Folder in models/onestep_sr/ with OSDFace's pytorch_lora_weights.safetensors, "
+                               "embedding_change_weights.pth and associate_2.ckpt."}),
+            "precision": (["auto", "fp32", "fp16", "bf16"], {"default": "auto", "tooltip":
+                          "auto: fp16 on GPUs, fp32 on CPU (the official script runs fp32 unless --mixed_precision "
+                          "fp16)."}),
+            "lora_mode": (["merged", "applied"], {"default": "merged", "tooltip":
+                          "merged: the LoRA added into the UNet weights once (the official --merge_lora, fastest). "
+                          "applied: kept as a separate low-rank branch (the official default path); same result "
+                          "within float rounding."}),
+            "tokens": (list(OSDFACE_TOKENS), {"default": "embedding change", "tooltip":
+                       "The released weights: 'embedding change' (77 distinct codes -> embedding_change_weights.pth). "
+                       "'concat' / 'concat + position table' are the official --cat_prompt_embedding "
+                       "(/ --use_pos_embedding) variants, for weights trained that way."}),
+            "latent": (["sample", "mean"], {"default": "sample", "tooltip":
+                       "sample: the VAE posterior sampled with the SR node's seed (the official behaviour); mean: "
+                       "its mean (no randomness)."}),
+        }}
+
+    def load(self, base_model, osdface_folder, precision="auto", lora_mode="merged", tokens="embedding change",
+             latent="sample"):
+        return (load_osdface_model(base_model, osdface_folder, precision, lora_mode, tokens, latent),)
 
 
 class OneStepSRLoader:
@@ -80,16 +159,19 @@ class OneStepSRLoader:
         bases += [f for f in list_files(CHECKPOINTS) if f.lower().endswith(".safetensors")]
         loras = sorted(set(list_dirs("onestep_sr")) | set(list_files("onestep_sr")) | set(LORA_DEFAULTS.values()))
         return {"required": {
-            "backend": (["tsdsr", "osediff"], {"default": "tsdsr", "tooltip":
+            "backend": (["tsdsr", "osediff", "osdface"], {"default": "tsdsr", "tooltip":
                         "tsdsr: TSD-SR (SD3-medium, one step at t=1000; the NTIRE 2025 AIIA face refiner). "
-                        "osediff: OSEDiff (SD2.1-base, one step at t=999; lighter, Apache-2.0)."}),
+                        "osediff: OSEDiff (SD2.1-base, one step at t=999; lighter, Apache-2.0). "
+                        "osdface: OSDFace (SD2.1-base, a face prior: the prompt is made from the face; lora = its "
+                        "folder osdface; the OSDFace loader has its options)."}),
             "base_model": (bases, {"default": BASE_DEFAULTS["tsdsr"], "tooltip":
                            "Diffusers folder in models/diffusers/: stable-diffusion-3-medium-diffusers for TSD-SR, "
                            "stable-diffusion-2-1-base for OSEDiff. TSD-SR also reads the single-file SD3-medium "
                            "checkpoint in models/checkpoints/ (sd3_medium.safetensors or the _incl_clips variants; "
                            "only the MMDiT and VAE are read)."}),
             "lora": (loras, {"default": LORA_DEFAULTS["tsdsr"], "tooltip":
-                     "In models/onestep_sr/: the TSD-SR folder (tsdsr, or tsdsr-mse) or osediff.pkl."}),
+                     "In models/onestep_sr/: the TSD-SR folder (tsdsr, or tsdsr-mse), osediff.pkl or the OSDFace "
+                     "folder (osdface)."}),
             "precision": (["auto", "fp32", "fp16", "bf16"], {"default": "auto", "tooltip":
                           "auto: fp16 on GPUs (the official setting of both), fp32 on CPU."}),
         }, "optional": {
@@ -104,10 +186,11 @@ class OneStepSRLoader:
 
 
 class OneStepSRNode:
-    DESCRIPTION = ("One-step diffusion super-resolution / refinement (TSD-SR or OSEDiff): scale 1 refines (the "
-                   "NTIRE 2025 setting on 512 face crops), 2 and 4 upscale whole images. Large images run in "
+    DESCRIPTION = ("One-step diffusion super-resolution / refinement (TSD-SR, OSEDiff or OSDFace): scale 1 refines "
+                   "(the NTIRE 2025 setting on 512 face crops), 2 and 4 upscale whole images. Large images run in "
                    "overlapping latent tiles with blended borders; out of memory retries with smaller batches and "
-                   "tiles. Output is pixel-aligned with the input. Follow with Color Fix (wavelet) against the input.")
+                   "tiles. Output is pixel-aligned with the input. Follow with Color Fix (wavelet) against the input. "
+                   "OSDFace restores each face at 512 in one piece (the tile inputs do not apply; max_batch does).")
     CATEGORY = CATEGORY
     FUNCTION = "run"
     RETURN_TYPES = ("IMAGE",)
@@ -171,4 +254,5 @@ class OneStepSRNode:
 NODES = {
     "FaceMend_OneStepSRLoader": (OneStepSRLoader, "FaceMend One-Step SR Loader (TSD-SR / OSEDiff)"),
     "FaceMend_OneStepSR": (OneStepSRNode, "FaceMend One-Step Diffusion SR"),
+    "FaceMend_OSDFaceLoader": (OSDFaceLoader, "FaceMend OSDFace Loader (one-step face diffusion)"),
 }

@@ -66,6 +66,10 @@ PRESETS = {
                                     ("diffusers", "stable-diffusion-3-medium-diffusers"), ("onestep_sr", "tsdsr"),
                                     ("facemend_iqa", "RN50.pt"), ("facemend_iqa", "ckpt_koniq10k.pt"),
                                     ("insightface", "models/buffalo_l/w600k_r50.onnx"))),
+    "osdface": PresetSpec("osdface", "OSDFace, the one-step face diffusion prior: detect -> align (512) -> OSDFace "
+                                     "(SD-2.1-base + its LoRA, prompt tokens from the face, one UNet step at t=399; fp16 "
+                                     "on GPU) -> wavelet colour fix against the input crops -> paste-back",
+                          needs=(("diffusers", "stable-diffusion-2-1-base"), ("onestep_sr", "osdface"))),
     "id_preserve": PresetSpec("id_preserve", "identity preservation from reference photos (--reference): detect -> "
                                              "align -> RestorerID (50 DDIM steps, CFG 4) with the reference's ArcFace "
                                              "+ CLIP tokens and the adaptive ID scale exp((9.5 - MUSIQ)/10) per face "

@@ -130,6 +130,24 @@ WORKFLOWS = {
             14: ("SaveImage", {"filename_prefix": "facemend_ntire_full"}, {"images": (13, 0)}),
         },
     },
+    "facemend_osdface": {
+        "title": "FaceMend osdface: detect -> align (512) -> OSDFace one-step face diffusion (SD-2.1-base + LoRA, "
+                 "prompt tokens from the face) -> wavelet colour fix against the input faces -> paste back",
+        "nodes": {
+            **_DETECT_NODES,
+            4: ("FaceMend_OSDFaceLoader", {"base_model": "stable-diffusion-2-1-base", "osdface_folder": "osdface",
+                                           "precision": "auto", "lora_mode": "merged", "tokens": "embedding change",
+                                           "latent": "sample"}, {}),
+            5: ("FaceMend_OneStepSR", {"scale": 1, "tile_size": 0, "tile_overlap": -1, "seed": 0,
+                                       "blend": "gaussian", "vae_tile_size": 1024, "max_batch": 4},
+                {"image": (3, 0), "sr_model": (4, 0)}),
+            6: ("FaceMend_ColorFix", {"method": "wavelet", "strength": 1.0},
+                {"image": (5, 0), "reference": (3, 0)}),
+            7: ("FaceMend_PasteBack", {"feather": 0.1, "margin": 0.04, "interpolation": "bilinear"},
+                {"image": (1, 0), "face_crops": (6, 0), "alignment": (3, 1)}),
+            8: ("SaveImage", {"filename_prefix": "facemend_osdface"}, {"images": (7, 0)}),
+        },
+    },
     "facemend_adapt": {
         "title": "FaceMend adapt: fine-tune GFPGAN on a folder of your aligned faces (diffusion-prior pseudo "
                  "targets), then restore a photo with the adapted model",
@@ -288,6 +306,10 @@ NOTE_MODELS = {
     ("FaceMend_OneStepSRLoader", "base_model"): lambda v: (f"models/diffusers/{v}/ (the diffusers folder; or "
                                                            f"sd3_medium.safetensors in models/checkpoints/)"),
     ("FaceMend_OneStepSRLoader", "lora"): lambda v: f"models/onestep_sr/{v}" + ("/" if "." not in v else ""),
+    ("FaceMend_OSDFaceLoader", "base_model"): lambda v: f"models/diffusers/{v}/ (SD-2.1-base: unet, vae, scheduler)",
+    ("FaceMend_OSDFaceLoader", "osdface_folder"): lambda v: (f"models/onestep_sr/{v}/ (pytorch_lora_weights."
+                                                             "safetensors, embedding_change_weights.pth, "
+                                                             "associate_2.ckpt)"),
     ("FaceMend_IQALoader", "metric"): lambda v: {
         "niqe": "models/facemend_iqa/niqe_pris_params.npz", "clipiqa": "models/facemend_iqa/RN50.pt (CLIP-IQA)",
         "maniqa": "models/facemend_iqa/ckpt_koniq10k.pt (MANIQA)",

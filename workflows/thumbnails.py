@@ -23,6 +23,7 @@ SIZE = (768, 432)  # the thumbnail (16:9, as the templates browser shows them)
 NEEDS = {"facemend_fast": "GFPGANv1.4.pth", "facemend_ntire": "GFPGAN v1.4, SD3-medium + TSD-SR",
          "facemend_ntire_full": "GFPGAN v1.3, SD3-medium + TSD-SR, CLIP-IQA, MANIQA, ArcFace",
          "facemend_adapt": "GFPGAN v1.4, the DifFace prior, LPIPS-VGG",
+         "facemend_osdface": "SD-2.1-base + OSDFace",
          "facemend_id_preserve": "RestorerID, IP-Adapter-FaceID, CLIP-ViT-H, SD-1.5, ArcFace, MUSIQ"}
 
 

@@ -92,3 +92,47 @@ def merge_lora(root: torch.nn.Module, pairs: dict, scale: float, path: str, what
     for weight, delta in updates:
         weight.copy_((weight.float() + scale * delta).to(weight.dtype))
     return len(updates)
+
+
+class LoraApplied(torch.nn.Module):
+    """base(x) + scale * B(A(x)): a LoRA kept beside its Linear / Conv2d (what peft and diffusers'
+    load_lora_weights compute, unmerged), for checking a merge or keeping the base weights untouched."""
+
+    def __init__(self, base: torch.nn.Module, a: torch.Tensor, b: torch.Tensor, scale: float):
+        super().__init__()
+        self.base, self.scale = base, float(scale)
+        w = base.weight
+        if isinstance(base, torch.nn.Conv2d):
+            self.lora_A = torch.nn.Conv2d(base.in_channels, a.shape[0], base.kernel_size, base.stride, base.padding,
+                                          base.dilation, base.groups, bias=False, padding_mode=base.padding_mode)
+            self.lora_B = torch.nn.Conv2d(a.shape[0], base.out_channels, 1, bias=False)
+        else:
+            self.lora_A = torch.nn.Linear(base.in_features, a.shape[0], bias=False)
+            self.lora_B = torch.nn.Linear(a.shape[0], base.out_features, bias=False)
+        with torch.no_grad():
+            self.lora_A.weight.copy_(a.to(w.dtype))
+            self.lora_B.weight.copy_(b.to(w.dtype))
+        self.lora_A.to(w.device)
+        self.lora_B.to(w.device)
+
+    @property
+    def weight(self):  # code that reads a layer's weight (its dtype, device) still finds it
+        return self.base.weight
+
+    @property
+    def bias(self):
+        return self.base.bias
+
+    def forward(self, x, *args, **kwargs):
+        return self.base(x, *args, **kwargs) + self.scale * self.lora_B(self.lora_A(x))
+
+
+@torch.no_grad()
+def apply_lora(root: torch.nn.Module, pairs: dict, scale: float, path: str, what: str) -> int:
+    """Wrap each named module in LoraApplied (same checks and messages as merge_lora). Returns the count."""
+    merge_lora(root, pairs, 0.0, path, what)  # its checks; W + 0 * delta leaves every weight as it was
+    for name, (a, b) in pairs.items():
+        parent, _, child = name.rpartition(".")
+        holder = root.get_submodule(parent) if parent else root
+        setattr(holder, child, LoraApplied(getattr(holder, child), a, b, scale))
+    return len(pairs)
