@@ -16,6 +16,7 @@ import os
 import socket
 import sys
 import time
+import warnings
 
 import numpy as np
 
@@ -285,12 +286,17 @@ def restore_on_ray(pairs: list[tuple[str, str]], options: dict, existing: str = 
             most = actors if isinstance(actors, int) else actors[1]
             cpus_per_actor = min(1.0, max(0.1, (ray.cluster_resources().get("CPU", 1) - 1) / most))
         ds = ray.data.from_items(todo, override_num_blocks=max(1, -(-len(todo) // ROWS_PER_BLOCK)))
-        ds = ds.map(decode_row, max_retries=RETRIES)
-        ds = ds.map_batches(RestoreActor, fn_constructor_kwargs={"options": options, "models_dirs": models_dirs,
-                                                                 "batch_faces": batch_faces},
-                            batch_size=max(1, int(batch_faces)), concurrency=actors, num_gpus=gpus_per_actor or None,
-                            num_cpus=cpus_per_actor, batch_format="numpy",
-                            max_restarts=RETRIES, max_task_retries=RETRIES)
+        pool = (ray.data.ActorPoolStrategy(size=actors) if isinstance(actors, int)
+                else ray.data.ActorPoolStrategy(min_size=actors[0], max_size=actors[1]))
+        with warnings.catch_warnings():
+            # Ray 2.60 has no named parameter for bounded retries/restarts yet (its default is unbounded).
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")
+            ds = ds.map(decode_row, max_retries=RETRIES)
+            ds = ds.map_batches(RestoreActor, compute=pool, batch_size=max(1, int(batch_faces)), batch_format="numpy",
+                                fn_constructor_kwargs={"options": options, "models_dirs": models_dirs,
+                                                       "batch_faces": batch_faces},
+                                num_gpus=gpus_per_actor or None, num_cpus=cpus_per_actor,
+                                max_restarts=RETRIES, max_task_retries=RETRIES)
         summary = Summary(len(rows), every_s=10.0 if progress else float("inf"))
         summary.counts["skipped"] = len(rows) - len(todo)
         for row in ds.iter_rows():
