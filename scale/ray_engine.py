@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -24,7 +25,7 @@ from ..pipelines.io.errors import FaceMendError
 
 RAY_HINT = "pip install 'facemend[ray]' (ray[data]>=2.60) on this machine and on every node of the cluster"
 ROWS_PER_BLOCK = 4        # inputs per read block: a decode task's work; the backpressure unit
-RETRIES = 3               # Ray's retries of a failed task and restarts of a dead actor (bounded)
+RETRIES = 3               # Ray's retries of a failed decode task and restarts of a dead actor (bounded)
 
 
 def import_ray():
@@ -149,6 +150,12 @@ class RestoreActor:
         self.host = socket.gethostname()
         self.batch_faces = max(1, int(batch_faces))
         self.independent = PRESETS[options["preset"]].faces_independent
+        for key, folder in (("restorer", "facerestore_models"), ("detector", "facedetection")):
+            path = options.get(key)
+            if path and os.path.isabs(path) and not os.path.isfile(path):  # resolved on the driver, absent here
+                raise FaceMendError(f"on node {self.host} ({self.node}): the model file {path} is not on this node; "
+                                    f"put it at the same path on every node (a shared folder given with "
+                                    f"--models-dir, or a copy of {folder}/ on each)")
         self.device = dev.compute_device()  # Ray hands the actor its GPU(s) through CUDA_VISIBLE_DEVICES
         try:
             self.pipeline = cli.build_pipeline(device=self.device, face_batch=self.batch_faces, **options)
@@ -296,7 +303,9 @@ def restore_on_ray(pairs: list[tuple[str, str]], options: dict, existing: str = 
                                 fn_constructor_kwargs={"options": options, "models_dirs": models_dirs,
                                                        "batch_faces": batch_faces},
                                 num_gpus=gpus_per_actor or None, num_cpus=cpus_per_actor,
-                                max_restarts=RETRIES, max_task_retries=RETRIES)
+                                # A task meets its actor "unavailable" until the node's death is known and the
+                                # actor restarted elsewhere: retried without count, bounded by the restarts.
+                                max_restarts=RETRIES, max_task_retries=-1)
         summary = Summary(len(rows), every_s=10.0 if progress else float("inf"))
         summary.counts["skipped"] = len(rows) - len(todo)
         for row in ds.iter_rows():
@@ -328,6 +337,10 @@ def _user_error(exc: BaseException):
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
+        # An actor that died in its constructor reaches the driver as text only (ActorDiedError).
+        found = re.search(r"FaceMendError: (on node [^\n]*)", str(e))
+        if found:
+            return FaceMendError(found.group(1))
         cause = getattr(e, "cause", None)  # RayTaskError: the exception raised on the worker
         if not isinstance(cause, BaseException):
             if isinstance(e, FaceMendError):
