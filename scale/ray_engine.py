@@ -74,7 +74,7 @@ def check_models(options: dict) -> dict:
     if preset in ("fast", "ntire", "ntire_full"):
         name = options.get("restorer") or PRESETS[preset].needs[0][1]
         options["restorer"] = cli.model_file("facerestore_models", name)
-    if options.get("detector") not in (None, "mtcnn") and not options["detector"].startswith("mtcnn"):
+    if options.get("detector") and not options["detector"].startswith("mtcnn"):  # a RetinaFace file
         options["detector"] = cli.model_file("facedetection", options["detector"])
     if preset in ("demo", "fast"):
         cli.build_pipeline(device="cpu", **{**options, "tune_steps": 1})
@@ -261,10 +261,12 @@ def restore_on_ray(pairs: list[tuple[str, str]], options: dict, existing: str = 
     CLI; address: None starts a local Ray on this machine, 'auto' or 'ray://host:10001' joins a cluster; actors:
     N or (MIN, MAX); gpus_per_actor: default 1 where the cluster has GPUs, else 0 (CPU actors); on_row(row) hears of
     every finished input as it streams in."""
-    from ..cli_files import EXISTING_POLICIES, check_existing
+    from ..cli_files import EXISTING_POLICIES, check_existing, check_output_dir
 
     if existing not in EXISTING_POLICIES:
         raise ValueError(f"existing must be one of {EXISTING_POLICIES}, got {existing!r}")
+    for folder in sorted({os.path.dirname(os.path.abspath(o)) for _, o in pairs}):
+        check_output_dir(folder)
     check_existing(pairs, existing)
     options = check_models(options)
     models_dirs = list(models_dirs) or _current_models_dirs()
@@ -281,7 +283,12 @@ def restore_on_ray(pairs: list[tuple[str, str]], options: dict, existing: str = 
     ray = import_ray()
     started = not ray.is_initialized()
     if started:
-        ray.init(address=address, include_dashboard=False, logging_level="WARNING")
+        try:
+            ray.init(address=address, include_dashboard=False, logging_level="WARNING")
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise FaceMendError(f"cannot {'start a local Ray' if not address else f'join the Ray cluster at {address}'}"
+                                f": {exc}; check --ray-address ('auto' needs a running `ray start --head` on this "
+                                "machine)") from exc
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = bool(progress)

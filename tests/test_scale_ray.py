@@ -147,8 +147,11 @@ def cluster(tmp_path_factory):
     os.environ["PYTHONPATH"] = os.pathsep.join([str(link_dir)] + [p for p in [saved["PYTHONPATH"]] if p])
     os.environ["OMP_NUM_THREADS"] = "1"  # 2 shared cores: one thread per worker process
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 80 * MB,
-                                                      "include_dashboard": False})
+    # A killed node is declared dead after 10 missed health checks of 1 s (default 5 of 3 s): quicker, and still
+    # patient with a loaded machine's slow answers.
+    c = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "object_store_memory": 80 * MB, "include_dashboard": False,
+        "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 10}})
     try:
         for _ in range(2):
             c.add_node(num_cpus=3, object_store_memory=80 * MB)
@@ -178,7 +181,7 @@ def test_demo_equals_local_cli_bit_for_bit_through_a_node_kill(cluster, tmp_path
     complete and written once (equal, byte for byte, to the local CLI's), the report lists every input once, a
     bad input is a failed row; then a rerun with --skip-existing does nothing."""
     _two_workers(cluster)
-    folder = _photos(tmp_path / "in", copies=3)
+    folder = _photos(tmp_path / "in", copies=2)
     (folder / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
     expected = _local_outputs(folder, tmp_path / "local", *TUNE)
     out = tmp_path / "ray"
