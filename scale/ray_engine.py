@@ -24,7 +24,8 @@ import numpy as np
 from ..pipelines.io.errors import FaceMendError
 
 RAY_HINT = "pip install 'facemend[ray]' (ray[data]>=2.60) on this machine and on every node of the cluster"
-ROWS_PER_BLOCK = 4        # inputs per read block: a decode task's work; the backpressure unit
+ROWS_PER_BLOCK = 4        # inputs per read block (a decode task's work; the backpressure unit), at least
+MAX_BLOCKS = 10000        # and at most this many blocks (millions of inputs: fewer, larger blocks)
 RETRIES = 3               # Ray's retries of a failed decode task and restarts of a dead actor (bounded)
 
 
@@ -92,11 +93,11 @@ def _exact_pixels(rgba: np.ndarray) -> tuple[bytes, str]:
 
 def decode_row(row: dict) -> dict:
     """A read task: the input file -> pixel bytes (RGB or RGBA, HWC). A file that cannot be read is a failed row."""
+    import torch
+
     from ..pipelines.io.images import read_image
 
     row = dict(row, pixels=b"", dtype="", shape=[0, 0, 0], error="")
-    if row["done"]:
-        return row
     try:
         rgb, alpha = read_image(row["input"])
     except Exception as exc:  # noqa: BLE001 - every reason is the row's report, never the job's failure
@@ -104,7 +105,7 @@ def decode_row(row: dict) -> dict:
 
         row["error"] = error_message(exc)
         return row
-    t = rgb[0] if alpha is None else __import__("torch").cat([rgb[0], alpha[0]])
+    t = rgb[0] if alpha is None else torch.cat([rgb[0], alpha[0]])
     arr = t.permute(1, 2, 0).contiguous().numpy()
     row["pixels"], row["dtype"] = _exact_pixels(arr)
     row["shape"] = list(arr.shape)
@@ -128,8 +129,14 @@ def write_once(target: str, image, alpha, replace: bool) -> bool:
         return True
     except FileExistsError:
         return False
+    except OSError:  # a file system without hard links: a rename, unless the output is there already
+        if os.path.exists(target):
+            return False
+        os.replace(tmp, target)
+        return True
     finally:
-        os.remove(tmp)
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 class RestoreActor:
@@ -174,9 +181,6 @@ class RestoreActor:
         todo, images, alphas = [], [], []
         device = self.device
         for k in range(n):
-            if batch["done"][k]:
-                out["status"][k] = "skipped"
-                continue
             if out["error"][k]:
                 out["status"][k] = "failed"
                 continue
@@ -271,13 +275,10 @@ def restore_on_ray(pairs: list[tuple[str, str]], options: dict, existing: str = 
     options = check_models(options)
     models_dirs = list(models_dirs) or _current_models_dirs()
     rows = [{"index": k, "input": os.path.abspath(i), "output": os.path.abspath(o),
-             "replace": existing == "overwrite" and os.path.exists(o),
-             "done": existing == "skip" and os.path.exists(o)} for k, (i, o) in enumerate(pairs)]
-    reports = []
-    todo = [r for r in rows if not r["done"]]
-    for (i, o), r in zip(pairs, rows):
-        if r["done"]:
-            reports.append({"input": i, "output": o, "skipped": True})
+             "replace": existing == "overwrite" and os.path.exists(o)} for k, (i, o) in enumerate(pairs)]
+    done = [existing == "skip" and os.path.exists(o) for _, o in pairs]
+    reports = [{"input": i, "output": o, "skipped": True} for (i, o), d in zip(pairs, done) if d]
+    todo = [r for r, d in zip(rows, done) if not d]
     if not todo:
         return reports  # a resumed run with nothing left: no cluster started
     ray = import_ray()
@@ -299,7 +300,7 @@ def restore_on_ray(pairs: list[tuple[str, str]], options: dict, existing: str = 
         if not gpus_per_actor:  # CPU actors: leave one CPU to the decode tasks, or they never run
             most = actors if isinstance(actors, int) else actors[1]
             cpus_per_actor = min(1.0, max(0.1, (ray.cluster_resources().get("CPU", 1) - 1) / most))
-        ds = ray.data.from_items(todo, override_num_blocks=max(1, -(-len(todo) // ROWS_PER_BLOCK)))
+        ds = ray.data.from_items(todo, override_num_blocks=max(1, min(MAX_BLOCKS, -(-len(todo) // ROWS_PER_BLOCK))))
         pool = (ray.data.ActorPoolStrategy(size=actors) if isinstance(actors, int)
                 else ray.data.ActorPoolStrategy(min_size=actors[0], max_size=actors[1]))
         with warnings.catch_warnings():
@@ -362,8 +363,6 @@ def _report(row: dict, pair: tuple[str, str]) -> dict:
     entry = {"input": pair[0]}
     if row["status"] == "failed":
         entry["error"] = row["error"]
-    elif row["status"] == "skipped":
-        entry.update(output=pair[1], skipped=True)
     else:
         detail = json.loads(row["report"]) if row["report"] else {}
         entry.update(output=pair[1], faces=detail.get("faces", [int(row["faces"])]),

@@ -209,7 +209,7 @@ def test_demo_equals_local_cli_bit_for_bit_through_a_node_kill(cluster, tmp_path
     for name, data in expected.items():
         assert (out / name).read_bytes() == data, name
     done = [r for r in reports if "faces" in r]
-    assert all(r["seconds"] > 0 and r["node"] for r in done)
+    assert all(r["node"] and (r["seconds"] > 0 or "not written again" in r.get("note", "")) for r in done)
     assert {r["node"] for r in done} - {killed["node"]}, "the surviving node finished the rest"
     # Resume: nothing left to do, nothing rewritten, no cluster work.
     stamps = {p: os.stat(out / p).st_mtime_ns for p in os.listdir(out)}
