@@ -78,7 +78,7 @@ def check_models(options: dict) -> dict:
     if options.get("detector") and not options["detector"].startswith("mtcnn"):  # a RetinaFace file
         options["detector"] = cli.model_file("facedetection", options["detector"])
     if preset in ("demo", "fast"):
-        cli.build_pipeline(device="cpu", **{**options, "tune_steps": 1})
+        cli.build_pipeline(**{**options, "device": "cpu", "tune_steps": 1})
     return options
 
 
@@ -144,7 +144,7 @@ class RestoreActor:
     writes their outputs."""
 
     def __init__(self, options: dict, models_dirs: list, batch_faces: int):
-        import torch  # noqa: F401
+        import torch
 
         from .. import cli
         from ..host import device as dev
@@ -163,7 +163,10 @@ class RestoreActor:
                 raise FaceMendError(f"on node {self.host} ({self.node}): the model file {path} is not on this node; "
                                     f"put it at the same path on every node (a shared folder given with "
                                     f"--models-dir, or a copy of {folder}/ on each)")
-        self.device = dev.compute_device()  # Ray hands the actor its GPU(s) through CUDA_VISIBLE_DEVICES
+        # --device as on the driver (cpu / cuda: Ray hands the actor its GPU(s) through CUDA_VISIBLE_DEVICES)
+        options = dict(options)
+        wanted = options.pop("device", None)
+        self.device = torch.device(wanted) if wanted else dev.compute_device()
         try:
             self.pipeline = cli.build_pipeline(device=self.device, face_batch=self.batch_faces, **options)
         except FaceMendError as exc:  # a model file missing on this node: name it and the node
@@ -383,8 +386,9 @@ def _current_models_dirs() -> list:
 
 def restore_command(args, pairs: list[tuple[str, str]], policy: str, failed: list[dict]) -> int:
     """The CLI's `restore --engine ray`, after the same checks the local CLI makes (cli._restore_command)."""
+    options = dict(pipeline_options(args), device=getattr(args, "sub_device", None) or args.device)
     reports = failed + restore_on_ray(
-        pairs, pipeline_options(args), existing=policy, address=args.ray_address, actors=parse_actors(args.actors),
+        pairs, options, existing=policy, address=args.ray_address, actors=parse_actors(args.actors),
         gpus_per_actor=args.gpus_per_actor, batch_faces=args.batch_faces, progress=not args.no_progress,
         log=lambda line: print(line, file=sys.stderr))
     if args.report:

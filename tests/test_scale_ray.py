@@ -179,7 +179,8 @@ def _local_outputs(folder, out, *extra):
 def test_demo_equals_local_cli_bit_for_bit_through_a_node_kill(cluster, tmp_path, capsys):
     """Two actors on two worker nodes; after the first output, the node that wrote it is killed. Every output is
     complete and written once (equal, byte for byte, to the local CLI's), the report lists every input once, a
-    bad input is a failed row; then a rerun with --skip-existing does nothing."""
+    bad input is a failed row; then a rerun with --skip-existing does nothing, and one after two outputs were lost
+    restores only those two."""
     _two_workers(cluster)
     folder = _photos(tmp_path / "in", copies=2)
     (folder / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
@@ -220,6 +221,15 @@ def test_demo_equals_local_cli_bit_for_bit_through_a_node_kill(cluster, tmp_path
     again = json.loads(report.read_text())
     assert sum(1 for r in again if r.get("skipped")) == len(expected) and len(again) == len(pairs)
     assert {p: os.stat(out / p).st_mtime_ns for p in os.listdir(out)} == stamps
+    # After a failure that lost two outputs: the rerun restores those two, the same bytes, and nothing else.
+    lost = sorted(expected)[:2]
+    for name in lost:
+        os.remove(out / name)
+    assert main(["--device", "cpu", "restore", str(folder), "-o", str(out), "--engine", "ray", "--skip-existing",
+                 "--report", str(report), "--no-progress", *TUNE]) == 1
+    assert sorted(os.path.basename(r["output"]) for r in json.loads(report.read_text()) if "faces" in r) == lost
+    assert all((out / name).read_bytes() == expected[name] for name in lost)
+    assert all(os.stat(out / p).st_mtime_ns == stamps[p] for p in stamps if p not in lost)
 
 
 def test_fast_preset_batches_faces_of_several_photos(cluster, tmp_path, gfpgan_models, capsys):
