@@ -53,7 +53,10 @@ class PeakPerProcess:
         me = self.psutil.Process()
         for p in [me] + me.children(recursive=True):
             try:
-                name = "driver" if p.pid == me.pid else " ".join(p.cmdline()[:1] + p.cmdline()[-1:])[-60:]
+                name = "driver" if p.pid == me.pid else (p.cmdline() or [p.name()])[0]
+                if name.startswith("ray::IDLE") or p.memory_info().rss < 64 * 2 ** 20:
+                    continue  # idle pooled workers and Ray's small helpers
+                name = "actor" if "RestoreActor" in name else name
                 key = (p.pid, name)
                 self.peaks[key] = max(self.peaks.get(key, 0), p.memory_info().rss)
             except (self.psutil.NoSuchProcess, self.psutil.AccessDenied):
@@ -73,7 +76,7 @@ class PeakPerProcess:
 
     def line(self, top: int = 4) -> str:
         big = sorted(self.peaks.items(), key=lambda kv: -kv[1])[:top]
-        return ", ".join(f"{name.split('/')[-1][:40]} {rss / 2 ** 20:.0f} MiB" for (_, name), rss in big)
+        return ", ".join(f"{name[:30]} {rss / 2 ** 20:.0f} MiB" for (_, name), rss in big)
 
 
 def weights(root: Path, narrow: float) -> Path:
@@ -161,18 +164,24 @@ def main_bench():
             s, f, mem = run_ray(folder, work / f"ray{n}", argv, n, a.batch_faces, gpus)
             assert f == faces
             print(f"ray, {n} actor(s)  : {s:7.2f} s, {f / s:6.2f} faces/s, {local_s / s:.2f}x the local CLI; "
-                  f"peaks: {mem.line()}")
+                  f"peaks: {mem.line(2 + n)}")
         if a.tiny:
-            tiny = work / "tiny"
-            tiny.mkdir()
-            for k in range(a.tiny):
-                Image.new("RGB", (48, 32), (k, 120, 150)).save(tiny / f"t{k}.png")
-            local_t, _, _ = run_local(tiny, work / "tiny_local", argv)
-            run_ray(tiny, work / "tiny_warm", argv, 1, a.batch_faces, gpus)  # actors and workers started once
-            s, _, _ = run_ray(tiny, work / "tiny_ray", argv, 1, a.batch_faces, gpus)
-            print(f"tiny inputs ({a.tiny} of 48x32, no face): local {1000 * local_t / a.tiny:.1f} ms/image, "
-                  f"ray {1000 * s / a.tiny:.1f} ms/image (with the pipeline's start on the actor), overhead "
-                  f"{1000 * (s - local_t) / a.tiny:.1f} ms/image")
+            # Per image: the slope between N and 4N tiny inputs (the start of the actors and of the local
+            # pipeline, paid once a run, is the intercept).
+            per = {}
+            for n in (a.tiny, 4 * a.tiny):
+                tiny = work / f"tiny{n}"
+                tiny.mkdir()
+                for k in range(n):
+                    Image.new("RGB", (48, 32), (k % 256, 120, 150)).save(tiny / f"t{k}.png")
+                per[n] = (run_local(tiny, work / f"tiny{n}_local", argv)[0],
+                          run_ray(tiny, work / f"tiny{n}_ray", argv, 1, a.batch_faces, gpus)[0])
+            n1, n2 = a.tiny, 4 * a.tiny
+            slope = [(per[n2][i] - per[n1][i]) / (n2 - n1) for i in (0, 1)]
+            start = [per[n1][i] - slope[i] * n1 for i in (0, 1)]
+            print(f"tiny inputs (48x32, no face; {n1} and {n2}): per image local {1000 * slope[0]:.1f} ms, ray "
+                  f"{1000 * slope[1]:.1f} ms (overhead {1000 * (slope[1] - slope[0]):.1f} ms/image); start of a run "
+                  f"local {start[0]:.1f} s, ray {start[1]:.1f} s (actors loading the pipeline, the driver's check)")
     finally:
         ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
