@@ -325,6 +325,7 @@ def restore_on_ray(pairs: list[tuple[str, str]], options: dict, existing: str = 
             summary.add(row)
             if on_row is not None:
                 on_row(report)
+        remove_leftovers([r["output"] for r in todo])  # of writes cut short by a node that died
         if log is not None:
             log(summary.line())
     except Exception as exc:
@@ -338,6 +339,23 @@ def restore_on_ray(pairs: list[tuple[str, str]], options: dict, existing: str = 
         if started:
             ray.shutdown()
     return reports
+
+
+def remove_leftovers(targets: list[str]) -> int:
+    """Remove the temporary files (write_once's `.NAME.png.HOST.PID.ray`, write_output's `.part` of it) that a worker
+    killed in the middle of a write left beside these outputs; returns how many. Other files are left alone."""
+    by_dir: dict = {}
+    for t in targets:
+        by_dir.setdefault(os.path.dirname(t) or ".", set()).add(os.path.basename(t))
+    removed = 0
+    for folder, names in by_dir.items():
+        with os.scandir(folder) as entries:
+            for e in entries:
+                found = re.fullmatch(r"\.\.?(.+?\.png)\.[^/]+\.\d+\.ray(\.\d+\.part)?", e.name)
+                if found and found.group(1) in names and e.is_file():
+                    os.remove(e.path)
+                    removed += 1
+    return removed
 
 
 def _user_error(exc: BaseException):

@@ -80,6 +80,16 @@ def test_outputs_are_linked_once_never_rewritten(tmp_path):
     assert np.asarray(Image.open(target)).min() == 255
 
 
+def test_writes_cut_short_by_a_dead_worker_are_cleaned_up(tmp_path):
+    target = tmp_path / "a.png"
+    cut = [".a.png.node-1.example.1234.ray", "..a.png.node-1.example.1234.ray.1234.part"]
+    keep = [".b.png.node.1.ray", "a.png.ray", ".a.png.facemend-write-test-x", "c.png"]  # not ours / not leftovers
+    for name in cut + keep:
+        (tmp_path / name).write_bytes(b"x")
+    assert ray_engine.remove_leftovers([str(target)]) == 2
+    assert sorted(os.listdir(tmp_path)) == sorted(keep)
+
+
 def test_faces_of_several_photos_share_forwards(tmp_path, gfpgan_models):
     """restore_images: per-face presets batch the faces of several photos (results within the restorer's
     reordering tolerance of each photo alone); per-photo presets give exactly the pipeline's own result."""
