@@ -55,7 +55,7 @@ def build_pipeline(preset: str = "demo", detector: str = EMBEDDED_MTCNN, device=
 
         def restore(faces):
             progress.stage("restore faces", faces.shape[0])
-            return net(faces, callback=progress, batch_size=face_batch)
+            return net(faces, callback=progress, **({"batch_size": face_batch} if face_batch else {}))
 
         stages.append(("restore", restore))
     if preset == "demo":

@@ -91,17 +91,14 @@ def test_writes_cut_short_by_a_dead_worker_are_cleaned_up(tmp_path):
 
 
 def test_faces_of_several_photos_share_forwards(tmp_path, gfpgan_models):
-    """restore_images: per-face presets batch the faces of several photos (results within the restorer's
-    reordering tolerance of each photo alone); per-photo presets give exactly the pipeline's own result."""
+    """restore_images: a per-face preset batches the faces of several photos, each result within the restorer's
+    reordering tolerance of the photo alone (per-photo presets: bit for bit, in the cluster test below)."""
     from facemend.cli import build_pipeline
     from facemend.host import model_paths
     from facemend.pipelines.restore.restorer import FaceRestorer
 
     folder = _photos(tmp_path / "in")
     images = [ray_engine_image(folder / n) for n in SMALL]
-    demo = build_pipeline("demo", device="cpu", tune_steps=2)
-    for (out, _), image in zip(restore_images(demo, images, 4, faces_independent=False), images):
-        assert torch.equal(out, demo(image)[0])
     model_paths.set_models_dirs([str(gfpgan_models)])
     try:
         fast = build_pipeline("fast", device="cpu", restorer="tiny_gfpgan.pth", face_batch=4)
