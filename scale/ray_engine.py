@@ -77,6 +77,11 @@ def check_models(options: dict) -> dict:
         options["restorer"] = cli.model_file("facerestore_models", name)
     if options.get("detector") and not options["detector"].startswith("mtcnn"):  # a RetinaFace file
         options["detector"] = cli.model_file("facedetection", options["detector"])
+    for key in ("onestep_base", "onestep_lora"):  # explicit paths: absolute, for workers with another cwd
+        if options.get(key) and os.path.exists(options[key]):
+            options[key] = os.path.abspath(options[key])
+    if options.get("reference"):
+        options["reference"] = [os.path.abspath(p) for p in options["reference"]]
     if preset in ("demo", "fast"):
         cli.build_pipeline(**{**options, "device": "cpu", "tune_steps": 1})
     return options

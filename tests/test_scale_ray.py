@@ -141,19 +141,43 @@ def gfpgan_models(tmp_path_factory):
 # ---------------------------------------------------------------------------------------- on a 2-node cluster
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """Head (the driver, no CPUs) + two worker nodes. Workers import this checkout as `facemend` (a link on
-    PYTHONPATH), as a user's nodes import the installed pack."""
-    ray = pytest.importorskip("ray")
+def ray_workers_env(tmp_path_factory):
+    """Ray's worker processes import this checkout as `facemend` (a link on PYTHONPATH), as a user's nodes import
+    the installed pack; one torch thread each (2 shared cores)."""
+    pytest.importorskip("ray")
     pytest.importorskip("ray.data")
-    from ray.cluster_utils import Cluster
-
     link_dir = tmp_path_factory.mktemp("pkg")
     os.symlink(ROOT, link_dir / "facemend")
     saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "OMP_NUM_THREADS", "RAY_AUTH_MODE")}
     os.environ["PYTHONPATH"] = os.pathsep.join([str(link_dir)] + [p for p in [saved["PYTHONPATH"]] if p])
-    os.environ["OMP_NUM_THREADS"] = "1"  # 2 shared cores: one thread per worker process
+    os.environ["OMP_NUM_THREADS"] = "1"
     os.environ["RAY_AUTH_MODE"] = "disabled"
+    yield
+    for k, v in saved.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def test_one_command_starts_a_local_ray(ray_workers_env, tmp_path, capsys):
+    """Without --ray-address: a local Ray on this machine, started and stopped by the command (README, At scale)."""
+    import ray
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in SMALL[1:3]:
+        shutil.copy(need_shared("faces", "whole_lq_real", name), folder)
+    expected = _local_outputs(folder, tmp_path / "local", *TUNE)
+    assert main(["--device", "cpu", "restore", str(folder), "-o", str(tmp_path / "ray"), "--engine", "ray",
+                 "--no-progress", *TUNE]) == 0
+    assert not ray.is_initialized()
+    assert {p: (tmp_path / "ray" / p).read_bytes() for p in os.listdir(tmp_path / "ray")} == expected
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_workers_env):
+    """Head (the driver, no CPUs) + two worker nodes."""
+    import ray
+    from ray.cluster_utils import Cluster
+
     # A killed node is declared dead after 10 missed health checks of 1 s (default 5 of 3 s): quicker, and still
     # patient with a loaded machine's slow answers.
     c = Cluster(initialize_head=True, head_node_args={
@@ -168,8 +192,6 @@ def cluster(tmp_path_factory):
     finally:
         ray.shutdown()
         c.shutdown()
-        for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
 def _two_workers(c):
