@@ -96,6 +96,62 @@ def _exact_pixels(rgba: np.ndarray) -> tuple[bytes, str]:
     return rgba.astype(np.float32).tobytes(), "float32"
 
 
+def is_uri(path: str) -> bool:
+    return "://" in str(path)
+
+
+def list_inputs(items: list[str]) -> tuple[list[str], list[dict]]:
+    """The CLI's collect_inputs, plus object-store and other URIs (s3://bucket/photos/, gs://..., file:///...)
+    through the pyarrow filesystems Ray Data uses: a URI of a folder gives its image files, sorted by name."""
+    from ..cli_files import collect_inputs
+    from ..pipelines.io.images import IMAGE_EXTENSIONS
+
+    files, failed = collect_inputs([i for i in items if not is_uri(i)])
+    for uri in (i for i in items if is_uri(i)):
+        try:
+            fs, path, scheme = _filesystem(uri)
+            info = fs.get_file_info(path)
+            if info.type.name == "Directory":
+                from pyarrow.fs import FileSelector
+
+                found = sorted(i.path for i in fs.get_file_info(FileSelector(path)) if i.type.name == "File"
+                               and i.path.lower().endswith(IMAGE_EXTENSIONS))
+                files += [f"{scheme}://{p}" for p in found]
+            elif info.type.name == "File":
+                files.append(uri)
+            else:
+                failed.append({"input": uri, "error": f"no such file or folder: {uri}"})
+        except Exception as exc:  # noqa: BLE001 - an unknown scheme, missing credentials...: that input's report
+            failed.append({"input": uri, "error": f"cannot list {uri}: {exc}"})
+    return files, failed
+
+
+def _filesystem(uri: str):
+    from pyarrow.fs import FileSystem
+
+    fs, path = FileSystem.from_uri(uri)
+    return fs, path, uri.split("://", 1)[0]
+
+
+def _read_uri(uri: str):
+    """A URI's image through a temporary local copy, so it decodes exactly as a local file does."""
+    import tempfile
+
+    from ..pipelines.io.errors import InvalidImage
+    from ..pipelines.io.images import read_image
+
+    fs, path, _ = _filesystem(uri)
+    with fs.open_input_stream(path) as f:
+        data = f.read()
+    with tempfile.NamedTemporaryFile(suffix=os.path.splitext(path)[1]) as tmp:
+        tmp.write(data)
+        tmp.flush()
+        try:
+            return read_image(tmp.name)
+        except InvalidImage as exc:
+            raise InvalidImage(str(exc).replace(tmp.name, uri)) from exc
+
+
 def decode_row(row: dict) -> dict:
     """A read task: the input file -> pixel bytes (RGB or RGBA, HWC). A file that cannot be read is a failed row."""
     import torch
@@ -104,7 +160,7 @@ def decode_row(row: dict) -> dict:
 
     row = dict(row, pixels=b"", dtype="", shape=[0, 0, 0], error="")
     try:
-        rgb, alpha = read_image(row["input"])
+        rgb, alpha = _read_uri(row["input"]) if is_uri(row["input"]) else read_image(row["input"])
     except Exception as exc:  # noqa: BLE001 - every reason is the row's report, never the job's failure
         from .batching import error_message
 
@@ -267,7 +323,8 @@ class Summary:
 def restore_on_ray(pairs: list[tuple[str, str]], options: dict, existing: str = "error", address: str | None = None,
                    actors=1, gpus_per_actor: float | None = None, batch_faces: int = 4, models_dirs=(),
                    progress: bool = True, on_row=None, log=None) -> list[dict]:
-    """The Python API: restore (input, output) pairs (plan_outputs) on Ray; returns one report per input.
+    """The Python API: restore (input, output) pairs (plan_outputs) on Ray; returns one report per input. Inputs
+    may be URIs (list_inputs: s3://..., gs://..., file:///...), read by the decode tasks; outputs are paths.
 
     options: build_pipeline's keywords (pipeline_options); existing: 'error' | 'overwrite' | 'skip' as the local
     CLI; address: None starts a local Ray on this machine, 'auto' or 'ray://host:10001' joins a cluster; actors:
@@ -282,7 +339,7 @@ def restore_on_ray(pairs: list[tuple[str, str]], options: dict, existing: str = 
     check_existing(pairs, existing)
     options = check_models(options)
     models_dirs = list(models_dirs) or _current_models_dirs()
-    rows = [{"index": k, "input": os.path.abspath(i), "output": os.path.abspath(o),
+    rows = [{"index": k, "input": i if is_uri(i) else os.path.abspath(i), "output": os.path.abspath(o),
              "replace": existing == "overwrite" and os.path.exists(o)} for k, (i, o) in enumerate(pairs)]
     done = [existing == "skip" and os.path.exists(o) for _, o in pairs]
     reports = [{"input": i, "output": o, "skipped": True} for (i, o), d in zip(pairs, done) if d]

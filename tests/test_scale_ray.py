@@ -285,6 +285,28 @@ def test_fast_preset_batches_faces_of_several_photos(cluster, tmp_path, gfpgan_m
         assert ours.shape == ref.shape and np.abs(ours - ref).max() <= 1, name
 
 
+def test_inputs_by_uri_through_pyarrow_filesystems(cluster, tmp_path):
+    """Inputs named by URI (here file://, the same code path as s3:// or gs://: pyarrow's filesystems, which Ray
+    Data uses): a folder URI lists its images, the decode tasks read them, the outputs equal the local CLI's."""
+    from facemend.cli_files import plan_outputs
+
+    _two_workers(cluster)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in SMALL[1:3]:
+        shutil.copy(need_shared("faces", "whole_lq_real", name), folder)
+    expected = _local_outputs(folder, tmp_path / "local", *TUNE)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    files, failed = ray_engine.list_inputs([f"file://{folder}", f"file://{tmp_path / 'nowhere'}"])
+    assert files == [f"file://{folder / n}" for n in ["03.jpg", "04.jpg", "broken.jpg"]]
+    assert failed[0]["input"] == f"file://{tmp_path / 'nowhere'}" and "no such file" in failed[0]["error"]
+    options = ray_engine.pipeline_options(_args(*TUNE))
+    reports = ray_engine.restore_on_ray(plan_outputs(files, str(tmp_path / "ray")), options, progress=False)
+    bad = [r for r in reports if "error" in r]
+    assert len(bad) == 1 and bad[0]["error"].startswith(f"cannot read image file://{folder / 'broken.jpg'}")
+    assert {p: (tmp_path / "ray" / p).read_bytes() for p in os.listdir(tmp_path / "ray")} == expected
+
+
 def test_model_missing_on_a_worker_fails_fast_naming_it(cluster, tmp_path, monkeypatch):
     """A restorer present where the driver checked but absent on the workers: the job stops at the first actor
     with the file named (no endless actor restarts, no outputs)."""
