@@ -29,7 +29,7 @@ def build_pipeline(preset: str = "demo", detector: str = EMBEDDED_MTCNN, device=
                    precision: str = "auto", tune_steps: int = DEMO_TUNE_STEPS, seed: int = 0,
                    onestep_base: str | None = None, onestep_lora: str | None = None, progress=None,
                    reference: list | None = None, id_scale: float | None = None, steps: int = 50,
-                   cfg: float = 4.0, **options) -> FaceRestorePipeline:
+                   cfg: float = 4.0, face_batch: int = 0, **options) -> FaceRestorePipeline:
     """The Python API: a ready pipeline for `preset`, models resolved through the model search path.
     `restorer` overrides the preset's restorer file (a name in facerestore_models/ or a path); `tune_steps`
     is the demo preset's ZSSR step count; `onestep_base` / `onestep_lora` the ntire preset's SD3 folder (in
@@ -37,7 +37,7 @@ def build_pipeline(preset: str = "demo", detector: str = EMBEDDED_MTCNN, device=
     folder. id_preserve: `reference` photo paths of the person, `id_scale`
     a fixed ID scale instead of the adaptive one (which needs MUSIQ's weights), `steps` / `cfg` of the sampler.
     `progress` (e.g. a CLIProgress) hears of the face work: stage(name, total) when a face stage starts, then
-    progress(n) as faces / steps finish."""
+    progress(n) as faces / steps finish. `face_batch`: faces per restorer forward (0: by free memory)."""
     if preset not in PRESETS:
         raise FaceMendError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     progress = progress or _NoProgress()
@@ -56,7 +56,7 @@ def build_pipeline(preset: str = "demo", detector: str = EMBEDDED_MTCNN, device=
 
         def restore(faces):
             progress.stage("restore faces", faces.shape[0])
-            return net(faces, callback=progress)
+            return net(faces, callback=progress, **({"batch_size": face_batch} if face_batch else {}))
 
         stages.append(("restore", restore))
     if preset == "demo":
@@ -497,6 +497,18 @@ def build_parser() -> argparse.ArgumentParser:
                            f"is in memory, about {BYTES_PER_OUTPUT_PIXEL} bytes a pixel at the peak (default "
                            f"{MAX_OUTPUT_PIXELS // 1024 ** 2}; 0 = no limit)")
     p_restore.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    p_restore.add_argument("--engine", default="local", choices=["local", "ray"], help="local (this process) or "
+                           "ray: a Ray Data pipeline over a Ray cluster (pip install 'facemend[ray]'; see README, "
+                           "At scale)")
+    p_restore.add_argument("--ray-address", default=None, help="--engine ray: 'auto' or ray://host:10001 to join a "
+                           "cluster (default: start a local Ray on this machine)")
+    p_restore.add_argument("--actors", default="1", help="--engine ray: restoring actors (each holds the loaded "
+                           "pipeline): N, or MIN,MAX to autoscale (default 1)")
+    p_restore.add_argument("--gpus-per-actor", type=float, default=None, help="--engine ray: GPUs per actor "
+                           "(default 1 when the cluster has GPUs, else 0)")
+    p_restore.add_argument("--batch-faces", type=int, default=4, help="--engine ray: faces of several photos "
+                           "per restorer forward, up to this many (default 4; presets that tune per photo keep "
+                           "each photo's faces together and alone)")
     p_demo = add("demo", help="degrade and restore a public-domain photo (no downloads)")
     p_demo.add_argument("-o", "--out", default="demo_output", help="output folder (default: demo_output/)")
     p_demo.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -578,6 +590,10 @@ def _restore_command(args) -> int:
     pairs = plan_outputs(files, args.out)
     policy = "overwrite" if args.overwrite else "skip" if args.skip_existing else "error"
     check_existing(pairs, policy)  # before loading any model
+    if args.engine == "ray":  # the same checks above, then Ray Data does the work (scale/)
+        from .scale.ray_engine import restore_command
+
+        return restore_command(args, pairs, policy, failed)
     bars = CLIProgress(len(pairs), enabled=not args.no_progress)
     try:
         pipeline = build_pipeline(args.preset, args.detector, restorer=args.restorer, precision=args.precision,

@@ -27,6 +27,10 @@ class PresetSpec:
     description: str
     needs: tuple = ()  # model files the preset needs, as (folder, file name)
     upscale: int = 1   # output size factor
+    # Each face's result is the same whichever faces share its forward (restorers): scale/ may batch the faces
+    # of several photos together. False where a stage learns from all faces of its call (ZSSR, NTIRE tuning) or
+    # draws noise for the whole batch (diffusion): their faces go per photo, as the local CLI runs them.
+    faces_independent: bool = False
 
 
 # Output size bound: the whole output photo (and a few float copies of it) is in memory at once. Measured with
@@ -52,7 +56,8 @@ PRESETS = {
                                "pixel crops -> ZSSR x2 per face (200 steps, faces tuned together) -> wavelet "
                                "colour fix -> paste into the x2 bicubic photo", upscale=2),
     "fast": PresetSpec("fast", "detect -> align -> GFPGAN (v1.4 by default) -> wavelet colour fix against the "
-                               "input crops -> paste-back", needs=(("facerestore_models", "GFPGANv1.4.pth"),)),
+                               "input crops -> paste-back", needs=(("facerestore_models", "GFPGANv1.4.pth"),),
+                       faces_independent=True),
     "ntire": PresetSpec("ntire", "the NTIRE 2025 AIIA chain: detect -> align -> GFPGAN (v1.4) -> TSD-SR one-step "
                                  "refinement at scale 1 (512 crops, fp16 on GPU) -> wavelet colour fix against the "
                                  "GFPGAN output -> paste-back",
@@ -105,6 +110,16 @@ class FaceRestorePipeline:
 
     def __call__(self, images: torch.Tensor, hook=None) -> tuple[torch.Tensor, dict]:
         """images [B,3,H,W] on the pipeline's device -> (restored images, report with timings/faces)."""
+        canvas, crops, alignment, report = self.detect(images)
+        if len(alignment) == 0:
+            return canvas, report
+        restored = self.restore_crops(crops, report, hook)
+        return self.paste(canvas, restored, alignment, report), report
+
+    # The three phases of __call__, for callers that batch the faces of several photos together (scale/): the
+    # face stages and the colour fix see only crops, so crops of different photos can share their forwards.
+    def detect(self, images: torch.Tensor):
+        """-> (canvas: the images at the output size, crops [N,3,S,S], FaceAlignment, report)."""
         check_output_size(images.shape[-2], images.shape[-1], self.upscale, self.max_output_pixels)
         report: dict = {"timings_s": {}}
         t0 = time.perf_counter()
@@ -118,8 +133,10 @@ class FaceRestorePipeline:
         canvas = images
         if self.upscale > 1:
             canvas = F.interpolate(images, scale_factor=self.upscale, mode="bicubic", align_corners=False).clamp(0, 1)
-        if len(alignment) == 0:
-            return canvas, report
+        return canvas, crops, alignment, report
+
+    def restore_crops(self, crops: torch.Tensor, report: dict, hook=None) -> torch.Tensor:
+        """The face stages then the colour fix on [N,3,S,S] crops; timings (and per-face stage figures) into report."""
         restored = crops
         outputs = {"input": crops}
         for name, stage in self.face_stages:
@@ -128,7 +145,7 @@ class FaceRestorePipeline:
             t = time.perf_counter()
             restored = stage(restored)
             outputs[name] = restored
-            report["timings_s"][name] = time.perf_counter() - t
+            report["timings_s"][name] = report["timings_s"].get(name, 0.0) + time.perf_counter() - t
             if getattr(stage, "last_report", None):  # per-face figures of stages that keep them (id_preserve)
                 report[name] = stage.last_report
         if self.color_reference not in outputs:
@@ -136,10 +153,13 @@ class FaceRestorePipeline:
                              f"({', '.join(outputs)})")
         t = time.perf_counter()
         restored = color_fix(restored, outputs[self.color_reference], self.color_method)
-        report["timings_s"]["color_fix"] = time.perf_counter() - t
+        report["timings_s"]["color_fix"] = report["timings_s"].get("color_fix", 0.0) + time.perf_counter() - t
+        return restored
+
+    def paste(self, canvas: torch.Tensor, restored: torch.Tensor, alignment, report: dict) -> torch.Tensor:
         t = time.perf_counter()
         out, _ = paste_faces(canvas, restored, alignment, margin=self.margin, feather=self.feather,
                              interpolation=self.interpolation)
         report["timings_s"]["paste"] = time.perf_counter() - t
         report["alignment"] = alignment.to_dict()
-        return out, report
+        return out
