@@ -5,12 +5,14 @@ import os
 from dataclasses import replace
 
 from ..host import device as dev
+from ..host import models as hm
 from ..host.model_paths import expected_path, find_dir, find_optional_file, list_dirs, list_files
 from .common import CATEGORY, bchw_to_image, empty_faces, image_to_bchw, no_faces
 
 BASE_DEFAULTS = {"tsdsr": "stable-diffusion-3-medium-diffusers", "osediff": "stable-diffusion-2-1-base"}
 LORA_DEFAULTS = {"tsdsr": "tsdsr", "osediff": "osediff.pkl"}
 _cache: dict = {}
+ACTIVATION_BYTES = 2 * 1024 ** 3  # what a tiled one-step run needs besides the weights (memory asked of ComfyUI)
 
 
 CHECKPOINTS = "checkpoints"  # ComfyUI's own folder of single-file checkpoints (sd3_medium*.safetensors)
@@ -50,15 +52,17 @@ def load_onestep(backend: str, base_model: str = "", lora: str = "", precision: 
     key = (backend, os.path.abspath(base_dir), os.path.abspath(lora_path), stamp, str(device), dtype,
            prompt if backend == "osediff" else "")
     if key not in _cache:
+        hm.unload(*_cache.values())
         _cache.clear()  # billions of parameters: never two resident
         dev.soft_empty_cache()
-        # Hosted: load on the offload device and move to the GPU only while the SR node runs.
+        # Hosted: load on the offload device; ComfyUI's model management moves it to the GPU for the SR node and
+        # keeps it there while it fits (host/models.py).
         where = dev.offload_device() if dev.is_hosted() else device
         if backend == "tsdsr":
             model = load_tsdsr(base_dir, lora_path, device=where, dtype=dtype)
         else:
             model = load_osediff(base_dir, lora_path, device=where, dtype=dtype, prompt=prompt)
-        _cache[key] = model
+        _cache[key] = hm.manage(model, f"one-step SR {backend}")
     return _cache[key]
 
 
@@ -155,16 +159,18 @@ class OneStepSRNode:
         progress = dev.Progress(sr_model.count_tiles(h, w, int(scale), t, n))
         hook = dev.step_hook(progress)
         dev.check_interrupt()
-        dev.free_memory(sr_model.model_bytes() + 2 * 1024 ** 3, device)
-        moved = sr_model.device != device
-        if moved:
-            sr_model.to(device)
-        try:
-            out = sr_model(x, scale=int(scale), seed=int(seed), tiles=t, hook=hook, is_oom=dev.is_oom)
-        finally:
+        with hm.on_device(sr_model, memory_required=ACTIVATION_BYTES):
+            # Standalone, a model loaded elsewhere is moved for this run only (hosted: ComfyUI placed it).
+            moved = not hm.same_device(sr_model.device, device)
             if moved:
-                sr_model.to(dev.offload_device())
-                dev.soft_empty_cache()
+                dev.free_memory(sr_model.model_bytes() + ACTIVATION_BYTES, device)
+                sr_model.to(device)
+            try:
+                out = sr_model(x, scale=int(scale), seed=int(seed), tiles=t, hook=hook, is_oom=dev.is_oom)
+            finally:
+                if moved:
+                    sr_model.to(dev.offload_device())
+                    dev.soft_empty_cache()
         return (bchw_to_image(out),)
 
 

@@ -8,6 +8,7 @@ import time
 import torch
 
 from ..host import device as dev
+from ..host import models as hm
 from ..host.model_paths import find_dir, find_file, list_dirs, list_files, missing_file_message
 from ..pipelines.io.errors import ModelFileNotFound
 from .common import CATEGORY, bchw_to_image, empty_faces, image_to_bchw, no_faces
@@ -17,6 +18,7 @@ DEFAULT_IP_ADAPTER = "ip-adapter-faceid-plus_sd15.bin"
 DEFAULT_CLIP_VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K"
 DEFAULT_TEXT_ENCODER = "stable-diffusion-v1-5"
 _cache: dict = {}
+ACTIVATION_BYTES = 2 * 1024 ** 3  # what the sampler needs besides the weights (memory asked of ComfyUI)
 
 
 def _file_or_dir(folder: str, name: str) -> str:
@@ -45,10 +47,13 @@ def load_restorer_id(checkpoint=DEFAULT_CKPT, ip_adapter=DEFAULT_IP_ADAPTER, cli
     dtype = dev.resolve_dtype(precision, device)
     key = tuple((p, os.path.getmtime(p)) for p in paths.values()) + (str(device), dtype)
     if key not in _cache:
+        hm.unload(*_cache.values())
         _cache.clear()  # 1.2 B parameters: never two resident
         dev.soft_empty_cache()
+        # Hosted: on the offload device until the restore node asks ComfyUI to load it (host/models.py).
         where = dev.offload_device() if dev.is_hosted() else device
-        _cache[key] = RestorerID.load(**paths, device=where, dtype=dtype)
+        model = RestorerID.load(**paths, device=where, dtype=dtype)
+        _cache[key] = hm.manage(model, "RestorerID", follow_moves=True)
     return _cache[key]
 
 
@@ -186,6 +191,7 @@ class RestorerIDRestore:
             batch_size=0):
         from ..pipelines.identity.adaptive_scale import adaptive_id_scale
         from ..pipelines.identity.reference import reference_identity
+        from ..pipelines.identity.stage import restore_in_batches
 
         if no_faces(face_crops):  # Detect + Align found no face: nothing to restore, no reference to embed
             return (empty_faces(face_crops), json.dumps({"faces": 0, "note": "no faces found: nothing was restored"}))
@@ -193,11 +199,12 @@ class RestorerIDRestore:
         t0 = time.perf_counter()
         faces = image_to_bchw(face_crops, device, "face_crops")
         refs = image_to_bchw(reference, device, "reference")
-        ref = reference_identity(refs, detector, id_model)
+        with hm.on_device(detector):
+            ref = reference_identity(refs, detector, id_model)
         n = faces.shape[0]
         report = {"faces": n, "reference": ref.report, "steps": int(steps), "cfg": float(cfg), "seed": int(seed)}
         if musiq_metric is not None:
-            with torch.no_grad():
+            with torch.no_grad(), hm.on_device(musiq_metric):
                 musiq = torch.cat([musiq_metric.score(faces[i:i + 1]).float().cpu() for i in range(n)])
             scales = adaptive_id_scale(musiq, alpha, beta)
             report["musiq"] = [round(float(v), 4) for v in musiq]
@@ -208,23 +215,22 @@ class RestorerIDRestore:
         bs = int(batch_size) or (8 if device.type == "cuda" else 1)
         progress = dev.Progress(int(steps) * ((n + bs - 1) // bs))
         hook = dev.step_hook(progress)
-        dev.free_memory(restorer_id.model_bytes() + 2 * 1024 ** 3, device)
-        moved = restorer_id.device != device
-        if moved:
-            restorer_id.to(device)
-        try:
-            g = torch.Generator().manual_seed(int(seed))
-            outs = []
-            for i in range(0, n, bs):
-                dev.check_interrupt()
-                outs.append(restorer_id.restore(faces[i:i + bs], ref, ip_scale=scales[i:i + bs], steps=int(steps),
-                                                cfg=float(cfg), prompt=prompt, negative_prompt=negative_prompt,
-                                                hook=hook, generator=g))
-        finally:
+        notes: list = []
+        with hm.on_device(restorer_id, memory_required=ACTIVATION_BYTES):
+            # Standalone, a model loaded elsewhere is moved for this run only (hosted: ComfyUI placed it).
+            moved = not hm.same_device(restorer_id.device, device)
             if moved:
-                restorer_id.to(dev.offload_device())
-                dev.soft_empty_cache()
-        out = torch.cat(outs)
+                dev.free_memory(restorer_id.model_bytes() + ACTIVATION_BYTES, device)
+                restorer_id.to(device)
+            try:
+                out = restore_in_batches(restorer_id, faces, ref, scales, bs, int(seed), notes, steps=int(steps),
+                                         cfg=float(cfg), prompt=prompt, negative_prompt=negative_prompt, hook=hook)
+            finally:
+                if moved:
+                    restorer_id.to(dev.offload_device())
+                    dev.soft_empty_cache()
+        if notes:
+            report["notes"] = notes
         report["id_similarity_after"] = _id_similarity(id_model, out, ref)
         report["seconds"] = round(time.perf_counter() - t0, 3)
         return (bchw_to_image(out), json.dumps(report))

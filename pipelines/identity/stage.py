@@ -8,6 +8,7 @@ from typing import Callable, Optional
 import torch
 
 from ..face.geometry import face_template, fit_similarity, warp_to_crops
+from ..io.memory import run_halving
 from ..quality.id_similarity import ARCFACE_TEMPLATE_112, INPUT_SIZE
 from .adaptive_scale import ALPHA, BETA, adaptive_id_scale
 from .reference import Reference
@@ -22,6 +23,28 @@ def similarity_to_reference(arcface, faces: torch.Tensor, ref: Reference) -> tor
     emb = arcface.embed(crops).float()
     ref_emb = torch.nn.functional.normalize(ref.id_embed.to(emb.device).float(), dim=1)
     return (emb @ ref_emb.T)[:, 0]
+
+
+def restore_in_batches(model, faces: torch.Tensor, reference: Reference, scales: torch.Tensor, batch_size: int,
+                       seed: int, notes: Optional[list] = None, **restore_kw) -> torch.Tensor:
+    """model.restore over batches of `batch_size` faces (8 faces are a UNet batch of 16 with CFG) with one seeded
+    generator; a batch that runs out of memory runs again with half as many faces, from the generator state it
+    started with, so the result is that of the smaller batch size. `notes` collects what was retried."""
+    g = torch.Generator().manual_seed(int(seed))
+    mark = {"start": 0, "state": g.get_state()}
+
+    def run(start: int, stop: int) -> torch.Tensor:
+        if start != mark["start"]:       # a new batch: remember where the generator stands
+            mark.update(start=start, state=g.get_state())
+        else:                            # the same batch again after out of memory: draw the same numbers
+            g.set_state(mark["state"])
+        return model.restore(faces[start:stop], reference, ip_scale=scales[start:stop], generator=g, **restore_kw)
+
+    def retried(k: int, why: str) -> None:
+        if notes is not None:
+            notes.append(f"RestorerID: out of memory ({why}); retried with {k} face{'s' if k > 1 else ''} per batch")
+
+    return torch.cat(run_halving(faces.shape[0], batch_size, run, device=faces.device, on_retry=retried))
 
 
 class IdentityStage:
@@ -47,10 +70,9 @@ class IdentityStage:
         scales, musiq = self.scales(faces)
         before = similarity_to_reference(self.arcface, faces, self.reference)
         bs = self.batch_size or (8 if faces.device.type == "cuda" else 1)
-        g = torch.Generator().manual_seed(int(self.seed))
-        out = torch.cat([self.model.restore(faces[i:i + bs], self.reference, ip_scale=scales[i:i + bs],
-                                            steps=self.steps, cfg=self.cfg, hook=self.hook, generator=g)
-                         for i in range(0, faces.shape[0], bs)])
+        notes: list = []
+        out = restore_in_batches(self.model, faces, self.reference, scales, bs, self.seed, notes,
+                                 steps=self.steps, cfg=self.cfg, hook=self.hook)
         after = similarity_to_reference(self.arcface, out, self.reference)
         self.last_report = {
             "musiq": None if musiq is None else [round(float(v), 4) for v in musiq],
@@ -58,4 +80,6 @@ class IdentityStage:
             "id_similarity_before": [round(float(v), 5) for v in before],
             "id_similarity_after": [round(float(v), 5) for v in after],
             "reference": self.reference.report, "steps": self.steps, "cfg": self.cfg, "seed": self.seed}
+        if notes:
+            self.last_report["notes"] = notes
         return out
