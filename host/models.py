@@ -69,12 +69,12 @@ class ModelHolder(torch.nn.Module):
         # A weak reference: the owner holds the patcher that holds this module (no cycle for ComfyUI's leak check).
         self._owner = weakref.ref(owner) if owner is not None else None
 
-    def _apply(self, fn, recurse=True):
-        out = super()._apply(fn, recurse)
+    def to(self, *args, **kwargs):
+        out = super().to(*args, **kwargs)
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]  # the device exactly as ComfyUI names it
         owner = self._owner() if self._owner is not None else None
-        first = next(iter(self.parameters()), None)
-        if owner is not None and first is not None:
-            owner.to(first.device)
+        if owner is not None and device is not None:
+            owner.to(device)
         return out
 
     def extra_repr(self) -> str:
@@ -105,7 +105,7 @@ def manage(model, name: str = "", follow_moves: bool = False):
     patcher = comfy.model_patcher.ModelPatcher(holder, load_device=dev.compute_device(),
                                                offload_device=dev.offload_device())
     setattr(model, PATCHER, patcher)
-    if first is not None and same_device(first.device, patcher.load_device) and not novram():
+    if first is not None and first.device != torch.device(patcher.offload_device) and not novram():
         load(model)  # already on the compute device (the loader put it there): ComfyUI counts it from now on
     return model
 
