@@ -20,8 +20,9 @@ COMPUTE = torch.device("cpu", 0)
 OFFLOAD = torch.device("cpu")
 
 
-def import_comfy() -> dict:
-    """{module name: module} of comfy.* imported from COMFYUI_DIR in CPU mode (skips when absent)."""
+def import_comfy(cpu: bool = True) -> dict:
+    """{module name: module} of comfy.* imported from COMFYUI_DIR, in CPU mode unless told otherwise (a GPU
+    machine: benchmarks/gpu_check.py); skips when absent."""
     missing = comfyui_missing()
     if missing:
         pytest.skip(missing)
@@ -30,7 +31,7 @@ def import_comfy() -> dict:
     try:
         import comfy.cli_args  # noqa: F401  (parses no command line: comfy.options.args_parsing is False)
 
-        sys.modules["comfy.cli_args"].args.cpu = True
+        sys.modules["comfy.cli_args"].args.cpu = cpu
         import comfy.model_management  # noqa: F401
         import comfy.model_patcher  # noqa: F401
         import comfy.utils  # noqa: F401
@@ -44,21 +45,24 @@ def import_comfy() -> dict:
     return mods
 
 
-def host(monkeypatch, mods: dict, vram: str = "normal"):
-    """Make the pack hosted by `mods` for one test: compute device cpu:0, offload cpu, VRAM state `vram`
-    (normal / lowvram / novram, as ComfyUI's flags set it on a GPU machine). Returns comfy.model_management."""
+def host(monkeypatch, mods: dict, vram: str = "normal", fake_device: bool = True):
+    """Make the pack hosted by `mods` for one test: VRAM state `vram` (normal / lowvram / novram, as ComfyUI's
+    flags set it on a GPU machine), no model loaded yet; fake_device: compute device cpu:0, offload device cpu.
+    Returns comfy.model_management."""
     for k, v in mods.items():
         monkeypatch.setitem(sys.modules, k, v)
     mm = mods["comfy.model_management"]
     state = {"normal": mm.VRAMState.NORMAL_VRAM, "lowvram": mm.VRAMState.LOW_VRAM,
              "novram": mm.VRAMState.NO_VRAM}[vram]
-    monkeypatch.setattr(mm, "get_torch_device", lambda: COMPUTE)
-    # cpu:0 plays the GPU: only the plain `cpu` is ComfyUI's CPU (the offload device).
-    monkeypatch.setattr(mm, "is_device_cpu", lambda d: getattr(d, "type", d) == "cpu" and getattr(d, "index", 1) is None)
     monkeypatch.setattr(mm, "vram_state", state)
     monkeypatch.setattr(mm, "lowvram_available", True)
     monkeypatch.setattr(mm, "current_loaded_models", [])
-    monkeypatch.setattr(mm, "unet_offload_device", lambda: OFFLOAD)
+    if fake_device:
+        monkeypatch.setattr(mm, "get_torch_device", lambda: COMPUTE)
+        # cpu:0 plays the GPU: only the plain `cpu` is ComfyUI's CPU (the offload device).
+        monkeypatch.setattr(mm, "is_device_cpu",
+                            lambda d: getattr(d, "type", d) == "cpu" and getattr(d, "index", 1) is None)
+        monkeypatch.setattr(mm, "unet_offload_device", lambda: OFFLOAD)
     return mm
 
 
