@@ -118,6 +118,11 @@ def make_models(root: Path, size: str) -> list[str]:
     prior = PriorUNet(PriorUNetConfig(image_size=512, model_channels=32, channel_mult=(1, 1, 1, 1, 1, 2),
                                       num_res_blocks=(1,) * 6, attention_resolutions=(16,), num_head_channels=64))
     torch.save(prior.state_dict(), root / "facemend_priors" / "iddpm_ffhq512_ema500000.pth")
+    import torchvision  # LPIPS' VGG-16 backbone (its linear layers come with the lpips wheel)
+
+    feats = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])
+    torch.save({f"features.{k}": v for k, v in feats.state_dict().items()},
+               root / "facemend_priors" / "vgg16-397923af.pth")
     try:
         from onestep_models import make_osediff, make_tsdsr
 
@@ -197,7 +202,7 @@ def adjust(graph: dict, size: str, dtype: str) -> dict:
             ins["precision"] = dtype
         if size == "tiny":
             if ct == "FaceMend_DetectAlign":
-                ins["crop_size"] = 128
+                ins["crop_size"] = 192  # NIQE (extras) needs two 96 px blocks
             if ct == "FaceMend_PerImageTune":
                 ins.update(steps=2, crop_size=32, validation_interval=1)
             if ct == "FaceMend_RestorerIDRestore":
