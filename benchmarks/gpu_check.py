@@ -101,10 +101,10 @@ class Cuda:
 
 # ------------------------------------------------------------------------------------------------- model files
 
-def make_models(root: Path, size: str) -> list[str]:
-    """Random-weight model files under every name the graphs ask for, in the official layouts; returns notes on
-    what could not be made (those graph parts are then reported as skipped)."""
-    from facemend.pipelines.adapt.prior import PriorUNet, PriorUNetConfig
+def make_models(root: Path, size: str, graphs=None) -> list[str]:
+    """Random-weight model files under every name the graphs ask for (all graphs when None), in the official
+    layouts; returns notes on what could not be made (those runs then fail with the missing file named)."""
+    want = set(graphs or ("adapt", "id_preserve", "ntire", "ntire_full", EXTRAS))
     from facemend.pipelines.restore.archs.gfpgan import GFPGANConfig, GFPGANv1Clean
 
     notes = []
@@ -114,30 +114,25 @@ def make_models(root: Path, size: str) -> list[str]:
     sd = GFPGANv1Clean(cfg).state_dict()
     for name in ("GFPGANv1.3.pth", "GFPGANv1.4.pth"):
         torch.save({"params_ema": sd}, root / "facerestore_models" / name)
-    (root / "facemend_priors").mkdir(exist_ok=True)
-    prior = PriorUNet(PriorUNetConfig(image_size=512, model_channels=32, channel_mult=(1, 1, 1, 1, 1, 2),
-                                      num_res_blocks=(1,) * 6, attention_resolutions=(16,), num_head_channels=64))
-    torch.save(prior.state_dict(), root / "facemend_priors" / "iddpm_ffhq512_ema500000.pth")
-    import torchvision  # LPIPS' VGG-16 backbone (its linear layers come with the lpips wheel)
+    if want & {"adapt", EXTRAS}:
+        _make_prior_and_vgg(root)
+    if want & {"ntire", "ntire_full"}:
+        try:
+            from onestep_models import make_tsdsr
 
-    feats = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])
-    torch.save({f"features.{k}": v for k, v in feats.state_dict().items()},
-               root / "facemend_priors" / "vgg16-397923af.pth")
-    try:
-        from onestep_models import make_osediff, make_tsdsr
+            make_tsdsr(str(root), base_name="stable-diffusion-3-medium-diffusers")
+        except ImportError as exc:
+            notes.append(f"one-step models: {exc}")
+    if want & {"id_preserve", "ntire_full", EXTRAS}:
+        try:
+            from restorerid_models import export_tiny_arcface, make_restorerid_files
 
-        make_tsdsr(str(root), base_name="stable-diffusion-3-medium-diffusers")
-        make_osediff(str(root))
-    except ImportError as exc:
-        notes.append(f"one-step models: {exc}")
-    try:
-        from restorerid_models import export_tiny_arcface, make_restorerid_files
-
-        make_restorerid_files(str(root))
-        (root / "insightface" / "models" / "buffalo_l").mkdir(parents=True, exist_ok=True)
-        export_tiny_arcface(root / "insightface" / "models" / "buffalo_l" / "w600k_r50.onnx")
-    except ImportError as exc:
-        notes.append(f"RestorerID / ArcFace models: {exc}")
+            if "id_preserve" in want:
+                make_restorerid_files(str(root))
+            (root / "insightface" / "models" / "buffalo_l").mkdir(parents=True, exist_ok=True)
+            export_tiny_arcface(root / "insightface" / "models" / "buffalo_l" / "w600k_r50.onnx")
+        except ImportError as exc:
+            notes.append(f"RestorerID / ArcFace models: {exc}")
     niqe = conftest.MODELS / "iqa" / "niqe_pris_params.npz"
     if niqe.is_file():
         (root / "facemend_iqa").mkdir(exist_ok=True)
@@ -147,6 +142,20 @@ def make_models(root: Path, size: str) -> list[str]:
     notes.append("CLIP-IQA / MANIQA / MUSIQ: no random-weight files (pyiqa layouts); their inputs are left "
                  "unconnected, NIQE scores instead")
     return notes
+
+
+def _make_prior_and_vgg(root: Path) -> None:
+    from facemend.pipelines.adapt.prior import PriorUNet, PriorUNetConfig
+
+    (root / "facemend_priors").mkdir(exist_ok=True)
+    prior = PriorUNet(PriorUNetConfig(image_size=512, model_channels=32, channel_mult=(1, 1, 1, 1, 1, 2),
+                                      num_res_blocks=(1,) * 6, attention_resolutions=(16,), num_head_channels=64))
+    torch.save(prior.state_dict(), root / "facemend_priors" / "iddpm_ffhq512_ema500000.pth")
+    import torchvision  # LPIPS' VGG-16 backbone (its linear layers come with the lpips wheel)
+
+    feats = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])
+    torch.save({f"features.{k}": v for k, v in feats.state_dict().items()},
+               root / "facemend_priors" / "vgg16-397923af.pth")
 
 
 # ------------------------------------------------------------------------------------------------------ graphs
@@ -186,7 +195,7 @@ def load_graphs() -> dict:
 UNWEIGHTED_METRICS = ("clipiqa", "maniqa", "musiq")
 
 
-def adjust(graph: dict, size: str, dtype: str) -> dict:
+def adjust(graph: dict, size: str, dtype: str, tag: str = "") -> dict:
     """The graph at this size and precision: precision inputs set, long loops shortened at the tiny size, the
     album folder of the adapt graph replaced by the detected faces, metrics without weights disconnected."""
     g = json.loads(json.dumps(graph))
@@ -212,7 +221,7 @@ def adjust(graph: dict, size: str, dtype: str) -> dict:
         if ct == "FaceMend_AdaptRestorer":
             det = next(k for k, v in g.items() if v["class_type"] == "FaceMend_DetectAlign")
             ins.update(steps=1 if size == "tiny" else 20, micro_batch=1, accumulate=1, checkpoint_every=1000,
-                       lpips_weight=0.1, folder="", face_crops=[det, 0], name=f"gpu_check_{dtype}_{size}",
+                       lpips_weight=0.1, folder="", face_crops=[det, 0], name=f"gpu_check_{tag}_{dtype}_{size}",
                        precision=dtype)
     return g
 
@@ -324,7 +333,7 @@ def part_graphs(args, device, cuda: Cuda, comfy_mods, work: Path) -> list[dict]:
         modes = [m for m in modes if m == "standalone"]
     for size in sizes:
         root = work / f"models-{size}"
-        notes = make_models(root, size)
+        notes = make_models(root, size, names)
         model_paths.set_models_dirs([str(root)])
         image = test_image(size)
         for mode in modes:
@@ -334,7 +343,7 @@ def part_graphs(args, device, cuda: Cuda, comfy_mods, work: Path) -> list[dict]:
                     print(f"   {name:12s} {mode:14s} {dtype} {size}", end=" ", flush=True)
                     try:
                         with hosted(mode, comfy_mods, device) as mm:
-                            graph = adjust(graphs[name], size, dtype)
+                            graph = adjust(graphs[name], size, dtype, mode)
                             with cuda.peak() as peak, cuda.count_syncs() as syncs:
                                 t = time.perf_counter()
                                 out = run_graph(graph, image)
@@ -376,8 +385,8 @@ def part_diff(args, device, cuda: Cuda, work: Path) -> list[dict]:
     from facemend.host import model_paths
 
     root = work / "models-tiny"
-    if not root.is_dir():
-        make_models(root, "tiny")
+    if not (root / "diffusers").is_dir():
+        make_models(root, "tiny", ("ntire",))
     model_paths.set_models_dirs([str(root)])
     image, graphs, rows = test_image("tiny"), load_graphs(), []
     try:
