@@ -319,8 +319,34 @@ def test_image(size: str) -> torch.Tensor:
     return x.movedim(1, -1).contiguous()
 
 
+class RealOneStep:
+    """The one-step SR loader of the real-size runs: SD3-medium / SD2.1 at their published sizes with random
+    weights (benchmarks/bench_onestep.py builds them on the device, in the dtype), one per precision, put under
+    ComfyUI's model management when hosted like the loader's own."""
+
+    def __init__(self, device):
+        self.device, self.models = device, {}
+
+    def __call__(self, backend, base_model="", lora="", precision="auto", prompt=""):
+        import bench_onestep as B
+        from facemend.host import models as hm
+        from facemend.host.device import resolve_dtype
+
+        dtype = resolve_dtype(precision, self.device)
+        key = (backend, dtype)
+        if key not in self.models:
+            self.models.clear()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.models[key] = B.real_size_model(backend, self.device, dtype)
+        return hm.manage(self.models[key], f"one-step SR {backend} (real size)")
+
+
 def part_graphs(args, device, cuda: Cuda, comfy_mods, work: Path) -> list[dict]:
+    import pytest
+
     from facemend.host import model_paths
+    from facemend.nodes import diffusion
 
     rows = []
     sizes = ["tiny"] + (["real"] if device.type == "cuda" and not args.tiny_only else [])
@@ -336,6 +362,11 @@ def part_graphs(args, device, cuda: Cuda, comfy_mods, work: Path) -> list[dict]:
         notes = make_models(root, size, names)
         model_paths.set_models_dirs([str(root)])
         image = test_image(size)
+        patch = pytest.MonkeyPatch()
+        if size == "real":  # SD3 / SD2.1 at full size: built in memory (2 B parameters are not written to disk)
+            patch.setattr(diffusion, "load_onestep", RealOneStep(device))
+            notes.append("real size: GFPGAN and one-step SR at their published sizes; RestorerID, the prior and "
+                         "ArcFace stay tiny (their real-size figures: suite.py identity / adapt)")
         for mode in modes:
             for dtype in (args.dtypes.split(",") if args.dtypes else DTYPES):
                 for name in names:
@@ -361,9 +392,11 @@ def part_graphs(args, device, cuda: Cuda, comfy_mods, work: Path) -> list[dict]:
                         print(f"ok {row['seconds']:.2f} s", flush=True)
                     except Exception as exc:  # a failing graph is a finding, not the end of the check
                         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
-                        row["traceback"] = traceback.format_exc()[-3000:]
+                        tb = traceback.format_exc()
+                        row["traceback"] = tb if len(tb) < 6000 else tb[:3000] + "\n...\n" + tb[-3000:]
                         print("FAILED", row["error"], flush=True)
                     rows.append(row)
+        patch.undo()
         rows.append({"part": "graphs", "size": size, "note": "; ".join(notes)})
     model_paths.set_models_dirs([])
     return rows

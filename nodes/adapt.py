@@ -177,7 +177,10 @@ class AdaptRestorer:
 
         # ComfyUI runs nodes under torch.inference_mode(): fine-tuning needs autograd, and tensors made in that
         # mode (the LPIPS weights, the faces) cannot enter it. Found by running the template in a real ComfyUI.
-        with torch.inference_mode(False), torch.enable_grad(), hm.on_device(restorer, prior):
+        # ComfyUI loads the models first, in the mode it runs nodes in: a move made outside inference mode would
+        # give the loaders' inference-mode weights a normal tensor's key over an inference tensor's storage (no
+        # version counter: the restorer's first view fails).
+        with hm.on_device(restorer, prior), torch.inference_mode(False), torch.enable_grad():
             return self._run(restorer, prior, name, **kwargs)
 
     def _run(self, restorer, prior, name, steps=2000, learning_rate=2e-5, lpips_weight=0.1, micro_batch=4,

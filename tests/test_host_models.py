@@ -41,13 +41,14 @@ def models_dir(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def fresh_caches():
-    from facemend.nodes import diffusion, restore
+    from facemend.nodes import adapt, diffusion, restore
     from facemend.pipelines.face import detectors
 
-    for c in (restore._cache, diffusion._cache, detectors._cache):
+    caches = (restore._cache, diffusion._cache, detectors._cache, adapt._cache)
+    for c in caches:
         c.clear()
     yield
-    for c in (restore._cache, diffusion._cache, detectors._cache):
+    for c in caches:
         c.clear()
 
 
@@ -160,3 +161,26 @@ def test_standalone_models_are_not_wrapped(models_dir):
     assert hm.patcher_of(restorer) is None
     out, = _node("FaceMend_RestoreFaces").run(torch.rand(1, 64, 64, 3), restorer, 1.0, 0.5, 1, 0)
     assert out.shape == (1, 64, 64, 3)
+
+
+def test_adapt_node_under_comfy_inference_mode(comfy, models_dir, monkeypatch, tmp_path):
+    """ComfyUI runs nodes (loaders too) under torch.inference_mode(); the adapt node fine-tunes outside it. Its
+    models must be loaded by ComfyUI in the mode the node was called in: moved outside inference mode, the
+    loader's inference-mode weights failed on their first view (found by gpu_check's dry run)."""
+    from facemend.pipelines.adapt.prior import PriorUNet, PriorUNetConfig
+
+    (models_dir / "facemend_priors").mkdir(exist_ok=True)
+    prior = PriorUNet(PriorUNetConfig(image_size=512, model_channels=32, channel_mult=(1, 1, 1, 1, 1, 2),
+                                      num_res_blocks=(1,) * 6, attention_resolutions=(16,), num_head_channels=64))
+    torch.save(prior.state_dict(), models_dir / "facemend_priors" / "prior_tiny.pth")
+    monkeypatch.chdir(tmp_path)
+    mm = host(monkeypatch, comfy, "lowvram")
+    with torch.inference_mode():
+        restorer = _node("FaceMend_RestorerLoader").load("tiny_gfpgan.pth", "bf16")[0]
+        prior = _node("FaceMend_DiffusionPriorLoader").load("prior_tiny.pth")[0]
+        res = _node("FaceMend_AdaptRestorer").run(restorer, prior, "hosted_adapt", steps=1, lpips_weight=0.0,
+                                                  micro_batch=1, accumulate=1, start_step=1, reg_end_step=1,
+                                                  down_factor=16, face_crops=torch.rand(1, 48, 48, 3))
+    name, _, adapted = res["result"]
+    assert name == "hosted_adapt.safetensors" and hm.patcher_of(adapted) is not None
+    assert loaded_entry(mm, restorer) is not None and loaded_entry(mm, prior) is not None
