@@ -43,6 +43,7 @@ from _common import Peak  # noqa: E402
 
 PARTS = ("graphs", "speed", "diff")
 MODES = ("standalone", "comfy-normal", "comfy-lowvram", "comfy-novram")
+REAL_MODES = ("comfy-normal", "comfy-lowvram")
 DTYPES = ("fp16", "bf16")
 EXTRAS = "extras"  # the graph of the nodes no preset uses
 
@@ -220,7 +221,7 @@ def adjust(graph: dict, size: str, dtype: str, tag: str = "") -> dict:
                 ins.update(start_step=2, reg_end_step=1, down_factor=16)
         if ct == "FaceMend_AdaptRestorer":
             det = next(k for k, v in g.items() if v["class_type"] == "FaceMend_DetectAlign")
-            ins.update(steps=1 if size == "tiny" else 20, micro_batch=1, accumulate=1, checkpoint_every=1000,
+            ins.update(steps=1 if size == "tiny" else 5, micro_batch=1, accumulate=1, checkpoint_every=1000,
                        lpips_weight=0.1, folder="", face_crops=[det, 0], name=f"gpu_check_{tag}_{dtype}_{size}",
                        precision=dtype)
     return g
@@ -367,10 +368,17 @@ def part_graphs(args, device, cuda: Cuda, comfy_mods, work: Path) -> list[dict]:
             patch.setattr(diffusion, "load_onestep", RealOneStep(device))
             notes.append("real size: GFPGAN and one-step SR at their published sizes; RestorerID, the prior and "
                          "ArcFace stay tiny (their real-size figures: suite.py identity / adapt)")
-        for mode in modes:
+        # Real size in ComfyUI's normal and lowvram modes (standalone without ComfyUI): the other modes load the
+        # same models the same way, the tiny runs cover them.
+        size_modes = modes if size == "tiny" else [m for m in modes if m in REAL_MODES] or modes[:1]
+        for mode in size_modes:
             for dtype in (args.dtypes.split(",") if args.dtypes else DTYPES):
                 for name in names:
                     row = {"part": "graphs", "graph": name, "mode": mode, "dtype": dtype, "size": size}
+                    if time.perf_counter() > args.deadline:
+                        row["error"] = "skipped: over the time budget (--budget-s)"
+                        rows.append(row)
+                        continue
                     print(f"   {name:12s} {mode:14s} {dtype} {size}", end=" ", flush=True)
                     try:
                         with hosted(mode, comfy_mods, device) as mm:
@@ -402,28 +410,45 @@ def part_graphs(args, device, cuda: Cuda, comfy_mods, work: Path) -> list[dict]:
     return rows
 
 
+def speed_goal(r: dict, device) -> str:
+    """The figure a speed goal reads from a suite row."""
+    stage, s = r["stage"], r["ours_s"]
+    if stage == "fast_preset" and r.get("ratio"):
+        return f"fast preset {r['ratio']:.2f}x GFPGANer"
+    if stage == "restore":
+        pct = [p for p in str(r.get("note", "")).split(";") if "peak" in p]
+        return f"restore {pct[0].strip()}" if pct else ""
+    if stage == "onestep" and s:
+        return f"{s:.3f} s/face ({r['case'].split(',')[0]})"
+    if stage == "zssr" and s:
+        steps = 30 if device.type == "cpu" else 300  # suite.py stage_zssr's --quick schedule
+        return f"{s / steps * 1000:.1f} ms/step ({steps} steps)"
+    return ""
+
+
 def part_speed(args, device) -> list[dict]:
     import suite
 
     argv = ["--quick", "--device", str(device), "--dtype", "bf16", "--restorers", "gfpgan",
             "--stages", args.speed_stages, "--out", args.out, "--repeats", "1" if args.dry_run else "3"]
     result = suite.run(suite.parser().parse_args(argv))
-    rows = [{"part": "speed", **r} for r in result["rows"]]
+    rows = [{"part": "speed", **r, "goal": speed_goal(r, device)} for r in result["rows"]]
     rows += [{"part": "speed", "stage": s["stage"], "error": s["why"]} for s in result["skipped"]]
     return rows
 
 
 def part_diff(args, device, cuda: Cuda, work: Path) -> list[dict]:
-    """Tiny fast and ntire graphs in fp32: CPU against the device, same seed; TF32 off, then on."""
+    """Tiny fast and ntire graphs (those of --graphs) in fp32: CPU against the device, same seed; TF32 off, then
+    on."""
     from facemend.host import model_paths
 
-    root = work / "models-tiny"
-    if not (root / "diffusers").is_dir():
-        make_models(root, "tiny", ("ntire",))
+    names = [g for g in ("fast", "ntire") if not args.graphs or g in args.graphs.split(",")] or ["fast"]
+    root = work / "models-diff"
+    make_models(root, "tiny", names)
     model_paths.set_models_dirs([str(root)])
     image, graphs, rows = test_image("tiny"), load_graphs(), []
     try:
-        for name in ("fast", "ntire"):
+        for name in names:
             graph = adjust(graphs[name], "tiny", "fp32")
             outs = {}
             for where, tf32 in (("cpu", False), ("device", False), ("device", True)):
@@ -448,23 +473,25 @@ def fmt(v, spec):
 
 def markdown(result: dict) -> str:
     lines = [f"`benchmarks/gpu_check.py {' '.join(result['argv'])}` on {result['device_name']} "
-             f"(torch {torch.__version__}, {result['date']}): {result['failures']} failed run(s).", "",
-             "| graph | mode | dtype | size | result | s | faces/s | peak MiB | syncs | syncs/face | held | after free |",
-             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in result["rows"]:
-        if r["part"] == "graphs" and "graph" in r:
-            ok = "ok" if "error" not in r else r["error"].replace("|", "/")[:120]
-            lines.append(f"| {r['graph']} | {r['mode']} | {r['dtype']} | {r['size']} | {ok} | "
-                         f"{fmt(r.get('seconds'), '.2f')} | {fmt(r.get('faces_per_s'), '.2f')} | "
-                         f"{fmt(r.get('peak_mib'), '.0f')} | {fmt(r.get('syncs'), 'd')} | "
-                         f"{fmt(r.get('syncs_per_face'), '.1f')} | {fmt(r.get('models_held'), 'd')} | "
-                         f"{fmt(r.get('models_held_after_free'), 'd')} |")
+             f"(torch {torch.__version__}, {result['date']}): {result['failures']} failed run(s)."]
+    graphs = [r for r in result["rows"] if r["part"] == "graphs" and "graph" in r]
+    if graphs:
+        lines += ["", "| graph | mode | dtype | size | result | s | faces/s | peak MiB | syncs | syncs/face | held | "
+                  "after free |", "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in graphs:
+        ok = "ok" if "error" not in r else r["error"].replace("|", "/")[:120]
+        lines.append(f"| {r['graph']} | {r['mode']} | {r['dtype']} | {r['size']} | {ok} | "
+                     f"{fmt(r.get('seconds'), '.2f')} | {fmt(r.get('faces_per_s'), '.2f')} | "
+                     f"{fmt(r.get('peak_mib'), '.0f')} | {fmt(r.get('syncs'), 'd')} | "
+                     f"{fmt(r.get('syncs_per_face'), '.1f')} | {fmt(r.get('models_held'), 'd')} | "
+                     f"{fmt(r.get('models_held_after_free'), 'd')} |")
     speed = [r for r in result["rows"] if r["part"] == "speed"]
     if speed:
-        lines += ["", "| speed stage | case | ours s | reference s | ratio | faces/s | peak MiB | note |",
-                  "|---|---|---:|---:|---:|---:|---:|---|"]
+        lines += ["", "| speed stage | case | goal figure | ours s | reference s | ratio | faces/s | peak MiB | note |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---|"]
         for r in speed:
-            lines.append(f"| {r.get('stage')} | {r.get('case', 'skipped')} | {fmt(r.get('ours_s'), '.3f')} | "
+            lines.append(f"| {r.get('stage')} | {r.get('case', 'skipped')} | {r.get('goal', '')} | "
+                         f"{fmt(r.get('ours_s'), '.3f')} | "
                          f"{fmt(r.get('reference_s'), '.3f')} | {fmt(r.get('ratio'), '.2f')} | "
                          f"{fmt(r.get('faces_per_s'), '.2f')} | {fmt(r.get('peak_mib'), '.0f')} | "
                          f"{str(r.get('note') or r.get('error', '')).replace('|', '/')[:160]} |")
@@ -477,7 +504,7 @@ def markdown(result: dict) -> str:
     if result["cuda_skipped"]:
         lines += ["", "CUDA-only calls skipped (dry run): " +
                   ", ".join(f"{k} x{v}" for k, v in result["cuda_skipped"].items())]
-    notes = [r["note"] for r in result["rows"] if r.get("note")]
+    notes = [r["note"] for r in result["rows"] if r["part"] == "graphs" and r.get("note")]
     if notes:
         lines += ["", "Notes: " + " / ".join(notes)]
     return "\n".join(lines) + "\n"
@@ -496,12 +523,15 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--tiny-only", action="store_true", help="no real-size restorer weights")
     ap.add_argument("--speed-stages", default="fast_preset,restore,onestep,zssr",
                     help="benchmarks/suite.py stages of the speed part")
+    ap.add_argument("--budget-s", type=float, default=540.0, help="graph runs past this many seconds are "
+                    "listed as skipped, and the speed part then runs its first stage only (default 540)")
     ap.add_argument("--out", default=str(HERE / "results"), help="folder for gpu_check-<device>.json/.md")
     return ap
 
 
 def main(argv=None) -> dict:
     args = parser().parse_args(argv)
+    args.deadline = time.perf_counter() + args.budget_s
     device = torch.device("cpu" if args.dry_run else args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device here: run with --dry-run to check the steps on the CPU")
@@ -531,6 +561,8 @@ def main(argv=None) -> dict:
                 result["rows"] += part_diff(args, device, cuda, Path(work))
             if "speed" in parts:
                 print("== speed", flush=True)
+                if time.perf_counter() > args.deadline:
+                    args.speed_stages = args.speed_stages.split(",")[0]
                 result["rows"] += part_speed(args, device)
         finally:
             os.chdir(cwd)

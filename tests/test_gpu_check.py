@@ -34,7 +34,7 @@ def test_dry_run_takes_the_gpu_steps_and_lists_what_it_skipped(tmp_path, monkeyp
     else:
         assert any(r.get("error", "").startswith("skipped: no ComfyUI") for r in result["rows"])
     diff = [r for r in result["rows"] if r["part"] == "diff"]
-    assert {r["graph"] for r in diff} == {"fast", "ntire"} and all(r["max_abs"] == 0.0 for r in diff)  # CPU = CPU
+    assert {r["graph"] for r in diff} == {"fast"} and all(r["max_abs"] == 0.0 for r in diff)  # CPU against CPU
     for call in ("torch.cuda.set_sync_debug_mode", "torch.cuda.synchronize", "torch.cuda.get_device_name"):
         assert result["cuda_skipped"].get(call, 0) >= 1
     saved = json.loads((tmp_path / "gpu_check-dry-run.json").read_text())
@@ -52,3 +52,23 @@ def test_unknown_part_and_missing_cuda_are_refused(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="--dry-run"):
             gc.main(["--device", "cuda", "--out", str(tmp_path)])
+
+
+def test_speed_goal_figures_from_suite_rows():
+    import torch
+
+    gc = _gpu_check()
+    cuda = torch.device("cuda")
+    rows = [{"stage": "fast_preset", "case": "t1", "ours_s": 0.5, "ratio": 3.0, "note": ""},
+            {"stage": "restore", "case": "GFPGAN v1.4, batch 512", "ours_s": 2.0, "ratio": None,
+             "note": "41 GFLOP/face; 31% of the bf16 peak"},
+            {"stage": "onestep", "case": "tsdsr 512, real-size random", "ours_s": 0.25, "ratio": None, "note": ""},
+            {"stage": "zssr", "case": "x2", "ours_s": 3.0, "ratio": None, "note": ""}]
+    assert [gc.speed_goal(r, cuda) for r in rows] == [
+        "fast preset 3.00x GFPGANer", "restore 31% of the bf16 peak", "0.250 s/face (tsdsr 512)",
+        "10.0 ms/step (300 steps)"]
+    result = {"argv": [], "device_name": "GPU", "date": "d", "failures": 0, "cuda_skipped": {},
+              "rows": [{"part": "speed", **r, "goal": gc.speed_goal(r, cuda), "reference_s": None,
+                        "faces_per_s": None, "peak_mib": None} for r in rows]}
+    table = gc.markdown(result)
+    assert "| zssr | x2 | 10.0 ms/step (300 steps) | 3.000 |" in table and "| graph |" not in table
