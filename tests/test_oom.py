@@ -7,6 +7,8 @@ import torch
 
 from facemend.pipelines.io import memory
 
+from restorerid_models import models_dir  # noqa: F401  (the tiny RestorerID folder, for the node test)
+
 
 
 def oom():  # a new exception each time, as torch raises them (a shared one would keep its last traceback alive)
@@ -147,3 +149,27 @@ def test_onestep_retry_frees_after_release(monkeypatch):
     model = Fake()
     x = torch.rand(1, 3, 8, 8)
     assert model(x) is x and model.tried == [2, 1] and seen == [True]
+
+
+def test_restorerid_node_halves_its_batch_and_says_so(models_dir, monkeypatch):  # noqa: F811
+    import json
+
+    pytest.importorskip("onnxruntime")
+    import facemend
+    from facemend.pipelines.identity.restorer import RestorerID
+    from test_identity_nodes import _inputs
+
+    rid, det, idm, ref, crops = _inputs(models_dir)
+    node = facemend.NODE_CLASS_MAPPINGS["FaceMend_RestorerIDRestore"]()
+    expected, _ = node.run(crops, rid, ref, det, idm, id_scale=0.4, seed=3, steps=1, batch_size=1)
+    real = RestorerID.restore
+
+    def restore(self, faces, *a, **k):  # two faces with CFG (a UNet batch of 4) do not fit
+        if faces.shape[0] > 1:
+            raise oom()
+        return real(self, faces, *a, **k)
+
+    monkeypatch.setattr(RestorerID, "restore", restore)
+    out, report = node.run(crops, rid, ref, det, idm, id_scale=0.4, seed=3, steps=1, batch_size=2)
+    assert torch.equal(out, expected)
+    assert "retried with 1 face per batch" in json.loads(report)["notes"][0]
