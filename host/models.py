@@ -42,7 +42,7 @@ def torch_modules(model) -> list:
     """The torch modules a FaceMend model object holds: the object itself when it is one, else its public
     attributes that are modules or lists/tuples of modules (FaceRestorer.net, MTCNN's three nets, RestorerID's six
     parts, OneStepSR.modules, IQAMetric.module). Private caches (_fast, _compiled) are derived copies, rebuilt by
-    the object's own `to` (see on_move)."""
+    the object's own `to` (manage(follow_moves=True))."""
     if isinstance(model, torch.nn.Module):
         return [model]
     found, seen = [], set()
@@ -59,8 +59,8 @@ def torch_modules(model) -> list:
 
 class ModelHolder(torch.nn.Module):
     """One FaceMend model's modules as the single module a ModelPatcher moves, sizes and evicts. After a whole-
-    model move (ComfyUI loading it fully or unloading it), `on_move(device)` lets the owner move what is not a
-    module (cached tensors, derived copies)."""
+    model move (ComfyUI loading it fully or unloading it) the owner's own `to(device)`, when there is an owner,
+    moves what is not a module (cached tensors, derived copies)."""
 
     def __init__(self, modules: Iterable[torch.nn.Module], name: str = "", owner=None):
         super().__init__()
@@ -71,7 +71,9 @@ class ModelHolder(torch.nn.Module):
 
     def to(self, *args, **kwargs):
         out = super().to(*args, **kwargs)
-        device = torch._C._nn._parse_to(*args, **kwargs)[0]  # the device exactly as ComfyUI names it
+        # The device exactly as ComfyUI names it (nn.Module.to's own argument parser): a tensor's device would
+        # not tell ComfyUI's cpu:0 compute device (tests) from its cpu offload device.
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]
         owner = self._owner() if self._owner is not None else None
         if owner is not None and device is not None:
             owner.to(device)
