@@ -173,3 +173,10 @@ def test_restorerid_node_halves_its_batch_and_says_so(models_dir, monkeypatch): 
     out, report = node.run(crops, rid, ref, det, idm, id_scale=0.4, seed=3, steps=1, batch_size=2)
     assert torch.equal(out, expected)
     assert "retried with 1 face per batch" in json.loads(report)["notes"][0]
+
+
+def test_the_host_recognises_what_the_pipelines_do():
+    from facemend.host import device as dev
+
+    assert dev.is_oom(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasLtMatmul`"))
+    assert not dev.is_oom(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
