@@ -184,3 +184,38 @@ def test_adapt_node_under_comfy_inference_mode(comfy, models_dir, monkeypatch, t
     name, _, adapted = res["result"]
     assert name == "hosted_adapt.safetensors" and hm.patcher_of(adapted) is not None
     assert loaded_entry(mm, restorer) is not None and loaded_entry(mm, prior) is not None
+
+
+def test_restorerid_stays_loaded_between_runs(comfy, monkeypatch, tmp_path):
+    """RestorerID (1.2 B parameters for the real one) is loaded by ComfyUI on first use and kept: the second run
+    moves no weights (before, it went to the GPU and back on every run)."""
+    pytest.importorskip("onnxruntime")
+    from restorerid_models import export_tiny_arcface, make_restorerid_files
+    from test_identity_nodes import _inputs
+
+    from facemend.nodes import identity
+    from facemend.pipelines.identity.restorer import RestorerID
+
+    root = tmp_path
+    make_restorerid_files(str(root))
+    (root / "insightface" / "models" / "buffalo_l").mkdir(parents=True)
+    export_tiny_arcface(root / "insightface" / "models" / "buffalo_l" / "w600k_r50.onnx")
+    model_paths.set_models_dirs([str(root)])
+    identity._cache.clear()
+    try:
+        mm = host(monkeypatch, comfy)
+        rid, det, idm, ref, crops = _inputs(root)
+        assert loaded_entry(mm, rid) is None  # on the offload device until the restore node needs it
+        moves = []
+        monkeypatch.setattr(RestorerID, "to", lambda self, d: moves.append(d) or self)
+        node = _node("FaceMend_RestorerIDRestore")
+        out, _ = node.run(crops, rid, ref, det, idm, id_scale=0.4, seed=3, steps=1)
+        entry = loaded_entry(mm, rid)
+        assert entry is not None and entry.device == COMPUTE and moves == [COMPUTE]  # loaded once, whole
+        again, _ = node.run(crops, rid, ref, det, idm, id_scale=0.4, seed=3, steps=1)
+        assert torch.equal(out, again) and moves == [COMPUTE] and loaded_entry(mm, rid) is entry
+        mm.free_memory(1e30, COMPUTE)
+        assert loaded_entry(mm, rid) is None and moves == [COMPUTE, OFFLOAD]
+    finally:
+        identity._cache.clear()
+        model_paths.set_models_dirs([])
