@@ -300,6 +300,25 @@ def hosted(mode: str, comfy_mods: dict | None, device: torch.device):
     clear_caches()
 
 
+@contextlib.contextmanager
+def counting_steps():
+    """Yields [n]: the units of work the nodes reported to their progress bars during the block (faces, tiles,
+    sampler and training steps), the denominator of syncs per step."""
+    from facemend.host import device as dev
+
+    count, update = [0], dev.Progress.update
+
+    def counted(self, n=1):
+        count[0] += n
+        return update(self, n)
+
+    dev.Progress.update = counted
+    try:
+        yield count
+    finally:
+        dev.Progress.update = update
+
+
 def facemend_models_held(mm) -> int:
     from facemend.host.models import ModelHolder
 
@@ -383,7 +402,7 @@ def part_graphs(args, device, cuda: Cuda, comfy_mods, work: Path) -> list[dict]:
                     try:
                         with hosted(mode, comfy_mods, device) as mm:
                             graph = adjust(graphs[name], size, dtype, mode)
-                            with cuda.peak() as peak, cuda.count_syncs() as syncs:
+                            with cuda.peak() as peak, cuda.count_syncs() as syncs, counting_steps() as steps:
                                 t = time.perf_counter()
                                 out = run_graph(graph, image)
                                 cuda.synchronize()
@@ -391,7 +410,9 @@ def part_graphs(args, device, cuda: Cuda, comfy_mods, work: Path) -> list[dict]:
                             n_syncs = len(syncs) if cuda.on else None  # counted on CUDA only
                             row.update(faces=out["faces"], peak_mib=peak.used / 2 ** 20, syncs=n_syncs,
                                        faces_per_s=out["faces"] / row["seconds"] if out["faces"] else None,
-                                       syncs_per_face=n_syncs / out["faces"] if out["faces"] and cuda.on else None)
+                                       syncs_per_face=n_syncs / out["faces"] if out["faces"] and cuda.on else None,
+                                       steps=steps[0],
+                                       syncs_per_step=n_syncs / steps[0] if steps[0] and cuda.on else None)
                             if mm is not None:
                                 row["models_held"] = facemend_models_held(mm)
                                 mm.free_memory(1e30, mm.get_torch_device())
@@ -476,14 +497,15 @@ def markdown(result: dict) -> str:
              f"(torch {torch.__version__}, {result['date']}): {result['failures']} failed run(s)."]
     graphs = [r for r in result["rows"] if r["part"] == "graphs" and "graph" in r]
     if graphs:
-        lines += ["", "| graph | mode | dtype | size | result | s | faces/s | peak MiB | syncs | syncs/face | held | "
-                  "after free |", "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += ["", "| graph | mode | dtype | size | result | s | faces/s | peak MiB | syncs | syncs/face | steps | "
+                  "syncs/step | held | after free |", "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in graphs:
         ok = "ok" if "error" not in r else r["error"].replace("|", "/")[:120]
         lines.append(f"| {r['graph']} | {r['mode']} | {r['dtype']} | {r['size']} | {ok} | "
                      f"{fmt(r.get('seconds'), '.2f')} | {fmt(r.get('faces_per_s'), '.2f')} | "
                      f"{fmt(r.get('peak_mib'), '.0f')} | {fmt(r.get('syncs'), 'd')} | "
-                     f"{fmt(r.get('syncs_per_face'), '.1f')} | {fmt(r.get('models_held'), 'd')} | "
+                     f"{fmt(r.get('syncs_per_face'), '.1f')} | {fmt(r.get('steps'), 'd')} | "
+                     f"{fmt(r.get('syncs_per_step'), '.2f')} | {fmt(r.get('models_held'), 'd')} | "
                      f"{fmt(r.get('models_held_after_free'), 'd')} |")
     speed = [r for r in result["rows"] if r["part"] == "speed"]
     if speed:

@@ -41,6 +41,7 @@ def test_dry_run_takes_the_gpu_steps_and_lists_what_it_skipped(tmp_path, monkeyp
     assert saved["failures"] == 0
     table = (tmp_path / "gpu_check-dry-run.md").read_text()
     assert "| fast | standalone | bf16 | tiny | ok |" in table and "CUDA-only calls skipped" in table
+    assert all(r["steps"] > 0 for r in runs)  # progress units: the denominator of syncs per step
 
 
 def test_unknown_part_and_missing_cuda_are_refused(tmp_path):
