@@ -96,10 +96,12 @@ def soft_empty_cache() -> None:
 
 
 def is_oom(exc: BaseException) -> bool:
+    from ..pipelines.io.memory import is_oom as torch_oom  # cuBLAS/cuDNN ALLOC_FAILED included
+
     mm = _mm()
     if mm is not None and isinstance(exc, getattr(mm, "OOM_EXCEPTION", ())):
         return True
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    return torch_oom(exc)
 
 
 def request_interrupt() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 from ..host import device as dev
+from ..host import models as hm
 from ..host import model_paths
 from .common import CATEGORY, bchw_to_image, empty_faces, image_to_bchw, no_faces
 
@@ -19,9 +20,10 @@ def load_prior(name: str):
     device = dev.compute_device()
     key = (os.path.abspath(path), os.path.getmtime(path), str(device))
     if key not in _cache:
+        hm.unload(*_cache.values())
         _cache.clear()
         dev.free_memory(700 * 1024 ** 2, device)
-        _cache[key] = load_prior_unet(path, device=device)
+        _cache[key] = hm.manage(load_prior_unet(path, device=device), "diffusion prior")
     return _cache[key]
 
 
@@ -110,14 +112,15 @@ class PseudoTargets:
 
         if no_faces(face_crops):  # no faces found: no targets to make
             return (empty_faces(face_crops), empty_faces(face_crops))
-        x = image_to_bchw(face_crops, restorer.device, "face crops")
-        gen = PseudoTargetGenerator(prior, _pseudo_config(start_step, reg_end_step, down_factor, apply_filter, seed,
-                                                          respacing, clip_denoised))
-        progress = dev.Progress(x.shape[0] * (gen.num_model_calls + 1))
-        hook = dev.step_hook(progress)
-        dev.check_interrupt()
-        restored = restorer(x, seed=0, callback=hook)
-        targets = gen(restored, batch_size=batch_size, callback=hook)
+        with hm.on_device(restorer, prior):
+            x = image_to_bchw(face_crops, restorer.device, "face crops")
+            gen = PseudoTargetGenerator(prior, _pseudo_config(start_step, reg_end_step, down_factor, apply_filter,
+                                                              seed, respacing, clip_denoised))
+            progress = dev.Progress(x.shape[0] * (gen.num_model_calls + 1))
+            hook = dev.step_hook(progress)
+            dev.check_interrupt()
+            restored = restorer(x, seed=0, callback=hook)
+            targets = gen(restored, batch_size=batch_size, callback=hook)
         return (bchw_to_image(targets), bchw_to_image(restored))
 
 
@@ -177,7 +180,10 @@ class AdaptRestorer:
 
         # ComfyUI runs nodes under torch.inference_mode(): fine-tuning needs autograd, and tensors made in that
         # mode (the LPIPS weights, the faces) cannot enter it. Found by running the template in a real ComfyUI.
-        with torch.inference_mode(False), torch.enable_grad():
+        # ComfyUI loads the models first, in the mode it runs nodes in: a move made outside inference mode would
+        # give the loaders' inference-mode weights a normal tensor's key over an inference tensor's storage (no
+        # version counter: the restorer's first view fails).
+        with hm.on_device(restorer, prior), torch.inference_mode(False), torch.enable_grad():
             return self._run(restorer, prior, name, **kwargs)
 
     def _run(self, restorer, prior, name, steps=2000, learning_rate=2e-5, lpips_weight=0.1, micro_batch=4,
@@ -216,7 +222,8 @@ class AdaptRestorer:
         from ..pipelines.restore.restorer import FaceRestorer
 
         plot = read_image(result.plot_path)[0]
-        adapted = FaceRestorer.from_file(result.output_path, device=restorer.device, dtype=restorer.requested_dtype)
+        adapted = hm.manage(FaceRestorer.from_file(result.output_path, device=restorer.device,
+                                                   dtype=restorer.requested_dtype), f"FaceRestorer {name}")
         return {"ui": {"text": [f"saved {result.output_path}"]},
                 "result": (os.path.basename(result.output_path), bchw_to_image(plot), adapted)}
 

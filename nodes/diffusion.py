@@ -5,6 +5,7 @@ import os
 from dataclasses import replace
 
 from ..host import device as dev
+from ..host import models as hm
 from ..host.model_paths import expected_path, find_dir, find_optional_file, list_dirs, list_files
 from .common import CATEGORY, bchw_to_image, empty_faces, image_to_bchw, no_faces
 
@@ -12,6 +13,7 @@ BASE_DEFAULTS = {"tsdsr": "stable-diffusion-3-medium-diffusers", "osediff": "sta
                  "osdface": "stable-diffusion-2-1-base"}
 LORA_DEFAULTS = {"tsdsr": "tsdsr", "osediff": "osediff.pkl", "osdface": "osdface"}
 _cache: dict = {}
+ACTIVATION_BYTES = 2 * 1024 ** 3  # what a tiled one-step run needs besides the weights (memory asked of ComfyUI)
 
 
 CHECKPOINTS = "checkpoints"  # ComfyUI's own folder of single-file checkpoints (sd3_medium*.safetensors)
@@ -60,14 +62,17 @@ def load_onestep(backend: str, base_model: str = "", lora: str = "", precision: 
 
 def _cached(key: tuple, build):
     """One one-step model resident at a time (billions of parameters), keyed by its files (and their times) and
-    settings; hosted, loaded on the offload device and moved to the GPU only while the SR node runs."""
+    settings. Hosted, it is loaded on the offload device and put under ComfyUI's model management, which moves it
+    to the GPU for the SR node and keeps it there while it fits (host/models.py)."""
     backend, base_dir, files, device = key[:4]
     stamp = tuple(os.path.getmtime(p) if os.path.exists(p) else 0 for p in (base_dir, files))
     key = (backend, os.path.abspath(base_dir), os.path.abspath(files), stamp, str(device)) + key[4:]
     if key not in _cache:
-        _cache.clear()
+        hm.unload(*_cache.values())
+        _cache.clear()  # never two resident
         dev.soft_empty_cache()
-        _cache[key] = build(dev.offload_device() if dev.is_hosted() else device)
+        model = build(dev.offload_device() if dev.is_hosted() else device)
+        _cache[key] = hm.manage(model, f"one-step SR {backend}")
     return _cache[key]
 
 
@@ -238,16 +243,18 @@ class OneStepSRNode:
         progress = dev.Progress(sr_model.count_tiles(h, w, int(scale), t, n))
         hook = dev.step_hook(progress)
         dev.check_interrupt()
-        dev.free_memory(sr_model.model_bytes() + 2 * 1024 ** 3, device)
-        moved = sr_model.device != device
-        if moved:
-            sr_model.to(device)
-        try:
-            out = sr_model(x, scale=int(scale), seed=int(seed), tiles=t, hook=hook, is_oom=dev.is_oom)
-        finally:
+        with hm.on_device(sr_model, memory_required=ACTIVATION_BYTES):
+            # Standalone, a model loaded elsewhere is moved for this run only (hosted: ComfyUI placed it).
+            moved = not hm.same_device(sr_model.device, device)
             if moved:
-                sr_model.to(dev.offload_device())
-                dev.soft_empty_cache()
+                dev.free_memory(sr_model.model_bytes() + ACTIVATION_BYTES, device)
+                sr_model.to(device)
+            try:
+                out = sr_model(x, scale=int(scale), seed=int(seed), tiles=t, hook=hook, is_oom=dev.is_oom)
+            finally:
+                if moved:
+                    sr_model.to(dev.offload_device())
+                    dev.soft_empty_cache()
         return (bchw_to_image(out),)
 
 

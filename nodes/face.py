@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..host import device as dev
+from ..host import models as hm
 from ..host.model_paths import find_file, list_files
 from ..pipelines.face.align import GEOMETRIES, FaceAlignment, detect_and_align
 from ..pipelines.face.detection import SELECTION_MODES
@@ -40,8 +41,16 @@ class FaceDetectorLoader:
         device = dev.compute_device()
         dtype = dev.resolve_dtype(precision, device)
         if model == EMBEDDED_MTCNN:
-            return (load_detector(EMBEDDED_MTCNN, device=device, dtype=dtype),)
-        return (load_detector(model, find_file("facedetection", model), device=device, dtype=dtype, anchors=anchors),)
+            det = load_detector(EMBEDDED_MTCNN, device=device, dtype=dtype)
+        else:
+            det = load_detector(model, find_file("facedetection", model), device=device, dtype=dtype, anchors=anchors)
+        return (manage_detector(det),)
+
+
+def manage_detector(det):
+    """The detector under ComfyUI's model management when hosted; its own `to` follows ComfyUI's moves (RetinaFace
+    drops its fused inference copy and anchor cache, so no copy stays on the GPU after an eviction)."""
+    return hm.manage(det, f"detector {det.name}", follow_moves=True)
 
 
 class FaceDetectAlign:
@@ -93,15 +102,16 @@ class FaceDetectAlign:
     def run(self, image, detector, selection="all", face_index=0, score_threshold=0.8, min_face_size=16,
             max_faces=0, crop_size=512, detect_max_side=1600, border="constant", interpolation="bilinear",
             crop_geometry="ffhq"):
-        device = getattr(detector, "device", None) or dev.compute_device()
-        x = image_to_bchw(image, device)
-        progress = dev.Progress(x.shape[0])
-        dev.check_interrupt()
-        crops, alignment, _ = detect_and_align(
-            x, detector, score_threshold=score_threshold, mode=selection, index=face_index,
-            min_size=float(min_face_size), max_faces=max_faces, crop_size=0 if crop_geometry == "native" else crop_size,
-            detect_max_side=detect_max_side, border=border, hook=dev.step_hook(progress),
-            interpolation=interpolation, geometry=crop_geometry)
+        with hm.on_device(detector):
+            device = getattr(detector, "device", None) or dev.compute_device()
+            x = image_to_bchw(image, device)
+            progress = dev.Progress(x.shape[0])
+            dev.check_interrupt()
+            crops, alignment, _ = detect_and_align(
+                x, detector, score_threshold=score_threshold, mode=selection, index=face_index,
+                min_size=float(min_face_size), max_faces=max_faces,
+                crop_size=0 if crop_geometry == "native" else crop_size, detect_max_side=detect_max_side,
+                border=border, hook=dev.step_hook(progress), interpolation=interpolation, geometry=crop_geometry)
         if len(alignment) == 0:  # an empty batch: restorers, tuners and colour fix pass it on without work
             size = int(crop_size) if crop_geometry != "native" else 1
             return (torch.zeros(0, size, size, 3, device=dev.intermediate_device()), alignment, 0,

@@ -8,6 +8,7 @@ import time
 import torch
 
 from ..host import device as dev
+from ..host import models as hm
 from ..host.model_paths import find_dir, find_file, list_dirs, list_files, missing_file_message
 from ..pipelines.io.errors import ModelFileNotFound
 from .common import CATEGORY, bchw_to_image, empty_faces, image_to_bchw, no_faces
@@ -18,6 +19,7 @@ DEFAULT_CLIP_VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K"
 DEFAULT_TEXT_ENCODER = "stable-diffusion-v1-5"
 FIXED_ID_SCALE = 0.75  # the scale RestorerID was trained with
 _cache: dict = {}
+ACTIVATION_BYTES = 2 * 1024 ** 3  # what the sampler needs besides the weights (memory asked of ComfyUI)
 
 
 def default_musiq():
@@ -57,10 +59,13 @@ def load_restorer_id(checkpoint=DEFAULT_CKPT, ip_adapter=DEFAULT_IP_ADAPTER, cli
     dtype = dev.resolve_dtype(precision, device)
     key = tuple((p, os.path.getmtime(p)) for p in paths.values()) + (str(device), dtype)
     if key not in _cache:
+        hm.unload(*_cache.values())
         _cache.clear()  # 1.2 B parameters: never two resident
         dev.soft_empty_cache()
+        # Hosted: on the offload device until the restore node asks ComfyUI to load it (host/models.py).
         where = dev.offload_device() if dev.is_hosted() else device
-        _cache[key] = RestorerID.load(**paths, device=where, dtype=dtype)
+        model = RestorerID.load(**paths, device=where, dtype=dtype)
+        _cache[key] = hm.manage(model, "RestorerID", follow_moves=True)
     return _cache[key]
 
 
@@ -173,7 +178,7 @@ def _scales(faces, id_scale, scale_mode, musiq_metric, alpha, beta):
                     f"fixed id_scale {float(id_scale)}: no musiq_metric wired and {why}; wire one or add the "
                     "weights for the adaptive scale")
         source = f"adaptive from MUSIQ's weights {metric.weights} (no musiq_metric wired)"
-    with torch.no_grad():
+    with torch.no_grad(), hm.on_device(metric):
         musiq = torch.cat([metric.score(faces[i:i + 1]).float().cpu() for i in range(n)])
     return adaptive_id_scale(musiq, alpha, beta), musiq, source
 
@@ -238,6 +243,7 @@ class RestorerIDRestore:
             negative_prompt="cartoon, 3d, paint, monochrome, lowres, bad anatomy, worst quality, low quality",
             batch_size=0, color_fix="none", scale_mode="auto"):
         from ..pipelines.identity.reference import reference_identity
+        from ..pipelines.identity.stage import restore_in_batches
 
         if no_faces(face_crops):  # Detect + Align found no face: nothing to restore, no reference to embed
             return (empty_faces(face_crops), json.dumps({"faces": 0, "note": "no faces found: nothing was restored"}))
@@ -245,7 +251,8 @@ class RestorerIDRestore:
         t0 = time.perf_counter()
         faces = image_to_bchw(face_crops, device, "face_crops")
         refs = image_to_bchw(reference, device, "reference")
-        ref = reference_identity(refs, detector, id_model)
+        with hm.on_device(detector):
+            ref = reference_identity(refs, detector, id_model)
         n = faces.shape[0]
         report = {"faces": n, "reference": ref.report, "steps": int(steps), "cfg": float(cfg), "seed": int(seed),
                   "color_fix": color_fix}
@@ -257,22 +264,24 @@ class RestorerIDRestore:
         bs = int(batch_size) or (8 if device.type == "cuda" else 1)
         progress = dev.Progress(int(steps) * ((n + bs - 1) // bs))
         hook = dev.step_hook(progress)
-        dev.free_memory(restorer_id.model_bytes() + 2 * 1024 ** 3, device)
-        moved = restorer_id.device != device
-        if moved:
-            restorer_id.to(device)
-        try:
-            outs = []
-            for i in range(0, n, bs):  # face k draws from seed + k whatever batch_size is
-                dev.check_interrupt()
-                outs.append(restorer_id.restore(faces[i:i + bs], ref, ip_scale=scales[i:i + bs], steps=int(steps),
-                                                cfg=float(cfg), seed=int(seed), first=i, prompt=prompt,
-                                                negative_prompt=negative_prompt, hook=hook, color_fix=color_fix))
-        finally:
+        notes: list = []
+        with hm.on_device(restorer_id, memory_required=ACTIVATION_BYTES):
+            # Standalone, a model loaded elsewhere is moved for this run only (hosted: ComfyUI placed it).
+            moved = not hm.same_device(restorer_id.device, device)
             if moved:
-                restorer_id.to(dev.offload_device())
-                dev.soft_empty_cache()
-        out = torch.cat(outs)
+                dev.free_memory(restorer_id.model_bytes() + ACTIVATION_BYTES, device)
+                restorer_id.to(device)
+            try:
+                # face k draws from seed + k whatever batch_size is
+                out = restore_in_batches(restorer_id, faces, ref, scales, bs, int(seed), notes, steps=int(steps),
+                                         cfg=float(cfg), prompt=prompt, negative_prompt=negative_prompt, hook=hook,
+                                         color_fix=color_fix)
+            finally:
+                if moved:
+                    restorer_id.to(dev.offload_device())
+                    dev.soft_empty_cache()
+        if notes:
+            report["notes"] = notes
         report["id_similarity_after"] = _id_similarity(id_model, out, ref)
         report["seconds"] = round(time.perf_counter() - t0, 3)
         return (bchw_to_image(out), json.dumps(report))

@@ -9,6 +9,7 @@ import time
 import torch
 
 from ..host import device as dev
+from ..host import models as hm
 from ..host.model_paths import find_file, list_files
 from ..pipelines.io.errors import FaceMendError, InvalidImage
 from .common import CATEGORY, bchw_to_image, empty_faces, image_to_bchw, no_faces
@@ -40,7 +41,7 @@ def open_metric(name: str, weights_file: str = DEFAULT_FILE, niqe_variant: str =
             _cache[key] = M.IQAMetric(M.SPECS[name], NIQE.from_file(path, device=device, variant=niqe_variant),
                                       weights=path)
         else:
-            _cache[key] = M.load_metric(name, path, device)
+            _cache[key] = hm.manage(M.load_metric(name, path, device), f"IQA {name}")
     return _cache[key]
 
 
@@ -149,9 +150,10 @@ class IQAScore:
         if no_faces(image):  # Detect + Align found no face
             return (0.0, json.dumps({"metric": metric.name, "images": 0, "mean": None, "scores": [],
                                      "note": "no images (no faces found): nothing was scored"}))
-        x = image_to_bchw(image, metric.device, "image")
-        t = time.perf_counter()
-        scores = score_images(metric, x, batch_size, dev.Progress(x.shape[0]))
+        with hm.on_device(metric):
+            x = image_to_bchw(image, metric.device, "image")
+            t = time.perf_counter()
+            scores = score_images(metric, x, batch_size, dev.Progress(x.shape[0]))
         mean = float(scores.mean())
         report = {"metric": metric.name, "lower_better": metric.lower_better, "mean": round(mean, 5),
                   "scores": _rounded(scores), "seconds": round(time.perf_counter() - t, 3)}
@@ -291,23 +293,24 @@ class BestOf:
 
         if no_faces(candidates_1):  # no faces found: nothing to choose from
             return (empty_faces(candidates_1), json.dumps({"faces": [], "note": "no faces found"}))
-        device = metric.device
-        cands = [image_to_bchw(c, device, f"candidates_{i + 1}")
-                 for i, c in enumerate((candidates_1, candidates_2, candidates_3, candidates_4)) if c is not None]
-        for i, c in enumerate(cands[1:], 2):
-            if c.shape != cands[0].shape:
-                raise InvalidImage(f"candidates_{i} {tuple(c.shape)} differs from candidates_1 "
-                                   f"{tuple(cands[0].shape)}: candidates must be the same faces, same size")
-        progress = dev.Progress(len(cands) * cands[0].shape[0])
-        scores = torch.stack([score_images(metric, c, 4, progress) for c in cands])
-        sims = None
-        if (input_faces is None) != (id_model is None):
-            raise InvalidImage("the ID gate needs both input_faces and id_model (connect both or neither)")
-        if id_model is not None:
-            ref = image_to_bchw(input_faces, device, "input faces")
-            if ref.shape != cands[0].shape:
-                raise InvalidImage(f"input faces {tuple(ref.shape)} and candidates {tuple(cands[0].shape)} differ")
-            sims = torch.stack([id_model.similarity(ref, c).float().cpu() for c in cands])
+        with hm.on_device(metric):
+            device = metric.device
+            cands = [image_to_bchw(c, device, f"candidates_{i + 1}")
+                     for i, c in enumerate((candidates_1, candidates_2, candidates_3, candidates_4)) if c is not None]
+            for i, c in enumerate(cands[1:], 2):
+                if c.shape != cands[0].shape:
+                    raise InvalidImage(f"candidates_{i} {tuple(c.shape)} differs from candidates_1 "
+                                       f"{tuple(cands[0].shape)}: candidates must be the same faces, same size")
+            progress = dev.Progress(len(cands) * cands[0].shape[0])
+            scores = torch.stack([score_images(metric, c, 4, progress) for c in cands])
+            sims = None
+            if (input_faces is None) != (id_model is None):
+                raise InvalidImage("the ID gate needs both input_faces and id_model (connect both or neither)")
+            if id_model is not None:
+                ref = image_to_bchw(input_faces, device, "input faces")
+                if ref.shape != cands[0].shape:
+                    raise InvalidImage(f"input faces {tuple(ref.shape)} and candidates {tuple(cands[0].shape)} differ")
+                sims = torch.stack([id_model.similarity(ref, c).float().cpu() for c in cands])
         choice, per_face = select_best(scores, metric.lower_better, sims, id_threshold)
         stacked = torch.stack(cands)  # [K,N,3,H,W]
         best = stacked[choice.to(stacked.device), torch.arange(stacked.shape[1], device=stacked.device)]
@@ -346,14 +349,16 @@ class Authenticity:
         if no_faces(face_crops):  # no faces found: nothing restored twice
             return (empty_faces(face_crops), empty_faces(face_crops), 0.0, 0.0,
                     json.dumps({"faces": [], "note": "no faces found: nothing was checked"}))
-        x = image_to_bchw(face_crops, restorer.device, "face crops")
-        progress = dev.Progress(2 * x.shape[0])
-        hook = dev.step_hook(progress)
+        with hm.on_device(restorer, metric):
+            x = image_to_bchw(face_crops, restorer.device, "face crops")
+            progress = dev.Progress(2 * x.shape[0])
+            hook = dev.step_hook(progress)
 
-        def restore(t):
-            return restorer(t, fidelity=fidelity, seed=seed, callback=hook)
+            def restore(t):
+                return restorer(t, fidelity=fidelity, seed=seed, callback=hook)
 
-        fx, ffx, report = authenticity(restore, x, metric, id_model.similarity if id_model is not None else None)
+            fx, ffx, report = authenticity(restore, x, metric,
+                                           id_model.similarity if id_model is not None else None)
         return (bchw_to_image(fx), bchw_to_image(ffx), report["mean_quality_gain"],
                 report.get("mean_id_drift", 0.0), json.dumps(report))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 from ..host import device as dev
+from ..host import models as hm
 from ..host.model_paths import find_file, list_files
 from .common import CATEGORY, bchw_to_image, empty_faces, image_to_bchw, no_faces
 
@@ -19,9 +20,11 @@ def load_restorer(name: str, precision: str = "auto"):
     dtype = dev.resolve_dtype(precision, device)
     key = (os.path.abspath(path), os.path.getmtime(path), str(device), dtype)
     if key not in _cache:
+        hm.unload(*_cache.values())
         _cache.clear()  # one restorer resident at a time: they are hundreds of MB each
         dev.free_memory(600 * 1024 ** 2, device)
-        _cache[key] = FaceRestorer.from_file(path, device=device, dtype=dtype)
+        restorer = FaceRestorer.from_file(path, device=device, dtype=dtype)
+        _cache[key] = hm.manage(restorer, f"FaceRestorer {os.path.basename(path)}")
     return _cache[key]
 
 
@@ -77,11 +80,13 @@ class RestoreFaces:
     def run(self, face_crops, restorer, visibility=1.0, fidelity=0.5, batch_size=0, seed=0):
         if no_faces(face_crops):  # Detect + Align found no face
             return (empty_faces(face_crops),)
-        x = image_to_bchw(face_crops, restorer.device, "face crops")
-        progress = dev.Progress(x.shape[0])
-        hook = dev.step_hook(progress)
-        dev.check_interrupt()
-        out = restorer(x, visibility=visibility, fidelity=fidelity, batch_size=batch_size, seed=seed, callback=hook)
+        with hm.on_device(restorer):
+            x = image_to_bchw(face_crops, restorer.device, "face crops")
+            progress = dev.Progress(x.shape[0])
+            hook = dev.step_hook(progress)
+            dev.check_interrupt()
+            out = restorer(x, visibility=visibility, fidelity=fidelity, batch_size=batch_size, seed=seed,
+                           callback=hook)
         return (bchw_to_image(out),)
 
 

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from ..host import device as dev
+from ..host import models as hm
 from ..pipelines.tune import MODES
 from ..pipelines.tune.engine import MIN_SIDE
 from ..pipelines.tune.ntire_refine import NTIREConfig, NTIRETune
@@ -107,16 +110,32 @@ class PerImageTune:
         # Faces per group come from the memory free now: first let ComfyUI unload what it can spare for all the
         # faces in one group (on a GPU); the tuner then takes as many per group as fit (its report and log say
         # how many).
-        n, _, h, w = x.shape
-        if min(h, w) >= MIN_SIDE and device.type != "cpu":
-            cost = tuner.face_cost(h, w, device)
-            dev.free_memory(n * (cost.group + cost.batch), device)
-        progress = dev.Progress(tuner.total_steps(x))
-        dev.check_interrupt()
-        out, report = tuner(x, seed=int(seed), hook=dev.step_hook(progress))
+        # The metric networks first (ComfyUI loads them, evicting what it must), then the faces' own memory.
+        with hm.on_device(clipiqa, maniqa):
+            out, report = self._tune(tuner, x, device, seed)
         if mode == "ntire_tune" and not losses and (clipiqa_weight or maniqa_weight):
             report["note"] = "CLIP-IQA/MANIQA weights are set but no IQA metric is connected: L1 only"
         return (bchw_to_image(out), json.dumps(report, default=str))
+
+    @staticmethod
+    def _tune(tuner, x, device, seed):
+        free_for_one_group(tuner, x, device)
+        progress = dev.Progress(tuner.total_steps(x))
+        dev.check_interrupt()
+        return tuner(x, seed=int(seed), hook=dev.step_hook(progress))
+
+
+def free_for_one_group(tuner, x, device) -> int:
+    """Ask the host to free what ONE face's group needs plus every face's input/output copies (the tuner then
+    sizes its groups from the memory free): freeing for the whole batch at once would evict every other model
+    for faces that run in later groups anyway. Returns the bytes asked (0 on the CPU, tiny images)."""
+    n, _, h, w = x.shape
+    if min(h, w) < MIN_SIDE or device == torch.device("cpu"):
+        return 0
+    cost = tuner.face_cost(h, w, device)
+    need = cost.group + n * cost.batch
+    dev.free_memory(need, device)
+    return need
 
 
 def _metric_scores(metric):

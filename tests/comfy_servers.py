@@ -40,7 +40,8 @@ def get_json(url, timeout=10):
 
 
 class ComfyServer:
-    def __init__(self, base: Path, port: int, models: Path | None = None, extra_args=()):
+    def __init__(self, base: Path, port: int, models: Path | None = None, extra_args=(), command=None):
+        """command: what runs ComfyUI (default: python main.py --cpu); see tests/test_host_models_comfyui.py."""
         self.base, self.port = base, port
         for sub in ("custom_nodes", "input", "output", "user", "temp"):
             (base / sub).mkdir(parents=True, exist_ok=True)
@@ -53,7 +54,8 @@ class ComfyServer:
         self.log_path = base / "server.log"
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory",
+            [*(command or [sys.executable, "main.py", "--cpu"]), "--listen", "127.0.0.1", "--port", str(port),
+             "--base-directory",
              str(base), "--database-url", "sqlite:///:memory:", "--disable-auto-launch", *extra_args],
             cwd=COMFYUI_DIR, stdout=self._log, stderr=subprocess.STDOUT,
             env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..io.errors import FaceMendError, InvalidImage
+from ..io.memory import empty_cache, is_oom
 from .tiling import BLENDS, tile_count, tiled_apply
 
 
@@ -63,8 +64,7 @@ class Conditioning(torch.nn.Module):
             self.register_buffer(name, t)
 
 
-def default_is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+default_is_oom = is_oom  # (the name callers import)
 
 
 class OneStepSR:
@@ -204,8 +204,6 @@ class OneStepSR:
                 if not is_oom(exc):
                     raise
                 smaller = t.smaller()
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
                 if smaller is None:
                     h, w = images.shape[-2:]
                     raise OutOfMemory(
@@ -216,7 +214,8 @@ class OneStepSR:
                         f"{str(exc).splitlines()[0][:200]})") from exc
                 if on_retry is not None:
                     on_retry(smaller, exc)
-                t = smaller
+            t = smaller  # out of the except block: the failed attempt's tensors are released by now
+            empty_cache(self.device)
 
 
 def _one_piece(h: int, w: int, tiles: TileSettings) -> bool:

@@ -11,6 +11,7 @@ from .detection import resize_for_detection, rescale_detections, select_faces
 from .geometry import (BORDER_GRAY_RGB, affine_scale, face_template, fit_similarity, invert_affine,
                             warp_to_crops)
 from ..io.images import check_images
+from ..io.memory import run_halving
 
 
 @dataclass
@@ -132,17 +133,19 @@ def align_faces(images: torch.Tensor, detections: list[torch.Tensor], crop_size:
 def detect_faces(images: torch.Tensor, detector, score_threshold: float = 0.8, detect_max_side: int = 0,
                  chunk: int = 8, hook=None) -> list[torch.Tensor]:
     """Run `detector` over a [B,3,H,W] batch in chunks of `chunk` images (hook(n) after each chunk:
-    progress and interruption). detect_max_side > 0 runs the detector on a copy downscaled so its
-    longer side is at most that (detection does not need 24 MP) and maps the results back."""
-    dets: list[torch.Tensor] = []
-    for start in range(0, images.shape[0], max(1, chunk)):
-        part = images[start:start + max(1, chunk)]
+    progress and interruption); a chunk that runs out of memory runs again with half as many images, down to
+    one. detect_max_side > 0 runs the detector on a copy downscaled so its longer side is at most that
+    (detection does not need 24 MP) and maps the results back."""
+    def run(start: int, stop: int) -> list[torch.Tensor]:
+        part = images[start:stop]
         small, scale = resize_for_detection(part, detect_max_side) if detect_max_side else (part, 1.0)
         found = detector.detect(small, score_threshold=score_threshold)
-        dets += rescale_detections(found, scale) if scale != 1.0 else found
+        found = rescale_detections(found, scale) if scale != 1.0 else found
         if hook is not None:
             hook(part.shape[0])
-    return dets
+        return found
+
+    return [d for found in run_halving(images.shape[0], max(1, chunk), run, device=images.device) for d in found]
 
 
 def detect_and_align(images: torch.Tensor, detector, *, score_threshold: float = 0.8, mode: str = "all",

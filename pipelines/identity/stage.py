@@ -9,6 +9,7 @@ from typing import Callable, Optional
 import torch
 
 from ..face.geometry import face_template, fit_similarity, warp_to_crops
+from ..io.memory import run_halving
 from ..quality.id_similarity import ARCFACE_TEMPLATE_112, INPUT_SIZE
 from .adaptive_scale import ALPHA, BETA, adaptive_id_scale
 from .reference import Reference
@@ -23,6 +24,22 @@ def similarity_to_reference(arcface, faces: torch.Tensor, ref: Reference) -> tor
     emb = arcface.embed(crops).float()
     ref_emb = torch.nn.functional.normalize(ref.id_embed.to(emb.device).float(), dim=1)
     return (emb @ ref_emb.T)[:, 0]
+
+
+def restore_in_batches(model, faces: torch.Tensor, reference: Reference, scales: torch.Tensor, batch_size: int,
+                       seed: int, notes: Optional[list] = None, **restore_kw) -> torch.Tensor:
+    """model.restore over batches of `batch_size` faces (8 faces are a UNet batch of 16 with CFG); face k draws
+    from its own generator seeded seed + k, so a batch that runs out of memory and runs again with half as many
+    faces gives the same result. `notes` collects what was retried."""
+    def run(start: int, stop: int) -> torch.Tensor:
+        return model.restore(faces[start:stop], reference, ip_scale=scales[start:stop], seed=int(seed), first=start,
+                             **restore_kw)
+
+    def retried(k: int, why: str) -> None:
+        if notes is not None:
+            notes.append(f"RestorerID: out of memory ({why}); retried with {k} face{'s' if k > 1 else ''} per batch")
+
+    return torch.cat(run_halving(faces.shape[0], batch_size, run, device=faces.device, on_retry=retried))
 
 
 class IdentityStage:
@@ -53,11 +70,9 @@ class IdentityStage:
         scales, musiq = self.scales(faces)
         before = similarity_to_reference(self.arcface, faces, self.reference)
         bs = self.batch_size or (8 if faces.device.type == "cuda" else 1)
-        # face k draws from seed + k whatever the chunk size (1 on CPU, 8 on GPU by default)
-        out = torch.cat([self.model.restore(faces[i:i + bs], self.reference, ip_scale=scales[i:i + bs],
-                                            steps=self.steps, cfg=self.cfg, seed=self.seed, first=i, hook=self.hook,
-                                            color_fix=self.color_fix)
-                         for i in range(0, faces.shape[0], bs)])
+        notes: list = []  # face k draws from seed + k whatever the chunk size (1 on CPU, 8 on GPU by default)
+        out = restore_in_batches(self.model, faces, self.reference, scales, bs, self.seed, notes,
+                                 steps=self.steps, cfg=self.cfg, hook=self.hook, color_fix=self.color_fix)
         after = similarity_to_reference(self.arcface, out, self.reference)
         self.last_report = {
             "musiq": None if musiq is None else [round(float(v), 4) for v in musiq],
@@ -66,4 +81,6 @@ class IdentityStage:
             "id_similarity_after": [round(float(v), 5) for v in after],
             "reference": self.reference.report, "steps": self.steps, "cfg": self.cfg, "seed": self.seed,
             "color_fix": self.color_fix}
+        if notes:
+            self.last_report["notes"] = notes
         return out

@@ -29,13 +29,10 @@ from . import archs
 from ..io.checkpoints import check_keys, load_weights, unwrap_state_dict
 from ..io.device_caps import bf16_native, channels_last_for
 from ..io.errors import InvalidImage, ModelFileInvalid
+from ..io.memory import empty_cache, is_oom
 
 RESIZE_IN = "bilinear"
 RESIZE_OUT = "bicubic"
-
-
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 # Batches of faces up to this size move to the restorer's device in one transfer (512 crops: ~680 faces).
@@ -282,12 +279,12 @@ class FaceRestorer:
             chunk = faces[start:start + bs].to(self.device)
             try:
                 restored = self._restore_chunk(chunk, s, fidelity, noise, seed, maps)
-            except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
-                if not _is_oom(exc) or bs == 1:
+            except (RuntimeError, MemoryError) as exc:
+                if not is_oom(exc) or bs == 1:
                     raise
-                del exc
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
+                restored = None
+            if restored is None:  # out of the except block: the failed attempt's tensors are released by now
+                empty_cache(self.device)
                 bs = max(1, bs // 2)
                 continue
             if float(visibility) < 1.0:

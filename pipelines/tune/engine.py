@@ -27,6 +27,8 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..io.memory import empty_cache, is_oom
+
 Hook = Optional[Callable[[int], None]]
 MIN_SIDE = 8  # smaller images have nothing to learn from: defined fallbacks below
 
@@ -201,9 +203,7 @@ def _train_step(net: GroupedCNN, adam: _Adam, idx: torch.Tensor, lr: torch.Tenso
     return losses.detach()
 
 
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or (isinstance(exc, RuntimeError)
-                                                              and "out of memory" in str(exc).lower())
+_is_oom = is_oom  # cuBLAS/cuDNN ALLOC_FAILED too (pipelines/io/memory.py)
 
 
 def run_in_groups(n: int, per_group: int, run: Callable[[slice], object], shrink: bool = True,
@@ -225,8 +225,7 @@ def run_in_groups(n: int, per_group: int, run: Callable[[slice], object], shrink
             notes.append(f"{what}: out of memory with {faces.stop - faces.start} faces per group; retried with "
                          f"{k // 2}")
         k //= 2                          # (out of the except block: the failed group's tensors are released)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        empty_cache()
     return results, notes
 
 
