@@ -64,7 +64,9 @@ def open_id_model(model: str = DEFAULT_ID_MODEL, path: str | None = None):
         else:
             from ..pipelines.quality.adaface import AdaFaceIR50
 
-            _cache[key] = AdaFaceIR50.from_file(path, device)
+            # Hosted, ComfyUI loads and evicts it like its own (ArcFace is an onnxruntime session it cannot move).
+            load_on = dev.offload_device() if dev.is_hosted() else device
+            _cache[key] = hm.manage(AdaFaceIR50.from_file(path, load_on), "ID AdaFace IR-50", follow_moves=True)
     return _cache[key]
 
 
@@ -249,7 +251,8 @@ class IDSimilarity:
             raise InvalidImage(f"input faces {tuple(a.shape)} and restored faces {tuple(b.shape)} differ in size "
                                "or count; ID similarity compares each face with its own restoration")
         dev.check_interrupt()
-        sims = id_model.similarity(a, b, crop_landmarks(face_alignment, a.shape[0], a.shape[-1])).float().cpu()
+        with hm.on_device(id_model):
+            sims = id_model.similarity(a, b, crop_landmarks(face_alignment, a.shape[0], a.shape[-1])).float().cpu()
         gate = id_gate(sims.tolist(), default_threshold=threshold, max_low=max_low)
         report = {**_model_report(id_model), "threshold": threshold,
                   "similarities": _rounded(sims), "low": [p["low"] for p in gate["per_image"]],
@@ -293,7 +296,7 @@ class BestOf:
 
         if no_faces(candidates_1):  # no faces found: nothing to choose from
             return (empty_faces(candidates_1), json.dumps({"faces": [], "note": "no faces found"}))
-        with hm.on_device(metric):
+        with hm.on_device(metric, id_model):
             device = metric.device
             cands = [image_to_bchw(c, device, f"candidates_{i + 1}")
                      for i, c in enumerate((candidates_1, candidates_2, candidates_3, candidates_4)) if c is not None]
@@ -349,7 +352,7 @@ class Authenticity:
         if no_faces(face_crops):  # no faces found: nothing restored twice
             return (empty_faces(face_crops), empty_faces(face_crops), 0.0, 0.0,
                     json.dumps({"faces": [], "note": "no faces found: nothing was checked"}))
-        with hm.on_device(restorer, metric):
+        with hm.on_device(restorer, metric, id_model):
             x = image_to_bchw(face_crops, restorer.device, "face crops")
             progress = dev.Progress(2 * x.shape[0])
             hook = dev.step_hook(progress)

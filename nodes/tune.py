@@ -111,7 +111,7 @@ class PerImageTune:
         # faces in one group (on a GPU); the tuner then takes as many per group as fit (its report and log say
         # how many).
         # The metric networks first (ComfyUI loads them, evicting what it must), then the faces' own memory.
-        with hm.on_device(clipiqa, maniqa):
+        with hm.on_device(clipiqa, maniqa, id_model):
             out, report = self._tune(tuner, x, device, seed)
         if mode == "ntire_tune" and not losses and (clipiqa_weight or maniqa_weight):
             report["note"] = "CLIP-IQA/MANIQA weights are set but no IQA metric is connected: L1 only"

@@ -108,13 +108,14 @@ def test_detection_halves_its_chunks_on_out_of_memory():
 def test_restorerid_batches_halve_and_keep_the_result_of_the_smaller_batch():
     from facemend.pipelines.identity.stage import restore_in_batches
 
-    class Model:  # RestorerID's restore contract: noise drawn from the shared generator, per batch
+    class Model:  # RestorerID's restore contract: face k of the run draws from its own generator (seed + k)
         def __init__(self, limit):
             self.limit, self.sizes = limit, []
 
-        def restore(self, faces, reference, ip_scale, generator, steps, cfg):
+        def restore(self, faces, reference, ip_scale, seed, first, steps, cfg):
             self.sizes.append(faces.shape[0])
-            noise = torch.randn(faces.shape, generator=generator)
+            noise = torch.stack([torch.randn(faces.shape[1:], generator=torch.Generator().manual_seed(seed + first + k))
+                                 for k in range(faces.shape[0])])
             if faces.shape[0] > self.limit:  # a UNet batch of 2 x faces (CFG) that does not fit
                 raise oom()
             return faces + noise * ip_scale.view(-1, 1, 1, 1)

@@ -207,6 +207,11 @@ class AdaFaceIR50:
     def from_file(cls, path: str, device="cpu") -> "AdaFaceIR50":
         return cls(load_adaface(path, device), path, device)
 
+    def to(self, device) -> "AdaFaceIR50":
+        self.net.to(device)
+        self.device = torch.device(device)
+        return self
+
     @torch.no_grad()
     def embed_input(self, faces_bgr: torch.Tensor) -> torch.Tensor:
         """[N,3,112,112] BGR in [-1,1] (crops_to_input) -> [N,512] unit embeddings."""
