@@ -5,8 +5,8 @@ node, in every host mode and precision, then the speed-goal figures and how far 
     python benchmarks/gpu_check.py --dry-run    # every step on the CPU at tiny sizes; lists the CUDA-only calls
 
 Parts (--parts picks some):
-  graphs  the shipped API graphs (workflows/api: demo, fast, ntire, ntire_full, id_preserve, adapt) plus one graph
-          of the nodes no preset uses (IQA score, ID similarity, best-of, authenticity, pseudo targets, adaptive ID
+  graphs  the shipped API graphs (workflows/api: demo, fast, ntire, ntire_full, osdface, id_preserve, adapt) plus one graph
+          of the nodes no preset uses (IQA score, ID similarity with ArcFace and AdaFace, best-of, authenticity, pseudo targets, adaptive ID
           scale), run with the pack's own node functions as ComfyUI runs them (inference mode, one node after the
           other) in each mode: standalone (no ComfyUI), ComfyUI's normal, lowvram and novram model management (the
           real ComfyUI from --comfyui / $COMFYUI_DIR imported in-process), in fp16 and bf16, with tiny random
@@ -105,7 +105,7 @@ class Cuda:
 def make_models(root: Path, size: str, graphs=None) -> list[str]:
     """Random-weight model files under every name the graphs ask for (all graphs when None), in the official
     layouts; returns notes on what could not be made (those runs then fail with the missing file named)."""
-    want = set(graphs or ("adapt", "id_preserve", "ntire", "ntire_full", EXTRAS))
+    want = set(graphs or ("adapt", "id_preserve", "ntire", "ntire_full", "osdface", EXTRAS))
     from facemend.pipelines.restore.archs.gfpgan import GFPGANConfig, GFPGANv1Clean
 
     notes = []
@@ -124,6 +124,19 @@ def make_models(root: Path, size: str, graphs=None) -> list[str]:
             make_tsdsr(str(root), base_name="stable-diffusion-3-medium-diffusers")
         except ImportError as exc:
             notes.append(f"one-step models: {exc}")
+    if "osdface" in want:
+        try:
+            from osdface_models import make_osdface
+
+            make_osdface(str(root), base_name="stable-diffusion-2-1-base")
+        except ImportError as exc:
+            notes.append(f"OSDFace models: {exc}")
+    if EXTRAS in want:  # the NTIRE gate's AdaFace IR-50 (full size: its architecture is fixed), Lightning layout
+        from facemend.pipelines.quality.adaface import AdaFaceIRNet
+
+        (root / "adaface").mkdir(exist_ok=True)
+        torch.save({"state_dict": {"model." + k: v for k, v in AdaFaceIRNet().state_dict().items()}},
+                   root / "adaface" / "adaface_ir50_ms1mv2.ckpt")
     if want & {"id_preserve", "ntire_full", EXTRAS}:
         try:
             from restorerid_models import export_tiny_arcface, make_restorerid_files
@@ -189,6 +202,10 @@ def load_graphs() -> dict:
         "16": {"class_type": "FaceMend_PasteBack", "inputs": {"image": ["1", 0], "face_crops": ["15", 0],
                                                               "alignment": ["3", 1]}},
         "17": {"class_type": "SaveImage", "inputs": {"images": ["16", 0]}},
+        "18": {"class_type": "FaceMend_IDModelLoader", "inputs": {"model": "adaface_ir50_ms1mv2.ckpt"}},
+        "19": {"class_type": "FaceMend_IDSimilarity", "inputs": {"input_faces": ["3", 0], "restored_faces": ["5", 0],
+                                                                 "id_model": ["18", 0], "protocol": "ntire2026",
+                                                                 "subset": "CelebA"}},
     }
     return graphs
 
