@@ -285,7 +285,7 @@ class BestOf:
             "candidates_3": ("IMAGE", {"tooltip": "Optional third candidate batch."}),
             "candidates_4": ("IMAGE", {"tooltip": "Optional fourth candidate batch."}),
             "input_faces": ("IMAGE", {"tooltip": "The faces before restoration, for the ID gate."}),
-            "id_model": ("FACE_ID", {"tooltip": "ArcFace model for the ID gate (needs input_faces)."}),
+            "id_model": ("FACE_ID", {"tooltip": "ID model (ID model loader: AdaFace IR-50, the NTIRE gate's, or an ArcFace proxy) for the ID gate (needs input_faces)."}),
             "id_threshold": ("FLOAT", {"default": 0.6, "min": -1.0, "max": 1.0, "step": 0.01, "tooltip":
                              "Candidates whose ID similarity to the input is below this are not chosen."}),
         }}
@@ -340,7 +340,7 @@ class Authenticity:
             "restorer": ("FACE_RESTORER", {"tooltip": "From the FaceMend face restorer loader."}),
             "metric": ("IQA_METRIC", {"tooltip": "Quality metric for f(x) and f(f(x))."}),
         }, "optional": {
-            "id_model": ("FACE_ID", {"tooltip": "ArcFace model for the identity drift."}),
+            "id_model": ("FACE_ID", {"tooltip": "ID model (ID model loader: AdaFace IR-50 or an ArcFace proxy) for the identity drift."}),
             "fidelity": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip":
                          "CodeFormer's w (ignored by GFPGAN)."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "tooltip": "Seed of both passes."}),

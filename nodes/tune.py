@@ -76,7 +76,7 @@ class PerImageTune:
                                                   "(1 - CLIP-IQA) loss term and the validation score."}),
             "maniqa": ("IQA_METRIC", {"tooltip": "ntire_tune: a MANIQA metric (IQA metric loader) for the "
                                                  "(1 - MANIQA) loss term and the validation score."}),
-            "id_model": ("FACE_ID", {"tooltip": "ntire_tune: an ArcFace model (ID model loader) for the ID guard."}),
+            "id_model": ("FACE_ID", {"tooltip": "ntire_tune: an ID model (ID model loader: AdaFace IR-50 or ArcFace) for the ID guard."}),
         }}
 
     def run(self, image, mode="zssr", scale=2, steps=0, learning_rate=0.001, seed=0, crop_size=128,
