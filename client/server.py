@@ -42,13 +42,15 @@ def format_prompt_error(body: dict) -> str:
 
 
 class Server:
-    def __init__(self, url: str, headers: dict | None = None, timeout: float = 60.0, busy_grace: float = 600.0):
+    def __init__(self, url: str, headers: dict | None = None, timeout: float = 60.0, busy_grace: float = 600.0,
+                 transfer_timeout: float | None = None):
         url = url.rstrip("/")
         if "://" not in url:
             url = "http://" + url
         self.url = url
         self.headers = dict(headers or {})
         self.timeout = timeout
+        self.transfer_timeout = transfer_timeout or max(timeout, 120.0)  # uploads and downloads of images
         # A request that times out is sent again until busy_grace seconds have passed without an answer: the
         # server is there but slow (a loaded CPU, a model loading). One rule for every request.
         self.busy_grace = busy_grace
@@ -129,7 +131,7 @@ class Server:
         parts.append(f"--{boundary}--\r\n".encode())
         try:
             raw = self._request("POST", "/upload/image", b"".join(parts), f"multipart/form-data; boundary={boundary}",
-                                timeout=max(self.timeout, 120))
+                                timeout=self.transfer_timeout)
         except _HTTPStatus as err:
             raise PromptRejected(f"{self.url} refused the upload of {name}: HTTP {err.code}") from None
         reply = self._json(raw, "/upload/image")
@@ -143,16 +145,18 @@ class Server:
             payload["prompt_id"] = prompt_id
         start = time.monotonic()
         try:
-            while True:
-                try:
-                    reply = self.post_json("/prompt", payload, wait_busy=False)
-                    break
-                except ServerBusy:
-                    # Sending it again could queue it twice: first ask whether the slow server took it.
-                    if prompt_id and self.knows(prompt_id):
+            try:
+                reply = self.post_json("/prompt", payload, wait_busy=False)
+            except ServerBusy:
+                # The request reached the server, which has not answered yet: sending it again could queue it
+                # twice, so wait (up to busy_grace) for it to show up in the queue or the history.
+                while prompt_id:
+                    if self.knows(prompt_id):
                         return prompt_id
                     if time.monotonic() - start >= self.busy_grace:
-                        raise
+                        break
+                    time.sleep(min(1.0, self.timeout))
+                raise
             if not isinstance(reply, dict) or "prompt_id" not in reply:
                 raise BadAnswer(f"{self.url}/prompt: unexpected answer {json.dumps(reply)[:200]}")
             return reply["prompt_id"]
@@ -185,7 +189,7 @@ class Server:
         query = urllib.parse.urlencode({"filename": ref["filename"], "subfolder": ref.get("subfolder", ""),
                                         "type": ref.get("type", "output")})
         try:
-            return self._request("GET", "/view?" + query, timeout=max(self.timeout, 120))
+            return self._request("GET", "/view?" + query, timeout=self.transfer_timeout)
         except _HTTPStatus as err:
             raise ServerUnavailable(f"{self.url}/view {ref['filename']}: HTTP {err.code}") from None
 

@@ -220,15 +220,16 @@ def test_an_unexpected_error_fails_that_job_only(fakes, tmp_path, monkeypatch):
     assert status["b.png"][0] == "done" and status["a.png"][0] == "failed" and "KeyError" in status["a.png"][1]
 
 
-# 5: a timeout on any request (upload, /view...) is waited for, not an outage.
-@pytest.mark.parametrize("path", ["/upload/image", "/view"])
+# 5: a timeout on any request (upload, /prompt, /view) is waited for, not an outage; /prompt is never sent twice.
+@pytest.mark.parametrize("path", ["/upload/image", "/prompt", "/view"])
 def test_a_slow_answer_is_waited_for_on_every_request(fakes, tmp_path, path):
     fake = fakes()
     fake.slow = {path: [1.0]}
-    server = Server(fake.url, timeout=0.4)
+    server = Server(fake.url, timeout=0.4, transfer_timeout=0.4)
     report = _run(_runner([server], ONE, tmp_path / "out", busy_grace=20), [_photos(tmp_path / "p", ["a.png"])])
     assert report["counts"] == {"done": 1} and report["retries"] == [], json.dumps(report, indent=1)
-    assert fake.slow[path] == []
+    assert fake.slow[path] == [] and len(fake.executed) == 1
+    assert report["servers"][0]["outages"] == []
 
 
 # 6: a frame split across a timeout is read whole on the next call.
