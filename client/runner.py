@@ -557,7 +557,8 @@ class Runner:
         counts: dict = {}
         for job in self.jobs:
             counts[job.status] = counts.get(job.status, 0) + 1
-        return {"servers": [{"url": st.server.url, "unavailable": st.dead, "outages": st.outages}
+        return {"servers": [{"url": st.server.url, "outages": st.outages, "unavailable": st.dead or (
+                    f"{st.down_reason} (still down at the end of the run)" if st.down_since is not None else None)}
                             for st in self._states]
                 or [{"url": s.url, "unavailable": None, "outages": []} for s in self.servers],
                 "seconds": round(seconds, 2), "counts": counts, "retries": self.retry_log,
