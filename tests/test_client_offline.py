@@ -10,7 +10,6 @@ import time
 
 import pytest
 
-from comfy_servers import free_port
 from fake_comfy import FakeComfy, ws_frame
 from facemend.client import Runner
 from facemend.client.progress import Progress
@@ -27,9 +26,15 @@ def fakes():
     started = []
 
     def make(**kw):
-        lo = started[-1].port + 1 if started else PORTS[0]
-        started.append(FakeComfy(free_port(lo, PORTS[1]), **kw))
-        return started[-1]
+        # The fake binds with SO_REUSEADDR (as ComfyUI's aiohttp does): ports of earlier tests in TIME_WAIT are
+        # fine, ports with a listener are not.
+        for port in range(started[-1].port + 1 if started else PORTS[0], PORTS[1] + 1):
+            try:
+                started.append(FakeComfy(port, **kw))
+                return started[-1]
+            except OSError:
+                continue
+        raise RuntimeError(f"no free port in {PORTS[0]}-{PORTS[1]}")
 
     yield make
     for f in started:

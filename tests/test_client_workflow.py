@@ -72,12 +72,14 @@ def test_execution_error_text_comes_from_the_history_entry():
                                              "GFPGANv1.4.pth not found")
 
 
-def test_inputs_with_the_same_name_are_refused_before_anything_runs(tmp_path):
+def test_inputs_with_the_same_name_get_distinct_outputs_planned_before_anything_runs(tmp_path):
+    """As the CLI: x.jpg and x.png keep their extension in the output name (no server is asked for this)."""
     (tmp_path / "a.png").write_bytes(b"x")
     (tmp_path / "a.jpg").write_bytes(b"x")
+    (tmp_path / "A.webp").write_bytes(b"x")
     runner = R.Runner(["http://127.0.0.1:9"], load_workflow("demo"), tmp_path / "out")
-    with pytest.raises(ValueError, match="a.jpg.*a.png|a.png.*a.jpg"):
-        runner.run([tmp_path])
+    assert [(j.path.name, j.name) for j in runner.plan([tmp_path])] == [
+        ("A.webp", "A_webp"), ("a.jpg", "a_jpg"), ("a.png", "a_png")]
 
 
 def test_atomic_write_leaves_no_half_file(tmp_path, monkeypatch):
