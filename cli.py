@@ -199,6 +199,14 @@ def restore_files(inputs: list[str], out_dir: str, pipeline: FaceRestorePipeline
     check_existing(pairs, existing)
     progress = progress or _NoProgress()
     say = progress.write if isinstance(progress, CLIProgress) else log
+
+    def failed(path, message):
+        reports.append({"input": path, "error": message})
+        if isinstance(progress, CLIProgress):
+            progress.write(f"{path}: FAILED, {message}", err=True)
+        else:
+            log(f"{path}: FAILED, {message}")
+
     reports = []
     for path, target in pairs:
         dev.check_interrupt()
@@ -217,20 +225,12 @@ def restore_files(inputs: list[str], out_dir: str, pipeline: FaceRestorePipeline
                     say(f"{path}: skipped, {target} appeared during the run")
                     reports.append({"input": path, "output": target, "skipped": True})
                 else:
-                    reports.append({"input": path, "error": str(exc)})
-                    if isinstance(progress, CLIProgress):
-                        progress.write(f"{path}: FAILED, {exc}", err=True)
-                    else:
-                        log(f"{path}: FAILED, {exc}")
+                    failed(path, str(exc))
             except (FaceMendError, OSError, ValueError, RuntimeError) as exc:
                 message = str(exc) if isinstance(exc, FaceMendError) else f"{type(exc).__name__}: {exc}"
                 if isinstance(exc, RuntimeError) and dev.is_oom(exc):
                     message = f"out of memory: {exc}"
-                reports.append({"input": path, "error": message})
-                if isinstance(progress, CLIProgress):
-                    progress.write(f"{path}: FAILED, {message}", err=True)
-                else:
-                    log(f"{path}: FAILED, {message}")
+                failed(path, message)
         if isinstance(progress, CLIProgress):
             progress.image_done()
     return reports
