@@ -134,7 +134,7 @@ def test_a_restarted_server_is_waited_for_and_its_jobs_rerun(fakes, tmp_path):
     assert report["counts"] == {"done": 3}, json.dumps(report, indent=1)
     assert time.monotonic() - t >= downtime
     outages = report["servers"][0]["outages"]
-    assert len(outages) == 1 and outages[0]["seconds"] >= downtime - 0.5
+    assert len(outages) == 1 and outages[0]["seconds"] >= downtime / 2  # less the time it took to notice
     for job in report["jobs"]:
         assert _outputs(tmp_path / "out")[os.path.basename(job["outputs"][0])] == b"node 2:photo " + \
             os.path.basename(job["input"]).encode()
@@ -155,8 +155,9 @@ def test_a_server_that_stays_away_fails_its_jobs_after_server_wait(fakes, tmp_pa
 
 
 def test_with_two_servers_jobs_move_at_once_and_the_server_rejoins(fakes, tmp_path):
-    a, b = fakes(steps=3, step_seconds=0.15), fakes(steps=3, step_seconds=0.15)
+    a, b = fakes(steps=4, step_seconds=0.15), fakes(steps=4, step_seconds=0.15)
     photos = _photos(tmp_path / "photos", [f"p{k}.png" for k in range(8)])
+    before_restart = []
 
     def bounce(pid):
         if not getattr(bounce, "done", False):
@@ -165,6 +166,7 @@ def test_with_two_servers_jobs_move_at_once_and_the_server_rejoins(fakes, tmp_pa
             def go():
                 a.stop()
                 time.sleep(0.5)
+                before_restart.append(len(a.executed))
                 a.start()
             threading.Thread(target=go, daemon=True).start()
 
@@ -173,7 +175,7 @@ def test_with_two_servers_jobs_move_at_once_and_the_server_rejoins(fakes, tmp_pa
                   [photos])
     assert report["counts"] == {"done": 8}, json.dumps(report, indent=1)
     assert len(report["servers"][0]["outages"]) == 1
-    assert a.executed, "the restarted server never took a job again"  # executed counts since its restart too
+    assert len(a.executed) > before_restart[0], "the restarted server never took a job again"
     assert len(set(_outputs(tmp_path / "out").values())) == 8
 
 
