@@ -339,7 +339,7 @@ class Runner:
             if st.down_since is None or st.dead or now < st.next_probe:
                 return
             st.next_probe = now + 3600  # this worker probes; the others wait for its answer
-        alive = st.server.alive()
+        alive = st.server.alive(answer_needed=True)  # a server given up as too slow must answer to rejoin
         now = time.monotonic()
         with st.lock:
             if alive:

@@ -110,13 +110,14 @@ class Server:
         raw = self._request("POST", path, json.dumps(payload).encode(), "application/json", wait_busy=wait_busy)
         return self._json(raw, path) if raw.strip() else None
 
-    def alive(self) -> bool:
-        """Whether the server answers (a slow answer counts: only a refused or broken connection is 'gone')."""
+    def alive(self, answer_needed: bool = False) -> bool:
+        """Whether the server answers (a slow answer counts, unless answer_needed: only a refused or broken
+        connection is 'gone')."""
         try:
             self.get_json("/system_stats", timeout=min(10.0, self.timeout), wait_busy=False)
             return True
         except ServerBusy:
-            return True
+            return not answer_needed
         except (ServerUnavailable, BadAnswer):
             return False
 
