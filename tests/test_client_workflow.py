@@ -2,6 +2,8 @@
 choice, ComfyUI's /prompt error text, output naming and the never-a-half-file writes."""
 import json
 
+import time
+
 import pytest
 
 from facemend.client import runner as R
@@ -126,10 +128,12 @@ def test_a_silent_server_is_busy_and_a_closed_port_is_gone():
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(4)
-        silent = Server(f"http://127.0.0.1:{listener.getsockname()[1]}", timeout=0.5)
-        with pytest.raises(ServerBusy):
+        silent = Server(f"http://127.0.0.1:{listener.getsockname()[1]}", timeout=0.5, busy_grace=1.2)
+        t = time.monotonic()
+        with pytest.raises(ServerBusy):  # asked again until busy_grace has passed without an answer
             silent.get_json("/system_stats")
-        assert silent.alive()
+        assert time.monotonic() - t >= 1.2
+        assert silent.alive() and not silent.alive(answer_needed=True)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
