@@ -1,7 +1,6 @@
 """Headless client, the parts that need no server: loading presets and files, --set overrides, the LoadImage
 choice, ComfyUI's /prompt error text, output naming and the never-a-half-file writes."""
 import json
-
 import time
 
 import pytest
