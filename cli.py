@@ -9,8 +9,9 @@ import time
 
 import torch
 
-from .cli_files import (EXISTING_POLICIES, check_existing, check_output_dir, collect_inputs,  # noqa: F401
-                        plan_outputs, within_output_limit, write_output)
+from .cli_files import (EXISTING_POLICIES, OutputError, OutputExists, check_existing,  # noqa: F401
+                        check_output_dir, claim_output_dir, collect_inputs, plan_outputs, scan_inputs,
+                        within_output_limit, write_json_atomic, write_output)
 from .cli_progress import CLIProgress, _NoProgress
 from .host import device as dev
 from .host import model_paths
@@ -26,7 +27,7 @@ DEMO_TUNE_STEPS = 200  # ZSSR steps of the demo preset: about 15 s per batch of 
 
 
 def build_pipeline(preset: str = "demo", detector: str = EMBEDDED_MTCNN, device=None, restorer: str | None = None,
-                   precision: str = "auto", tune_steps: int = DEMO_TUNE_STEPS, seed: int = 0,
+                   precision: str = "auto", tune_steps: int = DEMO_TUNE_STEPS, seed: int | None = None,
                    onestep_base: str | None = None, onestep_lora: str | None = None, progress=None,
                    reference: list | None = None, id_scale: float | None = None, steps: int = 50,
                    cfg: float = 4.0, face_batch: int = 0, **options) -> FaceRestorePipeline:
@@ -37,10 +38,13 @@ def build_pipeline(preset: str = "demo", detector: str = EMBEDDED_MTCNN, device=
     folder. id_preserve: `reference` photo paths of the person, `id_scale`
     a fixed ID scale instead of the adaptive one (which needs MUSIQ's weights), `steps` / `cfg` of the sampler.
     `progress` (e.g. a CLIProgress) hears of the face work: stage(name, total) when a face stage starts, then
-    progress(n) as faces / steps finish. `face_batch`: faces per restorer forward (0: by free memory)."""
+    progress(n) as faces / steps finish. `face_batch`: faces per restorer forward (0: by free memory). `seed`: None
+    is each preset's default (42 for id_preserve, else 0)."""
     if preset not in PRESETS:
         raise FaceMendError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     progress = progress or _NoProgress()
+    if seed is None:
+        seed = 42 if preset == "id_preserve" else 0
     device = torch.device(device) if device else dev.compute_device()
     if detector in (EMBEDDED_MTCNN, "mtcnn"):
         det = load_detector(EMBEDDED_MTCNN, device=device)
@@ -87,7 +91,7 @@ def build_pipeline(preset: str = "demo", detector: str = EMBEDDED_MTCNN, device=
         stages.append(("osdface", _osdface_stage(device, precision, onestep_base, onestep_lora, seed, progress)))
     if preset == "id_preserve":
         stages.append(("restorer_id", _identity_stage(det, device, precision, reference, id_scale, steps, cfg,
-                                                      seed or 42)))
+                                                      seed)))
         options.setdefault("color_method", "none")  # the stage fixes colour on the unclamped decode (official order)
     return FaceRestorePipeline(detector=det, face_stages=stages, **options)
 
@@ -214,7 +218,8 @@ def restore_files(inputs: list[str], out_dir: str, pipeline: FaceRestorePipeline
     """Restore each image file (one at a time: photos differ in size) into out_dir as PNG.
 
     Existing outputs: existing='error' refuses before any work, 'overwrite' replaces them, 'skip' leaves them
-    (and their inputs) alone. An input that cannot be read or restored is reported and the run goes on: its
+    (and their inputs) alone; without 'overwrite' an output that appears during the run (another program) is never
+    replaced. An input that cannot be read or restored is reported and the run goes on: its
     report holds 'error' instead of 'output'. Each output is written to a temporary name and renamed, so an
     interrupted run leaves only complete files."""
     if existing not in EXISTING_POLICIES:
@@ -225,6 +230,14 @@ def restore_files(inputs: list[str], out_dir: str, pipeline: FaceRestorePipeline
     check_existing(pairs, existing)
     progress = progress or _NoProgress()
     say = progress.write if isinstance(progress, CLIProgress) else log
+
+    def failed(path, message):
+        reports.append({"input": path, "error": message})
+        if isinstance(progress, CLIProgress):
+            progress.write(f"{path}: FAILED, {message}", err=True)
+        else:
+            log(f"{path}: FAILED, {message}")
+
     reports = []
     for path, target in pairs:
         dev.check_interrupt()
@@ -233,26 +246,28 @@ def restore_files(inputs: list[str], out_dir: str, pipeline: FaceRestorePipeline
             reports.append({"input": path, "output": target, "skipped": True})
         else:
             try:
-                reports.append(_restore_one(path, target, pipeline, device, progress))
+                reports.append(_restore_one(path, target, pipeline, device, progress, replace=existing == "overwrite"))
                 r = reports[-1]
                 say(f"{path}: {sum(r['faces'])} face(s), {r['seconds']:.2f} s -> {target}")
             except Interrupted:
                 raise
+            except OutputExists as exc:  # written by someone else since the run started: theirs stays
+                if existing == "skip":
+                    say(f"{path}: skipped, {target} appeared during the run")
+                    reports.append({"input": path, "output": target, "skipped": True})
+                else:
+                    failed(path, str(exc))
             except (FaceMendError, OSError, ValueError, RuntimeError) as exc:
                 message = str(exc) if isinstance(exc, FaceMendError) else f"{type(exc).__name__}: {exc}"
                 if isinstance(exc, RuntimeError) and dev.is_oom(exc):
                     message = f"out of memory: {exc}"
-                reports.append({"input": path, "error": message})
-                if isinstance(progress, CLIProgress):
-                    progress.write(f"{path}: FAILED, {message}", err=True)
-                else:
-                    log(f"{path}: FAILED, {message}")
+                failed(path, message)
         if isinstance(progress, CLIProgress):
             progress.image_done()
     return reports
 
 
-def _restore_one(path: str, target: str, pipeline, device, progress) -> dict:
+def _restore_one(path: str, target: str, pipeline, device, progress, replace: bool = True) -> dict:
     image, alpha = read_image(path)
     t = time.perf_counter()
     out, report = pipeline(image.to(device))
@@ -261,7 +276,7 @@ def _restore_one(path: str, target: str, pipeline, device, progress) -> dict:
 
         alpha = F.interpolate(alpha, size=out.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
     report.update(input=path, seconds=round(time.perf_counter() - t, 3))
-    write_output(target, out.cpu(), alpha)
+    write_output(target, out.cpu(), alpha, replace=replace)
     report["output"] = target
     return report
 
@@ -509,6 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_restore.add_argument("--batch-faces", type=int, default=4, help="--engine ray: faces of several photos "
                            "per restorer forward, up to this many (default 4; presets that tune per photo keep "
                            "each photo's faces together and alone)")
+    p_restore.add_argument("--recursive", action="store_true", help="also restore the images in the input folders' "
+                           "subfolders; the output folder mirrors the input tree (default: top level only, "
+                           "subfolders are listed)")
     p_demo = add("demo", help="degrade and restore a public-domain photo (no downloads)")
     p_demo.add_argument("-o", "--out", default="demo_output", help="output folder (default: demo_output/)")
     p_demo.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -574,11 +592,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _restore_command(args) -> int:
-    files, failed = collect_inputs(args.inputs)
+    scan = scan_inputs(args.inputs, recursive=args.recursive, out_dir=args.out)
+    files, failed = scan.files, scan.failed
     for f in failed:
         print(f"{f['input']}: FAILED, {f['error']}", file=sys.stderr)
+    for line in scan.notes():
+        print(line, file=sys.stderr)
     if not files:
-        raise FaceMendError(f"no images found in {', '.join(args.inputs)}")
+        hint = "; its photos are in subfolders: pass --recursive" if scan.subfolders else ""
+        raise FaceMendError(f"no images found in {', '.join(args.inputs)}{hint}")
     check_output_dir(args.out, [d for d in args.inputs if os.path.isdir(d)])
     limit = int(args.max_output_megapixels * 1024 ** 2)
     files, too_big = within_output_limit(files, PRESETS[args.preset].upscale, limit)
@@ -587,33 +609,45 @@ def _restore_command(args) -> int:
     failed += too_big
     if not files:
         raise FaceMendError("nothing to restore: " + "; ".join(f["error"] for f in failed))
-    pairs = plan_outputs(files, args.out)
-    policy = "overwrite" if args.overwrite else "skip" if args.skip_existing else "error"
-    check_existing(pairs, policy)  # before loading any model
-    if args.engine == "ray":  # the same checks above, then Ray Data does the work (scale/)
-        from .scale.ray_engine import restore_command
-
-        return restore_command(args, pairs, policy, failed)
-    bars = CLIProgress(len(pairs), enabled=not args.no_progress)
     try:
-        pipeline = build_pipeline(args.preset, args.detector, restorer=args.restorer, precision=args.precision,
-                                  selection=args.selection, face_index=args.face_index,
-                                  score_threshold=args.score_threshold, min_face_size=args.min_face_size,
-                                  max_faces=args.max_faces, tune_steps=args.tune_steps, max_output_pixels=limit,
-                                  onestep_base=args.onestep_base, onestep_lora=args.onestep_lora, progress=bars,
-                                  reference=args.reference, id_scale=args.id_scale, steps=args.steps, cfg=args.cfg)
-        reports = restore_files(files, args.out, pipeline, existing=policy, progress=bars, outputs=pairs)
+        pairs = plan_outputs(files, args.out, names=scan.names or None)
+        claim = claim_output_dir(args.out, "python -m facemend " + " ".join(sys.argv[1:]))  # one run per folder
+    except OutputError as exc:
+        raise FaceMendError(str(exc)) from None
+    try:
+        policy = "overwrite" if args.overwrite else "skip" if args.skip_existing else "error"
+        check_existing(pairs, policy)  # before loading any model
+        if args.engine == "ray":  # the same checks above, then Ray Data does the work (scale/)
+            from .scale.ray_engine import restore_command
+
+            return restore_command(args, pairs, policy, failed)
+        bars = CLIProgress(len(pairs), enabled=not args.no_progress)
+        try:
+            pipeline = build_pipeline(args.preset, args.detector, restorer=args.restorer, precision=args.precision,
+                                      selection=args.selection, face_index=args.face_index,
+                                      score_threshold=args.score_threshold, min_face_size=args.min_face_size,
+                                      max_faces=args.max_faces, tune_steps=args.tune_steps, max_output_pixels=limit,
+                                      onestep_base=args.onestep_base, onestep_lora=args.onestep_lora, progress=bars,
+                                      reference=args.reference, id_scale=args.id_scale, steps=args.steps,
+                                      cfg=args.cfg)
+            reports = restore_files(files, args.out, pipeline, existing=policy, progress=bars, outputs=pairs)
+        finally:
+            bars.close()
     finally:
-        bars.close()
+        claim.release()
     reports = failed + reports
     if args.report:
-        with open(args.report, "w") as f:
-            json.dump(reports, f, indent=1)
+        try:
+            write_json_atomic(args.report, reports)
+        except OSError as exc:
+            raise FaceMendError(f"cannot write the report {args.report}: {exc.strerror or exc} (the outputs are "
+                                f"written)") from exc
     bad = [r for r in reports if "error" in r]
     done = sum(1 for r in reports if "faces" in r)
     skipped = sum(1 for r in reports if r.get("skipped"))
     print(f"{done} restored, {skipped} skipped (output exists), {len(bad)} failed"
-          + "".join(f"\n  {r['input']}: {r['error']}" for r in bad), file=sys.stderr if bad else sys.stdout)
+          + "".join(f"\n  {r['input']}: {r['error']}" for r in bad)
+          + "".join(f"\n{line}" for line in scan.notes()), file=sys.stderr if bad else sys.stdout)
     return 1 if bad else 0
 
 

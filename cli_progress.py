@@ -1,7 +1,10 @@
-"""The CLI's progress bars: tqdm on stderr over the images and over each image's face work."""
+"""The CLI's progress: tqdm bars on stderr over the images and over each image's face work when stderr is a
+terminal; otherwise (a log file, a scheduler) plain lines: one per finished image, and one per long stage at most
+every `log_every` seconds."""
 from __future__ import annotations
 
 import sys
+import time
 
 from .host import device as dev
 
@@ -20,18 +23,27 @@ class CLIProgress(_NoProgress):
     """tqdm bars on stderr: one over the images, one over the current image's face work (faces restored,
     tuning steps), so a long run always shows where it is."""
 
-    def __init__(self, total_images: int, enabled: bool = True, file=None):
+    def __init__(self, total_images: int, enabled: bool = True, file=None, live: bool | None = None,
+                 log_every: float = 10.0):
         from tqdm import tqdm
 
         self._tqdm = tqdm
-        self.enabled = enabled
         self.file = file if file is not None else sys.stderr
-        self.images = tqdm(total=total_images, desc="images", unit="img", disable=not enabled, file=self.file,
+        isatty = getattr(self.file, "isatty", None)
+        self.live = (bool(isatty and isatty()) if live is None else live)  # bars only on a terminal
+        self.plain = enabled and not self.live
+        self.enabled = enabled and self.live
+        self.log_every = log_every
+        self.total, self.count, self.start = total_images, 0, time.monotonic()
+        self._stage = None  # plain mode: [name, total, done, started, last line]
+        self.images = tqdm(total=total_images, desc="images", unit="img", disable=not self.enabled, file=self.file,
                            dynamic_ncols=True)
         self.inner = None
 
     def stage(self, name: str, total: int) -> None:
         self._close_inner()
+        now = time.monotonic()
+        self._stage = [name, int(total), 0, now, now]
         self.inner = self._tqdm(total=int(total), desc=f"  {name}", leave=False, disable=not self.enabled,
                                 file=self.file, dynamic_ncols=True)
 
@@ -39,10 +51,25 @@ class CLIProgress(_NoProgress):
         super().__call__(n)
         if self.inner is not None:
             self.inner.update(n)
+        if self.plain and self._stage is not None:
+            self._stage[2] += n
+            now = time.monotonic()
+            if now - self._stage[4] >= self.log_every:
+                name, total, done, started, _ = self._stage
+                self._line(f"  {name}: {done}/{total} ({now - started:.0f} s)")
+                self._stage[4] = now
 
     def image_done(self) -> None:
         self._close_inner()
         self.images.update(1)
+        self.count += 1
+        self._stage = None
+        if self.plain:
+            self._line(f"images: {self.count}/{self.total} done ({time.monotonic() - self.start:.1f} s elapsed)")
+
+    def _line(self, text: str) -> None:
+        self.file.write(text + "\n")
+        self.file.flush()
 
     def write(self, line: str, err: bool = False) -> None:
         """A log line (stdout; stderr for failures) that does not break the bars."""

@@ -21,6 +21,8 @@ def add_api_parser(sub):
     p.add_argument("--retries", type=int, default=2, help="times a failed job is retried on another server (default 2)")
     p.add_argument("--image-node", default=None, help="the LoadImage node that takes each input (when several)")
     p.add_argument("--timeout", type=float, default=0, help="seconds before a job is cancelled (default: none)")
+    p.add_argument("--server-wait", type=float, default=300, help="seconds a server that went away (a restart, a "
+                   "crash) is waited for, probed with backoff, before its jobs fail (default 300)")
     p.add_argument("--no-skip", action="store_true", help="run inputs whose outputs already exist")
     p.add_argument("--auth", default=os.environ.get("FACEMEND_API_AUTH"),
                    help="send 'Authorization: Bearer TOKEN' (servers behind a proxy); also $FACEMEND_API_AUTH")
@@ -43,6 +45,7 @@ def run_api(args) -> int:
             print(f"error: --header {h!r}: expected 'NAME: VALUE'", file=sys.stderr)
             return 2
         headers[name.strip()] = value.strip()
+    runner = None
     try:
         graph = apply_overrides(load_workflow(args.workflow), args.set)
         servers = [Server(u, headers) for u in urls]
@@ -60,14 +63,19 @@ def run_api(args) -> int:
             return 2
         runner = Runner([s for s in servers if s.url not in down], graph, args.out, per_server=args.per_server,
                         retries=args.retries, image_node=args.image_node, skip_existing=not args.no_skip,
-                        timeout=args.timeout, progress=Progress(n))
+                        timeout=args.timeout, progress=Progress(n), server_wait=args.server_wait)
         report = runner.run(args.inputs)
     except (WorkflowError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: this run's queued prompts were removed from the servers and its running ones "
-              "interrupted; finished outputs are complete", file=sys.stderr)
+        failures = runner.cancel_failures if runner else []
+        if failures:
+            print("interrupted: finished outputs are complete, but some of this run's prompts could not be removed:\n  "
+                  + "\n  ".join(failures), file=sys.stderr)
+        else:
+            print("interrupted: this run's queued prompts were removed from the servers and its running ones "
+                  "interrupted; finished outputs are complete", file=sys.stderr)
         return 130
     print(summary(report, args.out))
     return 0 if report["counts"].get("failed", 0) == 0 else 1

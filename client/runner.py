@@ -1,27 +1,37 @@
 """A headless run: a folder or list of images through one API graph on one or several ComfyUI servers.
 
 One shared queue of jobs (one per input image); each server takes up to `per_server` jobs at a time (one
-running, the next already uploaded and queued, so the server never waits for us). A job whose server errors or
-disappears goes back to the queue for a server that has not tried it yet, at most `retries` times; a job that
-fails everywhere is reported with ComfyUI's own error text and the run goes on. Outputs land in the output
-folder under the input's name, each written to a temporary name and renamed; the first image output is written
-last, so its presence means the job is complete and a second run skips it. Ctrl-C (or cancel()) removes what
-this run queued from every server and interrupts what is running for it, and nothing else.
+running, the next already uploaded and queued, so the server never waits for us). Every output name is planned
+before the first upload (no name serves two inputs; an output folder holding an input is refused) and the output
+folder is claimed for the run (a second run into it is refused).
+
+A graph that fails on a server is retried on a server that has not tried it, at most `retries` times. A server
+that goes away (connection refused or broken, its prompt lost from its queue) costs the job it ran one attempt:
+the job goes back to the queue at once (to another server, or to the same one when it returns) and the server
+is probed with backoff; it rejoins when it answers, and after `server_wait` seconds down it is given up and its
+jobs fail with the reason. A server that is only slow (requests time out) is waited for `busy_grace` seconds.
+Every job ends: done, failed with a reason, skipped or cancelled. Outputs land in the output folder, each
+written to a temporary name and renamed; the first image output is written last, so its presence means the job
+is complete and a second run skips it. Ctrl-C (or cancel()) removes what this run queued from every server and
+interrupts what is running for it, and nothing else; what could not be removed is named.
 """
 from __future__ import annotations
 
 import json
 import os
 import queue
+import re
 import socket
 import threading
 import time
+import traceback
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..output_plan import claim_output_dir, plan_stems, refuse_outputs_on_inputs
 from .progress import Progress
-from .server import PromptRejected, Server, ServerBusy, ServerUnavailable
+from .server import BadAnswer, PromptRejected, Server, ServerBusy, ServerUnavailable
 from .websocket import WebSocket, WebSocketClosed
 from .workflow import image_input_node, local_files, with_image
 
@@ -33,13 +43,17 @@ class JobFailed(RuntimeError):
     """The graph failed on this server (ComfyUI's error text); another server may still run it."""
 
 
+class PromptLost(RuntimeError):
+    """The prompt left the server's queue without a result (the server restarted, or someone removed it)."""
+
+
 @dataclass
 class Job:
     path: Path
-    name: str  # output stem: the input's file name without extension
+    name: str  # output stem, planned before the run: unique among the run's inputs
     status: str = "pending"  # pending, running, done, failed, skipped, cancelled
     attempts: list = field(default_factory=list)  # [{"server", "error"}] of the failed attempts
-    tried: set = field(default_factory=set)
+    tried: set = field(default_factory=set)  # servers where the graph itself failed: not retried there
     server: str | None = None
     prompt_id: str | None = None
     outputs: list = field(default_factory=list)
@@ -67,7 +81,11 @@ def list_inputs(items) -> list[Path]:
 
 
 def _has_image_outputs(graph: dict) -> bool:
-    return any(n["class_type"].endswith(("SaveImage", "PreviewImage")) for n in graph.values())
+    return _image_output_nodes(graph) > 0
+
+
+def _image_output_nodes(graph: dict) -> int:
+    return sum(n["class_type"].endswith(("SaveImage", "PreviewImage")) for n in graph.values())
 
 
 def _write_atomic(path: Path, data: bytes):
@@ -93,11 +111,17 @@ def execution_error_text(entry: dict) -> str:
 
 
 class _ServerState:
-    """A server, its websocket listener (events routed to the jobs by prompt id) and its in-flight prompts."""
+    """A server, its websocket listener (events routed to the jobs by prompt id), its in-flight prompts, and
+    whether it is up, down since some time (probed with backoff until it answers again) or given up (dead)."""
 
     def __init__(self, server: Server, stop: threading.Event):
         self.server = server
-        self.dead: str | None = None
+        self.dead: str | None = None  # given up: the reason
+        self.down_since: float | None = None
+        self.down_reason: str | None = None
+        self.next_probe = 0.0
+        self.backoff = 1.0
+        self.outages: list = []  # [{"reason", "seconds"}] of the outages it came back from
         self.waiters: dict = {}
         self.inflight: set = set()
         self.uploaded: dict = {}
@@ -106,6 +130,10 @@ class _ServerState:
         self.ws_ok = False
         self.thread = threading.Thread(target=self._listen, daemon=True, name=f"ws {server.url}")
         self.thread.start()
+
+    @property
+    def up(self) -> bool:
+        return not self.dead and self.down_since is None
 
     def _listen(self):
         while not self.stop.is_set() and not self.dead:
@@ -126,7 +154,7 @@ class _ServerState:
                         continue
                     if isinstance(msg, str):
                         self._dispatch(json.loads(msg))
-            except (OSError, WebSocketClosed, ValueError):
+            except (OSError, WebSocketClosed, ValueError, AttributeError):
                 pass
             finally:
                 ws.close()
@@ -153,7 +181,8 @@ class _ServerState:
 class Runner:
     def __init__(self, servers, graph: dict, out_dir, per_server: int = 2, retries: int = 2,
                  image_node: str | None = None, skip_existing: bool = True, timeout: float = 0,
-                 progress: Progress | None = None, log=None, poll_interval: float = 2.0, busy_grace: float = 600.0):
+                 progress: Progress | None = None, log=None, poll_interval: float = 2.0, busy_grace: float = 600.0,
+                 server_wait: float = 300.0, max_backoff: float = 15.0):
         self.servers = [s if isinstance(s, Server) else Server(s) for s in servers]
         if not self.servers:
             raise ValueError("give at least one ComfyUI server URL")
@@ -161,6 +190,7 @@ class Runner:
         self.image_node = image_input_node(graph, image_node)
         self.local_files = local_files(graph)  # "@path" inputs: uploaded once per server
         self.images_out = _has_image_outputs(graph)
+        self.extra_images = _image_output_nodes(graph) > 1
         self.out_dir = Path(out_dir)
         self.per_server = max(1, int(per_server))
         self.retries = max(0, int(retries))
@@ -168,6 +198,10 @@ class Runner:
         self.timeout = timeout
         self.poll_interval = poll_interval
         self.busy_grace = busy_grace  # seconds a server may leave every request unanswered before it counts as gone
+        for s in self.servers:
+            s.busy_grace = busy_grace
+        self.server_wait = server_wait  # seconds a server that went away is waited for before its jobs fail
+        self.max_backoff = max_backoff
         self.progress = progress
         self.run_id = uuid.uuid4().hex[:8]
         self.cancelled = threading.Event()
@@ -177,17 +211,26 @@ class Runner:
         self._states: list[_ServerState] = []
         self.jobs: list[Job] = []
         self.retry_log: list[str] = []
+        self.cancel_failures: list[str] = []  # after Ctrl-C: prompts that could not be removed, and why
 
     # --- public -------------------------------------------------------------------------------------------
-    def run(self, inputs) -> dict:
+    def plan(self, inputs) -> list[Job]:
+        """The jobs of `inputs`, their output names planned (before any upload): unique without regard to case,
+        none another's `<name>_<n>` extra output; an output folder that holds an input is refused."""
         files = list_inputs(inputs)
-        by_name: dict = {}
-        for f in files:
-            if f.stem in by_name:
-                raise ValueError(f"{by_name[f.stem]} and {f} would both be written as {f.stem}.*; rename one")
-            by_name[f.stem] = f
-        self.jobs = [Job(f, f.stem) for f in files]
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        refuse_outputs_on_inputs([str(f) for f in files], str(self.out_dir), whole_folder=True)
+        stems = plan_stems([str(f) for f in files], extra_outputs=self.extra_images)
+        return [Job(f, stem) for f, stem in zip(files, stems)]
+
+    def run(self, inputs) -> dict:
+        self.jobs = self.plan(inputs)
+        claim = claim_output_dir(str(self.out_dir), "python -m facemend api")
+        try:
+            return self._run()
+        finally:
+            claim.release()
+
+    def _run(self) -> dict:
         self.progress = self.progress or Progress(len(self.jobs))
         todo = []
         for job in self.jobs:
@@ -211,7 +254,7 @@ class Runner:
         try:
             with self._cond:
                 while self._pending > 0 and not self.cancelled.is_set():
-                    if all(st.dead for st in self._states):
+                    if all(st.dead for st in self._states) or not any(w.is_alive() for w in workers):
                         break
                     self._cond.wait(0.5)
         except KeyboardInterrupt:
@@ -229,8 +272,9 @@ class Runner:
                         job.status, job.error = "cancelled", "cancelled by the user"
                     else:
                         job.status = "failed"
-                        job.error = job.error or ("no server left to run it: " + "; ".join(
-                            f"{st.server.url}: {st.dead}" for st in self._states if st.dead))
+                        job.error = "no server left to run it: " + "; ".join(
+                            f"{st.server.url}: {st.dead}" for st in self._states if st.dead) + (
+                            f" (last attempt: {job.error})" if job.error else "")
                         self.progress.finished(job.name, "failed", job.error)
             self.report = self._report(time.monotonic() - t0)
             _write_atomic(self.out_dir / REPORT_NAME, (json.dumps(self.report, indent=1) + "\n").encode())
@@ -245,7 +289,9 @@ class Runner:
 
     # --- internals ------------------------------------------------------------------------------------------
     def _existing(self, job: Job) -> list[Path]:
-        return sorted(p for p in self.out_dir.glob(f"{job.name}*") if not p.name.startswith("."))
+        """This job's outputs: <name>.<ext>, <name>_<n>.<ext>, <name>.json (never another input's)."""
+        mine = re.compile(re.escape(job.name) + r"(_\d+)?\.[^.]+", re.IGNORECASE)
+        return sorted(p for p in self.out_dir.iterdir() if mine.fullmatch(p.name) and p.name != REPORT_NAME)
 
     def _complete(self, job: Job) -> bool:
         if any((self.out_dir / (job.name + e)).exists() for e in IMAGE_EXTS):
@@ -255,11 +301,14 @@ class Runner:
     def _cancel_remote(self):
         for st in self._states:
             with st.lock:
-                ids = list(st.inflight)
+                ids = sorted(st.inflight)
+            if not ids:
+                continue
             try:
                 st.server.cancel(ids)
-            except (ServerUnavailable, Exception):  # a dead server has nothing left to cancel
-                pass
+            except (ServerUnavailable, BadAnswer, OSError) as exc:
+                self.cancel_failures.append(f"{st.server.url}: could not remove prompt(s) {', '.join(ids)} ({exc}); "
+                                            "remove them in ComfyUI's queue if they are still there")
 
     def _finish(self, job: Job, status: str, message: str = ""):
         job.status = status
@@ -268,58 +317,116 @@ class Runner:
             self._pending -= 1
             self._cond.notify_all()
 
-    def _live_untried(self, job: Job) -> list:
-        return [st for st in self._states if not st.dead and st.server.url not in job.tried]
+    def _can_run(self, job: Job, st: _ServerState | None = None) -> list:
+        """Servers not given up where the graph has not failed for this job (st: only that one)."""
+        return [s for s in ([st] if st else self._states) if not s.dead and s.server.url not in job.tried]
+
+    def _down(self, st: _ServerState, reason: str):
+        with st.lock:
+            if st.down_since is not None or st.dead:
+                return
+            st.down_since, st.down_reason = time.monotonic(), reason
+            st.next_probe, st.backoff = time.monotonic() + 1.0, 1.0
+        others = any(s.up for s in self._states if s is not st)
+        self.progress.note(f"server {st.server.url} is unavailable ({reason}); "
+                           + ("its jobs go to the other servers; " if others else "")
+                           + f"waiting up to {self.server_wait:.0f} s for it to come back")
+
+    def _probe(self, st: _ServerState):
+        """A down server: ask it again when its backoff has passed; up again, or given up after server_wait."""
+        now = time.monotonic()
+        with st.lock:
+            if st.down_since is None or st.dead or now < st.next_probe:
+                return
+            st.next_probe = now + 3600  # this worker probes; the others wait for its answer
+        alive = st.server.alive(answer_needed=True)  # a server given up as too slow must answer to rejoin
+        now = time.monotonic()
+        with st.lock:
+            if alive:
+                st.outages.append({"reason": st.down_reason, "seconds": round(now - st.down_since, 1)})
+                st.down_since = None
+                st.uploaded.clear()  # a restarted server may have lost what we uploaded
+            elif now - st.down_since >= self.server_wait:
+                st.dead = f"{st.down_reason}; no answer for {now - st.down_since:.0f} s (--server-wait)"
+            else:
+                st.backoff = min(st.backoff * 2, self.max_backoff)
+                st.next_probe = now + st.backoff
+        if alive:
+            self.progress.note(f"server {st.server.url} answers again after {st.outages[-1]['seconds']:.0f} s; "
+                               "it takes jobs again")
+        elif st.dead:
+            self.progress.note(f"server {st.server.url} given up: {st.dead}")
+            with self._cond:
+                self._cond.notify_all()
 
     def _worker(self, st: _ServerState):
         while not self._stop.is_set() and not self.cancelled.is_set() and not st.dead:
+            if st.down_since is not None:
+                self._probe(st)
+                time.sleep(0.1)
+                continue
             try:
                 job = self._queue.get(timeout=0.2)
             except queue.Empty:
                 continue
-            if st.server.url in job.tried:
-                if self._live_untried(job):  # leave it to a server that has not failed it yet
+            if not st.up or not self._can_run(job, st):
+                if self._can_run(job):  # another server (or this one when it is back) may still run it
                     self._queue.put(job)
-                    time.sleep(0.2)
+                    time.sleep(0.1)
                     continue
-            self._attempt(st, job)
+                self._finish(job, "failed", job.error or "no server left to run it")
+                continue
+            try:
+                self._attempt(st, job)
+            except Exception as exc:  # never lose a job, never lose a worker
+                job.error = f"internal error: {type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
+                self._finish(job, "failed", job.error)
 
     def _attempt(self, st: _ServerState, job: Job):
         url = st.server.url
-        job.tried.add(url)
         job.status, job.server = "running", url
         self.progress.started(job.name, url, len(job.attempts) + 1)
         t = time.monotonic()
+        graph_failed = True  # the graph itself failed (not the server): not retried on this server
         try:
             self._execute(st, job)
             job.seconds = round(time.monotonic() - t, 3)
             self._finish(job, "done", f"{len(job.outputs)} file(s) in {job.seconds:.1f} s")
             return
         except ServerUnavailable as exc:
-            if not self.cancelled.is_set():
-                st.dead = str(exc)
-                self.progress.note(f"server {url} is unavailable ({exc}); its jobs go to the other servers")
-                if job.prompt_id:  # a server that is only slow must not keep running a job that runs elsewhere
-                    try:
-                        st.server.cancel([job.prompt_id])
-                    except ServerUnavailable:
-                        pass
+            graph_failed = False
+            if self.cancelled.is_set():
+                return
             error = f"server unavailable: {exc}"
-        except (PromptRejected, JobFailed) as exc:
+            self._down(st, str(exc))
+            if isinstance(exc, ServerBusy) and job.prompt_id:  # only slow: do not let it run a job that moves
+                try:
+                    st.server.cancel([job.prompt_id])
+                except (ServerUnavailable, BadAnswer):
+                    pass
+        except PromptLost as exc:
+            graph_failed = False
+            error = str(exc)
+        except (PromptRejected, JobFailed, BadAnswer) as exc:
             error = str(exc)
         except OSError as exc:  # reading the input or writing an output
             job.error = str(exc)
             self._finish(job, "failed", job.error)
             return
+        except Exception as exc:  # anything unexpected ends this attempt with its reason, never the worker
+            error = f"{type(exc).__name__}: {exc}"
         if self.cancelled.is_set():
             return
+        if graph_failed:
+            job.tried.add(url)
         job.attempts.append({"server": url, "error": error})
         job.error = error
         job.status = "pending"
         job.server = None
         self.progress.running.pop(job.name, None)
-        if len(job.attempts) <= self.retries and self._live_untried(job):
-            line = f"{job.name}: failed on {url} ({error.splitlines()[0]}); retrying on another server"
+        if len(job.attempts) <= self.retries and self._can_run(job):
+            where = "another server" if graph_failed else "the next server that answers"
+            line = f"{job.name}: failed on {url} ({error.splitlines()[0]}); retrying on {where}"
             self.retry_log.append(line)
             self.progress.note(line)
             self._queue.put(job)
@@ -353,16 +460,40 @@ class Runner:
                 st.inflight.discard(pid)
         self._collect(server, job, entry)
 
+    def _poll(self, st: _ServerState, pid: str) -> dict | None:
+        """The prompt's finished history entry, or None while it is queued or running. A prompt that is in
+        neither place has been lost (PromptLost). A failed request is tried again while the server answers
+        /system_stats (one 5xx or a broken answer is not an outage); ServerUnavailable when it does not."""
+        for tries in range(4):
+            try:
+                entry = st.server.history(pid)
+                if entry and entry.get("status", {}).get("completed") is not None:
+                    return entry
+                if pid in st.server.queued():
+                    return None
+                entry = st.server.history(pid)  # finished between the two questions
+                if entry and entry.get("status", {}).get("completed") is not None:
+                    return entry
+                raise PromptLost(f"the prompt left {st.server.url}'s queue without a result (the server restarted "
+                                 "or it was removed from its queue)")
+            except ServerBusy:
+                raise
+            except (ServerUnavailable, BadAnswer) as exc:
+                if not st.server.alive():
+                    raise ServerUnavailable(str(exc)) from None
+                if tries == 3:
+                    raise
+                time.sleep(0.5 * (tries + 1))
+
     def _wait(self, st, job, pid, events, n_nodes) -> dict:
         started = time.monotonic()
         last_poll = 0.0
-        busy_since = None
         seen_nodes: set = set()
         while True:
             if self.cancelled.is_set():
                 try:  # queued just as the run was cancelled: take it back
                     st.server.cancel([pid])
-                except ServerUnavailable:
+                except (ServerUnavailable, BadAnswer):
                     pass
                 raise JobFailed("cancelled")
             if self.timeout and time.monotonic() - started > self.timeout:
@@ -374,13 +505,13 @@ class Runner:
                 kind, data = None, None
             if kind == "ws_lost" and not st.server.alive():
                 raise ServerUnavailable("the server went away while running this job")
-            if kind in ("executing", "execution_cached") and data:
+            if kind in ("executing", "execution_cached") and isinstance(data, dict):
                 nodes = data.get("nodes") or ([data["node"]] if data.get("node") else [])
                 seen_nodes.update(nodes)
                 node = data.get("node")
                 label = self.graph.get(node, {}).get("class_type", "") if node else ""
                 self.progress.update(job.name, min(len(seen_nodes) - (1 if node else 0), n_nodes) / n_nodes, label)
-            elif kind == "progress" and data:
+            elif kind == "progress" and isinstance(data, dict) and "value" in data and "max" in data:
                 done = max(len(seen_nodes) - 1, 0) + data["value"] / max(data["max"], 1)
                 label = self.graph.get(data.get("node"), {}).get("class_type", "")
                 self.progress.update(job.name, min(done / n_nodes, 1.0), label, f"{data['value']}/{data['max']}")
@@ -388,15 +519,8 @@ class Runner:
             now = time.monotonic()
             if finished or now - last_poll >= (self.poll_interval if st.ws_ok else 1.0):
                 last_poll = now
-                try:
-                    entry = st.server.history(pid)
-                    busy_since = None
-                except ServerBusy:
-                    busy_since = busy_since or now
-                    if now - busy_since > self.busy_grace:
-                        raise
-                    continue
-                if entry and entry.get("status", {}).get("completed") is not None:
+                entry = self._poll(st, pid)
+                if entry is not None:
                     if entry["status"].get("status_str") != "success" or not entry["status"]["completed"]:
                         raise JobFailed(execution_error_text(entry))
                     return entry
@@ -433,7 +557,10 @@ class Runner:
         counts: dict = {}
         for job in self.jobs:
             counts[job.status] = counts.get(job.status, 0) + 1
-        return {"servers": [{"url": st.server.url, "unavailable": st.dead} for st in self._states]
-                or [{"url": s.url, "unavailable": None} for s in self.servers],
+        return {"servers": [{"url": st.server.url, "outages": st.outages, "unavailable": st.dead or (
+                    f"{st.down_reason} (still down at the end of the run)" if st.down_since is not None else None)}
+                            for st in self._states]
+                or [{"url": s.url, "unavailable": None, "outages": []} for s in self.servers],
                 "seconds": round(seconds, 2), "counts": counts, "retries": self.retry_log,
-                "cancelled": self.cancelled.is_set(), "jobs": [j.as_dict() for j in self.jobs]}
+                "cancelled": self.cancelled.is_set(), "cancel_failures": self.cancel_failures,
+                "jobs": [j.as_dict() for j in self.jobs]}

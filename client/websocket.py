@@ -28,6 +28,7 @@ class WebSocket:
             sock = ssl.create_default_context().wrap_socket(sock, server_hostname=parts.hostname)
         self.sock = sock
         self._buf = b""
+        self._message, self._kind = b"", None  # a fragmented message being received
         key = base64.b64encode(os.urandom(16)).decode()
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         lines = [f"GET {path} HTTP/1.1", f"Host: {parts.netloc}", "Upgrade: websocket", "Connection: Upgrade",
@@ -58,30 +59,46 @@ class WebSocket:
             raise WebSocketClosed("connection closed by the server")
         self._buf += chunk
 
-    def _read(self, n: int) -> bytes:
-        while len(self._buf) < n:
-            self._fill()
-        out, self._buf = self._buf[:n], self._buf[n:]
-        return out
-
     def settimeout(self, seconds: float | None):
         self.sock.settimeout(seconds)
 
+    def _frame(self):
+        """(fin, opcode, payload) of the first whole frame in the buffer, consumed; None while it is incomplete."""
+        buf = self._buf
+        if len(buf) < 2:
+            return None
+        b0, b1 = buf[0], buf[1]
+        n, at = b1 & 0x7F, 2
+        if n == 126:
+            if len(buf) < 4:
+                return None
+            n, at = struct.unpack(">H", buf[2:4])[0], 4
+        elif n == 127:
+            if len(buf) < 10:
+                return None
+            n, at = struct.unpack(">Q", buf[2:10])[0], 10
+        mask = None
+        if b1 & 0x80:
+            if len(buf) < at + 4:
+                return None
+            mask, at = buf[at:at + 4], at + 4
+        if len(buf) < at + n:
+            return None
+        payload, self._buf = buf[at:at + n], buf[at + n:]
+        if mask:
+            payload = bytes(c ^ mask[i % 4] for i, c in enumerate(payload))
+        return b0 & 0x80, b0 & 0x0F, payload
+
     def recv(self) -> str | bytes:
-        """The next text (str) or binary (bytes) message; raises socket.timeout, WebSocketClosed."""
-        message, kind = b"", None
+        """The next text (str) or binary (bytes) message; raises socket.timeout, WebSocketClosed. Frames are taken
+        from the buffer only when whole, and a fragmented message is kept across calls, so a timeout in the middle
+        of a frame loses nothing: the next call goes on where this one stopped."""
         while True:
-            b0, b1 = self._read(2)
-            fin, opcode = b0 & 0x80, b0 & 0x0F
-            n = b1 & 0x7F
-            if n == 126:
-                n = struct.unpack(">H", self._read(2))[0]
-            elif n == 127:
-                n = struct.unpack(">Q", self._read(8))[0]
-            mask = self._read(4) if b1 & 0x80 else None
-            payload = self._read(n)
-            if mask:
-                payload = bytes(c ^ mask[i % 4] for i, c in enumerate(payload))
+            frame = self._frame()
+            if frame is None:
+                self._fill()  # may time out: the buffer is left as it is
+                continue
+            fin, opcode, payload = frame
             if opcode == 8:
                 raise WebSocketClosed("the server closed the websocket")
             if opcode == 9:
@@ -90,10 +107,11 @@ class WebSocket:
             if opcode == 10:
                 continue
             if opcode in (1, 2):
-                kind = opcode
-            message += payload
+                self._kind, self._message = opcode, b""
+            self._message += payload
             if fin:
-                return message.decode("utf-8") if kind == 1 else message
+                message, self._message = self._message, b""
+                return message.decode("utf-8") if self._kind == 1 else message
 
     def _send(self, opcode: int, payload: bytes):
         mask = os.urandom(4)

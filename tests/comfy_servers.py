@@ -53,12 +53,16 @@ class ComfyServer:
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = base / "server.log"
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(
-            [*(command or [sys.executable, "main.py", "--cpu"]), "--listen", "127.0.0.1", "--port", str(port),
-             "--base-directory",
-             str(base), "--database-url", "sqlite:///:memory:", "--disable-auto-launch", *extra_args],
-            cwd=COMFYUI_DIR, stdout=self._log, stderr=subprocess.STDOUT,
-            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+        self._cmd = [*(command or [sys.executable, "main.py", "--cpu"]), "--listen", "127.0.0.1", "--port", str(port),
+                     "--base-directory", str(base), "--database-url", "sqlite:///:memory:", "--disable-auto-launch",
+                     *extra_args]
+        self.start()
+
+    def start(self):
+        """Start (again, after kill(): a restart on the same port, as a crashed server's supervisor does)."""
+        self.proc = subprocess.Popen(self._cmd, cwd=COMFYUI_DIR, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+        return self
 
     def wait_ready(self, timeout=240):
         deadline = time.time() + timeout

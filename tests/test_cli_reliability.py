@@ -188,7 +188,10 @@ def test_bad_inputs_are_reported_and_the_run_goes_on(tmp_path, capsys):
 
 
 # 10: progress per image and per face batch; the node's face selection options.
-def test_progress_bars_and_face_selection_options(tmp_path, capsys):
+def test_progress_bars_and_face_selection_options(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # bars are for a terminal (a log gets plain lines)
     photo = need_shared("faces", "clean", "t1_six_faces.jpg")
     small = tmp_path / "six.png"
     Image.open(photo).convert("RGB").resize((640, 443), Image.BICUBIC).save(small)

@@ -6,7 +6,9 @@
 - /workflow_templates lists the UI graphs and serves each one;
 - a folder of 3 images across two servers on two local ports, one killed in the middle of the run: every
   output arrives exactly once and the report names the retry;
-- Ctrl-C on `python -m facemend api` removes what it queued and interrupts what it runs.
+- Ctrl-C on `python -m facemend api` removes what it queued and interrupts what it runs;
+- one server restarted in the middle of a run: the run waits for it and finishes every job.
+The client's failure cases without ComfyUI (CI): tests/test_client_offline.py.
 """
 import json
 import os
@@ -250,6 +252,39 @@ def test_ctrl_c_removes_what_the_run_queued(servers, photos, tmp_path):
     assert interrupted, "the running job was not interrupted"
     assert not (ours - running_ours) & set(history), "a pending prompt of the cancelled run was executed"
     assert not list((tmp_path / "out").glob("*.png"))
+
+
+def test_one_server_restarted_mid_run_every_output_arrives(servers, photos, tmp_path):
+    """One server, three photos; the server killed after the first result and started again 8 s later on the same
+    port: the run waits for it (--server-wait), re-uploads and re-queues what it lost, and every job is done."""
+    import threading
+
+    steady = servers["steady"]
+    overrides = ["FaceMend_PerImageTune.steps=60", "FaceMend_PerImageTune.crop_size=32"]
+    from facemend.client import Runner, apply_overrides, load_workflow
+    from facemend.client.progress import Progress
+
+    runner = Runner([steady.url], apply_overrides(load_workflow("demo"), overrides), tmp_path / "out",
+                    per_server=1, retries=2, progress=Progress(3, live=False))
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(report=runner.run([photos])))
+    thread.start()
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(j.status == "done" for j in runner.jobs):
+        time.sleep(0.2)
+    assert any(j.status == "done" for j in runner.jobs), "no job finished"
+    steady.kill()
+    time.sleep(8)
+    steady.start().wait_ready()
+    thread.join(timeout=600)
+    assert not thread.is_alive()
+    report = result["report"]
+    assert report["counts"] == {"done": 3}, json.dumps(report, indent=1)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "b.png", "c.png",
+                                                                    "facemend_api_report.json"]
+    outages = report["servers"][0]["outages"]
+    assert len(outages) == 1 and outages[0]["seconds"] >= 8
+    assert all(len(j["failed_attempts"]) <= 1 for j in report["jobs"])
 
 
 def test_two_servers_one_killed_mid_run_every_output_once_and_the_retry_named(servers, photos, tmp_path):

@@ -1,6 +1,7 @@
 """Headless client, the parts that need no server: loading presets and files, --set overrides, the LoadImage
 choice, ComfyUI's /prompt error text, output naming and the never-a-half-file writes."""
 import json
+import time
 
 import pytest
 
@@ -72,12 +73,14 @@ def test_execution_error_text_comes_from_the_history_entry():
                                              "GFPGANv1.4.pth not found")
 
 
-def test_inputs_with_the_same_name_are_refused_before_anything_runs(tmp_path):
+def test_inputs_with_the_same_name_get_distinct_outputs_planned_before_anything_runs(tmp_path):
+    """As the CLI: x.jpg and x.png keep their extension in the output name (no server is asked for this)."""
     (tmp_path / "a.png").write_bytes(b"x")
     (tmp_path / "a.jpg").write_bytes(b"x")
+    (tmp_path / "A.webp").write_bytes(b"x")
     runner = R.Runner(["http://127.0.0.1:9"], load_workflow("demo"), tmp_path / "out")
-    with pytest.raises(ValueError, match="a.jpg.*a.png|a.png.*a.jpg"):
-        runner.run([tmp_path])
+    assert [(j.path.name, j.name) for j in runner.plan([tmp_path])] == [
+        ("A.webp", "A_webp"), ("a.jpg", "a_jpg"), ("a.png", "a_png")]
 
 
 def test_atomic_write_leaves_no_half_file(tmp_path, monkeypatch):
@@ -124,10 +127,12 @@ def test_a_silent_server_is_busy_and_a_closed_port_is_gone():
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(4)
-        silent = Server(f"http://127.0.0.1:{listener.getsockname()[1]}", timeout=0.5)
-        with pytest.raises(ServerBusy):
+        silent = Server(f"http://127.0.0.1:{listener.getsockname()[1]}", timeout=0.5, busy_grace=1.2)
+        t = time.monotonic()
+        with pytest.raises(ServerBusy):  # asked again until busy_grace has passed without an answer
             silent.get_json("/system_stats")
-        assert silent.alive()
+        assert time.monotonic() - t >= 1.2
+        assert silent.alive() and not silent.alive(answer_needed=True)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

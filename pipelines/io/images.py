@@ -14,7 +14,8 @@ from .errors import InvalidImage
 
 log = logging.getLogger("facemend")
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif")
+HEIF_EXTENSIONS = (".heic", ".heif")  # what phones write: read through the pillow-heif plugin (the `heif` extra)
 # Above this many pixels a single image is refused with a message instead of exhausting memory.
 MAX_PIXELS = 16384 * 16384
 
@@ -44,6 +45,27 @@ def _read_png16(path: str) -> np.ndarray | None:
     return arr.astype(np.float32) / 65535.0
 
 
+def enable_image_plugins(path: str) -> None:
+    """Make Pillow able to open `path`: HEIC/HEIF through pillow-heif (registered once), AVIF natively (Pillow >=
+    11.3). A missing plugin is an InvalidImage that names the extra to install."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext in HEIF_EXTENSIONS:
+        try:
+            import pillow_heif
+        except ImportError:
+            raise InvalidImage(f"cannot read image {path}: HEIC/HEIF photos need the pillow-heif plugin; install "
+                               "the heif extra: pip install 'facemend[heif]' (or pip install pillow-heif)") from None
+        if not getattr(enable_image_plugins, "_heif", False):
+            pillow_heif.register_heif_opener()  # applies the photo's rotation (irot/imir) as it decodes
+            enable_image_plugins._heif = True
+    elif ext == ".avif":
+        from PIL import features
+
+        if not features.check("avif"):
+            raise InvalidImage(f"cannot read image {path}: this Pillow has no AVIF support; pip install -U "
+                               "'pillow>=11.3'")
+
+
 def read_image(path: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Read any common image file as ([1,3,H,W] float32 RGB in [0,1], alpha [1,1,H,W] or None).
 
@@ -57,6 +79,7 @@ def read_image(path: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     if png is not None and png[0] == 16 and png[1] in (2, 6):
         arr = _read_png16(path)
     if arr is None:
+        enable_image_plugins(path)
         try:
             with Image.open(path) as im:
                 im = ImageOps.exif_transpose(im)
