@@ -128,6 +128,30 @@ def test_restorerid_batches_halve_and_keep_the_result_of_the_smaller_batch():
     assert len(notes) == 2 and "retried with 2 faces per batch" in notes[1]
 
 
+def test_osdface_retry_frees_after_release(monkeypatch):
+    from facemend.pipelines.diffusion import osdface, refiner
+
+    held, seen = _watch_release(monkeypatch, osdface)
+
+    class Fake(osdface.OSDFace):
+        device = torch.device("cpu")
+
+        def __init__(self):
+            self.tiles, self.tried = refiner.TileSettings(max_batch=4), []
+
+        def run(self, images, scale, seed, tiles, hook):
+            self.tried.append(tiles.max_batch)
+            if tiles.max_batch > 1:
+                work = images * 2
+                held.append(weakref.ref(work))
+                raise oom()
+            return images
+
+    model = Fake()
+    x = torch.rand(1, 3, 8, 8)
+    assert model(x) is x and model.tried == [4, 2, 1] and seen == [True, True]
+
+
 def test_onestep_retry_frees_after_release(monkeypatch):
     from facemend.pipelines.diffusion import refiner
 

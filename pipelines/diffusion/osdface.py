@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from ..io.checkpoints import load_weights
 from ..io.errors import InvalidImage, ModelFileInvalid
+from ..io.memory import empty_cache
 from .lora import apply_lora, lora_pairs, lora_rank, merge_lora
 from .refiner import OutOfMemory, TileSettings, default_is_oom
 
@@ -472,16 +473,16 @@ class OSDFace(nn.Module):
             except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
                 if not is_oom(exc):
                     raise
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
                 if t.max_batch <= 1:
                     raise OutOfMemory(
                         f"OSDFace: out of memory on {self.device} even with one 512x512 face per call. Free memory "
                         "(close other models or apps), use fp16/bf16 precision, or run on a GPU with more memory. "
                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
-                t = replace(t, max_batch=t.max_batch // 2)
+                smaller = replace(t, max_batch=t.max_batch // 2)
                 if on_retry is not None:
-                    on_retry(t, exc)
+                    on_retry(smaller, exc)
+            t = smaller  # out of the except block: the failed attempt's tensors are released by now
+            empty_cache(self.device)
 
 
 def osdface_from_modules(unet, vae, scheduler, embedder, embedding_change, device="cpu", dtype=torch.float32,
