@@ -131,7 +131,7 @@ def test_restorerid_batches_halve_and_keep_the_result_of_the_smaller_batch():
 def test_osdface_retry_frees_after_release(monkeypatch):
     from facemend.pipelines.diffusion import osdface, refiner
 
-    held, seen = _watch_release(monkeypatch, osdface)
+    held, seen = _watch_release(monkeypatch, refiner)  # the retry loop both one-step models share
 
     class Fake(osdface.OSDFace):
         device = torch.device("cpu")

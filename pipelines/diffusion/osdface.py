@@ -30,9 +30,8 @@ import torch.nn.functional as F
 
 from ..io.checkpoints import load_weights
 from ..io.errors import InvalidImage, ModelFileInvalid
-from ..io.memory import empty_cache
 from .lora import apply_lora, lora_pairs, lora_rank, merge_lora
-from .refiner import OutOfMemory, TileSettings, default_is_oom
+from .refiner import TileSettings, default_is_oom, run_shrinking
 
 OSDFACE_TIMESTEP = 399
 OSDFACE_SIZE = 512
@@ -466,23 +465,15 @@ class OSDFace(nn.Module):
         """run() that halves the faces per call on out-of-memory, then raises OutOfMemory."""
         if int(scale) not in (1, 2, 4):
             raise ValueError(f"scale must be 1, 2 or 4, got {scale}")
-        t = tiles or self.tiles
-        while True:
-            try:
-                return self.run(images, int(scale), seed, t, hook)
-            except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
-                if not is_oom(exc):
-                    raise
-                if t.max_batch <= 1:
-                    raise OutOfMemory(
-                        f"OSDFace: out of memory on {self.device} even with one 512x512 face per call. Free memory "
-                        "(close other models or apps), use fp16/bf16 precision, or run on a GPU with more memory. "
-                        f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
-                smaller = replace(t, max_batch=t.max_batch // 2)
-                if on_retry is not None:
-                    on_retry(smaller, exc)
-            t = smaller  # out of the except block: the failed attempt's tensors are released by now
-            empty_cache(self.device)
+        def halved(t: TileSettings):
+            return replace(t, max_batch=t.max_batch // 2) if t.max_batch > 1 else None
+
+        def give_up(t: TileSettings) -> str:
+            return (f"OSDFace: out of memory on {self.device} even with one 512x512 face per call. Free memory "
+                    "(close other models or apps), use fp16/bf16 precision, or run on a GPU with more memory.")
+
+        return run_shrinking(lambda t: self.run(images, int(scale), seed, t, hook), tiles or self.tiles, halved,
+                             give_up, self.device, is_oom, on_retry)
 
 
 def osdface_from_modules(unet, vae, scheduler, embedder, embedding_change, device="cpu", dtype=torch.float32,

@@ -196,26 +196,37 @@ class OneStepSR:
         """run() that retries with smaller batches/tiles on out-of-memory, then raises OutOfMemory."""
         if int(scale) not in (1, 2, 4):
             raise ValueError(f"scale must be 1, 2 or 4, got {scale}")
-        t = tiles or self.tiles
-        while True:
-            try:
-                return self.run(images, int(scale), seed, t, hook)
-            except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
-                if not is_oom(exc):
-                    raise
-                smaller = t.smaller()
-                if smaller is None:
-                    h, w = images.shape[-2:]
-                    raise OutOfMemory(
-                        f"{self.name}: out of memory on {self.device} for {images.shape[0]} image(s) of {w}x{h} "
-                        f"at x{scale}, even with batch 1, latent tiles of {t.latent_tile} and VAE decoder tiles of "
-                        f"{t.decoder_tile}. Free memory (close other models or apps), use fp16/bf16 precision, a "
-                        f"lower scale, or run on a GPU with more memory. ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0][:200]})") from exc
-                if on_retry is not None:
-                    on_retry(smaller, exc)
-            t = smaller  # out of the except block: the failed attempt's tensors are released by now
-            empty_cache(self.device)
+        h, w = images.shape[-2:]
+
+        def give_up(t: TileSettings) -> str:
+            return (f"{self.name}: out of memory on {self.device} for {images.shape[0]} image(s) of {w}x{h} at "
+                    f"x{scale}, even with batch 1, latent tiles of {t.latent_tile} and VAE decoder tiles of "
+                    f"{t.decoder_tile}. Free memory (close other models or apps), use fp16/bf16 precision, a lower "
+                    "scale, or run on a GPU with more memory.")
+
+        return run_shrinking(lambda t: self.run(images, int(scale), seed, t, hook), tiles or self.tiles,
+                             TileSettings.smaller, give_up, self.device, is_oom, on_retry)
+
+
+def run_shrinking(run: Callable[[TileSettings], torch.Tensor], t: TileSettings,
+                  smaller: Callable[[TileSettings], Optional[TileSettings]], give_up: Callable[[TileSettings], str],
+                  device, is_oom: Callable[[BaseException], bool] = default_is_oom,
+                  on_retry: Callable[[TileSettings, BaseException], None] | None = None) -> torch.Tensor:
+    """run(t), and on out-of-memory again with smaller(t) until it fits; OutOfMemory(give_up(t)) when smaller(t) is
+    None. The cache is emptied after the failed attempt's exception (and the tensors it holds) is released."""
+    while True:
+        try:
+            return run(t)
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
+            if not is_oom(exc):
+                raise
+            less = smaller(t)
+            if less is None:
+                raise OutOfMemory(f"{give_up(t)} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
+            if on_retry is not None:
+                on_retry(less, exc)
+        t = less  # out of the except block: the failed attempt's tensors are released by now
+        empty_cache(device)
 
 
 def _one_piece(h: int, w: int, tiles: TileSettings) -> bool:
