@@ -43,6 +43,9 @@ def _tiny_models(root):
     from onestep_models import make_tsdsr
 
     make_tsdsr(str(root), base_name="stable-diffusion-3-medium-diffusers")
+    from osdface_models import make_osdface  # osdface: tiny SD-2.1-base + the three OSDFace files
+
+    make_osdface(str(root), base_name="stable-diffusion-2-1-base")
     pytest.importorskip("pyiqa")
     from facemend.pipelines.quality import metrics as M
 
