@@ -592,7 +592,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _restore_command(args) -> int:
-    scan = scan_inputs(args.inputs, recursive=args.recursive, out_dir=args.out)
+    # Object-store and other URIs (s3://, gs://, file://) are read by Ray Data's filesystems: --engine ray only.
+    uris = [i for i in args.inputs if "://" in i]
+    if uris and args.engine != "ray":
+        raise FaceMendError(f"{uris[0]}: inputs given by URI are read with --engine ray (pyarrow's filesystems); "
+                            "the local engine reads files and folders")
+    scan = scan_inputs([i for i in args.inputs if i not in uris], recursive=args.recursive, out_dir=args.out)
+    if uris:
+        from .scale.ray_engine import list_inputs
+
+        listed, unlisted = list_inputs(uris)
+        scan.files += listed
+        scan.failed += unlisted
+        if scan.names:  # a mirrored tree: URI inputs go to the top of the output folder
+            scan.names.update({u: os.path.splitext(os.path.basename(u))[0] for u in listed})
     files, failed = scan.files, scan.failed
     for f in failed:
         print(f"{f['input']}: FAILED, {f['error']}", file=sys.stderr)

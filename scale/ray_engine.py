@@ -472,8 +472,13 @@ def restore_command(args, pairs: list[tuple[str, str]], policy: str, failed: lis
         gpus_per_actor=args.gpus_per_actor, batch_faces=args.batch_faces, progress=not args.no_progress,
         log=lambda line: print(line, file=sys.stderr))
     if args.report:
-        with open(args.report, "w") as f:
-            json.dump(reports, f, indent=1)
+        from ..cli_files import write_json_atomic
+
+        try:
+            write_json_atomic(args.report, reports)
+        except OSError as exc:
+            raise FaceMendError(f"cannot write the report {args.report}: {exc.strerror or exc} (the outputs are "
+                                f"written)") from exc
     bad = [r for r in reports if "error" in r]
     counts = (sum(1 for r in reports if "faces" in r), sum(1 for r in reports if r.get("skipped")))
     print(f"{counts[0]} restored, {counts[1]} skipped (output exists), {len(bad)} failed"

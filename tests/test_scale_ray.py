@@ -166,10 +166,18 @@ def test_one_command_starts_a_local_ray(ray_workers_env, tmp_path, capsys):
     for name in SMALL[1:3]:
         shutil.copy(need_shared("faces", "whole_lq_real", name), folder)
     expected = _local_outputs(folder, tmp_path / "local", *TUNE)
-    assert main(["--device", "cpu", "restore", str(folder), "-o", str(tmp_path / "ray"), "--engine", "ray",
-                 "--no-progress", *TUNE]) == 0
+    # one input as a path, one as a URI (read through pyarrow's filesystem, as s3:// or gs:// would be)
+    inputs = [str(folder / SMALL[1]), f"file://{folder / SMALL[2]}"]
+    assert main(["--device", "cpu", "restore", *inputs, "-o", str(tmp_path / "ray"), "--engine", "ray",
+                 "--no-progress", "--report", str(tmp_path / "report.json"), *TUNE]) == 0
     assert not ray.is_initialized()
     assert {p: (tmp_path / "ray" / p).read_bytes() for p in os.listdir(tmp_path / "ray")} == expected
+    assert sorted(r["input"] for r in json.loads((tmp_path / "report.json").read_text())) == sorted(inputs)
+
+
+def test_uri_inputs_without_ray_are_refused_before_any_work(tmp_path, capsys):
+    assert main(["restore", f"file://{tmp_path}", "-o", str(tmp_path / "out")]) == 2
+    assert "--engine ray" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 @pytest.fixture(scope="module")
