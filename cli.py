@@ -633,19 +633,9 @@ def _restore_command(args) -> int:
         if args.engine == "ray":  # the same checks above, then Ray Data does the work (scale/)
             from .scale.ray_engine import restore_command
 
-            return restore_command(args, pairs, policy, failed)
-        bars = CLIProgress(len(pairs), enabled=not args.no_progress)
-        try:
-            pipeline = build_pipeline(args.preset, args.detector, restorer=args.restorer, precision=args.precision,
-                                      selection=args.selection, face_index=args.face_index,
-                                      score_threshold=args.score_threshold, min_face_size=args.min_face_size,
-                                      max_faces=args.max_faces, tune_steps=args.tune_steps, max_output_pixels=limit,
-                                      onestep_base=args.onestep_base, onestep_lora=args.onestep_lora, progress=bars,
-                                      reference=args.reference, id_scale=args.id_scale, steps=args.steps,
-                                      cfg=args.cfg)
-            reports = restore_files(files, args.out, pipeline, existing=policy, progress=bars, outputs=pairs)
-        finally:
-            bars.close()
+            reports = restore_command(args, pairs, policy)
+        else:
+            reports = _restore_locally(args, files, pairs, policy, limit)
     finally:
         claim.release()
     reports = failed + reports
@@ -662,6 +652,20 @@ def _restore_command(args) -> int:
           + "".join(f"\n  {r['input']}: {r['error']}" for r in bad)
           + "".join(f"\n{line}" for line in scan.notes()), file=sys.stderr if bad else sys.stdout)
     return 1 if bad else 0
+
+
+def _restore_locally(args, files, pairs, policy, limit) -> list[dict]:
+    bars = CLIProgress(len(pairs), enabled=not args.no_progress)
+    try:
+        pipeline = build_pipeline(args.preset, args.detector, restorer=args.restorer, precision=args.precision,
+                                  selection=args.selection, face_index=args.face_index,
+                                  score_threshold=args.score_threshold, min_face_size=args.min_face_size,
+                                  max_faces=args.max_faces, tune_steps=args.tune_steps, max_output_pixels=limit,
+                                  onestep_base=args.onestep_base, onestep_lora=args.onestep_lora, progress=bars,
+                                  reference=args.reference, id_scale=args.id_scale, steps=args.steps, cfg=args.cfg)
+        return restore_files(files, args.out, pipeline, existing=policy, progress=bars, outputs=pairs)
+    finally:
+        bars.close()
 
 
 def main(argv=None) -> int:

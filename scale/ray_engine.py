@@ -464,23 +464,11 @@ def _current_models_dirs() -> list:
     return list(model_paths._standalone_dirs)
 
 
-def restore_command(args, pairs: list[tuple[str, str]], policy: str, failed: list[dict]) -> int:
-    """The CLI's `restore --engine ray`, after the same checks the local CLI makes (cli._restore_command)."""
+def restore_command(args, pairs: list[tuple[str, str]], policy: str) -> list[dict]:
+    """The CLI's `restore --engine ray`, after the same checks the local CLI makes (cli._restore_command, which
+    also writes the report and the summary): one report per input."""
     options = dict(pipeline_options(args), device=getattr(args, "sub_device", None) or args.device)
-    reports = failed + restore_on_ray(
+    return restore_on_ray(
         pairs, options, existing=policy, address=args.ray_address, actors=parse_actors(args.actors),
         gpus_per_actor=args.gpus_per_actor, batch_faces=args.batch_faces, progress=not args.no_progress,
         log=lambda line: print(line, file=sys.stderr))
-    if args.report:
-        from ..cli_files import write_json_atomic
-
-        try:
-            write_json_atomic(args.report, reports)
-        except OSError as exc:
-            raise FaceMendError(f"cannot write the report {args.report}: {exc.strerror or exc} (the outputs are "
-                                f"written)") from exc
-    bad = [r for r in reports if "error" in r]
-    counts = (sum(1 for r in reports if "faces" in r), sum(1 for r in reports if r.get("skipped")))
-    print(f"{counts[0]} restored, {counts[1]} skipped (output exists), {len(bad)} failed"
-          + "".join(f"\n  {r['input']}: {r['error']}" for r in bad), file=sys.stderr if bad else sys.stdout)
-    return 1 if bad else 0
