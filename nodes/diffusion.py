@@ -38,6 +38,13 @@ def _lora_path(backend: str, name: str) -> str:
     return find_optional_file("onestep_sr", name) or expected_path("onestep_sr", name)
 
 
+def _base_choices(defaults: set) -> list:
+    """Base-model choices: diffusers folders (plus the defaults, so a missing one is named in the error) and
+    single-file checkpoints."""
+    return sorted(set(list_dirs("diffusers")) | defaults) + [
+        f for f in list_files(CHECKPOINTS) if f.lower().endswith(".safetensors")]
+
+
 def load_onestep(backend: str, base_model: str = "", lora: str = "", precision: str = "auto", prompt: str = ""):
     """Resolve the folders/files and load the backend (cached: one one-step model resident at a time)."""
     from ..pipelines.diffusion.backends import BACKENDS, OSEDIFF_DEFAULT_PROMPT, load_osediff, load_tsdsr
@@ -114,8 +121,7 @@ class OSDFaceLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        bases = sorted(set(list_dirs("diffusers")) | {BASE_DEFAULTS["osdface"]})
-        bases += [f for f in list_files(CHECKPOINTS) if f.lower().endswith(".safetensors")]
+        bases = _base_choices({BASE_DEFAULTS["osdface"]})
         folders = sorted(set(list_dirs("onestep_sr")) | {LORA_DEFAULTS["osdface"]})
         return {"required": {
             "base_model": (bases, {"default": BASE_DEFAULTS["osdface"], "tooltip":
@@ -160,8 +166,7 @@ class OneStepSRLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        bases = sorted(set(list_dirs("diffusers")) | set(BASE_DEFAULTS.values()))
-        bases += [f for f in list_files(CHECKPOINTS) if f.lower().endswith(".safetensors")]
+        bases = _base_choices(set(BASE_DEFAULTS.values()))
         loras = sorted(set(list_dirs("onestep_sr")) | set(list_files("onestep_sr")) | set(LORA_DEFAULTS.values()))
         return {"required": {
             "backend": (["tsdsr", "osediff", "osdface"], {"default": "tsdsr", "tooltip":
