@@ -6,7 +6,7 @@ import os
 from ..host import device as dev
 from ..host import models as hm
 from ..host import model_paths
-from .common import CATEGORY, bchw_to_image, empty_faces, image_to_bchw, no_faces
+from ..ops.common import CATEGORY, bchw_to_image, empty_faces, image_to_bchw, no_faces
 
 PRIOR_DEFAULT = "iddpm_ffhq512_ema500000.pth"
 _cache: dict = {}

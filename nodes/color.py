@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..host import device as dev
 from ..pipelines.color.fix import METHODS, color_fix
-from .common import CATEGORY, bchw_to_image, empty_faces, image_to_bchw, no_faces
+from ..ops.common import CATEGORY, bchw_to_image, empty_faces, image_to_bchw, no_faces
 
 
 class ColorFix:

@@ -7,7 +7,7 @@ from dataclasses import replace
 from ..host import device as dev
 from ..host import models as hm
 from ..host.model_paths import expected_path, find_dir, find_optional_file, list_dirs, list_files
-from .common import CATEGORY, bchw_to_image, empty_faces, image_to_bchw, no_faces
+from ..ops.common import CATEGORY, bchw_to_image, empty_faces, image_to_bchw, no_faces
 
 BASE_DEFAULTS = {"tsdsr": "stable-diffusion-3-medium-diffusers", "osediff": "stable-diffusion-2-1-base",
                  "osdface": "stable-diffusion-2-1-base"}

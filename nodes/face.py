@@ -11,7 +11,7 @@ from ..pipelines.face.detection import SELECTION_MODES
 from ..pipelines.face.detectors import ANCHOR_CHOICES, EMBEDDED_MTCNN, load_detector
 from ..pipelines.face.geometry import BORDER_MODES, INTERPOLATIONS
 from ..pipelines.face.paste import paste_faces
-from .common import CATEGORY, bchw_to_image, image_to_bchw, mask_in, mask_out
+from ..ops.common import CATEGORY, bchw_to_image, image_to_bchw, mask_in, mask_out
 
 
 class FaceDetectorLoader:

@@ -11,7 +11,7 @@ from ..host import device as dev
 from ..host import models as hm
 from ..host.model_paths import find_dir, find_file, list_dirs, list_files, missing_file_message
 from ..pipelines.io.errors import ModelFileNotFound
-from .common import CATEGORY, bchw_to_image, empty_faces, image_to_bchw, no_faces
+from ..ops.common import CATEGORY, bchw_to_image, empty_faces, image_to_bchw, no_faces
 
 DEFAULT_CKPT = "RestorerIDFull.ckpt"
 DEFAULT_IP_ADAPTER = "ip-adapter-faceid-plus_sd15.bin"

@@ -12,7 +12,7 @@ from ..host import device as dev
 from ..host import models as hm
 from ..host.model_paths import find_file, list_files
 from ..pipelines.io.errors import FaceMendError, InvalidImage
-from .common import CATEGORY, bchw_to_image, empty_faces, image_to_bchw, no_faces
+from ..ops.common import CATEGORY, bchw_to_image, empty_faces, image_to_bchw, no_faces
 
 IQA_FOLDER = "facemend_iqa"
 ID_FOLDER = "insightface"

@@ -11,7 +11,7 @@ from ..pipelines.tune import MODES
 from ..pipelines.tune.engine import MIN_SIDE
 from ..pipelines.tune.ntire_refine import NTIREConfig, NTIRETune
 from ..pipelines.tune.zssr import ZSSR, ZSSRConfig
-from .common import CATEGORY, bchw_to_image, empty_faces, image_to_bchw, no_faces
+from ..ops.common import CATEGORY, bchw_to_image, empty_faces, image_to_bchw, no_faces
 
 
 class PerImageTune:

@@ -33,10 +33,10 @@ import pytest
 
 from cdp_pipe import Browser, find_browser
 from test_comfyui_e2e import _free_port as _port, _get  # the port range and JSON GET the e2e tests use
-from conftest import ROOT
+from conftest import ROOT, comfyui_dir, comfyui_skip_reason
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
-COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+COMFYUI_DIR = str(comfyui_dir() or "") or None  # $COMFYUI_DIR, else the pinned cache
 PACK_FOLDER = "ComfyUI-FaceMend"  # any folder name works; this is the one the test installs under
 APP = "(window.app ?? window.comfyAPI?.app?.app)"  # 1.27 sets window.app; newer ones keep it in comfyAPI too
 TEMPLATE_FOLDERS = ("example_workflows", "workflows")  # the folders ComfyUI's template listing scans, in order
@@ -257,7 +257,7 @@ FRONTENDS = ["pinned", "newest"]
 @pytest.fixture(scope="module", params=FRONTENDS)
 def page(request, tmp_path_factory):
     if not COMFYUI_DIR or not Path(COMFYUI_DIR, "main.py").is_file():
-        pytest.skip("set COMFYUI_DIR to a ComfyUI checkout (with its requirements installed) to run this test")
+        pytest.skip(comfyui_skip_reason())
     exe = find_browser()
     if exe is None:
         pytest.skip("needs Chromium: apt-get install chromium (or set FACEMEND_CHROMIUM to a Chrome/Chromium binary)")

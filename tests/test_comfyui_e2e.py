@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, need_shared
+from conftest import ROOT, comfyui_dir, comfyui_skip_reason, need_shared
 
 pytestmark = pytest.mark.comfyui
-COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+COMFYUI_DIR = str(comfyui_dir() or "") or None  # $COMFYUI_DIR, else the pinned cache
 
 
 def _free_port():
@@ -69,7 +69,7 @@ def run_prompt(url, graph, client_id="facemend-test", timeout=300) -> dict:
 @pytest.fixture(scope="module")
 def comfyui(tmp_path_factory):
     if not COMFYUI_DIR or not Path(COMFYUI_DIR, "main.py").is_file():
-        pytest.skip("set COMFYUI_DIR to a ComfyUI checkout (with its requirements installed) to run this test")
+        pytest.skip(comfyui_skip_reason())
     base = tmp_path_factory.mktemp("comfy_base")
     for sub in ("custom_nodes", "input", "output", "models", "user", "temp"):
         (base / sub).mkdir()

@@ -1,4 +1,4 @@
-"""Glue shared by the node modules: IMAGE/MASK layout conversion and device placement."""
+"""Shared by the ops modules: IMAGE/MASK layout conversion and device placement (ComfyUI-free)."""
 from __future__ import annotations
 
 import torch
