@@ -49,3 +49,10 @@ def restore_faces(face_crops, restorer, visibility=1.0, fidelity=0.5, batch_size
         out = restorer(x, visibility=visibility, fidelity=fidelity, batch_size=batch_size, seed=seed,
                        callback=hook)
     return (bchw_to_image(out),)
+
+
+# Node id -> what it computes (keyword arguments = the node's inputs; returns the node's outputs as a tuple).
+OPS = {
+    "FaceMend_RestorerLoader": lambda model, precision="auto": (load_restorer(model, precision),),
+    "FaceMend_RestoreFaces": restore_faces,
+}
