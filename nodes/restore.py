@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ..host.model_paths import find_optional_file
 from ..ops import restore as op
+from ..ops.common import model_file_problem
 from .api import CATEGORY, FaceRestorer, file_fingerprint, io, preview
 
 
@@ -24,6 +25,12 @@ class FaceRestorerLoader(io.ComfyNode):
             ],
             outputs=[FaceRestorer.Output(display_name="restorer")],
         )
+
+    @classmethod
+    def validate_inputs(cls, model=None):
+        # Before the run: a file that is not there, named with the folders searched and where to get it. (Naming
+        # `model` here skips ComfyUI's own list check: model_file_problem does it. None: linked, nothing to check.)
+        return model is None or model_file_problem(op.FOLDER, model, op.restorer_files()) or True
 
     @classmethod
     def fingerprint_inputs(cls, model, precision="auto"):
