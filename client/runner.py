@@ -529,10 +529,15 @@ class Runner:
 
     def _collect(self, server: Server, job: Job, entry: dict):
         images, other = [], {}
+        # Images come from the graph's save / preview nodes only: other nodes show previews of their own (temp
+        # files: the crops of Detect + Align, Paste Back's before/after), which are not the job's results.
+        image_nodes = {nid for nid, n in self.graph.items()
+                       if str(n.get("class_type", "")).endswith(("SaveImage", "PreviewImage"))}
         for nid in sorted(entry.get("outputs", {}), key=lambda k: (len(k), k)):
             for key, value in entry["outputs"][nid].items():
                 if key == "images":
-                    images += [ref for ref in value if ref.get("type", "output") == "output"] or value
+                    if nid in image_nodes:
+                        images += [ref for ref in value if ref.get("type", "output") == "output"] or value
                 elif key != "animated":
                     other.setdefault(nid, {})[key] = value
         blobs = [(ref, server.view(ref)) for ref in images]  # fetch everything before writing anything

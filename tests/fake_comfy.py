@@ -2,7 +2,8 @@
 headless client's own logic: /system_stats, /upload/image, /prompt, /queue, /interrupt, /history, /view, /ws.
 No graph runs: a prompt "executes" in a few short steps (websocket executing / progress / execution_success
 messages as ComfyUI sends them) and each SaveImage node's output is the uploaded image's bytes prefixed with
-`node <id>:`, so a test can tell every output file's input and node apart. Faults are switched on by attributes:
+`node <id>:`, so a test can tell every output file's input and node apart; other nodes show a preview (a temp
+image), as FaceMend's V3 nodes do. Faults are switched on by attributes:
 
 - `errors`: {path prefix or 'METHOD path': [HTTP status, ...]}: the next requests there get those statuses, one each;
 - `garbage`: path prefixes answered with a non-JSON 200 body (a proxy's page);
@@ -152,6 +153,10 @@ class FakeComfy:
                         name = f"out_{uuid.uuid4().hex[:8]}.png"
                         self.uploads["out/" + name] = f"node {nid}:".encode() + data
                         outputs[nid] = {"images": [{"filename": name, "subfolder": "", "type": "output"}]}
+                    elif node["class_type"] != "LoadImage":  # V3 nodes show previews: temp images in the history
+                        name = f"preview_{uuid.uuid4().hex[:8]}.png"
+                        self.uploads[name] = f"preview {nid}".encode()
+                        outputs[nid] = {"images": [{"filename": name, "subfolder": "", "type": "temp"}]}
                 messages.append(["execution_success", {"prompt_id": pid}])
             with self.lock:
                 if not self.alive:

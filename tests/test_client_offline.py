@@ -87,6 +87,16 @@ def test_output_folder_holding_an_input_is_refused_before_any_upload(fakes, tmp_
     assert not [r for r in fake.requests if r[1] in ("/upload/image", "/prompt")]
 
 
+def test_node_previews_are_not_outputs(fakes, tmp_path):
+    """V3 nodes put previews (temp images: Detect + Align's crops, Paste Back's before/after) in the history beside
+    the SaveImage node's result: only the result is the job's output."""
+    fake = fakes()
+    graph = {**ONE, "3": {"class_type": "FaceMend_DetectAlign", "inputs": {"image": ["1", 0]}}}
+    report = _run(_runner([fake.url], graph, tmp_path / "out"), [_photos(tmp_path / "p", ["a.png"])])
+    assert report["counts"] == {"done": 1}
+    assert _outputs(tmp_path / "out") == {"a.png": b"node 2:photo a.png"}
+
+
 # 2: a two-output graph: x.png and x_2.png (and X.png beside x.png) never share an output; skip is per input.
 def test_output_names_never_serve_two_inputs(fakes, tmp_path):
     fake = fakes()
