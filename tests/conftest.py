@@ -229,3 +229,14 @@ def facemend_nodes():
 def node_class(node_id: str):
     """The V3 class of a FaceMend node (skips without ComfyUI, see facemend_nodes)."""
     return facemend_nodes().NODE_CLASSES[node_id]
+
+
+@pytest.fixture
+def preview_dir(tmp_path, monkeypatch):
+    """ComfyUI's temp folder, where node previews (ui.PreviewImage) are written, moved to a fresh folder for the test
+    (not the ComfyUI checkout's); skips without ComfyUI. Read a preview back with preview_dir / ref["filename"]."""
+    facemend_nodes()
+    import folder_paths
+
+    monkeypatch.setattr(folder_paths, "temp_directory", str(tmp_path / "comfy_temp"))
+    return tmp_path / "comfy_temp"
