@@ -1,5 +1,5 @@
-"""Node contract (schema, tooltips, permanent ids and input names) and node behaviour on real photos and
-bad inputs, calling the node classes the way ComfyUI does."""
+"""Node contract (schema, tooltips, permanent ids and input names). What the face nodes do on real photos and bad
+inputs: test_face_nodes.py."""
 import json
 from pathlib import Path
 
@@ -7,9 +7,6 @@ import pytest
 import torch
 
 import facemend
-from facemend.pipelines.io.errors import InvalidImage, ModelFileInvalid, ModelFileNotFound
-
-from conftest import load_image, need_shared
 
 API_FILE = Path(__file__).with_name("node_api.json")
 COMFY_TYPES = {"IMAGE", "MASK", "INT", "FLOAT", "STRING", "BOOLEAN"}
@@ -62,88 +59,3 @@ def test_importing_does_no_model_loading():
     from facemend.pipelines.face import detectors
     assert detectors._cache == {} or all(k for k in detectors._cache)  # nothing forced at import
     assert not torch.cuda.is_initialized()
-
-
-def _node(node_id):
-    return facemend.NODE_CLASS_MAPPINGS[node_id]()
-
-
-def _to_image(x):
-    return x.permute(0, 2, 3, 1).contiguous()
-
-
-@pytest.fixture(scope="module")
-def mtcnn():
-    return _node("FaceMend_DetectorLoader").load("mtcnn (embedded)")[0]
-
-
-def test_detect_colorfix_paste_on_real_photo(mtcnn):
-    img = _to_image(load_image(need_shared("faces", "clean", "t1_six_faces.jpg")))
-    crops, alignment, count, info = _node("FaceMend_DetectAlign").run(img, mtcnn)
-    assert count == 6 and crops.shape == (6, 512, 512, 3) and len(json.loads(info)["faces"]) == 6
-    fixed, = _node("FaceMend_ColorFix").run(crops, crops, "wavelet", 1.0)
-    out, blend = _node("FaceMend_PasteBack").run(img, fixed, alignment)
-    assert out.shape == img.shape and blend.shape == img.shape[:3]
-    assert (out - img).abs().mean() < 2e-3
-    largest = _node("FaceMend_DetectAlign").run(img, mtcnn, "largest")
-    assert largest[2] == 1
-
-
-def test_no_face_passes_through_with_count_zero(mtcnn):
-    flat = torch.full((2, 120, 160, 3), 0.5)
-    crops, alignment, count, _ = _node("FaceMend_DetectAlign").run(flat, mtcnn)
-    assert count == 0 and crops.shape == (0, 512, 512, 3)  # an empty batch: the face nodes do nothing with it
-    out, blend = _node("FaceMend_PasteBack").run(flat, crops, alignment)
-    assert torch.equal(out, flat) and float(blend.max()) == 0.0
-
-
-@pytest.mark.parametrize("shape", [(1, 1, 1, 3), (1, 7, 5, 3), (1, 64, 48, 1), (1, 64, 48, 4), (64, 48, 3)])
-def test_tiny_gray_rgba_and_unbatched_images(mtcnn, shape):
-    img = torch.rand(shape)
-    crops, alignment, count, _ = _node("FaceMend_DetectAlign").run(img, mtcnn)
-    out, _ = _node("FaceMend_PasteBack").run(img, crops, alignment)
-    assert out.shape[-1] == 3 and out.shape[1:3] == (shape[-3], shape[-2])
-
-
-def test_nan_image_is_a_clear_error(mtcnn):
-    img = torch.rand(1, 32, 32, 3)
-    img[0, 3, 3, 1] = float("nan")
-    with pytest.raises(InvalidImage, match="NaN"):
-        _node("FaceMend_DetectAlign").run(img, mtcnn)
-
-
-@pytest.mark.slow
-def test_huge_image_is_detected_downscaled_and_cropped_full_size(mtcnn):
-    import torch.nn.functional as F
-    photo = load_image(need_shared("faces", "clean", "t1_six_faces.jpg"))
-    huge = F.interpolate(photo, size=(6000, 8000), mode="bilinear", align_corners=False)
-    crops, alignment, count, _ = _node("FaceMend_DetectAlign").run(_to_image(huge), mtcnn)
-    assert count == 6
-    # Boxes are in full-resolution coordinates (~6.25x the 1280 px photo's).
-    assert float(alignment.boxes[:, 2].max()) > 3000
-
-
-def test_paste_rejects_crops_from_another_detection(mtcnn):
-    img = _to_image(load_image(need_shared("faces", "clean", "t1_six_faces.jpg")))
-    crops, alignment, _, _ = _node("FaceMend_DetectAlign").run(img, mtcnn)
-    with pytest.raises(InvalidImage, match="6 aligned faces"):
-        _node("FaceMend_PasteBack").run(img, crops[:2], alignment)
-
-
-def test_loader_errors_name_the_file(tmp_path, monkeypatch):
-    from facemend.host import model_paths
-
-    (tmp_path / "facedetection").mkdir()
-    model_paths.set_models_dirs([str(tmp_path)])
-    try:
-        with pytest.raises(ModelFileNotFound, match="detection_Resnet50_Final.pth") as err:
-            _node("FaceMend_DetectorLoader").load("detection_Resnet50_Final.pth")
-        assert "github.com/xinntao/facexlib" in str(err.value) and "facedetection" in str(err.value)
-        (tmp_path / "facedetection" / "broken.pth").write_bytes(b"PK\x03\x04 truncated")
-        with pytest.raises(ModelFileInvalid, match="broken.pth"):
-            _node("FaceMend_DetectorLoader").load("broken.pth")
-        torch.save({"conv_body.weight": torch.zeros(3, 3)}, tmp_path / "facedetection" / "other.pth")
-        with pytest.raises(ModelFileInvalid, match="other.pth"):
-            _node("FaceMend_DetectorLoader").load("other.pth")
-    finally:
-        model_paths.set_models_dirs([])

@@ -1,0 +1,214 @@
+"""Detector loader, Detect + Align, Paste Back and Color Fix: what they compute on real photos and bad inputs (ops,
+no ComfyUI needed), and what the V3 nodes add where users see it (node_class, skipped without ComfyUI): the model
+name checked before a run, fingerprints that follow the model file, previews of the crops, Paste Back's
+before/after and the colour-fixed images."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from facemend.host import device as dev
+from facemend.host import model_paths
+from facemend.ops import color as color_op
+from facemend.ops import face as op
+from facemend.pipelines.io.errors import InvalidImage, ModelFileInvalid, ModelFileNotFound
+
+from conftest import load_image, need_shared, node_class
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+EMBEDDED = "mtcnn (embedded)"
+
+
+def _to_image(x):
+    return x.permute(0, 2, 3, 1).contiguous()
+
+
+def _png(folder, ref) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(folder / ref["subfolder"] / ref["filename"]).convert("RGB")).astype(np.float32) / 255
+
+
+# ComfyUI writes previews as 8-bit PNGs by truncation: a shown pixel is under one level from the tensor's.
+LEVEL = 1 / 255
+
+
+@pytest.fixture(scope="module")
+def mtcnn():
+    return op.load_face_detector(EMBEDDED)
+
+
+@pytest.fixture(scope="module")
+def six_faces():
+    return _to_image(load_image(need_shared("faces", "clean", "t1_six_faces.jpg")))
+
+
+@pytest.fixture
+def detector_dir(tmp_path):
+    (tmp_path / "facedetection").mkdir()
+    model_paths.set_models_dirs([str(tmp_path)])
+    yield tmp_path / "facedetection"
+    model_paths.set_models_dirs([])
+
+
+# ------------------------------------------------------------------------------------------ what they compute
+
+def test_detect_colorfix_paste_on_real_photo(mtcnn, six_faces):
+    crops, alignment, count, info = op.detect_align(six_faces, mtcnn)
+    assert count == 6 and crops.shape == (6, 512, 512, 3) and len(json.loads(info)["faces"]) == 6
+    fixed, = color_op.fix_colors(crops, crops, "wavelet", 1.0)
+    out, blend = op.paste_back(six_faces, fixed, alignment)
+    assert out.shape == six_faces.shape and blend.shape == six_faces.shape[:3]
+    assert (out - six_faces).abs().mean() < 2e-3
+    assert op.detect_align(six_faces, mtcnn, "largest")[2] == 1
+
+
+def test_no_face_passes_through_with_count_zero(mtcnn):
+    flat = torch.full((2, 120, 160, 3), 0.5)
+    crops, alignment, count, _ = op.detect_align(flat, mtcnn)
+    assert count == 0 and crops.shape == (0, 512, 512, 3)  # an empty batch: the face nodes do nothing with it
+    out, blend = op.paste_back(flat, crops, alignment)
+    assert torch.equal(out, flat) and float(blend.max()) == 0.0
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 3), (1, 7, 5, 3), (1, 64, 48, 1), (1, 64, 48, 4), (64, 48, 3)])
+def test_tiny_gray_rgba_and_unbatched_images(mtcnn, shape):
+    img = torch.rand(shape)
+    crops, alignment, count, _ = op.detect_align(img, mtcnn)
+    out, _ = op.paste_back(img, crops, alignment)
+    assert out.shape[-1] == 3 and out.shape[1:3] == (shape[-3], shape[-2])
+
+
+def test_nan_image_is_a_clear_error(mtcnn):
+    img = torch.rand(1, 32, 32, 3)
+    img[0, 3, 3, 1] = float("nan")
+    with pytest.raises(InvalidImage, match="NaN"):
+        op.detect_align(img, mtcnn)
+
+
+@pytest.mark.slow
+def test_huge_image_is_detected_downscaled_and_cropped_full_size(mtcnn):
+    import torch.nn.functional as F
+    photo = load_image(need_shared("faces", "clean", "t1_six_faces.jpg"))
+    huge = F.interpolate(photo, size=(6000, 8000), mode="bilinear", align_corners=False)
+    crops, alignment, count, _ = op.detect_align(_to_image(huge), mtcnn)
+    assert count == 6
+    # Boxes are in full-resolution coordinates (~6.25x the 1280 px photo's).
+    assert float(alignment.boxes[:, 2].max()) > 3000
+
+
+def test_paste_rejects_crops_from_another_detection(mtcnn, six_faces):
+    crops, alignment, _, _ = op.detect_align(six_faces, mtcnn)
+    with pytest.raises(InvalidImage, match="6 aligned faces"):
+        op.paste_back(six_faces, crops[:2], alignment)
+
+
+def test_loader_errors_name_the_file(detector_dir):
+    with pytest.raises(ModelFileNotFound, match="detection_Resnet50_Final.pth") as err:
+        op.load_face_detector("detection_Resnet50_Final.pth")
+    assert "github.com/xinntao/facexlib" in str(err.value) and "facedetection" in str(err.value)
+    (detector_dir / "broken.pth").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ModelFileInvalid, match="broken.pth"):
+        op.load_face_detector("broken.pth")
+    torch.save({"conv_body.weight": torch.zeros(3, 3)}, detector_dir / "other.pth")
+    with pytest.raises(ModelFileInvalid, match="other.pth"):
+        op.load_face_detector("other.pth")
+
+
+# ------------------------------------------------------------------------------------------ the V3 nodes
+
+def test_detector_loader_refuses_a_missing_model_before_the_run(detector_dir, monkeypatch):
+    """validate_inputs runs when a prompt is queued, before anything executes: a missing file is named with the
+    folders searched and where to get it, instead of failing mid-run. Naming `model` there skips ComfyUI's list
+    check, so the check itself refuses what is not a choice (a YuNet .onnx, a name outside the folders)."""
+    cls = node_class("FaceMend_DetectorLoader")
+    torch.save({}, detector_dir / "retinaface_mobilenet0.25_1mb.pth")
+    (detector_dir / "yunet_s_640_640.onnx").write_bytes(b"onnx")
+    assert cls.GET_NODE_INFO_V1()["input"]["required"]["model"][1]["options"] == [
+        EMBEDDED, "retinaface_mobilenet0.25_1mb.pth"]
+    assert cls.validate_inputs(model="retinaface_mobilenet0.25_1mb.pth") is True
+    assert cls.validate_inputs(model=EMBEDDED) is True
+    assert cls.validate_inputs() is True  # linked: nothing to check
+    msg = cls.validate_inputs(model="detection_Resnet50_Final.pth")
+    assert "'detection_Resnet50_Final.pth' was not found" in msg and str(detector_dir) in msg
+    assert "github.com/xinntao/facexlib" in msg
+    assert "was not found" in cls.validate_inputs(model="yunet_s_640_640.onnx")
+    assert "outside" in cls.validate_inputs(model="../../etc/passwd.pth")
+    # The embedded detector's weights come with the `mtcnn` package: without it, the run is refused up front.
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mtcnn" else find_spec(name, *a))
+    assert "pip install mtcnn" in cls.validate_inputs(model=EMBEDDED)
+
+
+def test_detector_loader_fingerprint_follows_the_file(detector_dir):
+    """An unchanged file is not loaded again when the graph is re-queued; a file replaced under the same name is."""
+    cls = node_class("FaceMend_DetectorLoader")
+    path = detector_dir / "det.pth"
+    path.write_bytes(b"weights v1")
+    before = cls.fingerprint_inputs(model="det.pth", precision="fp32", anchors="auto")
+    assert cls.fingerprint_inputs(model="det.pth", precision="fp32", anchors="auto") == before
+    assert cls.fingerprint_inputs(model="det.pth", precision="fp32", anchors="1mb") != before
+    path.write_bytes(b"weights v2, new")
+    assert cls.fingerprint_inputs(model="det.pth", precision="fp32", anchors="auto") != before
+    embedded = cls.fingerprint_inputs(model=EMBEDDED, precision="fp32")
+    assert cls.fingerprint_inputs(model=EMBEDDED, precision="fp32") == embedded
+
+
+def test_detect_align_previews_the_crops(mtcnn, six_faces, preview_dir):
+    cls = node_class("FaceMend_DetectAlign")
+    result = cls.execute(six_faces, mtcnn)
+    crops = result.result[0]
+    assert result.result[2] == 6
+    shown = result.ui.as_dict()["images"]
+    assert len(shown) == 6 and {s["type"] for s in shown} == {"temp"}
+    for crop, ref in zip(crops, shown):  # 512 px crops are shown as they are
+        assert np.abs(_png(preview_dir, ref) - crop.numpy()).max() < LEVEL
+    assert cls.execute(torch.full((1, 60, 80, 3), 0.5), mtcnn).ui is None  # no face: nothing to show
+
+
+def test_paste_back_shows_each_photo_before_and_after(mtcnn, six_faces, preview_dir):
+    """One preview per photo: the input | the result, each downscaled to at most 512 px and labelled, so the
+    change is seen at a glance."""
+    cls = node_class("FaceMend_PasteBack")
+    crops, alignment, _, _ = op.detect_align(six_faces, mtcnn)
+    result = cls.execute(six_faces, 1 - crops, alignment)  # inverted faces: a change nobody can miss
+    out = result.result[0]
+    assert torch.equal(out, op.paste_back(six_faces, 1 - crops, alignment)[0])
+    (ref,) = result.ui.as_dict()["images"]
+    pair = _png(preview_dir, ref)
+    before = dev.preview_image(six_faces, 512)[0].numpy()
+    after = dev.preview_image(out, 512)[0].numpy()
+    h, w = before.shape[:2]
+    assert max(h, w) == 512 and pair.shape == (h, 2 * w + 8, 3)
+    label = h // 10  # the labels' boxes sit in each half's top-left corner; the rest is the photos themselves
+    assert np.abs(pair[label:, :w] - before[label:]).max() < LEVEL
+    assert np.abs(pair[label:, w + 8:] - after[label:]).max() < LEVEL
+    assert np.abs(before - after).mean() > 0.01  # the halves differ where the faces went back
+
+
+def test_paste_back_preview_of_a_batch_and_of_odd_images(mtcnn, preview_dir):
+    cls = node_class("FaceMend_PasteBack")
+    for shape in [(3, 40, 30, 3), (1, 1, 1, 3), (1, 64, 48, 1), (64, 48, 4)]:
+        img = torch.rand(shape)
+        crops, alignment, _, _ = op.detect_align(img, mtcnn)
+        result = cls.execute(img, crops, alignment)
+        shown = result.ui.as_dict()["images"]
+        assert len(shown) == (shape[0] if len(shape) == 4 else 1), shape
+        h, w = shape[-3:-1]
+        assert _png(preview_dir, shown[0]).shape == (h, 2 * w + 8, 3), shape
+
+
+def test_color_fix_previews_its_images(preview_dir):
+    cls = node_class("FaceMend_ColorFix")
+    image, reference = torch.rand(2, 48, 48, 3), torch.rand(1, 48, 48, 3)
+    result = cls.execute(image, reference, "adain", 1.0)
+    out = result.result[0]
+    assert torch.equal(out, color_op.fix_colors(image, reference, "adain", 1.0)[0])
+    shown = result.ui.as_dict()["images"]
+    assert len(shown) == 2
+    for img, ref in zip(out, shown):
+        assert np.abs(_png(preview_dir, ref) - img.numpy()).max() < LEVEL
+    assert cls.execute(torch.zeros(0, 512, 512, 3), reference).ui is None  # no face crops: nothing to show
