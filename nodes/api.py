@@ -49,9 +49,21 @@ def file_fingerprint(path: str | None) -> tuple:
     return (os.path.abspath(path), st.st_mtime_ns, st.st_size)
 
 
+_execution = None
+
+
 def _report_progress(value: int, total: int, image) -> None:
     # The execution API: the node's progress bar and, with an image, its live preview.
-    ComfyAPISync().execution.set_progress(value, total, preview_image=image)
+    global _execution
+    if _execution is None:
+        _execution = getattr(ComfyAPISync(), "execution", None)
+        if _execution is None:
+            # ComfyUI 0.3.64's sync wrapper never creates `execution` (its annotation is a string there, under
+            # `from __future__ import annotations`): wrap the API's Execution singleton the same way ourselves.
+            from comfy_api.v0_0_2 import ComfyAPI, create_sync_class
+
+            _execution = create_sync_class(ComfyAPI.Execution)()
+    _execution.set_progress(value, total, preview_image=image)
 
 
 dev.set_progress_reporter(_report_progress)
