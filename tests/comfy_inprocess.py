@@ -51,6 +51,10 @@ def host(monkeypatch, mods: dict, vram: str = "normal", fake_device: bool = True
     Returns comfy.model_management."""
     for k, v in mods.items():
         monkeypatch.setitem(sys.modules, k, v)
+    if "folder_paths" not in mods:
+        # ComfyUI's folder_paths, imported with its node API by V3 node tests, does not hold the test's models
+        # folders: these tests keep the standalone model search (host/model_paths uses folder_paths when present).
+        monkeypatch.delitem(sys.modules, "folder_paths", raising=False)
     mm = mods["comfy.model_management"]
     state = {"normal": mm.VRAMState.NORMAL_VRAM, "lowvram": mm.VRAMState.LOW_VRAM,
              "novram": mm.VRAMState.NO_VRAM}[vram]

@@ -8,6 +8,8 @@ import torch
 import facemend
 from facemend.host import models as hm
 from facemend.host import model_paths
+from facemend.ops import face as face_op
+from facemend.ops import restore as restore_op
 from facemend.pipelines.restore.archs.gfpgan import GFPGANConfig, GFPGANv1Clean
 
 from comfy_inprocess import COMPUTE, OFFLOAD, host, import_comfy, loaded_entry
@@ -41,10 +43,13 @@ def models_dir(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def fresh_caches():
-    from facemend.nodes import adapt, diffusion, restore
+    from conftest import facemend_nodes
+
+    facemend_nodes()  # migration only: adapt's and diffusion's caches live in nodes/ until those move to ops/
+    from facemend.nodes import adapt, diffusion
     from facemend.pipelines.face import detectors
 
-    caches = (restore._cache, diffusion._cache, detectors._cache, adapt._cache)
+    caches = (restore_op._cache, diffusion._cache, detectors._cache, adapt._cache)
     for c in caches:
         c.clear()
     yield
@@ -59,13 +64,13 @@ def _weights_device(model):
 @pytest.mark.parametrize("vram", ["normal", "lowvram", "novram"])
 def test_restorer_and_detector_load_keep_and_evict_like_comfy_models(comfy, models_dir, monkeypatch, vram):
     mm = host(monkeypatch, comfy, vram)
-    restorer = _node("FaceMend_RestorerLoader").load("tiny_gfpgan.pth", "fp32")[0]
+    restorer = restore_op.load_restorer("tiny_gfpgan.pth", "fp32")
     p = hm.patcher_of(restorer)
     assert p is not None and p.load_device == COMPUTE and p.offload_device == OFFLOAD != COMPUTE
     whole = []  # while the network runs, ComfyUI holds it loaded whole, whatever the VRAM mode
     restorer.net.register_forward_pre_hook(lambda *_: whole.append(p.loaded_size() == p.model_size() > 0))
     faces = torch.rand(2, 64, 64, 3)
-    out = _node("FaceMend_RestoreFaces").run(faces, restorer, 1.0, 0.5, 2, 0)[0]
+    out = restore_op.restore_faces(faces, restorer, 1.0, 0.5, 2, 0)[0]
     assert whole == [True]
     if vram == "novram":  # unloaded again as soon as the node is done
         assert loaded_entry(mm, restorer) is None and p.loaded_size() == 0
@@ -74,11 +79,11 @@ def test_restorer_and_detector_load_keep_and_evict_like_comfy_models(comfy, mode
         assert entry is not None and entry.device == COMPUTE and p.loaded_size() == p.model_size()
         mm.free_memory(1e30, COMPUTE)  # what ComfyUI does when another model needs the memory
         assert loaded_entry(mm, restorer) is None and p.loaded_size() == 0 and _weights_device(restorer) == {OFFLOAD}
-    again = _node("FaceMend_RestoreFaces").run(faces, restorer, 1.0, 0.5, 2, 0)[0]
+    again = restore_op.restore_faces(faces, restorer, 1.0, 0.5, 2, 0)[0]
     assert torch.equal(out, again) and whole == [True, True]
 
-    detector = _node("FaceMend_DetectorLoader").load("mtcnn (embedded)", "fp32")[0]
-    _node("FaceMend_DetectAlign").run(torch.rand(1, 64, 64, 3), detector)
+    detector = face_op.load_face_detector("mtcnn (embedded)", "fp32")
+    face_op.detect_align(torch.rand(1, 64, 64, 3), detector)
     assert (loaded_entry(mm, detector) is None) == (vram == "novram")
     assert hm.patcher_of(detector).model_size() == sum(
         t.numel() * t.element_size() for net in (detector.pnet, detector.rnet, detector.onet)
@@ -92,12 +97,12 @@ def test_retinaface_drops_its_inference_copy_when_evicted(comfy, models_dir, mon
     model_paths.set_models_dirs([str(models_dir), str(path.parent.parent)])
     try:
         mm = host(monkeypatch, comfy)
-        detector = _node("FaceMend_DetectorLoader").load(path.name, "fp32")[0]
-        _node("FaceMend_DetectAlign").run(torch.rand(1, 96, 96, 3), detector)
+        detector = face_op.load_face_detector(path.name, "fp32")
+        face_op.detect_align(torch.rand(1, 96, 96, 3), detector)
         assert detector._fast is not None and loaded_entry(mm, detector) is not None
         mm.free_memory(1e30, COMPUTE)
         assert detector._fast is None and detector.device == OFFLOAD  # no copy left behind on the compute device
-        _node("FaceMend_DetectAlign").run(torch.rand(1, 96, 96, 3), detector)
+        face_op.detect_align(torch.rand(1, 96, 96, 3), detector)
         assert detector.device == COMPUTE and loaded_entry(mm, detector) is not None
     finally:
         model_paths.set_models_dirs([str(models_dir)])
@@ -144,22 +149,25 @@ def test_out_of_memory_reaches_comfy_as_its_own_exception(comfy, models_dir, mon
     def alloc_failed(self, *a, **k):
         raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
 
-    restorer = _node("FaceMend_RestorerLoader").load("tiny_gfpgan.pth", "fp32")[0]  # standalone
+    from conftest import node_class
+
+    restorer = restore_op.load_restorer("tiny_gfpgan.pth", "fp32")  # standalone
     monkeypatch.setattr(FaceRestorer, "_restore_chunk", alloc_failed)
     with pytest.raises(RuntimeError, match="ALLOC_FAILED") as standalone:
-        _node("FaceMend_RestoreFaces").run(torch.rand(1, 64, 64, 3), restorer, 1.0, 0.5, 1, 0)
+        restore_op.restore_faces(torch.rand(1, 64, 64, 3), restorer, 1.0, 0.5, 1, 0)
     assert not isinstance(standalone.value, torch.OutOfMemoryError)
+    node = node_class("FaceMend_RestoreFaces")  # what ComfyUI calls: execute, wrapped by nodes/__init__.py
     mm = host(monkeypatch, comfy)
     with pytest.raises(mm.OOM_EXCEPTION, match="ALLOC_FAILED"):  # ComfyUI then unloads its models
-        _node("FaceMend_RestoreFaces").run(torch.rand(1, 64, 64, 3), restorer, 1.0, 0.5, 1, 0)
+        node.execute(torch.rand(1, 64, 64, 3), restorer, 1.0, 0.5, 1, 0)
     with pytest.raises(ValueError):  # other errors pass unchanged
-        _node("FaceMend_RestoreFaces").run(torch.rand(1, 64, 64, 3), restorer, 2.0, 0.5, 1, 0)
+        node.execute(torch.rand(1, 64, 64, 3), restorer, 2.0, 0.5, 1, 0)
 
 
 def test_standalone_models_are_not_wrapped(models_dir):
-    restorer = _node("FaceMend_RestorerLoader").load("tiny_gfpgan.pth", "fp32")[0]
+    restorer = restore_op.load_restorer("tiny_gfpgan.pth", "fp32")
     assert hm.patcher_of(restorer) is None
-    out, = _node("FaceMend_RestoreFaces").run(torch.rand(1, 64, 64, 3), restorer, 1.0, 0.5, 1, 0)
+    out, = restore_op.restore_faces(torch.rand(1, 64, 64, 3), restorer, 1.0, 0.5, 1, 0)
     assert out.shape == (1, 64, 64, 3)
 
 
@@ -176,7 +184,7 @@ def test_adapt_node_under_comfy_inference_mode(comfy, models_dir, monkeypatch, t
     monkeypatch.chdir(tmp_path)
     mm = host(monkeypatch, comfy, "lowvram")
     with torch.inference_mode():
-        restorer = _node("FaceMend_RestorerLoader").load("tiny_gfpgan.pth", "bf16")[0]
+        restorer = restore_op.load_restorer("tiny_gfpgan.pth", "bf16")
         prior = _node("FaceMend_DiffusionPriorLoader").load("prior_tiny.pth")[0]
         res = _node("FaceMend_AdaptRestorer").run(restorer, prior, "hosted_adapt", steps=1, lpips_weight=0.0,
                                                   micro_batch=1, accumulate=1, start_step=1, reg_end_step=1,
