@@ -91,13 +91,13 @@ def test_cli_adapt_missing_files_are_named(models, capsys):
 
 def test_nodes_make_targets_and_adapt(models):
     from facemend.nodes.adapt import AdaptRestorer, DiffusionPriorLoader, PseudoTargets
-    from facemend.nodes.restore import FaceRestorerLoader
+    from facemend.ops.restore import load_restorer
 
     root, faces = models
     model_paths.set_models_dirs([str(root)])
     assert "iddpm_ffhq512_ema500000.pth" in DiffusionPriorLoader.INPUT_TYPES()["required"]["model"][0]
     (prior,) = DiffusionPriorLoader().load("iddpm_ffhq512_ema500000.pth")
-    (restorer,) = FaceRestorerLoader().load("tiny_gfpgan.pth", "fp32")
+    restorer = load_restorer("tiny_gfpgan.pth", "fp32")
     image = torch.rand(1, 48, 48, 3)
     targets, restored = PseudoTargets().run(image, restorer, prior, start_step=1, reg_end_step=1, down_factor=16)
     assert targets.shape == image.shape == restored.shape

@@ -248,12 +248,13 @@ def test_model_names_cannot_leave_the_models_folders(tmp_path, monkeypatch):
                 model_paths.find_file("facerestore_models", name)
             with pytest.raises(ModelFileNotFound, match="points outside"):
                 model_paths.find_dir("facerestore_models", name)
-        import facemend
+        from facemend.ops.face import load_face_detector
+        from facemend.ops.restore import load_restorer
 
         with pytest.raises(ModelFileNotFound, match="points outside"):
-            facemend.NODE_CLASS_MAPPINGS["FaceMend_RestorerLoader"]().load("../secret.pth", "fp32")
+            load_restorer("../secret.pth", "fp32")
         with pytest.raises(ModelFileNotFound, match="points outside"):
-            facemend.NODE_CLASS_MAPPINGS["FaceMend_DetectorLoader"]().load(str(outside))
+            load_face_detector(str(outside))
         from facemend.nodes.diffusion import base_model_path
 
         (tmp_path / "sd3.safetensors").write_bytes(b"x")

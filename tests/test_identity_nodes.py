@@ -11,6 +11,7 @@ import torch
 import facemend
 from facemend.host import device as dev
 from facemend.host import model_paths
+from facemend.ops.face import load_face_detector
 from facemend.pipelines.io.errors import Interrupted, ModelFileNotFound
 
 from conftest import load_image, need_shared
@@ -26,7 +27,7 @@ def _node(nid):
 def _inputs(models_dir):
     rid = _node("FaceMend_RestorerIDLoader").load("RestorerIDFull.ckpt", "ip-adapter-faceid-plus_sd15.bin",
                                                   "CLIP-ViT-H-14-laion2B-s32B-b79K", "stable-diffusion-v1-5", "fp32")[0]
-    det = _node("FaceMend_DetectorLoader").load("mtcnn (embedded)", "fp32")[0]
+    det = load_face_detector("mtcnn (embedded)", "fp32")
     idm = _node("FaceMend_IDModelLoader").load("models/buffalo_l/w600k_r50.onnx")[0]
     ref = load_image(need_shared("faces", "clean", "ffhq_00000000.png")).permute(0, 2, 3, 1)
     lq = load_image(need_shared("faces", "aligned_lq_real", "0143.png"))

@@ -47,7 +47,7 @@ def test_idempotent_restorer_is_authentic_and_a_degrading_one_is_not(niqe, faces
 def test_authenticity_node_with_a_restorer_and_id_model(tmp_path, faces, niqe):
     pytest.importorskip("onnxruntime")
     from facemend.pipelines.restore.archs.gfpgan import GFPGANConfig, GFPGANv1Clean
-    from facemend.nodes.restore import load_restorer
+    from facemend.ops.restore import load_restorer
 
     (tmp_path / "facerestore_models").mkdir()
     torch.manual_seed(0)
