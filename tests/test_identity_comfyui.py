@@ -43,7 +43,7 @@ def test_id_preserve_api_workflow_runs_in_comfyui(comfyui):  # noqa: F811
         if node["class_type"] == "FaceMend_RestorerIDRestore":
             node["inputs"]["steps"] = 2
     entry = run_prompt(url, graph, client_id="facemend-identity")
-    (img,) = [i for out in entry["outputs"].values() for i in out.get("images", [])]
+    (img,) = [i for out in entry["outputs"].values() for i in out.get("images", []) if i["type"] == "output"]
     result = Image.open(base / "output" / img["subfolder"] / img["filename"])
     assert result.size == (256, 256)
     assert np.asarray(result).std() > 1

@@ -31,5 +31,5 @@ def test_onestep_graph_runs_in_comfyui(comfyui):  # noqa: F811
         "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "onestep"}},
     }
     entry = run_prompt(url, graph, client_id="facemend-onestep")
-    (img,) = [i for out in entry["outputs"].values() for i in out.get("images", [])]
+    (img,) = [i for out in entry["outputs"].values() for i in out.get("images", []) if i["type"] == "output"]
     assert Image.open(base / "output" / img["subfolder"] / img["filename"]).size == (128, 96)

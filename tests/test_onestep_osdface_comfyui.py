@@ -24,6 +24,6 @@ def test_osdface_workflow_runs_in_comfyui(comfyui):  # noqa: F811
     assert "osdface" in info["input"]["required"]["osdface_folder"][0]
     graph = json.loads((ROOT / "workflows" / "api" / "facemend_osdface.json").read_text())
     entry = run_prompt(url, graph, client_id="facemend-osdface")
-    (img,) = [i for out in entry["outputs"].values() for i in out.get("images", [])]
+    (img,) = [i for out in entry["outputs"].values() for i in out.get("images", []) if i["type"] == "output"]
     out = Image.open(base / "output" / img["subfolder"] / img["filename"])
     assert out.size == (256, 256)
