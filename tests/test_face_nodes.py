@@ -212,3 +212,33 @@ def test_color_fix_previews_its_images(preview_dir):
     for img, ref in zip(out, shown):
         assert np.abs(_png(preview_dir, ref) - img.numpy()).max() < LEVEL
     assert cls.execute(torch.zeros(0, 512, 512, 3), reference).ui is None  # no face crops: nothing to show
+
+
+@pytest.mark.comfyui
+def test_a_missing_model_is_refused_when_queued_in_comfyui(comfyui):
+    """In the real host: the shipped fast graph queued with model files that are not there is refused by /prompt,
+    before anything runs, and the refusal names each file, the folder searched and where to get it."""
+    import urllib.error
+    import urllib.request
+
+    from conftest import ROOT
+
+    url, base = comfyui
+    graph = json.loads((ROOT / "workflows" / "api" / "facemend_fast.json").read_text())
+    loaders = {n["class_type"]: n for n in graph.values() if n["class_type"].endswith("Loader")}
+    loaders["FaceMend_DetectorLoader"]["inputs"]["model"] = "detection_Resnet50_Final.pth"
+    loaders["FaceMend_RestorerLoader"]["inputs"]["model"] = "GFPGANv1.3.pth"
+    req = urllib.request.Request(url + "/prompt", data=json.dumps({"prompt": graph}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(req, timeout=60)
+    errors = json.loads(refused.value.read())["node_errors"]
+    by_type = {e["class_type"]: " ".join(x["details"] for x in e["errors"]) for e in errors.values()}
+    detector, restorer = by_type["FaceMend_DetectorLoader"], by_type["FaceMend_RestorerLoader"]
+    assert "'detection_Resnet50_Final.pth' was not found" in detector and "github.com/xinntao/facexlib" in detector
+    assert str(base / "models" / "facedetection") in detector
+    assert "'GFPGANv1.3.pth' was not found" in restorer and "github.com/TencentARC/GFPGAN" in restorer
+    assert str(base / "models" / "facerestore_models") in restorer
+
+
+from test_comfyui_e2e import comfyui  # noqa: E402,F401  (the server fixture, for the test above)
