@@ -70,3 +70,16 @@ def _report_progress(value: int, total: int, image) -> None:
 
 
 dev.set_progress_reporter(_report_progress)
+
+
+def combo_problem(cls, **values) -> str | None:
+    """For validate_inputs: the first of `values` (combo input name -> value; None = linked, not checked) that is not
+    among its input's options, as a message; None when all are. ComfyUI 0.3.64 checks no V3 combo against its
+    options when a prompt is queued (it looks for a list where V3 declares "COMBO"), and no version checks an input
+    named in validate_inputs: without this, a stale value in a saved workflow failed in the middle of the run."""
+    # define_schema, not GET_SCHEMA: ComfyUI validates on a locked clone of the class, which GET_SCHEMA would modify
+    options = {i.id: i.options for i in cls.define_schema().inputs if isinstance(i, io.Combo.Input)}
+    for name, value in values.items():
+        if value is not None and value not in options[name]:
+            return f"{name}: '{value}' is not one of {options[name]}"
+    return None
