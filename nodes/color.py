@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..ops import color as op
 from ..pipelines.color.fix import METHODS
-from .api import CATEGORY, io, preview
+from .api import CATEGORY, combo_problem, io, preview
 
 
 class ColorFix(io.ComfyNode):
@@ -27,6 +27,11 @@ class ColorFix(io.ComfyNode):
             ],
             outputs=[io.Image.Output(display_name="image")],
         )
+
+    @classmethod
+    def validate_inputs(cls, method=None):
+        # A value that is not a choice (a stale saved workflow) is refused when queued, not in the middle of the run.
+        return combo_problem(cls, method=method) or True
 
     @classmethod
     def execute(cls, image, reference, method="wavelet", strength=1.0) -> io.NodeOutput:

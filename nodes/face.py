@@ -12,7 +12,7 @@ from ..pipelines.face.detectors import ANCHOR_CHOICES, EMBEDDED_MTCNN
 from ..pipelines.face.geometry import BORDER_MODES, INTERPOLATIONS
 from ..pipelines.io.errors import ModelFileNotFound
 from ..pipelines.io.images import side_by_side
-from .api import CATEGORY, FaceAlignment, FaceDetector, file_fingerprint, io, preview
+from .api import CATEGORY, FaceAlignment, FaceDetector, combo_problem, file_fingerprint, io, preview
 
 PREVIEW_SIDE = 512  # each half of Paste Back's before/after preview, longer side
 
@@ -38,10 +38,11 @@ class FaceDetectorLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, model=None):
-        # Before the run, not in the middle of it: a missing file (or `mtcnn` package) named with where to get it.
-        # (Naming `model` here skips ComfyUI's own list check: detector_problem does it. None: linked.)
-        return model is None or op.detector_problem(model) or True
+    def validate_inputs(cls, model=None, precision=None, anchors=None):
+        # Before the run, not in the middle of it: a missing file (or `mtcnn` package) named with where to get it,
+        # a value that is not a choice (detector_problem checks the list too). None: linked, nothing to check.
+        return (combo_problem(cls, precision=precision, anchors=anchors)
+                or (model is not None and op.detector_problem(model)) or True)
 
     @classmethod
     def fingerprint_inputs(cls, model, precision="fp32", anchors="auto"):
@@ -109,6 +110,12 @@ class FaceDetectAlign(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, selection=None, border=None, interpolation=None, crop_geometry=None):
+        # A value that is not a choice (a stale saved workflow) is refused when queued, not in the middle of the run.
+        return combo_problem(cls, selection=selection, border=border, interpolation=interpolation,
+                             crop_geometry=crop_geometry) or True
+
+    @classmethod
     def execute(cls, image, detector, selection="all", face_index=0, score_threshold=0.8, min_face_size=16,
                 max_faces=0, crop_size=512, detect_max_side=1600, border="constant", interpolation="bilinear",
                 crop_geometry="ffhq") -> io.NodeOutput:
@@ -158,6 +165,10 @@ class FacePasteBack(io.ComfyNode):
             ],
             outputs=[io.Image.Output(display_name="image"), io.Mask.Output(display_name="blend_mask")],
         )
+
+    @classmethod
+    def validate_inputs(cls, interpolation=None):
+        return combo_problem(cls, interpolation=interpolation) or True
 
     @classmethod
     def execute(cls, image, face_crops, alignment, feather=0.10, margin=0.04, mask=None,

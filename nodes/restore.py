@@ -4,7 +4,7 @@ from __future__ import annotations
 from ..host.model_paths import find_optional_file
 from ..ops import restore as op
 from ..ops.common import model_file_problem
-from .api import CATEGORY, FaceRestorer, file_fingerprint, io, preview
+from .api import CATEGORY, FaceRestorer, combo_problem, file_fingerprint, io, preview
 
 
 class FaceRestorerLoader(io.ComfyNode):
@@ -27,10 +27,11 @@ class FaceRestorerLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, model=None):
-        # Before the run: a file that is not there, named with the folders searched and where to get it. (Naming
-        # `model` here skips ComfyUI's own list check: model_file_problem does it. None: linked, nothing to check.)
-        return model is None or model_file_problem(op.FOLDER, model, op.restorer_files()) or True
+    def validate_inputs(cls, model=None, precision=None):
+        # Before the run: a file that is not there, named with the folders searched and where to get it; a value
+        # that is not a choice (model_file_problem checks the list too). None: linked, nothing to check.
+        return (combo_problem(cls, precision=precision)
+                or (model is not None and model_file_problem(op.FOLDER, model, op.restorer_files())) or True)
 
     @classmethod
     def fingerprint_inputs(cls, model, precision="auto"):

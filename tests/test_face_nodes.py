@@ -143,6 +143,22 @@ def test_detector_loader_refuses_a_missing_model_before_the_run(detector_dir, mo
     assert "pip install mtcnn" in cls.validate_inputs(model=EMBEDDED)
 
 
+@pytest.mark.parametrize("node_id, name, good, stale", [
+    ("FaceMend_DetectorLoader", "precision", "fp16", "fp8"), ("FaceMend_DetectorLoader", "anchors", "1mb", "2mb"),
+    ("FaceMend_DetectAlign", "selection", "largest", "biggest"), ("FaceMend_DetectAlign", "border", "reflect", "wrap"),
+    ("FaceMend_DetectAlign", "interpolation", "bicubic", "lanczos"),
+    ("FaceMend_DetectAlign", "crop_geometry", "native", "arcface"),
+    ("FaceMend_PasteBack", "interpolation", "bicubic", "nearest"), ("FaceMend_ColorFix", "method", "adain", "lab"),
+])
+def test_a_value_that_is_not_a_choice_is_refused_when_queued(node_id, name, good, stale):
+    """A saved workflow with a stale choice is refused before the run (ComfyUI 0.3.64 checks no V3 combo itself;
+    these used to fail mid-run with a ValueError from the pipeline)."""
+    cls = node_class(node_id)
+    assert cls.validate_inputs(**{name: good}) is True
+    msg = cls.validate_inputs(**{name: stale})
+    assert msg is not True and f"'{stale}'" in msg and good in msg
+
+
 def test_detector_loader_fingerprint_follows_the_file(detector_dir):
     """An unchanged file is not loaded again when the graph is re-queued; a file replaced under the same name is."""
     cls = node_class("FaceMend_DetectorLoader")
@@ -216,8 +232,8 @@ def test_color_fix_previews_its_images(preview_dir):
 
 @pytest.mark.comfyui
 def test_a_missing_model_is_refused_when_queued_in_comfyui(comfyui):
-    """In the real host: the shipped fast graph queued with model files that are not there is refused by /prompt,
-    before anything runs, and the refusal names each file, the folder searched and where to get it."""
+    """In the real host: the shipped fast graph queued with model files that are not there (and a stale choice) is
+    refused by /prompt, before anything runs; the refusal names each file, the folder searched and where to get it."""
     import urllib.error
     import urllib.request
 
@@ -228,6 +244,8 @@ def test_a_missing_model_is_refused_when_queued_in_comfyui(comfyui):
     loaders = {n["class_type"]: n for n in graph.values() if n["class_type"].endswith("Loader")}
     loaders["FaceMend_DetectorLoader"]["inputs"]["model"] = "detection_Resnet50_Final.pth"
     loaders["FaceMend_RestorerLoader"]["inputs"]["model"] = "GFPGANv1.3.pth"
+    nodes = {n["class_type"]: n for n in graph.values()}
+    nodes["FaceMend_DetectAlign"]["inputs"]["selection"] = "biggest"  # a stale choice in a saved graph
     req = urllib.request.Request(url + "/prompt", data=json.dumps({"prompt": graph}).encode(),
                                  headers={"Content-Type": "application/json"})
     with pytest.raises(urllib.error.HTTPError) as refused:
@@ -239,6 +257,7 @@ def test_a_missing_model_is_refused_when_queued_in_comfyui(comfyui):
     assert str(base / "models" / "facedetection") in detector
     assert "'GFPGANv1.3.pth' was not found" in restorer and "github.com/TencentARC/GFPGAN" in restorer
     assert str(base / "models" / "facerestore_models") in restorer
+    assert "selection: 'biggest' is not one of" in by_type["FaceMend_DetectAlign"]
 
 
 from test_comfyui_e2e import comfyui  # noqa: E402,F401  (the server fixture, for the test above)

@@ -55,6 +55,7 @@ def test_loader_lists_the_files_and_refuses_a_missing_one_before_the_run(models_
     (models_dir / "facerestore_models" / "notes.txt").write_text("not weights")  # there, but not a choice
     assert "'notes.txt' was not found" in cls.validate_inputs(model="notes.txt")
     assert "outside" in cls.validate_inputs(model="../secret.pth")
+    assert "precision: 'fp8' is not one of" in cls.validate_inputs(model="tiny_gfpgan.pth", precision="fp8")
 
 
 def test_loader_fingerprint_follows_the_file(models_dir):
