@@ -4,6 +4,7 @@ from __future__ import annotations
 from ..ops import color as op
 from ..pipelines.color.fix import METHODS
 from .api import CATEGORY, combo_problem, io, preview
+from .face import PREVIEW_MAX
 
 
 class ColorFix(io.ComfyNode):
@@ -36,7 +37,7 @@ class ColorFix(io.ComfyNode):
     @classmethod
     def execute(cls, image, reference, method="wavelet", strength=1.0) -> io.NodeOutput:
         (out,) = op.fix_colors(image, reference, method, strength)
-        return io.NodeOutput(out, ui=preview(out, cls))
+        return io.NodeOutput(out, ui=preview(out[:PREVIEW_MAX], cls))
 
 
 NODES = [ColorFix]

@@ -15,6 +15,9 @@ from ..pipelines.io.images import side_by_side
 from .api import CATEGORY, FaceAlignment, FaceDetector, combo_problem, file_fingerprint, io, preview
 
 PREVIEW_SIDE = 512  # each half of Paste Back's before/after preview, longer side
+# Previews shown per run at most (the first ones): each is a PNG written on every run, 0.1-0.4 s apiece on a CPU,
+# so a batch of hundreds of frames or faces would spend its time on pictures nobody looks through.
+PREVIEW_MAX = 16
 
 
 class FaceDetectorLoader(io.ComfyNode):
@@ -122,18 +125,19 @@ class FaceDetectAlign(io.ComfyNode):
         out = op.detect_align(image, detector, selection, face_index, score_threshold, min_face_size, max_faces,
                               crop_size, detect_max_side, border, interpolation, crop_geometry)
         # The crops on the node: what the detector found and how they were aligned (nothing when no face).
-        return io.NodeOutput(*out, ui=preview(out[0], cls))
+        return io.NodeOutput(*out, ui=preview(out[0][:PREVIEW_MAX], cls))
 
 
-def before_after(before: torch.Tensor, after: torch.Tensor, side: int = PREVIEW_SIDE) -> torch.Tensor:
-    """IMAGE pairs -> IMAGE [B,h,2w+gap,3] of labelled 'before | after' halves, each downscaled to `side` first (a
-    batch of big photos costs no full-size copy)."""
+def before_after(before: torch.Tensor, after: torch.Tensor, side: int = PREVIEW_SIDE,
+                 limit: int = PREVIEW_MAX) -> torch.Tensor:
+    """IMAGE pairs -> IMAGE [B,h,2w+gap,3] of labelled 'before | after' halves (the first `limit` pairs), each
+    downscaled to `side` first (a batch of big photos costs no full-size copy)."""
     if before.ndim == 3:  # an unbatched image, as some nodes emit
         before = before[None]
     if before.shape[-1] == 1:  # grayscale
         before = before.expand(*before.shape[:-1], 3)
     pairs = []
-    for i in range(min(before.shape[0], after.shape[0])):
+    for i in range(min(before.shape[0], after.shape[0], limit)):
         b, a = (dev.preview_image(x[i:i + 1], side)[0].permute(2, 0, 1) for x in (before, after))
         pairs.append(side_by_side(b, a, labels=("before", "after")).permute(1, 2, 0)[None])
     return torch.cat(pairs) if pairs else torch.zeros(0, 1, 1, 3)

@@ -206,13 +206,17 @@ def test_paste_back_shows_each_photo_before_and_after(mtcnn, six_faces, preview_
 
 
 def test_paste_back_preview_of_a_batch_and_of_odd_images(mtcnn, preview_dir):
+    """Every photo of a batch (up to PREVIEW_MAX: each preview is a PNG written on every run), gray, RGBA,
+    unbatched and 1x1 images too."""
+    from facemend.nodes.face import PREVIEW_MAX
+
     cls = node_class("FaceMend_PasteBack")
-    for shape in [(3, 40, 30, 3), (1, 1, 1, 3), (1, 64, 48, 1), (64, 48, 4)]:
+    for shape in [(3, 40, 30, 3), (PREVIEW_MAX + 2, 6, 5, 3), (1, 1, 1, 3), (1, 64, 48, 1), (64, 48, 4)]:
         img = torch.rand(shape)
         crops, alignment, _, _ = op.detect_align(img, mtcnn)
         result = cls.execute(img, crops, alignment)
         shown = result.ui.as_dict()["images"]
-        assert len(shown) == (shape[0] if len(shape) == 4 else 1), shape
+        assert len(shown) == (min(shape[0], PREVIEW_MAX) if len(shape) == 4 else 1), shape
         h, w = shape[-3:-1]
         assert _png(preview_dir, shown[0]).shape == (h, 2 * w + 8, 3), shape
 
@@ -228,6 +232,10 @@ def test_color_fix_previews_its_images(preview_dir):
     for img, ref in zip(out, shown):
         assert np.abs(_png(preview_dir, ref) - img.numpy()).max() < LEVEL
     assert cls.execute(torch.zeros(0, 512, 512, 3), reference).ui is None  # no face crops: nothing to show
+    from facemend.nodes.face import PREVIEW_MAX
+
+    many = cls.execute(torch.rand(PREVIEW_MAX + 3, 8, 8, 3), reference)
+    assert many.result[0].shape[0] == PREVIEW_MAX + 3 and len(many.ui.as_dict()["images"]) == PREVIEW_MAX
 
 
 @pytest.mark.comfyui
