@@ -74,7 +74,8 @@ def test_no_face_costs_nothing_and_passes_through(size, geometry):
 @pytest.mark.comfyui
 def test_fast_workflow_with_no_face_in_comfyui(comfyui):
     """The shipped fast workflow (unchanged) on a photo without a face and on a 1x1 image: both succeed and the
-    saved picture is the input itself (the 1x1 image used to fail in Restore Faces)."""
+    saved picture is the input itself (the 1x1 image used to fail in Restore Faces); the node previews reach the
+    host's history."""
     from facemend.pipelines.restore.archs.gfpgan import GFPGANConfig, GFPGANv1Clean
     from test_comfyui_e2e import run_prompt
 
@@ -95,6 +96,12 @@ def test_fast_workflow_with_no_face_in_comfyui(comfyui):
         (img,) = [i for out in entry["outputs"].values() for i in out.get("images", []) if i["type"] == "output"]
         result = np.asarray(Image.open(base / "output" / img["subfolder"] / img["filename"]).convert("RGB"))
         assert np.array_equal(result, pixels), name
+        # On the nodes: Paste Back's before | after (the same photo twice here); Detect + Align has no crop to show.
+        ids = {n["class_type"]: nid for nid, n in graph.items()}
+        (pair,) = entry["outputs"][ids["FaceMend_PasteBack"]]["images"]
+        shown = np.asarray(Image.open(base / "temp" / pair["subfolder"] / pair["filename"]).convert("RGB"))
+        assert pair["type"] == "temp" and shown.shape == (pixels.shape[0], 2 * pixels.shape[1] + 8, 3), name
+        assert ids["FaceMend_DetectAlign"] not in entry["outputs"]
 
 
 from test_comfyui_e2e import comfyui  # noqa: E402,F401  (the server fixture, for the test above)
