@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 FIXTURE = Path(__file__).parent / "fixtures" / "saved_before_v3.json"
 SOURCE = ROOT / "example_workflows" / "facemend_demo.json"
-PHOTO = SHARED / "faces" / "clean" / "t1_six_faces.jpg"
+PHOTO = SHARED / "faces" / "clean" / "astronaut.png"  # one face: a short CPU run
 
 # (node id, node type, widget name, shipped value, value set in the UI): one widget of each kind.
 CHANGES = [
