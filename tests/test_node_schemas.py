@@ -179,7 +179,7 @@ def _ports() -> tuple[int, int]:
     if span:
         lo, hi = span.split("-")
         return int(lo), int(hi) + 1
-    return int(os.environ.get("FACEMEND_TEST_PORT_LO", 8188)), int(os.environ.get("FACEMEND_TEST_PORT_HI", 8288))
+    return int(os.environ.get("FACEMEND_TEST_PORT_LO", 8400)), int(os.environ.get("FACEMEND_TEST_PORT_HI", 8500))
 
 
 def object_info_diffs(recorded: dict, now: dict) -> list[str]:
