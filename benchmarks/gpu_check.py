@@ -247,7 +247,7 @@ def adjust(graph: dict, size: str, dtype: str, tag: str = "") -> dict:
 def run_graph(graph: dict, image: torch.Tensor) -> dict:
     """Execute an API graph with the pack's node functions, as ComfyUI does (each node in inference mode, inputs
     from the outputs of the nodes it is wired to). LoadImage gives `image`; SaveImage keeps what it is given."""
-    import facemend
+    from facemend.ops import node_ops
 
     done: dict = {}
     saved: list = []
@@ -269,9 +269,7 @@ def run_graph(graph: dict, image: torch.Tensor) -> dict:
                 out = (F.interpolate(x, scale_factor=float(ins["scale_by"]), mode="bicubic",
                                      align_corners=False).clamp(0, 1).movedim(1, -1),)
             else:
-                cls = facemend.NODE_CLASS_MAPPINGS[ct]
-                res = getattr(cls(), cls.FUNCTION)(**ins)
-                out = res["result"] if isinstance(res, dict) else res
+                out = node_ops()[ct](**ins)  # what the node computes: ops/, the function its execute calls
         done[nid] = out
         return out
 
