@@ -281,7 +281,7 @@ def run_graph(graph: dict, image: torch.Tensor) -> dict:
 
 def clear_caches() -> None:
     """Forget loaded models between modes (a model keeps the patcher of the ComfyUI that loaded it)."""
-    from facemend.nodes import adapt, diffusion, identity, quality, restore
+    from facemend.ops import adapt, diffusion, identity, quality, restore
     from facemend.pipelines.face import detectors
 
     for c in (adapt._cache, diffusion._cache, identity._cache, quality._cache, restore._cache, detectors._cache):
@@ -381,7 +381,7 @@ def part_graphs(args, device, cuda: Cuda, comfy_mods, work: Path) -> list[dict]:
     import pytest
 
     from facemend.host import model_paths
-    from facemend.nodes import diffusion
+    from facemend.ops import diffusion
 
     rows = []
     sizes = ["tiny"] + (["real"] if device.type == "cuda" and not args.tiny_only else [])
