@@ -213,7 +213,8 @@ def _node_classes() -> dict:
     migration, a dictionary-API class's as ComfyUI's server builds it). FaceMend's nodes are V3 nodes that import
     ComfyUI's node API, so this runs only where ComfyUI is importable: $COMFYUI_DIR or the pinned checkout
     (`python tests/fetch_official.py Comfy-Org/ComfyUI`) with its requirements (`python tests/setup_comfyui.py`)."""
-    sys.path.insert(0, str(HERE.parent / "tests"))
+    if str(HERE.parent / "tests") not in sys.path:
+        sys.path.insert(0, str(HERE.parent / "tests"))
     import conftest  # registers this checkout as `facemend` (and finds ComfyUI as the tests do)
     from node_specs import node_infos
 
