@@ -111,7 +111,8 @@ def object_info_record(info: dict, file_lists: set[tuple[str, str]]) -> dict:
             "output": node.get("output"),
             "output_name": node.get("output_name"),
             "output_is_list": node.get("output_is_list"),
-            "output_tooltips": node.get("output_tooltips"),
+            # V3 lists a None per output without a tooltip; V1 leaves the field out: the frontend shows none either way
+            "output_tooltips": node.get("output_tooltips") if any(node.get("output_tooltips") or ()) else None,
             "output_node": node.get("output_node"),
             **{k: v for k, v in node.items() if k not in _RECORDED and k not in IGNORED_NODE_FIELDS},
         }
