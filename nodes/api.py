@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from comfy_api.v0_0_2 import ComfyAPISync, ComfyExtension, io, ui  # noqa: F401  (re-exported)
+from comfy_api.v0_0_2 import ComfyAPI, ComfyAPISync, ComfyExtension, io, ui  # noqa: F401  (re-exported)
 
 from ..host import device as dev
 
@@ -50,7 +50,16 @@ def file_fingerprint(path: str | None) -> tuple:
 
 
 def _report_progress(value: int, total: int, image) -> None:
-    # The execution API: the node's progress bar and, with an image, its live preview.
+    # The execution API: the node's progress bar and, with an image, its live preview. ComfyUI 0.3.64's
+    # ComfyAPISync has no `execution` (its annotation is a string there), so the async API's coroutine is run
+    # here, in the node's own thread and executing context (it does not await in 0.3.64); one that does await goes
+    # to the sync API of the ComfyUI that has it.
+    coro = ComfyAPI.Execution.get_instance().set_progress(value, total, preview_image=image)
+    try:
+        coro.send(None)
+    except StopIteration:
+        return
+    coro.close()
     ComfyAPISync().execution.set_progress(value, total, preview_image=image)
 
 
