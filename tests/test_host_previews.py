@@ -179,7 +179,8 @@ def test_the_client_gets_only_the_save_image_output_of_a_shipped_graph(host, tmp
     assert Image.open(tmp_path / "out" / "a.png").size == (192, 192)  # the pasted-back photo, not a face preview
     assert job["outputs"] == [str(tmp_path / "out" / "a.png")]
     # The server did hold the node previews for this run: the client left them there.
-    ours = [h for h in get_json(host.url + "/history").values() if h["prompt"][3].get("client_id") == runner.servers[0].client_id]
+    client_id = runner.servers[0].client_id
+    ours = [h for h in get_json(host.url + "/history").values() if h["prompt"][3].get("client_id") == client_id]
     assert len(ours) == 1
     temp = [ref for out in ours[0]["outputs"].values() for ref in out.get("images", []) if ref["type"] == "temp"]
     assert temp, "the server showed no node preview: nothing was left out"
