@@ -257,9 +257,15 @@ def node_functions(hosted: bool, temp_dir: Path | None = None, models_root: Path
     comfy_dir = os.environ.get("COMFYUI_DIR", "")
     if comfy_dir and comfy_dir not in sys.path:
         sys.path.append(comfy_dir)  # comfy_api, comfy_execution: the node API the classes import
+    from comfy_execution import progress as comfy_progress
     from comfy_execution.utils import CurrentNodeContext
 
     from facemend.nodes import NODE_CLASSES
+
+    # ComfyUI's executor gives each prompt a progress registry (reset_progress_state); here one without handlers,
+    # made directly: the default one imports ComfyUI's top-level `nodes`, which this checkout's nodes/ shadows when
+    # the repository root is on sys.path (python -m pytest).
+    comfy_progress.global_progress_registry = comfy_progress.ProgressRegistry("gpu_check", None)
 
     import folder_paths
 
