@@ -289,8 +289,11 @@ def page(request, tmp_path_factory):
 
 
 def _fresh(page):
-    """Reopen the page when an earlier load left a dialog open (each graph starts from a clean page)."""
+    """Reopen the page when an earlier load left a dialog open (each graph starts from a clean page). The app
+    restores the last graph it showed from the browser's storage (1.27 reopens the broken graph, and its dialog):
+    that is forgotten first."""
     if page["browser"].evaluate(MODALS):
+        page["browser"].evaluate("(() => { localStorage.clear(); sessionStorage.clear(); return true })()")
         open_app(page["browser"], page["host"].url)
 
 
