@@ -186,6 +186,24 @@ def test_the_client_gets_only_the_save_image_output_of_a_shipped_graph(host, tmp
     assert temp, "the server showed no node preview: nothing was left out"
 
 
+def shows_preview(cls) -> bool:
+    """Whether a V3 node class's execute returns a UI preview (io.NodeOutput(..., ui=preview(...))), read from its
+    source: a node that gains one is checked by the tests that use this, with no list to keep."""
+    import inspect
+
+    execute = getattr(cls, "execute", None)
+    if execute is None or not hasattr(cls, "GET_SCHEMA"):  # a node still on the dictionary API (migration)
+        return False
+    return "ui=preview(" in inspect.getsource(inspect.unwrap(getattr(execute, "__func__", execute)))
+
+
+def test_restore_faces_is_among_the_nodes_that_show_previews():
+    from conftest import facemend_nodes
+
+    classes = facemend_nodes().NODE_CLASSES
+    assert shows_preview(classes["FaceMend_RestoreFaces"]) and not shows_preview(classes["FaceMend_RestorerLoader"])
+
+
 def _sends_progress_previews(node_id: str) -> str | None:
     """Why the node cannot be checked yet (None when it sends progress previews): its ops module passes preview=
     to Progress.update."""
