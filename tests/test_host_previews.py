@@ -205,16 +205,13 @@ def test_restore_faces_is_among_the_nodes_that_show_previews():
 
 
 def _sends_progress_previews(node_id: str) -> str | None:
-    """Why the node cannot be checked yet (None when it sends progress previews): its ops module passes preview=
-    to Progress.update."""
-    from facemend import ops
-
+    """Why the node cannot be checked yet (None when it sends progress previews): its ops module, where a node's
+    Progress lives, makes no preview (Progress.update(preview=...), guarded by wants_preview())."""
     stage = {"FaceMend_PerImageTune": "tune"}[node_id]
     path = ROOT / "ops" / f"{stage}.py"
-    if not path.is_file() or "preview=" not in path.read_text():
-        return (f"{node_id} sends no progress preview yet ({path.relative_to(ROOT)} passes no preview= to "
+    if not path.is_file() or "preview" not in path.read_text():
+        return (f"{node_id} sends no progress preview yet ({path.relative_to(ROOT)} makes none for "
                 "Progress.update): the identity/tune migration adds it")
-    assert hasattr(ops, "node_ops")
     return None
 
 
