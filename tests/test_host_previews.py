@@ -7,7 +7,9 @@
 - the headless client run of a shipped API graph (fast) gets only the SaveImage output, though the server holds
   the node previews too;
 - progress previews (binary PREVIEW_IMAGE_WITH_METADATA frames, sent to a client that announces the feature flag
-  supports_preview_metadata) arrive for a node that sends them (per-image tune).
+  supports_preview_metadata) arrive for a node that sends them (per-image tune);
+- in-process: what host/device.Progress reports when hosted reaches ComfyUI's progress registry for the running
+  node, preview image included (nodes/api.py's reporter on ComfyUI 0.3.64's execution API).
 Small random-weight GFPGAN (the e2e tests' size): the tests check what the host shows, not restoration quality.
 """
 from __future__ import annotations
@@ -239,3 +241,35 @@ def test_progress_previews_arrive_with_their_node_for_a_client_that_asks(host):
     assert {meta["node_id"] for meta, _ in frames[True]} == {node}
     assert all(meta["image_type"] in ("image/png", "image/jpeg") and max(img.size) <= 512 for meta, img in frames[True])
     assert frames[False] == []  # a client without the feature flag gets none in that format
+
+
+def test_progress_with_a_preview_goes_to_the_execution_api_of_the_running_node():
+    """In-process, no server: what host/device.Progress reports when hosted (nodes/api.py's reporter) reaches
+    ComfyUI's progress registry for the node that runs, with the preview image ComfyUI then sends."""
+    from conftest import facemend_nodes
+
+    api = facemend_nodes().api
+    from comfy_execution import progress as cp
+    from comfy_execution.utils import CurrentNodeContext
+
+    seen = []
+
+    class Recorder(cp.ProgressHandler):
+        def update_handler(self, node_id, value, max_value, state, prompt_id, image=None):
+            seen.append((node_id, value, max_value, prompt_id, image))
+
+    before = cp.global_progress_registry
+    # A registry made directly: the default one imports ComfyUI's top-level `nodes`, which this checkout's nodes/
+    # shadows when the repository root is on sys.path.
+    cp.global_progress_registry = cp.ProgressRegistry("p1", None)
+    try:
+        cp.add_progress_handler(Recorder("recorder"))
+        with CurrentNodeContext("p1", "7", None):
+            api._report_progress(1, 4, None)
+            api._report_progress(2, 4, torch.full((1, 8, 8, 3), 0.5))
+    finally:
+        cp.global_progress_registry = before
+    assert [(n, v, m, p) for n, v, m, p, _ in seen] == [("7", 1, 4, "p1"), ("7", 2, 4, "p1")]
+    assert seen[0][4] is None
+    kind, image, _ = seen[1][4]  # ComfyUI's PreviewImageTuple: format, PIL image, max size
+    assert image.size == (8, 8) and image.getpixel((0, 0)) == (127, 127, 127)
