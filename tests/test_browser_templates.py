@@ -393,6 +393,7 @@ def _tiny_gfpgan(path: Path) -> None:
 
     torch.manual_seed(0)
     net = GFPGANv1Clean(GFPGANConfig(out_size=64, num_style_feat=64, narrow=0.25))
+    path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"params_ema": net.state_dict()}, path)
 
 
