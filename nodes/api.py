@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from comfy_api.v0_0_2 import ComfyAPISync, ComfyExtension, io, ui  # noqa: F401  (re-exported)
+from comfy_api.v0_0_2 import ComfyAPI, ComfyAPISync, ComfyExtension, io, ui  # noqa: F401  (re-exported)
 
 from ..host import device as dev
 
@@ -70,7 +70,12 @@ def _sync_execution():
 
 
 def _report_progress(value: int, total: int, image) -> None:
-    # The execution API: the node's progress bar and, with an image, its live preview.
+    # The execution API: the node's progress bar and, with an image, its live preview. Outside a running prompt (a
+    # node function called in-process by a script or a test) there is no node to show it on.
+    from comfy_execution.utils import get_executing_context
+
+    if get_executing_context() is None:
+        return
     _sync_execution().set_progress(value, total, preview_image=image)
 
 
