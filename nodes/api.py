@@ -62,7 +62,6 @@ def _sync_execution():
             _execution = api.execution
         else:
             from comfy_api.internal.async_to_sync import create_sync_class
-            from comfy_api.v0_0_2 import ComfyAPI
 
             _execution = object.__new__(create_sync_class(ComfyAPI.Execution))
             _execution._async_instance = ComfyAPI.Execution.get_instance()
