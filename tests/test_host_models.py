@@ -225,7 +225,7 @@ def test_adaface_id_model_is_loaded_and_evicted_like_comfy_models(comfy, monkeyp
     """The NTIRE gate's AdaFace IR-50 (a torch network, unlike the ArcFace ONNX session) is under ComfyUI's model
     management: loaded on the offload device, moved to the compute device by the ID similarity node, evicted by
     free_memory, and the same similarities after it comes back."""
-    from facemend.nodes import quality
+    from facemend.ops import quality
     from facemend.pipelines.quality.adaface import AdaFaceIRNet
 
     torch.manual_seed(0)
@@ -237,14 +237,14 @@ def test_adaface_id_model_is_loaded_and_evicted_like_comfy_models(comfy, monkeyp
     quality._cache.clear()
     try:
         mm = host(monkeypatch, comfy)
-        id_model = _node("FaceMend_IDModelLoader").load("adaface_ir50_ms1mv2.ckpt")[0]
+        id_model = quality.load_id_model("adaface_ir50_ms1mv2.ckpt")[0]
         assert hm.patcher_of(id_model) is not None and id_model.device == OFFLOAD
         faces = torch.rand(2, 112, 112, 3)
-        first = _node("FaceMend_IDSimilarity").run(faces, faces.flip(2), id_model)[0]
+        first = quality.id_similarity(faces, faces.flip(2), id_model)[0]
         assert loaded_entry(mm, id_model) is not None and id_model.device == COMPUTE
         mm.free_memory(1e30, COMPUTE)
         assert loaded_entry(mm, id_model) is None and id_model.device == OFFLOAD and _weights_device(id_model) == {OFFLOAD}
-        assert _node("FaceMend_IDSimilarity").run(faces, faces.flip(2), id_model)[0] == first
+        assert quality.id_similarity(faces, faces.flip(2), id_model)[0] == first
     finally:
         quality._cache.clear()
         model_paths.set_models_dirs([])
