@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from comfy_api.v0_0_2 import ComfyAPISync, ComfyExtension, io, ui  # noqa: F401  (re-exported)
+from comfy_api.v0_0_2 import ComfyAPI, ComfyAPISync, ComfyExtension, io, ui  # noqa: F401  (re-exported)
 
 from ..host import device as dev
 
@@ -51,7 +51,20 @@ def file_fingerprint(path: str | None) -> tuple:
 
 def _report_progress(value: int, total: int, image) -> None:
     # The execution API: the node's progress bar and, with an image, its live preview.
-    ComfyAPISync().execution.set_progress(value, total, preview_image=image)
+    execution = getattr(ComfyAPISync(), "execution", None)
+    if execution is not None:
+        execution.set_progress(value, total, preview_image=image)
+        return
+    # ComfyUI 0.3.64's ComfyAPISync has no `execution` (its annotation is a string there, so the sync wrapper never
+    # creates it). The async method of the same Execution singleton awaits nothing: run it to its end right here,
+    # in the node's thread and executing context (asyncio.run is not possible inside ComfyUI's running loop).
+    step = ComfyAPI.Execution.get_instance().set_progress(value, total, preview_image=image)
+    try:
+        step.send(None)
+    except StopIteration:
+        return
+    step.close()
+    raise RuntimeError("ComfyUI's execution.set_progress waited on something; FaceMend cannot call it from a node")
 
 
 dev.set_progress_reporter(_report_progress)
