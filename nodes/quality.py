@@ -14,6 +14,9 @@ def _not_in(name: str, value, choices) -> str | None:
     return None if value in choices else f"{name}: '{value}' is not one of {', '.join(map(str, choices))}"
 
 
+_UNWIRED = object()  # validate_inputs' default for an optional link: the input is not connected
+
+
 def _linked(*values) -> bool:
     # An input fed by a link reaches validate_inputs as None: its value is known only when the graph runs.
     return any(v is None for v in values)
@@ -201,6 +204,14 @@ class BestOf(io.ComfyNode):
                     "Per face: every candidate's score (and ID similarity), the choice, the gate result.")),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, input_faces=_UNWIRED, id_model=_UNWIRED):
+        # The ID gate takes both or neither, said when the prompt is queued (a wired input arrives here as None,
+        # an unwired one not at all). A host that passed neither would leave the check to the run, as before.
+        if (input_faces is _UNWIRED) != (id_model is _UNWIRED):
+            return "the ID gate needs both input_faces and id_model (connect both or neither)"
+        return True
 
     @classmethod
     def execute(cls, candidates_1, candidates_2, metric, candidates_3=None, candidates_4=None, input_faces=None,

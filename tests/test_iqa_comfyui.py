@@ -98,6 +98,20 @@ def test_missing_model_files_are_refused_when_queued(server):
     assert "w600k_r50.onnx" in arcface and "buffalo_l.zip" in arcface
 
 
+def test_best_of_with_half_an_id_gate_is_refused_when_queued(server):
+    status, answer = _queue(server, {
+        "1": FACE,
+        "2": {"class_type": "FaceMend_IQALoader", "inputs": {"metric": "niqe", "weights_file": "default"}},
+        "3": {"class_type": "FaceMend_IDModelLoader", "inputs": {"model": "models/buffalo_l/w600k_r50.onnx"}},
+        "4": {"class_type": "FaceMend_BestOf", "inputs": {"candidates_1": ["1", 0], "candidates_2": ["1", 0],
+                                                          "metric": ["2", 0], "id_model": ["3", 0]}},
+        "5": {"class_type": "PreviewAny", "inputs": {"source": ["4", 1]}},
+    })
+    # (The ID model file is missing too: each node says what is wrong with it.)
+    assert status == 400 and "4" in answer["node_errors"]
+    assert "needs both input_faces and id_model" in _details(answer, "4")
+
+
 def test_best_of_runs_and_shows_the_chosen_face(server):
     status, answer = _queue(server, {
         "1": FACE,

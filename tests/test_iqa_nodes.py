@@ -171,6 +171,14 @@ def test_loaders_refuse_a_missing_file_or_package_before_the_run(models_dir, mon
     assert idl.validate_inputs(model=None) is True
 
 
+def test_best_of_refuses_half_an_id_gate_when_queued():
+    """ComfyUI passes a wired link to validate_inputs as None and leaves an unwired optional input out."""
+    best_of = node_class("FaceMend_BestOf")
+    assert best_of.validate_inputs() is True and best_of.validate_inputs(input_faces=None, id_model=None) is True
+    for half in ({"input_faces": None}, {"id_model": None}):
+        assert "needs both input_faces and id_model" in best_of.validate_inputs(**half)
+
+
 def test_loader_fingerprints_follow_the_files(tmp_path):
     """fingerprint_inputs: the same choice gives the same fingerprint (ComfyUI keeps the loaded model); new weights
     under the same file name give another (the loader runs again)."""
