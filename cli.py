@@ -154,7 +154,7 @@ def _osdface_stage(device, precision, base=None, folder=None, seed=0, progress=N
 def _ntire_tune_stage(seed=0, steps=0, progress=None, **config):
     """The AIIA per-image tuning on the TSD-SR faces: L1 + 0.1 (1 - CLIP-IQA) + 0.1 (1 - MANIQA), ArcFace ID
     guard, the best validated step kept (the same code the PerImageTune node runs; files of PRESETS['ntire_full'])."""
-    from .nodes.quality import open_id_model, open_metric
+    from .ops.quality import open_id_model, open_metric
     from .nodes.tune import _id_similarity, _quality_terms
     from .pipelines.tune.ntire_refine import NTIREConfig, NTIRETune
 
@@ -181,7 +181,7 @@ def _ntire_tune_stage(seed=0, steps=0, progress=None, **config):
 def _identity_stage(detector, device, precision, reference, id_scale, steps, cfg, seed):
     """RestorerID with the reference photos' identity; per-face MUSIQ scale unless id_scale is given."""
     from .nodes.identity import FIXED_ID_SCALE, default_musiq, load_restorer_id
-    from .nodes.quality import open_id_model
+    from .ops.quality import open_id_model
     from .pipelines.identity.reference import combine, reference_identity
     from .pipelines.identity.stage import IdentityStage
 
@@ -354,7 +354,7 @@ def evaluate_folder(outputs: str, out_dir: str = "report", inputs: str | None = 
     per_image.csv, summary.png. id_model: AdaFace adaface_ir50_ms1mv2.ckpt (the challenge's) or an ArcFace ONNX
     (a proxy); landmarks: the organisers' landmark CSV (else AdaFace finds the input's face with the embedded
     MTCNN detector)."""
-    from .nodes.quality import IQA_FOLDER, id_folder, open_id_model, open_metric
+    from .ops.quality import IQA_FOLDER, id_folder, open_id_model, open_metric
     from .pipelines.quality.evaluate import evaluate, write_report
     from .pipelines.quality.ntire_score import protocol as check_protocol, read_landmark_file
 

@@ -25,7 +25,7 @@ ACTIVATION_BYTES = 2 * 1024 ** 3  # what the sampler needs besides the weights (
 def default_musiq():
     """(MUSIQ metric, None) when its weights are in models/facemend_iqa/, else (None, why). Only a missing file
     is tolerated (the caller then uses a fixed scale and says so); weights that are there but fail to load raise."""
-    from .quality import open_metric
+    from ..ops.quality import open_metric  # the identity stage moves to ops: this line goes with it
 
     try:
         return open_metric("musiq"), None

@@ -242,6 +242,7 @@ def test_adaface_id_model_is_loaded_and_evicted_like_comfy_models(comfy, monkeyp
     """The NTIRE gate's AdaFace IR-50 (a torch network, unlike the ArcFace ONNX session) is under ComfyUI's model
     management: loaded on the offload device, moved to the compute device by the ID similarity node, evicted by
     free_memory, and the same similarities after it comes back."""
+    from facemend.ops import quality
     from facemend.pipelines.quality.adaface import AdaFaceIRNet
 
     torch.manual_seed(0)
@@ -250,18 +251,17 @@ def test_adaface_id_model_is_loaded_and_evicted_like_comfy_models(comfy, monkeyp
     torch.save({"state_dict": {"model." + k: v for k, v in net.state_dict().items()}},
                tmp_path / "adaface" / "adaface_ir50_ms1mv2.ckpt")
     model_paths.set_models_dirs([str(tmp_path)])
-    quality = stage_module("quality")
     quality._cache.clear()
     try:
         mm = host(monkeypatch, comfy)
-        id_model = node_op("FaceMend_IDModelLoader")("adaface_ir50_ms1mv2.ckpt")[0]
+        id_model = quality.load_id_model("adaface_ir50_ms1mv2.ckpt")[0]
         assert hm.patcher_of(id_model) is not None and id_model.device == OFFLOAD
         faces = torch.rand(2, 112, 112, 3)
-        first = node_op("FaceMend_IDSimilarity")(faces, faces.flip(2), id_model)[0]
+        first = quality.id_similarity(faces, faces.flip(2), id_model)[0]
         assert loaded_entry(mm, id_model) is not None and id_model.device == COMPUTE
         mm.free_memory(1e30, COMPUTE)
         assert loaded_entry(mm, id_model) is None and id_model.device == OFFLOAD and _weights_device(id_model) == {OFFLOAD}
-        assert node_op("FaceMend_IDSimilarity")(faces, faces.flip(2), id_model)[0] == first
+        assert quality.id_similarity(faces, faces.flip(2), id_model)[0] == first
     finally:
         quality._cache.clear()
         model_paths.set_models_dirs([])

@@ -108,7 +108,7 @@ def test_restore_node_uses_musiq_weights_when_present_and_names_a_fixed_scale_ot
     id_scale, and the report says which scale and why (it used to be 0.75 without a word)."""
     from test_identity_preset import _musiq_file
 
-    from facemend.nodes import quality
+    from facemend.ops import quality
 
     rid, det, idm, ref, crops = _inputs(models_dir)
     node = _node("FaceMend_RestorerIDRestore")
