@@ -383,7 +383,7 @@ def part_graphs(args, device, cuda: Cuda, comfy_mods, work: Path) -> list[dict]:
     import pytest
 
     from facemend.host import model_paths
-    from facemend.nodes import diffusion
+    from facemend.ops import diffusion
 
     rows = []
     sizes = ["tiny"] + (["real"] if device.type == "cuda" and not args.tiny_only else [])
