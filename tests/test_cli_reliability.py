@@ -254,7 +254,7 @@ def test_model_names_cannot_leave_the_models_folders(tmp_path, monkeypatch):
             facemend.NODE_CLASS_MAPPINGS["FaceMend_RestorerLoader"]().load("../secret.pth", "fp32")
         with pytest.raises(ModelFileNotFound, match="points outside"):
             facemend.NODE_CLASS_MAPPINGS["FaceMend_DetectorLoader"]().load(str(outside))
-        from facemend.nodes.diffusion import base_model_path
+        from facemend.ops.diffusion import base_model_path
 
         (tmp_path / "sd3.safetensors").write_bytes(b"x")
         for name in (str(tmp_path / "sd3.safetensors"), "../../sd3.safetensors"):

@@ -41,7 +41,8 @@ def models_dir(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def fresh_caches():
-    from facemend.nodes import adapt, diffusion, restore
+    from facemend.nodes import adapt
+    from facemend.ops import diffusion, restore
     from facemend.pipelines.face import detectors
 
     caches = (restore._cache, diffusion._cache, detectors._cache, adapt._cache)
@@ -106,18 +107,19 @@ def test_retinaface_drops_its_inference_copy_when_evicted(comfy, models_dir, mon
 def test_onestep_model_stays_loaded_between_runs(comfy, models_dir, monkeypatch):
     """SD3 (2 B parameters for the real one) is not copied to the GPU and back on every run when it fits: ComfyUI
     loads it on first use and keeps it until it needs the memory."""
+    from facemend.ops import diffusion as op
     from facemend.pipelines.diffusion.refiner import OneStepSR
 
     mm = host(monkeypatch, comfy)
-    model = _node("FaceMend_OneStepSRLoader").load("tsdsr", "sd3-tiny", "tsdsr", "fp32")[0]
+    model = op.load_onestep("tsdsr", "sd3-tiny", "tsdsr", "fp32")
     assert loaded_entry(mm, model) is None  # loaded on the offload device, not counted before use
     moves = []
     monkeypatch.setattr(OneStepSR, "to", lambda self, d: moves.append(d) or self)
     image = torch.rand(1, 32, 32, 3)
-    out = _node("FaceMend_OneStepSR").run(image, model, scale=1, tile_size=0, tile_overlap=-1, seed=1)[0]
+    out = op.one_step_sr(image, model, scale=1, tile_size=0, tile_overlap=-1, seed=1)[0]
     entry = loaded_entry(mm, model)
     assert entry is not None and hm.patcher_of(model).loaded_size() == hm.patcher_of(model).model_size()
-    again = _node("FaceMend_OneStepSR").run(image, model, scale=1, tile_size=0, tile_overlap=-1, seed=1)[0]
+    again = op.one_step_sr(image, model, scale=1, tile_size=0, tile_overlap=-1, seed=1)[0]
     assert torch.equal(out, again) and moves == [] and loaded_entry(mm, model) is entry
     mm.free_memory(1e30, COMPUTE)
     assert loaded_entry(mm, model) is None
