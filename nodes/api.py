@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from comfy_api.v0_0_2 import ComfyAPISync, ComfyExtension, io, ui  # noqa: F401  (re-exported)
+from comfy_api.v0_0_2 import ComfyAPI, ComfyAPISync, ComfyExtension, io, ui  # noqa: F401  (re-exported)
 
 from ..host import device as dev
 
@@ -49,9 +49,28 @@ def file_fingerprint(path: str | None) -> tuple:
     return (os.path.abspath(path), st.st_mtime_ns, st.st_size)
 
 
+_execution = None
+
+
+def _sync_execution():
+    """ComfyAPISync().execution, built once. ComfyUI 0.3.64 builds its sync API from the class annotations, which
+    are strings there (PEP 563), so `execution` is missing: wrap the versioned API's Execution singleton the way
+    its own create_sync_class does for a resolved annotation."""
+    global _execution
+    if _execution is None:
+        api = ComfyAPISync()
+        _execution = getattr(api, "execution", None)
+        if _execution is None:
+            from comfy_api.internal.async_to_sync import create_sync_class
+
+            _execution = object.__new__(create_sync_class(ComfyAPI.Execution))
+            _execution._async_instance = ComfyAPI.Execution.get_instance()
+    return _execution
+
+
 def _report_progress(value: int, total: int, image) -> None:
     # The execution API: the node's progress bar and, with an image, its live preview.
-    ComfyAPISync().execution.set_progress(value, total, preview_image=image)
+    _sync_execution().set_progress(value, total, preview_image=image)
 
 
 dev.set_progress_reporter(_report_progress)
