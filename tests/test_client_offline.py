@@ -299,3 +299,26 @@ def test_a_second_run_into_a_claimed_folder_is_refused(fakes, tmp_path):
     assert not [r for r in fake.requests if r[1] == "/upload/image"]
     assert _run(_runner([fake.url], ONE, out), [tmp_path / "p"])["counts"] == {"done": 1}
     assert not (out / ".facemend.lock").exists()
+
+
+def test_node_previews_are_not_taken_for_the_saved_result(tmp_path):
+    """V3 nodes show their outputs (temp images in the history next to SaveImage's): the client writes what the
+    graph saved, and temp images only for a graph that saves nothing."""
+    from types import SimpleNamespace
+
+    from facemend.client.runner import Runner
+
+    class Server:
+        def view(self, ref):
+            return ref["filename"].encode()
+
+    runner = Runner.__new__(Runner)
+    runner.out_dir = tmp_path
+    shown = {"images": [{"filename": "crop.png", "subfolder": "", "type": "temp"}]}
+    saved = {"images": [{"filename": "photo.png", "subfolder": "", "type": "output"}]}
+    job = SimpleNamespace(name="a", outputs=[])
+    runner._collect(Server(), job, {"outputs": {"5": shown, "12": saved}})
+    assert job.outputs == [str(tmp_path / "a.png")] and (tmp_path / "a.png").read_bytes() == b"photo.png"
+    job = SimpleNamespace(name="b", outputs=[])
+    runner._collect(Server(), job, {"outputs": {"5": shown}})  # a graph ending in PreviewImage
+    assert (tmp_path / "b.png").read_bytes() == b"crop.png"
