@@ -114,7 +114,7 @@ def _onestep_stage(device, precision, base=None, lora=None, seed=0, progress=Non
     spec = dict((folder, name) for folder, name in PRESETS["ntire"].needs[1:])
     base = base or spec["diffusers"]
     lora = lora or spec["onestep_sr"]
-    from .nodes.diffusion import base_model_path
+    from .ops.diffusion import base_model_path
 
     # A diffusers folder, or a single file in models/checkpoints/; explicit paths are fine on the command line.
     base_dir = os.path.abspath(base) if os.path.exists(base) else base_model_path(base)
@@ -139,7 +139,7 @@ def _face_sr_stage(model, label, seed=0, progress=None):
 
 def _osdface_stage(device, precision, base=None, folder=None, seed=0, progress=None):
     """OSDFace on the 512 face crops, all faces in batches (files of PRESETS['osdface'])."""
-    from .nodes.diffusion import base_model_path
+    from .ops.diffusion import base_model_path
     from .pipelines.diffusion.osdface import load_osdface
 
     spec = dict(PRESETS["osdface"].needs)
