@@ -532,9 +532,11 @@ class Runner:
         for nid in sorted(entry.get("outputs", {}), key=lambda k: (len(k), k)):
             for key, value in entry["outputs"][nid].items():
                 if key == "images":
-                    images += [ref for ref in value if ref.get("type", "output") == "output"] or value
+                    images += value
                 elif key != "animated":
                     other.setdefault(nid, {})[key] = value
+        # The saved images; a node's previews (temp, as every V3 face node shows) only for a graph that saves none.
+        images = [ref for ref in images if ref.get("type", "output") == "output"] or images
         blobs = [(ref, server.view(ref)) for ref in images]  # fetch everything before writing anything
         written = []
         names = []

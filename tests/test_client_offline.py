@@ -299,3 +299,29 @@ def test_a_second_run_into_a_claimed_folder_is_refused(fakes, tmp_path):
     assert not [r for r in fake.requests if r[1] == "/upload/image"]
     assert _run(_runner([fake.url], ONE, out), [tmp_path / "p"])["counts"] == {"done": 1}
     assert not (out / ".facemend.lock").exists()
+
+
+def test_node_previews_are_not_outputs(tmp_path):
+    """V3 face nodes show their results as previews (type temp) beside SaveImage's file: the job's outputs are the
+    saved images only; a graph that saves nothing keeps its previews."""
+    from pathlib import Path
+
+    from facemend.client.runner import Job
+
+    class Views:  # the server's /view: the file's name as its content
+        def view(self, ref):
+            return ref["filename"].encode()
+
+    def ref(name, kind):
+        return {"filename": name, "subfolder": "", "type": kind}
+
+    runner = _runner(["http://127.0.0.1:9"], ONE, tmp_path / "out")
+    (tmp_path / "out").mkdir()
+    job = Job(Path("a.png"), "a")
+    runner._collect(Views(), job, {"outputs": {"5": {"images": [ref("tune.png", "temp")], "animated": [False]},
+                                                "9": {"images": [ref("saved.png", "output")]}}})
+    assert [Path(p).name for p in job.outputs] == ["a.png"]
+    assert (tmp_path / "out" / "a.png").read_bytes() == b"saved.png"
+    job = Job(Path("b.png"), "b")
+    runner._collect(Views(), job, {"outputs": {"5": {"images": [ref("p1.png", "temp"), ref("p2.png", "temp")]}}})
+    assert [Path(p).name for p in job.outputs] == ["b.png", "b_2.png"]
