@@ -49,9 +49,29 @@ def file_fingerprint(path: str | None) -> tuple:
     return (os.path.abspath(path), st.st_mtime_ns, st.st_size)
 
 
+_api: list = []  # one ComfyAPISync, made on first use
+
+
 def _report_progress(value: int, total: int, image) -> None:
     # The execution API: the node's progress bar and, with an image, its live preview.
-    ComfyAPISync().execution.set_progress(value, total, preview_image=image)
+    if not _api:
+        _api.append(ComfyAPISync())
+    execution = getattr(_api[0], "execution", None)
+    if execution is not None:
+        execution.set_progress(value, total, preview_image=image)
+        return
+    # ComfyUI 0.3.64's sync API has no `execution` (its annotation is a string there, so the wrapper never builds
+    # it): the progress-bar hook, which the execution API replaces, takes the same update and preview.
+    import comfy.utils
+    from comfy.cli_args import args
+
+    preview = None
+    if image is not None:
+        from PIL import Image
+
+        pixels = (image[0].clamp(0, 1) * 255).round().byte().cpu().numpy()
+        preview = ("JPEG", Image.fromarray(pixels), args.preview_size)
+    comfy.utils.ProgressBar(total).update_absolute(value, total, preview)
 
 
 dev.set_progress_reporter(_report_progress)
