@@ -153,10 +153,11 @@ class RestorerIDRestore(io.ComfyNode):
                     "Adaptive scale alpha (with musiq_metric).")),
                 io.Float.Input("beta", default=10.0, min=0.1, max=100.0, step=0.1, optional=True, tooltip=(
                     "Adaptive scale beta (with musiq_metric).")),
-                io.String.Input("prompt", default=op.DEFAULT_PROMPT, optional=True,
+                # multiline None: no "multiline" key, as the V1 schema (single-line either way)
+                io.String.Input("prompt", default=op.DEFAULT_PROMPT, optional=True, multiline=None,
                                 tooltip="Positive prompt (official)."),
                 io.String.Input("negative_prompt", default=op.DEFAULT_NEGATIVE_PROMPT, optional=True,
-                                tooltip="Negative prompt (official)."),
+                                multiline=None, tooltip="Negative prompt (official)."),
                 io.Int.Input("batch_size", default=0, min=0, max=64, optional=True, tooltip=(
                     "Faces per sampler run (0: 1 on CPU, 8 on GPU). Face k always draws its noise from "
                     "seed + k, so the result does not depend on it.")),
