@@ -141,12 +141,12 @@ def test_restore_node_shows_faces_and_live_previews(models_dir, tmp_path, monkey
     monkeypatch.setattr(dev, "is_hosted", lambda: True)
     monkeypatch.setattr(dev, "_reporter", lambda done, total, image: shown.append((done, total, image)))
     monkeypatch.setattr(dev, "PREVIEW_INTERVAL_S", 0.0)
-    res = node.execute(crops, rid, ref, det, idm, id_scale=0.4, seed=3, steps=2, batch_size=1, scale_mode="fixed")
+    res = node.execute(crops, rid, ref, det, idm, id_scale=0.4, seed=3, steps=1, batch_size=1, scale_mode="fixed")
     out = res.result[0]
     files = res.ui.as_dict()["images"]
     assert len(files) == 2 and all((tmp_path / f["subfolder"] / f["filename"]).is_file() for f in files)
     previews = [(done, total, img) for done, total, img in shown if img is not None]
-    assert [(done, total) for done, total, _ in previews] == [(2, 4), (4, 4)]   # after each batch of 2 steps
+    assert [(done, total) for done, total, _ in previews] == [(1, 2), (2, 2)]   # after each batch (1 step each)
     assert torch.equal(previews[0][2], dev.preview_image(out[:1]))
     assert torch.equal(previews[1][2], dev.preview_image(out[1:]))
 
