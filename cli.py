@@ -155,7 +155,7 @@ def _ntire_tune_stage(seed=0, steps=0, progress=None, **config):
     """The AIIA per-image tuning on the TSD-SR faces: L1 + 0.1 (1 - CLIP-IQA) + 0.1 (1 - MANIQA), ArcFace ID
     guard, the best validated step kept (the same code the PerImageTune node runs; files of PRESETS['ntire_full'])."""
     from .ops.quality import open_id_model, open_metric
-    from .nodes.tune import _id_similarity, _quality_terms
+    from .ops.tune import _id_similarity, _quality_terms
     from .pipelines.tune.ntire_refine import NTIREConfig, NTIRETune
 
     clipiqa, maniqa = open_metric("clipiqa"), open_metric("maniqa")
@@ -180,7 +180,7 @@ def _ntire_tune_stage(seed=0, steps=0, progress=None, **config):
 
 def _identity_stage(detector, device, precision, reference, id_scale, steps, cfg, seed):
     """RestorerID with the reference photos' identity; per-face MUSIQ scale unless id_scale is given."""
-    from .nodes.identity import FIXED_ID_SCALE, default_musiq, load_restorer_id
+    from .ops.identity import FIXED_ID_SCALE, default_musiq, load_restorer_id
     from .ops.quality import open_id_model
     from .pipelines.identity.reference import combine, reference_identity
     from .pipelines.identity.stage import IdentityStage

@@ -123,8 +123,11 @@ def test_demo_api_workflow_runs(comfyui):
     assert len(tune) == 1
     tune[0]["inputs"]["steps"] = 10  # a CPU-sized run of the same graph
     entry = run_prompt(url, graph)
-    images = [img for out in entry["outputs"].values() for img in out.get("images", [])]
+    # SaveImage's file; the nodes' previews (type "temp") are beside it
+    images = [img for out in entry["outputs"].values() for img in out.get("images", []) if img["type"] == "output"]
     assert len(images) == 1
+    tune_id = next(k for k, v in graph.items() if v["class_type"] == "FaceMend_PerImageTune")
+    assert entry["outputs"][tune_id]["images"][0]["type"] == "temp"  # the tuned faces show on the node
     result = np.asarray(Image.open(base / "output" / images[0]["subfolder"] / images[0]["filename"]).convert("RGB"))
     source = Image.open(base / "input" / "example.png")
     assert result.shape == (2 * source.height, 2 * source.width, 3)  # the demo is an x2 face super-resolution

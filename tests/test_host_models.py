@@ -134,14 +134,15 @@ def test_onestep_model_stays_loaded_between_runs(comfy, models_dir, monkeypatch)
 
 
 def test_tune_node_frees_memory_for_one_group_not_the_batch(comfy, monkeypatch):
+    from facemend.ops.tune import per_image_tune
     from facemend.pipelines.tune.zssr import ZSSR, ZSSRConfig
 
     mm = host(monkeypatch, comfy)
     asked = []
     monkeypatch.setattr(mm, "free_memory", lambda b, d, keep_loaded=(): asked.append((b, d)) or [])
     n, side = 4, 24
-    node_op("FaceMend_PerImageTune")(torch.rand(n, side, side, 3), "zssr", 2, steps=2, crop_size=16,
-                                       back_projection_iters=0, self_ensemble=False)
+    per_image_tune(torch.rand(n, side, side, 3), "zssr", 2, steps=2, crop_size=16, back_projection_iters=0,
+                   self_ensemble=False)
     cfg = ZSSRConfig(scale=2, crop_size=16, back_projection_iters=0, self_ensemble=False).scaled_policy(2)
     cost = ZSSR(cfg).face_cost(side, side, COMPUTE)
     assert (cost.group + n * cost.batch, COMPUTE) in asked
@@ -204,6 +205,7 @@ def test_restorerid_stays_loaded_between_runs(comfy, monkeypatch, tmp_path):
     from restorerid_models import export_tiny_arcface, make_restorerid_files
     from conftest import load_image, need_shared
 
+    from facemend.ops import identity
     from facemend.pipelines.identity.restorer import RestorerID
 
     root = tmp_path
@@ -211,7 +213,6 @@ def test_restorerid_stays_loaded_between_runs(comfy, monkeypatch, tmp_path):
     (root / "insightface" / "models" / "buffalo_l").mkdir(parents=True)
     export_tiny_arcface(root / "insightface" / "models" / "buffalo_l" / "w600k_r50.onnx")
     model_paths.set_models_dirs([str(root)])
-    identity = stage_module("identity")
     identity._cache.clear()
     try:
         mm = host(monkeypatch, comfy)
@@ -225,11 +226,10 @@ def test_restorerid_stays_loaded_between_runs(comfy, monkeypatch, tmp_path):
         assert loaded_entry(mm, rid) is None  # on the offload device until the restore node needs it
         moves = []
         monkeypatch.setattr(RestorerID, "to", lambda self, d: moves.append(d) or self)
-        node = node_op("FaceMend_RestorerIDRestore")
-        out, _ = node(crops, rid, ref, det, idm, id_scale=0.4, seed=3, steps=1)
+        out, _ = identity.restore_with_reference(crops, rid, ref, det, idm, id_scale=0.4, seed=3, steps=1)
         entry = loaded_entry(mm, rid)
         assert entry is not None and entry.device == COMPUTE and moves == [COMPUTE]  # loaded once, whole
-        again, _ = node(crops, rid, ref, det, idm, id_scale=0.4, seed=3, steps=1)
+        again, _ = identity.restore_with_reference(crops, rid, ref, det, idm, id_scale=0.4, seed=3, steps=1)
         assert torch.equal(out, again) and moves == [COMPUTE] and loaded_entry(mm, rid) is entry
         mm.free_memory(1e30, COMPUTE)
         assert loaded_entry(mm, rid) is None and moves == [COMPUTE, OFFLOAD]

@@ -9,6 +9,8 @@ import torch
 from PIL import Image
 
 import facemend
+from facemend.ops.identity import restore_with_reference
+from facemend.ops.tune import per_image_tune
 
 from conftest import ROOT
 
@@ -39,7 +41,7 @@ def test_no_face_costs_nothing_and_passes_through(size, geometry):
     assert count == 0 and crops.shape[0] == 0 and crops.ndim == 4 and crops.shape[-1] == 3
     never = NeverRun()
     restored, = _node("FaceMend_RestoreFaces").run(crops, never)
-    tuned, report = _node("FaceMend_PerImageTune").run(crops, "zssr", 2, steps=5)
+    tuned, report = per_image_tune(crops, "zssr", 2, steps=5)
     assert tuned.shape[0] == 0 and json.loads(report)["faces"] == 0
     from facemend.ops.diffusion import one_step_sr
 
@@ -58,7 +60,7 @@ def test_no_face_costs_nothing_and_passes_through(size, geometry):
     assert (score, sim, low, gain, drift) == (0.0, 0.0, 0, 0.0, 0.0)
     assert best.shape[0] == fx.shape[0] == ffx.shape[0] == 0
     # The identity and adaptation nodes too.
-    restored_id, report = _node("FaceMend_RestorerIDRestore").run(crops, never, image, detector, never)
+    restored_id, report = restore_with_reference(crops, never, image, detector, never)
     targets, plain = _node("FaceMend_PseudoTargets").run(crops, never, never)
     assert restored_id.shape[0] == targets.shape[0] == plain.shape[0] == 0 and json.loads(report)["faces"] == 0
 
