@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from comfy_api.v0_0_2 import ComfyAPISync, ComfyExtension, io, ui  # noqa: F401  (re-exported)
+from comfy_api.v0_0_2 import ComfyAPI, ComfyAPISync, ComfyExtension, io, ui  # noqa: F401  (re-exported)
 
 from ..host import device as dev
 
@@ -52,21 +52,30 @@ def file_fingerprint(path: str | None) -> tuple:
 _execution = None
 
 
-def _report_progress(value: int, total: int, image) -> None:
-    # The execution API: the node's progress bar and, with an image, its live preview.
+def _sync_execution():
+    """ComfyAPISync().execution; ComfyUI 0.3.64 builds none (its API module's annotations are strings, which its sync
+    wrapper skips), so the Execution singleton is wrapped the way that wrapper would."""
     global _execution
     if _execution is None:
-        _execution = getattr(ComfyAPISync(), "execution", None)
-        if _execution is None:
-            # ComfyUI 0.3.64's sync wrapper never creates `execution` (its annotation is a string there, under
-            # `from __future__ import annotations`): wrap the API's Execution singleton the same way ourselves.
-            from comfy_api.v0_0_2 import ComfyAPI, create_sync_class
+        api = ComfyAPISync()
+        if hasattr(api, "execution"):
+            _execution = api.execution
+        else:
+            from comfy_api.internal.async_to_sync import create_sync_class
 
-            _execution = create_sync_class(ComfyAPI.Execution)()
-    try:
-        _execution.set_progress(value, total, preview_image=image)
-    except ValueError:  # "node_id must be provided if not in executing context": ops run outside a node (tests
-        pass            # with ComfyUI's modules loaded in process): there is no node whose bar would move
+            _execution = object.__new__(create_sync_class(ComfyAPI.Execution))
+            _execution._async_instance = ComfyAPI.Execution.get_instance()
+    return _execution
+
+
+def _report_progress(value: int, total: int, image) -> None:
+    # The execution API: the node's progress bar and, with an image, its live preview. Outside a running prompt (a
+    # node function called in-process by a script or a test) there is no node to show it on.
+    from comfy_execution.utils import get_executing_context
+
+    if get_executing_context() is None:
+        return
+    _sync_execution().set_progress(value, total, preview_image=image)
 
 
 dev.set_progress_reporter(_report_progress)

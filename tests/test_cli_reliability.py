@@ -248,14 +248,13 @@ def test_model_names_cannot_leave_the_models_folders(tmp_path, monkeypatch):
                 model_paths.find_file("facerestore_models", name)
             with pytest.raises(ModelFileNotFound, match="points outside"):
                 model_paths.find_dir("facerestore_models", name)
-        from facemend.ops.face import load_face_detector
-        from facemend.ops.restore import load_restorer
+        from node_specs import node_op
 
         with pytest.raises(ModelFileNotFound, match="points outside"):
-            load_restorer("../secret.pth", "fp32")
+            node_op("FaceMend_RestorerLoader")("../secret.pth", "fp32")
         with pytest.raises(ModelFileNotFound, match="points outside"):
-            load_face_detector(str(outside))
-        from facemend.nodes.diffusion import base_model_path
+            node_op("FaceMend_DetectorLoader")(str(outside))
+        from facemend.ops.diffusion import base_model_path
 
         (tmp_path / "sd3.safetensors").write_bytes(b"x")
         for name in (str(tmp_path / "sd3.safetensors"), "../../sd3.safetensors"):

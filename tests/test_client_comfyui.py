@@ -2,7 +2,8 @@
 
 - every shipped API graph (workflows/api/) runs end to end through the client, with small random-weight model
   files in the official layouts in a temporary models folder (random weights: the outputs prove the graphs
-  run, not that they restore anything);
+  run, not that they restore anything); every node of it that shows a preview showed one on the server, and
+  the client wrote only the saved images;
 - /workflow_templates lists the UI graphs and serves each one;
 - a folder of 3 images across two servers on two local ports, one killed in the middle of the run: every
   output arrives exactly once and the report names the retry;
@@ -165,6 +166,21 @@ def test_every_shipped_api_graph_runs_with_random_weight_files(servers, photos, 
     runner, report = _run([servers["steady"].url], preset, one, tmp_path / "out", overrides)
     job = report["jobs"][0]
     assert job["status"] == "done", job["error"]
+    # Every node of the graph that shows a preview showed it on the server (/history), and none reached the client.
+    from conftest import facemend_nodes
+    from test_host_previews import shows_preview
+
+    classes = facemend_nodes().NODE_CLASSES
+    client_id = runner.servers[0].client_id
+    (entry,) = [h for h in get_json(servers["steady"].url + "/history").values()
+                if h["prompt"][3].get("client_id") == client_id]
+    showing = [nid for nid, node in runner.graph.items()
+               if node["class_type"] in classes and shows_preview(classes[node["class_type"]])]
+    for nid in showing:
+        refs = entry["outputs"].get(nid, {}).get("images", [])
+        assert refs and all(r["type"] == "temp" for r in refs), f"{preset}: node {nid} showed no preview"
+    saved = [r for out in entry["outputs"].values() for r in out.get("images", []) if r["type"] == "output"]
+    assert len([p for p in (tmp_path / "out").iterdir() if p.suffix == ".png"]) == len(saved)
     out = Image.open(tmp_path / "out" / "a.png")
     scale = 2 if preset == "demo" else 1
     assert out.size == (192 * scale, 192 * scale)

@@ -107,6 +107,7 @@ def test_pack_nodes_are_listed_with_tooltips(comfyui):
     log = (base / "server.log").read_text()
     assert ours, "FaceMend nodes missing from /object_info; server log:\n" + log[-4000:]
     from conftest import facemend_nodes
+
     assert set(ours) == set(facemend_nodes().NODE_CLASSES)
     tips = ours["FaceMend_DetectAlign"]["input"]["required"]["selection"][1]
     assert tips.get("tooltip")
@@ -122,9 +123,11 @@ def test_demo_api_workflow_runs(comfyui):
     assert len(tune) == 1
     tune[0]["inputs"]["steps"] = 10  # a CPU-sized run of the same graph
     entry = run_prompt(url, graph)
-    # The saved picture; the nodes' own previews (temp images) sit beside it.
+    # SaveImage's file; the nodes' previews (type "temp") are beside it
     images = [img for out in entry["outputs"].values() for img in out.get("images", []) if img["type"] == "output"]
     assert len(images) == 1
+    tune_id = next(k for k, v in graph.items() if v["class_type"] == "FaceMend_PerImageTune")
+    assert entry["outputs"][tune_id]["images"][0]["type"] == "temp"  # the tuned faces show on the node
     result = np.asarray(Image.open(base / "output" / images[0]["subfolder"] / images[0]["filename"]).convert("RGB"))
     source = Image.open(base / "input" / "example.png")
     assert result.shape == (2 * source.height, 2 * source.width, 3)  # the demo is an x2 face super-resolution

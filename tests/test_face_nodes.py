@@ -1,7 +1,7 @@
-"""Detector loader, Detect + Align, Paste Back and Color Fix: what they compute on real photos and bad inputs (ops,
-no ComfyUI needed), and what the V3 nodes add where users see it (node_class, skipped without ComfyUI): the model
-name checked before a run, fingerprints that follow the model file, previews of the crops, Paste Back's
-before/after and the colour-fixed images."""
+"""Detector loader, Detect + Align, Paste Back and Color Fix: what the V3 nodes add where users see it (node_class,
+skipped without ComfyUI): the model name and choices checked when a prompt is queued, fingerprints that follow the
+model file, previews of the crops, Paste Back's before/after and the colour-fixed images. What they compute on real
+photos and bad inputs: test_nodes.py."""
 import json
 
 import numpy as np
@@ -12,7 +12,6 @@ from facemend.host import device as dev
 from facemend.host import model_paths
 from facemend.ops import color as color_op
 from facemend.ops import face as op
-from facemend.pipelines.io.errors import InvalidImage, ModelFileInvalid, ModelFileNotFound
 
 from conftest import load_image, need_shared, node_class
 
@@ -50,70 +49,6 @@ def detector_dir(tmp_path):
     model_paths.set_models_dirs([str(tmp_path)])
     yield tmp_path / "facedetection"
     model_paths.set_models_dirs([])
-
-
-# ------------------------------------------------------------------------------------------ what they compute
-
-def test_detect_colorfix_paste_on_real_photo(mtcnn, six_faces):
-    crops, alignment, count, info = op.detect_align(six_faces, mtcnn)
-    assert count == 6 and crops.shape == (6, 512, 512, 3) and len(json.loads(info)["faces"]) == 6
-    fixed, = color_op.fix_colors(crops, crops, "wavelet", 1.0)
-    out, blend = op.paste_back(six_faces, fixed, alignment)
-    assert out.shape == six_faces.shape and blend.shape == six_faces.shape[:3]
-    assert (out - six_faces).abs().mean() < 2e-3
-    assert op.detect_align(six_faces, mtcnn, "largest")[2] == 1
-
-
-def test_no_face_passes_through_with_count_zero(mtcnn):
-    flat = torch.full((2, 120, 160, 3), 0.5)
-    crops, alignment, count, _ = op.detect_align(flat, mtcnn)
-    assert count == 0 and crops.shape == (0, 512, 512, 3)  # an empty batch: the face nodes do nothing with it
-    out, blend = op.paste_back(flat, crops, alignment)
-    assert torch.equal(out, flat) and float(blend.max()) == 0.0
-
-
-@pytest.mark.parametrize("shape", [(1, 1, 1, 3), (1, 7, 5, 3), (1, 64, 48, 1), (1, 64, 48, 4), (64, 48, 3)])
-def test_tiny_gray_rgba_and_unbatched_images(mtcnn, shape):
-    img = torch.rand(shape)
-    crops, alignment, count, _ = op.detect_align(img, mtcnn)
-    out, _ = op.paste_back(img, crops, alignment)
-    assert out.shape[-1] == 3 and out.shape[1:3] == (shape[-3], shape[-2])
-
-
-def test_nan_image_is_a_clear_error(mtcnn):
-    img = torch.rand(1, 32, 32, 3)
-    img[0, 3, 3, 1] = float("nan")
-    with pytest.raises(InvalidImage, match="NaN"):
-        op.detect_align(img, mtcnn)
-
-
-@pytest.mark.slow
-def test_huge_image_is_detected_downscaled_and_cropped_full_size(mtcnn):
-    import torch.nn.functional as F
-    photo = load_image(need_shared("faces", "clean", "t1_six_faces.jpg"))
-    huge = F.interpolate(photo, size=(6000, 8000), mode="bilinear", align_corners=False)
-    crops, alignment, count, _ = op.detect_align(_to_image(huge), mtcnn)
-    assert count == 6
-    # Boxes are in full-resolution coordinates (~6.25x the 1280 px photo's).
-    assert float(alignment.boxes[:, 2].max()) > 3000
-
-
-def test_paste_rejects_crops_from_another_detection(mtcnn, six_faces):
-    crops, alignment, _, _ = op.detect_align(six_faces, mtcnn)
-    with pytest.raises(InvalidImage, match="6 aligned faces"):
-        op.paste_back(six_faces, crops[:2], alignment)
-
-
-def test_loader_errors_name_the_file(detector_dir):
-    with pytest.raises(ModelFileNotFound, match="detection_Resnet50_Final.pth") as err:
-        op.load_face_detector("detection_Resnet50_Final.pth")
-    assert "github.com/xinntao/facexlib" in str(err.value) and "facedetection" in str(err.value)
-    (detector_dir / "broken.pth").write_bytes(b"PK\x03\x04 truncated")
-    with pytest.raises(ModelFileInvalid, match="broken.pth"):
-        op.load_face_detector("broken.pth")
-    torch.save({"conv_body.weight": torch.zeros(3, 3)}, detector_dir / "other.pth")
-    with pytest.raises(ModelFileInvalid, match="other.pth"):
-        op.load_face_detector("other.pth")
 
 
 # ------------------------------------------------------------------------------------------ the V3 nodes

@@ -8,25 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, facemend_nodes
-
-
-def _run(node_id, *args, **kwargs):
-    """What the node computes: its ops function. Migration only: a stage still on the dictionary API runs its V1
-    class (which needs ComfyUI's node package) until its ops module exists."""
-    import importlib
-
-    from facemend.ops import STAGES
-
-    for stage in STAGES:
-        try:
-            ops = importlib.import_module(f"facemend.ops.{stage}").OPS
-        except ModuleNotFoundError:
-            continue
-        if node_id in ops:
-            return ops[node_id](*args, **kwargs)
-    cls = facemend_nodes().NODE_CLASSES[node_id]
-    return getattr(cls(), cls.FUNCTION)(*args, **kwargs)
+from conftest import ROOT
+from node_specs import node_op
 
 
 class NeverRun:
@@ -46,28 +29,28 @@ class NeverRun:
 @pytest.mark.parametrize("geometry", ["ffhq", "native"])
 def test_no_face_costs_nothing_and_passes_through(size, geometry):
     image = torch.rand(1, *size, 3)
-    detector = _run("FaceMend_DetectorLoader", "mtcnn (embedded)")[0]
-    crops, alignment, count, _ = _run("FaceMend_DetectAlign", image, detector, crop_geometry=geometry)
+    detector = node_op("FaceMend_DetectorLoader")("mtcnn (embedded)")[0]
+    crops, alignment, count, _ = node_op("FaceMend_DetectAlign")(image, detector, crop_geometry=geometry)
     assert count == 0 and crops.shape[0] == 0 and crops.ndim == 4 and crops.shape[-1] == 3
     never = NeverRun()
-    restored, = _run("FaceMend_RestoreFaces", crops, never)
-    tuned, report = _run("FaceMend_PerImageTune", crops, "zssr", 2, steps=5)
+    restored, = node_op("FaceMend_RestoreFaces")(crops, never)
+    tuned, report = node_op("FaceMend_PerImageTune")(crops, "zssr", 2, steps=5)
     assert tuned.shape[0] == 0 and json.loads(report)["faces"] == 0
-    refined, = _run("FaceMend_OneStepSR", restored, never, scale=1)
-    fixed, = _run("FaceMend_ColorFix", refined, crops)
+    refined, = node_op("FaceMend_OneStepSR")(restored, never, scale=1)
+    fixed, = node_op("FaceMend_ColorFix")(refined, crops)
     assert restored.shape[0] == refined.shape[0] == fixed.shape[0] == 0
-    out, mask = _run("FaceMend_PasteBack", image, fixed, alignment)
+    out, mask = node_op("FaceMend_PasteBack")(image, fixed, alignment)
     assert torch.equal(out, image) and mask.shape == image.shape[:3] and not mask.any()
     # The quality nodes on no faces: no work, outputs of the right types.
-    score, _ = _run("FaceMend_IQAScore", crops, never)
-    sim, low, _ = _run("FaceMend_IDSimilarity", crops, restored, never)
-    best, _ = _run("FaceMend_BestOf", crops, restored, never)
-    fx, ffx, gain, drift, _ = _run("FaceMend_Authenticity", crops, never, never)
+    score, _ = node_op("FaceMend_IQAScore")(crops, never)
+    sim, low, _ = node_op("FaceMend_IDSimilarity")(crops, restored, never)
+    best, _ = node_op("FaceMend_BestOf")(crops, restored, never)
+    fx, ffx, gain, drift, _ = node_op("FaceMend_Authenticity")(crops, never, never)
     assert (score, sim, low, gain, drift) == (0.0, 0.0, 0, 0.0, 0.0)
     assert best.shape[0] == fx.shape[0] == ffx.shape[0] == 0
     # The identity and adaptation nodes too.
-    restored_id, report = _run("FaceMend_RestorerIDRestore", crops, never, image, detector, never)
-    targets, plain = _run("FaceMend_PseudoTargets", crops, never, never)
+    restored_id, report = node_op("FaceMend_RestorerIDRestore")(crops, never, image, detector, never)
+    targets, plain = node_op("FaceMend_PseudoTargets")(crops, never, never)
     assert restored_id.shape[0] == targets.shape[0] == plain.shape[0] == 0 and json.loads(report)["faces"] == 0
 
 

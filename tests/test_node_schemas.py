@@ -39,26 +39,21 @@ IGNORED_INPUT_FIELDS = {
 }
 
 
-def _kind(spec) -> str:
-    kind = spec[0]
-    # Combo choices are often file lists read from the models folders: the snapshot records only that it is one.
-    return "COMBO" if isinstance(kind, (list, tuple)) else str(kind)
-
-
 def current_schemas() -> dict:
-    import facemend
+    # As ComfyUI serves them (V3 and, during the migration, V1 classes); a combo is recorded only as "COMBO": its
+    # choices are often file lists read from the models folders. V3 has no FUNCTION: saved graphs never name it.
+    from node_specs import inputs, kind, node_infos
+
     out = {}
-    for nid, cls in sorted(facemend.NODE_CLASS_MAPPINGS.items()):
-        spec = cls.INPUT_TYPES()
+    for nid, info in sorted(node_infos().items()):
         out[nid] = {
-            "display_name": facemend.NODE_DISPLAY_NAME_MAPPINGS.get(nid),
-            "category": cls.CATEGORY,
-            "function": cls.FUNCTION,
-            "inputs": {section: [[name, _kind(s)] for name, s in spec.get(section, {}).items()]
-                       for section in ("required", "optional")},
-            "outputs": list(cls.RETURN_TYPES),
-            "output_names": list(getattr(cls, "RETURN_NAMES", ()) or ()),
-            "output_node": bool(getattr(cls, "OUTPUT_NODE", False)),
+            "display_name": info["display_name"],
+            "category": info["category"],
+            "inputs": {section: [[name, kind(s)] for name, s in specs.items()]
+                       for section, specs in inputs(info).items()},
+            "outputs": list(info["output"]),
+            "output_names": list(info["output_name"]),
+            "output_node": bool(info["output_node"]),
         }
     return out
 
@@ -73,9 +68,9 @@ def test_node_schemas_match_snapshot():
         elif nid not in recorded:
             diffs.append(f"{nid}: new node, not in the snapshot")
         else:
-            for key in recorded[nid]:
-                if recorded[nid][key] != now[nid].get(key):
-                    diffs.append(f"{nid}.{key}: {recorded[nid][key]} -> {now[nid].get(key)}")
+            for key in now[nid]:
+                if recorded[nid].get(key) != now[nid][key]:
+                    diffs.append(f"{nid}.{key}: {recorded[nid].get(key)} -> {now[nid][key]}")
     assert not diffs, ("node schemas differ from tests/node_schemas.json:\n  " + "\n  ".join(diffs)
                        + "\nIf the change is deliberate and compatible, run `python tests/test_node_schemas.py --update`.")
 
@@ -116,7 +111,8 @@ def object_info_record(info: dict, file_lists: set[tuple[str, str]]) -> dict:
             "output": node.get("output"),
             "output_name": node.get("output_name"),
             "output_is_list": node.get("output_is_list"),
-            "output_tooltips": node.get("output_tooltips"),
+            # V3 lists a None per output without a tooltip; V1 leaves the field out: the frontend shows none either way
+            "output_tooltips": node.get("output_tooltips") if any(node.get("output_tooltips") or ()) else None,
             "output_node": node.get("output_node"),
             **{k: v for k, v in node.items() if k not in _RECORDED and k not in IGNORED_NODE_FIELDS},
         }
