@@ -283,7 +283,8 @@ def run_graph(graph: dict, image: torch.Tensor) -> dict:
 
 def clear_caches() -> None:
     """Forget loaded models between modes (a model keeps the patcher of the ComfyUI that loaded it)."""
-    from facemend.nodes import adapt, diffusion, identity, quality, restore
+    from facemend.nodes import diffusion, identity, quality, restore
+    from facemend.ops import adapt
     from facemend.pipelines.face import detectors
 
     for c in (adapt._cache, diffusion._cache, identity._cache, quality._cache, restore._cache, detectors._cache):

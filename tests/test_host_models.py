@@ -41,7 +41,8 @@ def models_dir(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def fresh_caches():
-    from facemend.nodes import adapt, diffusion, restore
+    from facemend.nodes import diffusion, restore
+    from facemend.ops import adapt
     from facemend.pipelines.face import detectors
 
     caches = (restore._cache, diffusion._cache, detectors._cache, adapt._cache)
@@ -175,13 +176,15 @@ def test_adapt_node_under_comfy_inference_mode(comfy, models_dir, monkeypatch, t
     torch.save(prior.state_dict(), models_dir / "facemend_priors" / "prior_tiny.pth")
     monkeypatch.chdir(tmp_path)
     mm = host(monkeypatch, comfy, "lowvram")
+    from facemend.ops.adapt import adapt_restorer, load_prior
+    from facemend.ops.restore import load_restorer
+
     with torch.inference_mode():
-        restorer = _node("FaceMend_RestorerLoader").load("tiny_gfpgan.pth", "bf16")[0]
-        prior = _node("FaceMend_DiffusionPriorLoader").load("prior_tiny.pth")[0]
-        res = _node("FaceMend_AdaptRestorer").run(restorer, prior, "hosted_adapt", steps=1, lpips_weight=0.0,
-                                                  micro_batch=1, accumulate=1, start_step=1, reg_end_step=1,
-                                                  down_factor=16, face_crops=torch.rand(1, 48, 48, 3))
-    name, _, adapted = res["result"]
+        restorer = load_restorer("tiny_gfpgan.pth", "bf16")
+        prior = load_prior("prior_tiny.pth")
+        name, _, adapted = adapt_restorer(restorer, prior, "hosted_adapt", steps=1, lpips_weight=0.0, micro_batch=1,
+                                          accumulate=1, start_step=1, reg_end_step=1, down_factor=16,
+                                          face_crops=torch.rand(1, 48, 48, 3))
     assert name == "hosted_adapt.safetensors" and hm.patcher_of(adapted) is not None
     assert loaded_entry(mm, restorer) is not None and loaded_entry(mm, prior) is not None
 
