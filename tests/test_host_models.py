@@ -41,8 +41,8 @@ def models_dir(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def fresh_caches():
-    from facemend.nodes import diffusion, restore
-    from facemend.ops import adapt
+    from facemend.nodes import diffusion
+    from facemend.ops import adapt, restore
     from facemend.pipelines.face import detectors
 
     caches = (restore._cache, diffusion._cache, detectors._cache, adapt._cache)
