@@ -164,7 +164,8 @@ def _png(folder, ref) -> torch.Tensor:
     from PIL import Image
 
     assert ref["type"] == "temp"
-    return torch.from_numpy(np.asarray(Image.open(folder / ref["subfolder"] / ref["filename"])).astype(np.float32) / 255)
+    png = np.asarray(Image.open(folder / ref["subfolder"] / ref["filename"]))
+    return torch.from_numpy(png.astype(np.float32) / 255)
 
 
 def test_prior_loader_validates_and_fingerprints_the_file(models):
