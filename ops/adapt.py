@@ -176,10 +176,25 @@ def adapt(restorer, prior, name, steps=2000, learning_rate=2e-5, lpips_weight=0.
     # ComfyUI loads the models first, in the mode it runs nodes in: a move made outside inference mode would
     # give the loaders' inference-mode weights a normal tensor's key over an inference tensor's storage (no
     # version counter: the restorer's first view fails).
-    with hm.on_device(restorer, prior), torch.inference_mode(False), torch.enable_grad():
-        return _adapt(restorer, prior, name, steps, learning_rate, lpips_weight, micro_batch, accumulate,
-                      checkpoint_every, precision, start_step, reg_end_step, down_factor, apply_filter, seed,
-                      respacing, clip_denoised, face_crops, folder, gan_weight, gan_real_folder)
+    from ..pipelines.io.images import read_image
+    from ..pipelines.restore.restorer import FaceRestorer
+
+    with hm.on_device(restorer, prior):
+        with torch.inference_mode(False), torch.enable_grad():
+            result, first = _train(restorer, prior, name, steps, learning_rate, lpips_weight, micro_batch,
+                                   accumulate, checkpoint_every, precision, start_step, reg_end_step, down_factor,
+                                   apply_filter, seed, respacing, clip_denoised, face_crops, folder, gan_weight,
+                                   gan_real_folder)
+        # The new model is loaded back in the caller's mode (ComfyUI: inference mode), like every model ComfyUI
+        # loads and moves, not in the training's.
+        _saved_here[os.path.abspath(result.output_path)] = _stat(result.output_path)
+        before = restorer(first.to(restorer.device), seed=0)
+        adapted = hm.manage(FaceRestorer.from_file(result.output_path, device=restorer.device,
+                                                   dtype=restorer.requested_dtype), f"FaceRestorer {name}")
+        after = adapted(first.to(adapted.device), seed=0)
+    plot = read_image(result.plot_path)[0]
+    return Adapted(os.path.basename(result.output_path), bchw_to_image(plot), adapted, bchw_to_image(before),
+                   bchw_to_image(after), result.output_path)
 
 
 def adapt_restorer(restorer, prior, name, steps=2000, learning_rate=2e-5, lpips_weight=0.1, micro_batch=4,
@@ -192,16 +207,15 @@ def adapt_restorer(restorer, prior, name, steps=2000, learning_rate=2e-5, lpips_
                  clip_denoised, face_crops, folder, gan_weight, gan_real_folder).outputs
 
 
-def _adapt(restorer, prior, name, steps, learning_rate, lpips_weight, micro_batch, accumulate, checkpoint_every,
+def _train(restorer, prior, name, steps, learning_rate, lpips_weight, micro_batch, accumulate, checkpoint_every,
            precision, start_step, reg_end_step, down_factor, apply_filter, seed, respacing, clip_denoised, face_crops,
-           folder, gan_weight, gan_real_folder) -> Adapted:
+           folder, gan_weight, gan_real_folder):
+    """Pseudo targets and fine-tuning -> (the FinetuneResult, the first face [1,3,S,S] on the CPU)."""
     from ..pipelines.adapt.finetune import FinetuneConfig
     from ..pipelines.adapt.pseudo_targets import PseudoTargetGenerator
     from ..pipelines.adapt.run import adapt_restorer as run_adaptation
     from ..pipelines.adapt.run import load_face_folder
     from ..pipelines.io.errors import FaceMendError
-    from ..pipelines.io.images import read_image
-    from ..pipelines.restore.restorer import FaceRestorer
 
     name = str(name).strip()
     if not name or os.sep in name or "/" in name or name.startswith("."):
@@ -234,15 +248,7 @@ def _adapt(restorer, prior, name, steps, learning_rate, lpips_weight, micro_batc
     result, _ = run_adaptation(faces, restorer, gen, lp, cfg, name, out_path, work_dir,
                                hook=dev.step_hook(progress), gan_real=gan_real,
                                on_batch=_preview_batches(progress), on_checkpoint=on_checkpoint)
-    _saved_here[os.path.abspath(result.output_path)] = _stat(result.output_path)
-    plot = read_image(result.plot_path)[0]
-    adapted = hm.manage(FaceRestorer.from_file(result.output_path, device=restorer.device,
-                                               dtype=restorer.requested_dtype), f"FaceRestorer {name}")
-    before = restorer(first.to(restorer.device), seed=0)  # the restorer's calls run without autograd
-    after = adapted(first.to(adapted.device), seed=0)
-    return Adapted(os.path.basename(result.output_path), bchw_to_image(plot), adapted, bchw_to_image(before),
-                   bchw_to_image(after), result.output_path)
-
+    return result, first
 
 OPS = {
     "FaceMend_DiffusionPriorLoader": lambda model: (load_prior(model),),

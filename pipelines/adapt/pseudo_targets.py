@@ -131,7 +131,11 @@ class PseudoTargetGenerator:
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         w = self.unet.input_blocks[0][0].weight
         if not w.is_contiguous(memory_format=fmt):
-            self.unet.to(memory_format=fmt)
+            # In the weights' own mode: ComfyUI loads models in inference mode, and a layout change made outside it
+            # (the adapt node trains outside it) left inference storage under normal tensors, which the next
+            # adapt run could not read (found in a real ComfyUI: a second run failed).
+            with torch.inference_mode(w.is_inference()):
+                self.unet.to(memory_format=fmt)
 
     def _filter(self, size: int, device: torch.device) -> LowPass:
         key = (size, self.config.down_factor, str(device))
