@@ -9,6 +9,8 @@ from ..ops import adapt as op
 from ..pipelines.io.images import side_by_side
 from .api import CATEGORY, DiffusionPrior, FaceRestorer, file_fingerprint, io, preview
 
+_NOT_CONNECTED = object()  # validate_inputs' default for face_crops: ComfyUI passes a linked one as None
+
 # The pseudo-target settings both nodes take: (name, min, max) of the INT ones, checked again in validate_inputs.
 _INT_RANGES = {"start_step": (1, 249), "reg_end_step": (1, 249), "down_factor": (1, 64)}
 
@@ -80,6 +82,8 @@ class DiffusionPriorLoader(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, model=op.PRIOR_DEFAULT):
         # The same file name with new weights in it loads again; an unchanged file is not re-read.
+        if model is None:  # linked: what feeds it decides
+            return ()
         try:
             return file_fingerprint(find_optional_file(op.PRIOR_FOLDER, model))
         except ModelFileNotFound:
@@ -189,17 +193,21 @@ class AdaptRestorer(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, name="my_album", start_step=150, reg_end_step=90, down_factor=8, apply_filter=True,
-                        respacing="250", folder="", gan_weight=0.0, gan_real_folder=""):
+                        respacing="250", face_crops=_NOT_CONNECTED, folder="", gan_weight=0.0, gan_real_folder=""):
         # What used to fail after minutes of pseudo targets or at the end of training is refused before the run.
         # The INT/FLOAT inputs named here lose ComfyUI's own range check: _check_pseudo and the gan_weight line
-        # redo it.
-        # A linked input arrives as None: its checks are left to the run.
+        # redo it. A linked input arrives as None (its value is made later): its checks are left to the run; an
+        # optional input that is not connected is not passed at all, so face_crops keeps _NOT_CONNECTED then, and
+        # only then is the folder read.
         if gan_weight is not None and not 0.0 <= float(gan_weight) <= 10.0:
             return f"gan_weight must be between 0 and 10, got {gan_weight}"
+        if face_crops is _NOT_CONNECTED and folder is not None and not str(folder).strip():
+            return "connect face_crops or give a folder of aligned face crops"
+        uses_folder = face_crops is _NOT_CONNECTED and folder is not None
         uses_gan_folder = gan_weight is not None and float(gan_weight) > 0 and gan_real_folder is not None
         return ((op.refused_name(name) if name is not None else None)
                 or _check_pseudo(start_step, reg_end_step, down_factor, apply_filter, respacing)
-                or (op.refused_folder(folder) if folder is not None else None)
+                or (op.refused_folder(folder) if uses_folder else None)
                 or (op.refused_folder(gan_real_folder, "GAN real-face folder") if uses_gan_folder else None)
                 or True)
 

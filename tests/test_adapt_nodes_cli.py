@@ -192,8 +192,10 @@ def test_pseudo_settings_the_generator_refuses_are_refused_before_the_run():
     """What failed after the restorer had run (ddimN, a malformed respacing, a start step beyond the respaced
     schedule, a low-pass factor that does not divide 512) is refused when the prompt is queued; the ranges ComfyUI
     skips for inputs named in validate_inputs are checked; linked inputs (None) are left to the run."""
-    for node_id in ("FaceMend_PseudoTargets", "FaceMend_AdaptRestorer"):
-        check = node_class(node_id).validate_inputs
+    for node_id, faces in (("FaceMend_PseudoTargets", {}), ("FaceMend_AdaptRestorer", {"face_crops": None})):
+        def check(**kw):
+            return node_class(node_id).validate_inputs(**faces, **kw)  # AdaptRestorer: face_crops connected
+
         assert check() is True and check(respacing="10,15,20", start_step=40, reg_end_step=20) is True
         assert "ddim" in check(respacing="ddim25")
         assert "expected e.g." in check(respacing="fast")
@@ -205,18 +207,26 @@ def test_pseudo_settings_the_generator_refuses_are_refused_before_the_run():
 
 
 def test_adapt_node_refuses_names_and_folders_before_the_run(models):
+    """An existing model name, a folder that is not there (read only when face_crops is not connected), no faces at
+    all, a GAN folder that is not there (when the GAN term is on): refused when the prompt is queued, not after
+    minutes of pseudo targets or training."""
     cls = node_class("FaceMend_AdaptRestorer")
     root, faces = models
     model_paths.set_models_dirs([str(root)])
-    assert cls.validate_inputs(name="album", folder=str(faces)) is True
-    assert "plain file name" in cls.validate_inputs(name="../album")
+    check = cls.validate_inputs
+    album = dict(folder=str(faces))
+    assert check(name="album", **album) is True
+    assert "plain file name" in check(name="../album", **album)
     (root / "facerestore_models" / "taken.safetensors").write_bytes(b"someone's model")
-    assert "taken.safetensors exists; FaceMend never overwrites" in cls.validate_inputs(name="taken")
-    assert "face folder not found" in cls.validate_inputs(folder=str(root / "nope"))
-    assert cls.validate_inputs(gan_real_folder=str(root / "nope")) is True  # not used without the GAN term
-    assert "GAN real-face folder not found" in cls.validate_inputs(gan_weight=0.1, gan_real_folder=str(root / "nope"))
-    assert "gan_weight must be between 0 and 10" in cls.validate_inputs(gan_weight=11.0)
-    assert cls.validate_inputs(name=None, folder=None, gan_weight=None, gan_real_folder=None) is True
+    assert "taken.safetensors exists; FaceMend never overwrites" in check(name="taken", **album)
+    assert "face folder not found" in check(folder=str(root / "nope"))
+    assert check(folder=str(root / "nope"), face_crops=None) is True  # face_crops linked: the folder is not read
+    assert "connect face_crops or give a folder" in check(folder=" ")
+    assert check(folder="", face_crops=None) is True
+    assert check(gan_real_folder=str(root / "nope"), **album) is True  # not used without the GAN term
+    assert "GAN real-face folder not found" in check(gan_weight=0.1, gan_real_folder=str(root / "nope"), **album)
+    assert "gan_weight must be between 0 and 10" in check(gan_weight=11.0, **album)
+    assert check(name=None, folder=None, gan_weight=None, gan_real_folder=None) is True
 
 
 def test_adapt_node_fingerprints_the_folders_listing(models):

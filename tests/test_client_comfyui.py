@@ -192,16 +192,20 @@ def test_adapt_node_refuses_before_the_run_and_shows_its_results(servers):
              "accumulate": 1, "checkpoint_every": 1, "start_step": 1, "reg_end_step": 1, "down_factor": 16,
              "lpips_weight": 0.0, "name": f"shown_{os.getpid()}"}
     graph = {k: shipped[k] for k in ("4", "5")} | {"6": {"class_type": "FaceMend_AdaptRestorer", "inputs": adapt}}
-    status, answer = _queue(url, graph)
-    assert status == 200, answer
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        entry = get_json(f"{url}/history/{answer['prompt_id']}").get(answer["prompt_id"])
-        if entry and entry.get("status", {}).get("completed") is not None:
-            break
-        time.sleep(1)
-    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
-    shown = entry["outputs"]["6"]
+
+    def run(graph):
+        status, answer = _queue(url, graph)
+        assert status == 200, answer
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            entry = get_json(f"{url}/history/{answer['prompt_id']}").get(answer["prompt_id"])
+            if entry and entry.get("status", {}).get("completed") is not None:
+                break
+            time.sleep(1)
+        assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+        return entry
+
+    shown = run(graph)["outputs"]["6"]
     assert [im["type"] for im in shown["images"]] == ["temp", "temp"]  # the loss curve, the face before | after
     curve, pair = (Image.open(servers["steady"].base / "temp" / im["subfolder"] / im["filename"])
                    for im in shown["images"])
@@ -224,6 +228,11 @@ def test_adapt_node_refuses_before_the_run_and_shows_its_results(servers):
             assert any(says in d for d in details), details
     finally:
         os.remove(taken)
+    # face_crops connected: the folder (here a stale one) is not read, so not checked either
+    linked = {"7": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
+              "6": {**graph["6"], "inputs": {**adapt, "name": f"linked_{os.getpid()}", "face_crops": ["7", 0],
+                                             "folder": str(servers["album"]) + "_missing"}}}
+    run({**graph, **linked})
 
 
 def test_string_outputs_are_written_beside_the_image(servers, photos, tmp_path):
