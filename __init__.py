@@ -26,6 +26,8 @@ if __package__ and _hosted():
     except ImportError:
         logging.error("FaceMend needs ComfyUI %s or newer (the versioned node API comfy_api.v0_0_2); this ComfyUI has "
                       "none, so FaceMend's nodes are not loaded. Update ComfyUI.", MIN_COMFYUI)
+        # No nodes, but a pack ComfyUI loads without a second warning ("Skip ... lack of NODE_CLASS_MAPPINGS").
+        NODE_CLASS_MAPPINGS: dict = {}
     else:
         from .nodes import _V1, NODE_DISPLAY_NAMES, comfy_entrypoint  # noqa: F401
 

@@ -247,7 +247,7 @@ def adjust(graph: dict, size: str, dtype: str, tag: str = "") -> dict:
 def run_graph(graph: dict, image: torch.Tensor) -> dict:
     """Execute an API graph with the pack's node functions, as ComfyUI does (each node in inference mode, inputs
     from the outputs of the nodes it is wired to). LoadImage gives `image`; SaveImage keeps what it is given."""
-    import facemend
+    from facemend.ops import node_ops
 
     done: dict = {}
     saved: list = []
@@ -269,9 +269,7 @@ def run_graph(graph: dict, image: torch.Tensor) -> dict:
                 out = (F.interpolate(x, scale_factor=float(ins["scale_by"]), mode="bicubic",
                                      align_corners=False).clamp(0, 1).movedim(1, -1),)
             else:
-                cls = facemend.NODE_CLASS_MAPPINGS[ct]
-                res = getattr(cls(), cls.FUNCTION)(**ins)
-                out = res["result"] if isinstance(res, dict) else res
+                out = node_ops()[ct](**ins)  # what the node computes: ops/, the function its execute calls
         done[nid] = out
         return out
 
@@ -283,8 +281,7 @@ def run_graph(graph: dict, image: torch.Tensor) -> dict:
 
 def clear_caches() -> None:
     """Forget loaded models between modes (a model keeps the patcher of the ComfyUI that loaded it)."""
-    from facemend.nodes import diffusion, identity, quality, restore
-    from facemend.ops import adapt
+    from facemend.ops import adapt, diffusion, identity, quality, restore
     from facemend.pipelines.face import detectors
 
     for c in (adapt._cache, diffusion._cache, identity._cache, quality._cache, restore._cache, detectors._cache):
@@ -384,7 +381,7 @@ def part_graphs(args, device, cuda: Cuda, comfy_mods, work: Path) -> list[dict]:
     import pytest
 
     from facemend.host import model_paths
-    from facemend.nodes import diffusion
+    from facemend.ops import diffusion
 
     rows = []
     sizes = ["tiny"] + (["real"] if device.type == "cuda" and not args.tiny_only else [])

@@ -49,9 +49,29 @@ def file_fingerprint(path: str | None) -> tuple:
     return (os.path.abspath(path), st.st_mtime_ns, st.st_size)
 
 
+_execution = None
+
+
+def _sync_execution():
+    """ComfyAPISync().execution; ComfyUI 0.3.64 builds none (its API module's annotations are strings, which its sync
+    wrapper skips), so the Execution singleton is wrapped the way that wrapper would."""
+    global _execution
+    if _execution is None:
+        api = ComfyAPISync()
+        if hasattr(api, "execution"):
+            _execution = api.execution
+        else:
+            from comfy_api.internal.async_to_sync import create_sync_class
+            from comfy_api.v0_0_2 import ComfyAPI
+
+            _execution = object.__new__(create_sync_class(ComfyAPI.Execution))
+            _execution._async_instance = ComfyAPI.Execution.get_instance()
+    return _execution
+
+
 def _report_progress(value: int, total: int, image) -> None:
     # The execution API: the node's progress bar and, with an image, its live preview.
-    ComfyAPISync().execution.set_progress(value, total, preview_image=image)
+    _sync_execution().set_progress(value, total, preview_image=image)
 
 
 dev.set_progress_reporter(_report_progress)

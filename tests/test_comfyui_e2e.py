@@ -106,8 +106,9 @@ def test_pack_nodes_are_listed_with_tooltips(comfyui):
     ours = {k: v for k, v in info.items() if k.startswith("FaceMend_")}
     log = (base / "server.log").read_text()
     assert ours, "FaceMend nodes missing from /object_info; server log:\n" + log[-4000:]
-    import facemend
-    assert set(ours) == set(facemend.NODE_CLASS_MAPPINGS)
+    from conftest import facemend_nodes
+
+    assert set(ours) == set(facemend_nodes().NODE_CLASSES)
     tips = ours["FaceMend_DetectAlign"]["input"]["required"]["selection"][1]
     assert tips.get("tooltip")
     assert "IMPORT FAILED" not in log or "ComfyUI-FaceMend" not in log.split("IMPORT FAILED")[1][:300]

@@ -104,8 +104,11 @@ class LegacyAttentionBlock(nn.Module):
         ch = c // self.num_heads
         q, k, v = qkv.reshape(b, self.num_heads, 3 * ch, h * w).transpose(-1, -2).split(ch, dim=-1)
         dtype = q.dtype
-        if dtype in (torch.float16, torch.bfloat16):  # the official softmax runs in fp32
-            q, k, v = q.float(), k.float(), v.float()
+        # Contiguous [b, heads, T, ch] (and fp32, as the official softmax): CUDA's memory-efficient kernel needs the
+        # last dim at stride 1; otherwise SDPA falls back to the math path, which holds the whole T x T matrix
+        # (128 GiB at a 128 x 128 map on an H200: gpu_check, 2026-12-04).
+        q, k, v = (t.float().contiguous() if dtype in (torch.float16, torch.bfloat16) else t.contiguous()
+                   for t in (q, k, v))
         a = F.scaled_dot_product_attention(q, k, v).to(dtype)  # [b, heads, T, ch]
         a = a.transpose(-1, -2).reshape(b, c, h * w)
         return (flat + self.proj_out(a)).reshape(b, c, h, w)

@@ -20,6 +20,22 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in OOM_MARKERS)
 
 
+# Kernels that index in 32 bits refuse outputs of 2**31 elements or more: e.g. CUDA's channels-last bilinear upsampling
+# in GFPGAN at 128 faces of 512 px ("upsample_bilinear2d_nhwc only supports output tensors with less than INT_MAX
+# elements": gpu_check on an H200, 2026-12-04). Fewer items per call is the remedy, as for out of memory.
+INDEX_LIMIT_MARKERS = ("int_max", "32-bit index", "canuse32bitindexmath")
+
+
+def too_large_for_kernel(exc: BaseException) -> bool:
+    """True for a kernel's refusal of a tensor too large for 32-bit indexing."""
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in INDEX_LIMIT_MARKERS)
+
+
+def needs_smaller_chunk(exc: BaseException) -> bool:
+    """Out of memory, or a tensor too large for a kernel: either way the same work in smaller chunks can run."""
+    return is_oom(exc) or too_large_for_kernel(exc)
+
+
 def empty_cache(device: Optional[torch.device] = None) -> None:
     """Give the CUDA allocator's cached blocks back (after a failed attempt, before a smaller one)."""
     if (device is None or torch.device(device).type == "cuda") and torch.cuda.is_available():
@@ -27,10 +43,10 @@ def empty_cache(device: Optional[torch.device] = None) -> None:
 
 
 def run_halving(n: int, chunk: int, run: Callable[[int, int], object], *, device=None,
-                is_oom: Callable[[BaseException], bool] = is_oom,
+                is_oom: Callable[[BaseException], bool] = needs_smaller_chunk,
                 on_retry: Optional[Callable[[int, str], None]] = None) -> list:
     """[run(start, stop) for consecutive chunks of at most `chunk` of n items]. A chunk that runs out of memory is
-    run again with half as many items (the later chunks keep the smaller size), down to one; then the error
+    run again (also one too large for a kernel's 32-bit indexing) with half as many items (the later chunks keep the smaller size), down to one; then the error
     propagates. The cache is emptied only once the failed attempt's exception is gone, with the traceback frames
     that hold its tensors: inside the except block they would still be alive. on_retry(new_chunk, error line)."""
     out, start, k = [], 0, max(1, int(chunk))

@@ -29,7 +29,7 @@ from . import archs
 from ..io.checkpoints import check_keys, load_weights, unwrap_state_dict
 from ..io.device_caps import bf16_native, channels_last_for
 from ..io.errors import InvalidImage, ModelFileInvalid
-from ..io.memory import empty_cache, is_oom
+from ..io.memory import empty_cache, needs_smaller_chunk
 
 RESIZE_IN = "bilinear"
 RESIZE_OUT = "bicubic"
@@ -280,7 +280,7 @@ class FaceRestorer:
             try:
                 restored = self._restore_chunk(chunk, s, fidelity, noise, seed, maps)
             except (RuntimeError, MemoryError) as exc:
-                if not is_oom(exc) or bs == 1:
+                if not needs_smaller_chunk(exc) or bs == 1:  # OOM, or a tensor too large for a kernel
                     raise
                 restored = None
             if restored is None:  # out of the except block: the failed attempt's tensors are released by now

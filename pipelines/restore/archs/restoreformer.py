@@ -82,7 +82,9 @@ class MultiHeadAttnBlock(nn.Module):
         hx = self.norm1(x)
         hy = hx if y is None else self.norm2(y)
         # Channel c = head * (c // heads) + i, as the official reshape(b, heads, c // heads, hw).
-        split = lambda t: t.reshape(b, self.heads, c // self.heads, h * w).transpose(2, 3)  # noqa: E731
+        # Contiguous [b, heads, hw, ch]: CUDA's fused attention kernels need the last dim at stride 1 (else the
+        # math path, with the whole hw x hw matrix).
+        split = lambda t: t.reshape(b, self.heads, c // self.heads, h * w).transpose(2, 3).contiguous()  # noqa: E731
         out = F.scaled_dot_product_attention(split(self.q(hy)), split(self.k(hx)), split(self.v(hx)))
         return x + self.proj_out(out.transpose(2, 3).reshape(b, c, h, w))
 
