@@ -280,10 +280,10 @@ def test_adapt_node_shows_the_loss_curve_and_a_face_before_and_after(models, com
     for half, made_by in ((pair[:, :s], restorer), (pair[:, s + 8:], adapted)):
         expect = made_by(face, seed=0)[0].permute(1, 2, 0)
         assert (half[below_labels] - expect[below_labels]).abs().max() < 1 / 255
-    assert cls.validate_inputs(name="shown") is True
+    assert cls.validate_inputs(name="shown", folder=str(faces)) is True
     time.sleep(0.01)
     path.write_bytes(path.read_bytes())  # replaced after the run (new mtime)
-    assert "exists" in cls.validate_inputs(name="shown")
+    assert "exists" in cls.validate_inputs(name="shown", folder=str(faces))
 
 
 def test_pseudo_targets_node_shows_the_targets(models, comfy_temp):
