@@ -9,6 +9,7 @@ from ..ops import adapt as op
 from ..pipelines.io.images import side_by_side
 from .api import CATEGORY, DiffusionPrior, FaceRestorer, file_fingerprint, io, preview
 
+# The STRING inputs pass multiline=None: no "multiline" key in /object_info, as the V1 schema (single-line either way).
 _NOT_CONNECTED = object()  # validate_inputs' default for face_crops: ComfyUI passes a linked one as None
 
 # The pseudo-target settings both nodes take: (name, min, max) of the INT ones, checked again in validate_inputs.
@@ -30,7 +31,7 @@ def _pseudo_inputs() -> list:
             "The low-frequency constraint (ILVR). Off: plain DifFace-style diffusion from the output.")),
         io.Int.Input("seed", default=20000, min=0, max=0xFFFFFFFF, tooltip=(
             "Seed (official 20000); face i uses seed + i, so a face's target does not depend on its batch.")),
-        io.String.Input("respacing", default="250", tooltip=(
+        io.String.Input("respacing", default="250", multiline=None, tooltip=(
             "Respacing of the 1000-step schedule (official \"250\"); start_step and reg_end_step count in "
             "these respaced steps. \"ddimN\" is refused (the official code then drops the constraint).")),
         io.Boolean.Input("clip_denoised", default=True, tooltip="Clamp each predicted clean image to [-1, 1] "
@@ -154,7 +155,7 @@ class AdaptRestorer(io.ComfyNode):
             inputs=[
                 FaceRestorer.Input("restorer", tooltip="The restorer to adapt (GFPGAN v1.3/v1.4, GPEN)."),
                 DiffusionPrior.Input("prior", tooltip="From the FaceMend Diffusion Prior Loader."),
-                io.String.Input("name", default="my_album", tooltip=(
+                io.String.Input("name", default="my_album", multiline=None, tooltip=(
                     "Name of the new model: facerestore_models/<name>.safetensors. Refused if it exists.")),
                 io.Int.Input("steps", default=2000, min=1, max=100000, tooltip=(
                     "Optimiser steps (official 20000 for ~2500 faces; a few hundred faces: 1000-3000).")),
@@ -173,12 +174,12 @@ class AdaptRestorer(io.ComfyNode):
                 *_pseudo_inputs(),
                 io.Image.Input("face_crops", optional=True, tooltip=(
                     "Aligned faces to adapt to. Or give a folder below.")),
-                io.String.Input("folder", default="", optional=True, tooltip=(
+                io.String.Input("folder", default="", optional=True, multiline=None, tooltip=(
                     "A folder of aligned square face crops (used when face_crops is not connected).")),
                 io.Float.Input("gan_weight", default=0.0, min=0.0, max=10.0, step=0.01, optional=True, tooltip=(
                     "Adversarial loss weight (official 0.1 with the GAN on; 0 = off). Trains a Real-ESRGAN "
                     "U-Net discriminator from scratch alongside.")),
-                io.String.Input("gan_real_folder", default="", optional=True, tooltip=(
+                io.String.Input("gan_real_folder", default="", optional=True, multiline=None, tooltip=(
                     "Clean aligned faces for the discriminator's 'real' side (e.g. FFHQ crops). Empty: "
                     "the pseudo targets (the official fallback).")),
             ],
