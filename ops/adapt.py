@@ -169,16 +169,18 @@ def adapt(restorer, prior, name, steps=2000, learning_rate=2e-5, lpips_weight=0.
           checkpoint_every=250, precision="fp32", start_step=150, reg_end_step=90, down_factor=8, apply_filter=True,
           seed=20000, respacing="250", clip_denoised=True, face_crops=None, folder="", gan_weight=0.0,
           gan_real_folder="") -> Adapted:
+    """AdaptRestorer: pseudo targets, fine-tuning, the new model saved and loaded; with the first face restored
+    before and after adapting (what the node shows)."""
     import torch
+
+    from ..pipelines.io.images import read_image
+    from ..pipelines.restore.restorer import FaceRestorer
 
     # ComfyUI runs nodes under torch.inference_mode(): fine-tuning needs autograd, and tensors made in that
     # mode (the LPIPS weights, the faces) cannot enter it. Found by running the template in a real ComfyUI.
     # ComfyUI loads the models first, in the mode it runs nodes in: a move made outside inference mode would
     # give the loaders' inference-mode weights a normal tensor's key over an inference tensor's storage (no
     # version counter: the restorer's first view fails).
-    from ..pipelines.io.images import read_image
-    from ..pipelines.restore.restorer import FaceRestorer
-
     with hm.on_device(restorer, prior):
         with torch.inference_mode(False), torch.enable_grad():
             result, first = _train(restorer, prior, name, steps, learning_rate, lpips_weight, micro_batch,
@@ -249,6 +251,7 @@ def _train(restorer, prior, name, steps, learning_rate, lpips_weight, micro_batc
                                hook=dev.step_hook(progress), gan_real=gan_real,
                                on_batch=_preview_batches(progress), on_checkpoint=on_checkpoint)
     return result, first
+
 
 OPS = {
     "FaceMend_DiffusionPriorLoader": lambda model: (load_prior(model),),
