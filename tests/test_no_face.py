@@ -61,7 +61,9 @@ def test_no_face_costs_nothing_and_passes_through(size, geometry):
     assert best.shape[0] == fx.shape[0] == ffx.shape[0] == 0
     # The identity and adaptation nodes too.
     restored_id, report = restore_with_reference(crops, never, image, detector, never)
-    targets, plain = _node("FaceMend_PseudoTargets").run(crops, never, never)
+    from facemend.ops.adapt import pseudo_targets
+
+    targets, plain = pseudo_targets(crops, never, never)
     assert restored_id.shape[0] == targets.shape[0] == plain.shape[0] == 0 and json.loads(report)["faces"] == 0
 
 
