@@ -398,7 +398,7 @@ def adapt_folder(folder: str, restorer: str, name: str, prior: str = "iddpm_ffhq
                  log=print) -> dict:
     """Adapt a restorer to a folder of aligned face crops (pseudo targets from the diffusion prior, then
     fine-tuning); saves models/facerestore_models/<name>.safetensors. Re-running resumes in work_dir."""
-    from .nodes.adapt import load_lpips
+    from .ops.adapt import load_lpips
     from .pipelines.adapt.finetune import FinetuneConfig
     from .pipelines.adapt.prior import load_prior_unet
     from .pipelines.adapt.pseudo_targets import PseudoTargetConfig, PseudoTargetGenerator

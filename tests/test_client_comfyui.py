@@ -187,6 +187,70 @@ def test_every_shipped_api_graph_runs_with_random_weight_files(servers, photos, 
     assert [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")] == []
 
 
+def _queue(url, graph):
+    """POST a graph to /prompt: (HTTP status, the JSON answer): 200 and a prompt_id, or 400 and node_errors."""
+    req = urllib.request.Request(url + "/prompt", data=json.dumps({"prompt": graph}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_adapt_node_refuses_before_the_run_and_shows_its_results(servers):
+    """In a real ComfyUI: the adapt graph's AdaptRestorer (loaders + the output node) runs and shows the loss curve
+    and the first face before / after adapting, with where the model went; an existing name, a missing folder and
+    a refused respacing come back from /prompt at once (validate_inputs, in ComfyUI's own validation), nothing run."""
+    url = servers["steady"].url
+    shipped = json.loads((ROOT / "workflows" / "api" / "facemend_adapt.json").read_text())
+    adapt = {**shipped["6"]["inputs"], "folder": str(servers["album"]), "steps": 1, "micro_batch": 1,
+             "accumulate": 1, "checkpoint_every": 1, "start_step": 1, "reg_end_step": 1, "down_factor": 16,
+             "lpips_weight": 0.0, "name": f"shown_{os.getpid()}"}
+    graph = {k: shipped[k] for k in ("4", "5")} | {"6": {"class_type": "FaceMend_AdaptRestorer", "inputs": adapt}}
+
+    def run(graph):
+        status, answer = _queue(url, graph)
+        assert status == 200, answer
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            entry = get_json(f"{url}/history/{answer['prompt_id']}").get(answer["prompt_id"])
+            if entry and entry.get("status", {}).get("completed") is not None:
+                break
+            time.sleep(1)
+        assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+        return entry
+
+    shown = run(graph)["outputs"]["6"]
+    assert [im["type"] for im in shown["images"]] == ["temp", "temp"]  # the loss curve, the face before | after
+    curve, pair = (Image.open(servers["steady"].base / "temp" / im["subfolder"] / im["filename"])
+                   for im in shown["images"])
+    assert pair.size[0] > pair.size[1]  # two faces side by side
+    (saved,) = shown["text"]
+    path = saved.removeprefix("saved ")
+    assert os.path.basename(path) == f"shown_{os.getpid()}.safetensors" and os.path.isfile(path)
+
+    taken = os.path.join(os.path.dirname(path), f"taken_{os.getpid()}.safetensors")
+    with open(taken, "wb") as fh:
+        fh.write(b"someone else's model")
+    try:
+        for change, says in (({"name": f"taken_{os.getpid()}"}, "exists; FaceMend never overwrites"),
+                             ({"folder": str(servers["album"]) + "_missing"}, "face folder not found"),
+                             ({"respacing": "ddim25"}, "ddim")):
+            bad = {**graph, "6": {**graph["6"], "inputs": {**adapt, **change}}}
+            status, answer = _queue(url, bad)
+            assert status == 400, answer
+            details = [e["details"] for e in answer["node_errors"]["6"]["errors"]]
+            assert any(says in d for d in details), details
+    finally:
+        os.remove(taken)
+    # face_crops connected: the folder (here a stale one) is not read, so not checked either
+    linked = {"7": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
+              "6": {**graph["6"], "inputs": {**adapt, "name": f"linked_{os.getpid()}", "face_crops": ["7", 0],
+                                             "folder": str(servers["album"]) + "_missing"}}}
+    run({**graph, **linked})
+
+
 def test_string_outputs_are_written_beside_the_image(servers, photos, tmp_path):
     """A STRING shown in the UI (core PreviewAny on DetectAlign's faces_json) arrives as <input>.json."""
     from facemend.client import Runner, load_workflow

@@ -196,6 +196,13 @@ def test_adapt_node_under_comfy_inference_mode(comfy, models_dir, monkeypatch, t
     name, _, adapted = res
     assert name == "hosted_adapt.safetensors" and hm.patcher_of(adapted) is not None
     assert loaded_entry(mm, restorer) is not None and loaded_entry(mm, prior) is not None
+    # Queued again with another name, on the same loaded models: the first run's training (outside inference
+    # mode) must not have left them unreadable (the prior's layout switch did: a second run failed in ComfyUI).
+    with torch.inference_mode():
+        again, _, _ = node_op("FaceMend_AdaptRestorer")(restorer, prior, "hosted_again", steps=1, lpips_weight=0.0,
+                                                        micro_batch=1, accumulate=1, start_step=1, reg_end_step=1,
+                                                        down_factor=16, face_crops=torch.rand(1, 48, 48, 3))
+    assert again == "hosted_again.safetensors"
 
 
 def test_restorerid_stays_loaded_between_runs(comfy, monkeypatch, tmp_path):
