@@ -399,7 +399,8 @@ def _tiny_gfpgan(path: Path) -> None:
 
 def test_a_template_queued_in_the_app_shows_the_restored_faces_on_its_node(page):
     """The fast template queued from the app (tiny random GFPGAN, a real face photo): when it finishes, the app holds
-    RestoreFaces' preview images (app.nodeOutputs, node.imgs, what the node draws) and the screenshot shows them."""
+    RestoreFaces' preview images (app.nodeOutputs, node.imgs, what the node draws) and the screenshot shows them;
+    Paste Back shows the photo before | after."""
     from conftest import need_shared
 
     browser, host = page["browser"], page["host"]
@@ -449,3 +450,16 @@ def test_a_template_queued_in_the_app_shows_the_restored_faces_on_its_node(page)
     browser.screenshot(shot)
     print(f"{PREVIEW_GRAPH.name} run in frontend {page['version']}: RestoreFaces shows {shown['outputs']}; "
           f"screenshot {shot}")
+    # Paste Back shows the photo before | after: one labelled pair of the 256 px input and result, 8 px apart.
+    pid = str(next(n for n in graph["nodes"] if n["type"] == "FaceMend_PasteBack")["id"])
+    assert [ref["type"] for ref in entry["outputs"][pid]["images"]] == ["temp"]
+    pair = browser.wait_for(f"""(() => {{
+        const imgs = ({APP}.graph.getNodeById({pid})?.imgs ?? []).filter(i => i.complete && i.naturalWidth > 0);
+        return imgs.length ? {{width: imgs[0].naturalWidth, height: imgs[0].naturalHeight}} : null;
+    }})()""", timeout=60, what="Paste Back's before/after preview in the app")
+    assert pair == {"width": 2 * 256 + 8, "height": 256}
+    browser.evaluate(f"""(() => {{ const c = {APP}.canvas, n = {APP}.graph.getNodeById({pid});
+        c.ds.scale = 1; c.ds.offset[0] = -n.pos[0] + 200; c.ds.offset[1] = -n.pos[1] + 150;
+        c.setDirty(true, true); c.draw(true, true); return true }})()""")
+    time.sleep(1.0)
+    browser.screenshot(page["shots"] / f"run__{PREVIEW_GRAPH.stem}__pasteback__frontend-{page['version']}.png")
