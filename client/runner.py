@@ -551,8 +551,6 @@ class Runner:
                                if ref.get("type", "output") == "output" or explicit_preview]
                 elif key != "animated":
                     other.setdefault(nid, {})[key] = value
-        # The saved images; a node's previews (temp, as every V3 face node shows) only for a graph that saves none.
-        images = [ref for ref in images if ref.get("type", "output") == "output"] or images
         blobs = [(ref, server.view(ref)) for ref in images]  # fetch everything before writing anything
         written = []
         names = []
