@@ -29,8 +29,5 @@ if __package__ and _hosted():
         # No nodes, but a pack ComfyUI loads without a second warning ("Skip ... lack of NODE_CLASS_MAPPINGS").
         NODE_CLASS_MAPPINGS: dict = {}
     else:
-        from .nodes import _V1, NODE_DISPLAY_NAMES, comfy_entrypoint  # noqa: F401
-
-        if _V1:  # migration only: ComfyUI ignores comfy_entrypoint while NODE_CLASS_MAPPINGS exists
-            from .nodes import NODE_CLASSES as NODE_CLASS_MAPPINGS  # noqa: F401
-            NODE_DISPLAY_NAME_MAPPINGS = NODE_DISPLAY_NAMES
+        # Registered through comfy_entrypoint alone: ComfyUI ignores it where NODE_CLASS_MAPPINGS exists.
+        from .nodes import comfy_entrypoint  # noqa: F401

@@ -8,13 +8,7 @@ from . import adapt, color, diffusion, face, identity, quality, restore, tune
 
 NODE_CLASSES: dict = {}  # node id -> class, in menu order
 NODE_DISPLAY_NAMES: dict = {}
-_V1: dict = {}  # migration only: modules still on the dictionary API, served through NODE_CLASS_MAPPINGS
 for _module in (face, restore, tune, color, quality, diffusion, identity, adapt):
-    if isinstance(_module.NODES, dict):
-        for _id, (_cls, _name) in _module.NODES.items():
-            setattr(_cls, _cls.FUNCTION, host_oom(getattr(_cls, _cls.FUNCTION)))
-            NODE_CLASSES[_id], NODE_DISPLAY_NAMES[_id], _V1[_id] = _cls, _name, _cls
-        continue
     for _cls in _module.NODES:
         # Out of memory reaches ComfyUI as its own exception type, so it unloads models after it.
         _cls.execute = classmethod(host_oom(_cls.execute.__func__))

@@ -25,11 +25,17 @@ RestorerID = io.Custom("RESTORER_ID")
 DiffusionPrior = io.Custom("DIFFUSION_PRIOR")
 
 
+# Previews shown per run at most (the first ones): each is a PNG written on every run, 0.1-0.4 s apiece on a CPU,
+# so a batch of hundreds of frames or faces would spend its time on pictures nobody looks through.
+PREVIEW_MAX = 16
+
+
 def preview(images, cls=None, max_side: int = 512):
-    """IMAGE [B,H,W,3] -> a node preview (ComfyUI's temp folder), downscaled so a batch of big photos stays cheap.
-    None for an empty batch (no face found): nothing to show."""
+    """IMAGE [B,H,W,3] -> a node preview (ComfyUI's temp folder) of the first PREVIEW_MAX images, downscaled so a
+    batch of big photos stays cheap. None for an empty batch (no face found): nothing to show."""
     if images is None or images.shape[0] == 0:
         return None
+    images = images[:PREVIEW_MAX]
     small = [dev.preview_image(images[i:i + 1], max_side) for i in range(images.shape[0])]
     import torch
 

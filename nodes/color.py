@@ -3,8 +3,7 @@ from __future__ import annotations
 
 from ..ops import color as op
 from ..pipelines.color.fix import METHODS
-from .api import CATEGORY, combo_problem, io, preview
-from .face import PREVIEW_MAX
+from .api import PREVIEW_MAX, CATEGORY, combo_problem, io, preview
 
 
 class ColorFix(io.ComfyNode):

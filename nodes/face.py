@@ -12,12 +12,9 @@ from ..pipelines.face.detectors import ANCHOR_CHOICES, EMBEDDED_MTCNN
 from ..pipelines.face.geometry import BORDER_MODES, INTERPOLATIONS
 from ..pipelines.io.errors import ModelFileNotFound
 from ..pipelines.io.images import side_by_side
-from .api import CATEGORY, FaceAlignment, FaceDetector, combo_problem, file_fingerprint, io, preview
+from .api import PREVIEW_MAX, CATEGORY, FaceAlignment, FaceDetector, combo_problem, file_fingerprint, io, preview
 
 PREVIEW_SIDE = 512  # each half of Paste Back's before/after preview, longer side
-# Previews shown per run at most (the first ones): each is a PNG written on every run, 0.1-0.4 s apiece on a CPU,
-# so a batch of hundreds of frames or faces would spend its time on pictures nobody looks through.
-PREVIEW_MAX = 16
 
 
 class FaceDetectorLoader(io.ComfyNode):

@@ -98,19 +98,11 @@ print(json.dumps({"ok": ok, "exports_mappings": hasattr(module, "NODE_CLASS_MAPP
 '''
 
 
-def _v1_modules_left() -> list:
-    from conftest import facemend_nodes
-
-    return sorted(facemend_nodes()._V1)
-
-
 def test_comfyui_registers_every_node_through_comfy_entrypoint(tmp_path):
-    """ComfyUI reads comfy_entrypoint only when a pack exports no NODE_CLASS_MAPPINGS: once every module is V3 the
-    pack must export none, and the real loader must find every node (V3 classes, our display names) through it."""
+    """ComfyUI reads comfy_entrypoint only when a pack exports no NODE_CLASS_MAPPINGS: the pack must export none, and the real loader must find every node (V3 classes, our display names) through it."""
     found = comfyui_dir()
     if found is None:
         pytest.skip(comfyui_skip_reason())
-    v1 = _v1_modules_left()
     pack = tmp_path / "custom_nodes" / "ComfyUI-FaceMend"
     pack.parent.mkdir()
     pack.symlink_to(ROOT, target_is_directory=True)
@@ -125,9 +117,5 @@ def test_comfyui_registers_every_node_through_comfy_entrypoint(tmp_path):
     assert got["ok"] and got["has_entrypoint"] and set(recorded) <= set(got["nodes"]), got
     assert got["python_module"] == ["custom_nodes.ComfyUI-FaceMend"], got
     assert all(got["display"][k] and got["display"][k] != k for k in got["nodes"]), got["display"]
-    if v1:  # migration only: ComfyUI would ignore comfy_entrypoint, so the pack serves all nodes as mappings
-        assert got["exports_mappings"] and set(got["v3"]) == set(got["nodes"]) - set(v1), got
-        pytest.xfail(f"{len(v1)} nodes still on the dictionary API ({', '.join(v1)}): registered through "
-                     "NODE_CLASS_MAPPINGS, not comfy_entrypoint, until every module is V3")
     assert not got["exports_mappings"], "the pack exports NODE_CLASS_MAPPINGS: ComfyUI ignores comfy_entrypoint"
     assert got["v3"] == got["nodes"], got

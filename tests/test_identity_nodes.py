@@ -24,23 +24,10 @@ LOADER_ARGS = ("RestorerIDFull.ckpt", "ip-adapter-faceid-plus_sd15.bin", "CLIP-V
 
 
 def run_op(node_id: str, **inputs):
-    """What node `node_id` computes, without ComfyUI: its ops function (ops/<stage>.py OPS). Migration only: a
-    stage whose branch is not merged yet still runs its V1 class (that needs ComfyUI's node API)."""
-    import importlib
+    """What node `node_id` computes, without ComfyUI: its ops function."""
+    from facemend.ops import node_ops
 
-    from facemend.ops import STAGES
-
-    for stage in STAGES:
-        try:
-            module = importlib.import_module(f"facemend.ops.{stage}")
-        except ModuleNotFoundError:
-            continue
-        if node_id in getattr(module, "OPS", {}):
-            return module.OPS[node_id](**inputs)
-    from conftest import facemend_nodes
-
-    cls = facemend_nodes()._V1[node_id]
-    return getattr(cls(), cls.FUNCTION)(**inputs)
+    return node_ops()[node_id](**inputs)
 
 
 def _inputs(models_dir):
