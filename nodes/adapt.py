@@ -7,7 +7,7 @@ import torch
 from ..host.model_paths import ModelFileNotFound, find_optional_file, missing_file_message
 from ..ops import adapt as op
 from ..pipelines.io.images import side_by_side
-from .api import CATEGORY, DiffusionPrior, FaceRestorer, file_fingerprint, io, preview
+from .api import CATEGORY, DiffusionPrior, combo_problem, FaceRestorer, file_fingerprint, io, preview
 
 # The STRING inputs pass multiline=None: no "multiline" key in /object_info, as the V1 schema (single-line either way).
 _NOT_CONNECTED = object()  # validate_inputs' default for face_crops: ComfyUI passes a linked one as None
@@ -194,12 +194,15 @@ class AdaptRestorer(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, name="my_album", start_step=150, reg_end_step=90, down_factor=8, apply_filter=True,
-                        respacing="250", face_crops=_NOT_CONNECTED, folder="", gan_weight=0.0, gan_real_folder=""):
+                        respacing="250", face_crops=_NOT_CONNECTED, folder="", gan_weight=0.0, gan_real_folder="",
+                        precision=None):
         # What used to fail after minutes of pseudo targets or at the end of training is refused before the run.
         # The INT/FLOAT inputs named here lose ComfyUI's own range check: _check_pseudo and the gan_weight line
         # redo it. A linked input arrives as None (its value is made later): its checks are left to the run; an
         # optional input that is not connected is not passed at all, so face_crops keeps _NOT_CONNECTED then, and
         # only then is the folder read.
+        if combo_problem(cls, precision=precision):
+            return combo_problem(cls, precision=precision)
         if gan_weight is not None and not 0.0 <= float(gan_weight) <= 10.0:
             return f"gan_weight must be between 0 and 10, got {gan_weight}"
         if face_crops is _NOT_CONNECTED and folder is not None and not str(folder).strip():

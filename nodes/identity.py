@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from ..ops import identity as op
-from .api import CATEGORY, FaceDetector, FaceID, IQAMetric, RestorerID, file_fingerprint, io, preview
+from .api import CATEGORY, combo_problem, FaceDetector, FaceID, IQAMetric, RestorerID, file_fingerprint, io, preview
 
 
 def _source_fingerprint(path: str | None) -> tuple:
@@ -67,9 +67,11 @@ class RestorerIDLoader(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, checkpoint=op.DEFAULT_CKPT, ip_adapter=op.DEFAULT_IP_ADAPTER,
-                        clip_vision=op.DEFAULT_CLIP_VISION, text_encoder=op.DEFAULT_TEXT_ENCODER):
+                        clip_vision=op.DEFAULT_CLIP_VISION, text_encoder=op.DEFAULT_TEXT_ENCODER, precision=None):
         # Naming these inputs here turns off ComfyUI's own combo check for them: redo it, then say what is missing
         # before the run starts (it used to fail inside the loader).
+        if combo_problem(cls, precision=precision):
+            return combo_problem(cls, precision=precision)
         for name, value, options in (("checkpoint", checkpoint, op.checkpoint_files()),
                                      ("ip_adapter", ip_adapter, op.ip_adapter_files()),
                                      ("clip_vision", clip_vision, op.clip_vision_sources()),
@@ -112,6 +114,11 @@ class AdaptiveIDScale(io.ComfyNode):
             ],
             outputs=[io.Float.Output(display_name="id_scale")],
         )
+
+    @classmethod
+    def validate_inputs(cls, mode=None):
+        # ComfyUI 0.3.64 checks no V3 combo when a prompt is queued: a stale choice is refused here, not mid-run.
+        return combo_problem(cls, mode=mode) or True
 
     @classmethod
     def execute(cls, musiq=None, mode="adaptive", alpha=9.5, beta=10.0, min_scale=0.0, max_scale=0.0,
@@ -178,6 +185,11 @@ class RestorerIDRestore(io.ComfyNode):
                     "before and after; the reference faces used.")),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, scale_mode=None, color_fix=None):
+        # ComfyUI 0.3.64 checks no V3 combo when a prompt is queued: a stale choice is refused here, not mid-run.
+        return combo_problem(cls, scale_mode=scale_mode, color_fix=color_fix) or True
 
     @classmethod
     def execute(cls, face_crops, restorer_id, reference, detector, id_model, id_scale=0.75, seed=42, steps=50,

@@ -6,7 +6,7 @@ import torch
 
 from ..host.model_paths import find_optional_file
 from ..ops import quality as op
-from .api import CATEGORY, FaceAlignment, FaceID, FaceRestorer, IQAMetric, file_fingerprint, io, preview
+from .api import CATEGORY, combo_problem, FaceAlignment, FaceID, FaceRestorer, IQAMetric, file_fingerprint, io, preview
 
 
 def _not_in(name: str, value, choices) -> str | None:
@@ -46,8 +46,10 @@ class IQAMetricLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, metric="niqe", weights_file=op.DEFAULT_FILE):
+    def validate_inputs(cls, metric="niqe", weights_file=op.DEFAULT_FILE, niqe_variant=None):
         # Before the queue runs: a pyiqa metric without pyiqa installed, or a weights file that is not there.
+        if niqe_variant is not None and niqe_variant not in op.NIQE_VARIANTS:
+            return _not_in("niqe_variant", niqe_variant, list(op.NIQE_VARIANTS))
         if _linked(metric, weights_file):
             return True
         return (_not_in("metric", metric, op.metric_names())
@@ -165,6 +167,11 @@ class IDSimilarity(io.ComfyNode):
                                  tooltip="Per-face similarity, threshold, low flags, which model and protocol."),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, protocol=None, subset=None):
+        # ComfyUI 0.3.64 checks no V3 combo when a prompt is queued: a stale choice is refused here, not mid-run.
+        return combo_problem(cls, protocol=protocol, subset=subset) or True
 
     @classmethod
     def execute(cls, input_faces, restored_faces, id_model, threshold=0.6, face_alignment=None, protocol="custom",
