@@ -16,7 +16,6 @@ Skips with the reason when COMFYUI_DIR or Chromium is absent.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,12 +23,12 @@ from pathlib import Path
 import pytest
 
 from cdp_pipe import Browser, find_browser
-from conftest import ROOT, SHARED
+from conftest import ROOT, SHARED, comfyui_dir, comfyui_skip_reason
 from test_browser_templates import APP, ComfyUI, load_graph, open_app, widget_mismatches
 from test_comfyui_e2e import run_prompt
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
-COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+COMFYUI_DIR = str(comfyui_dir() or "") or None  # $COMFYUI_DIR, else the pinned cache
 FIXTURE = Path(__file__).parent / "fixtures" / "saved_before_v3.json"
 SOURCE = ROOT / "example_workflows" / "facemend_demo.json"
 PHOTO = SHARED / "faces" / "clean" / "astronaut.png"  # one face: a short CPU run
@@ -55,7 +54,7 @@ def widget_values(browser: Browser) -> dict:
 
 def _browser_and_host(tmp: Path):
     if not COMFYUI_DIR or not Path(COMFYUI_DIR, "main.py").is_file():
-        pytest.skip("set COMFYUI_DIR to a ComfyUI checkout (with its requirements installed) to run this test")
+        pytest.skip(comfyui_skip_reason())
     exe = find_browser()
     if exe is None:
         pytest.skip("needs Chromium: apt-get install chromium (or set FACEMEND_CHROMIUM to a Chrome/Chromium binary)")

@@ -158,8 +158,9 @@ def test_loaders_refuse_a_missing_file_or_package_before_the_run(models_dir, mon
     assert "'qalign' is not one of" in iqa.validate_inputs(metric="qalign", weights_file="default")
     assert "'x.pth' is not one of" in iqa.validate_inputs(metric="niqe", weights_file="x.pth")
     assert iqa.validate_inputs(metric=None, weights_file="default") is True
-    # Only the checked inputs are named: ComfyUI still checks niqe_variant's choices itself.
-    assert inspect.getfullargspec(iqa.validate_inputs).args[1:] == ["metric", "weights_file"]
+    # Every input named is checked here (ComfyUI then checks none of them): niqe_variant's choices too.
+    assert inspect.getfullargspec(iqa.validate_inputs).args[1:] == ["metric", "weights_file", "niqe_variant"]
+    assert "'x' is not one of" in iqa.validate_inputs(metric="niqe", weights_file="default", niqe_variant="x")
 
     model = "models/buffalo_l/w600k_r50.onnx"
     msg = idl.validate_inputs(model=model)

@@ -69,13 +69,10 @@ def test_every_v3_node_computes_through_ops(infos):
     taking the node's inputs by name."""
     import inspect
 
-    from conftest import facemend_nodes
     from node_specs import ops_registry
 
-    ops, v1 = ops_registry(), facemend_nodes()._V1
+    ops = ops_registry()
     for nid, info in infos.items():
-        if nid in v1:  # migration only: still computed by its dictionary-API class
-            continue
         assert nid in ops, f"{nid} has no function in ops/"
         params = inspect.signature(ops[nid]).parameters
         names = [n for section in inputs(info).values() for n in section]
