@@ -114,7 +114,7 @@ def _onestep_stage(device, precision, base=None, lora=None, seed=0, progress=Non
     spec = dict((folder, name) for folder, name in PRESETS["ntire"].needs[1:])
     base = base or spec["diffusers"]
     lora = lora or spec["onestep_sr"]
-    from .nodes.diffusion import base_model_path
+    from .ops.diffusion import base_model_path
 
     # A diffusers folder, or a single file in models/checkpoints/; explicit paths are fine on the command line.
     base_dir = os.path.abspath(base) if os.path.exists(base) else base_model_path(base)
@@ -139,7 +139,7 @@ def _face_sr_stage(model, label, seed=0, progress=None):
 
 def _osdface_stage(device, precision, base=None, folder=None, seed=0, progress=None):
     """OSDFace on the 512 face crops, all faces in batches (files of PRESETS['osdface'])."""
-    from .nodes.diffusion import base_model_path
+    from .ops.diffusion import base_model_path
     from .pipelines.diffusion.osdface import load_osdface
 
     spec = dict(PRESETS["osdface"].needs)
@@ -154,8 +154,8 @@ def _osdface_stage(device, precision, base=None, folder=None, seed=0, progress=N
 def _ntire_tune_stage(seed=0, steps=0, progress=None, **config):
     """The AIIA per-image tuning on the TSD-SR faces: L1 + 0.1 (1 - CLIP-IQA) + 0.1 (1 - MANIQA), ArcFace ID
     guard, the best validated step kept (the same code the PerImageTune node runs; files of PRESETS['ntire_full'])."""
-    from .nodes.quality import open_id_model, open_metric
-    from .nodes.tune import _id_similarity, _quality_terms
+    from .ops.quality import open_id_model, open_metric
+    from .ops.tune import _id_similarity, _quality_terms
     from .pipelines.tune.ntire_refine import NTIREConfig, NTIRETune
 
     clipiqa, maniqa = open_metric("clipiqa"), open_metric("maniqa")
@@ -180,8 +180,8 @@ def _ntire_tune_stage(seed=0, steps=0, progress=None, **config):
 
 def _identity_stage(detector, device, precision, reference, id_scale, steps, cfg, seed):
     """RestorerID with the reference photos' identity; per-face MUSIQ scale unless id_scale is given."""
-    from .nodes.identity import FIXED_ID_SCALE, default_musiq, load_restorer_id
-    from .nodes.quality import open_id_model
+    from .ops.identity import FIXED_ID_SCALE, default_musiq, load_restorer_id
+    from .ops.quality import open_id_model
     from .pipelines.identity.reference import combine, reference_identity
     from .pipelines.identity.stage import IdentityStage
 
@@ -354,7 +354,7 @@ def evaluate_folder(outputs: str, out_dir: str = "report", inputs: str | None = 
     per_image.csv, summary.png. id_model: AdaFace adaface_ir50_ms1mv2.ckpt (the challenge's) or an ArcFace ONNX
     (a proxy); landmarks: the organisers' landmark CSV (else AdaFace finds the input's face with the embedded
     MTCNN detector)."""
-    from .nodes.quality import IQA_FOLDER, id_folder, open_id_model, open_metric
+    from .ops.quality import IQA_FOLDER, id_folder, open_id_model, open_metric
     from .pipelines.quality.evaluate import evaluate, write_report
     from .pipelines.quality.ntire_score import protocol as check_protocol, read_landmark_file
 
@@ -398,7 +398,7 @@ def adapt_folder(folder: str, restorer: str, name: str, prior: str = "iddpm_ffhq
                  log=print) -> dict:
     """Adapt a restorer to a folder of aligned face crops (pseudo targets from the diffusion prior, then
     fine-tuning); saves models/facerestore_models/<name>.safetensors. Re-running resumes in work_dir."""
-    from .nodes.adapt import load_lpips
+    from .ops.adapt import load_lpips
     from .pipelines.adapt.finetune import FinetuneConfig
     from .pipelines.adapt.prior import load_prior_unet
     from .pipelines.adapt.pseudo_targets import PseudoTargetConfig, PseudoTargetGenerator

@@ -7,9 +7,10 @@ node, in every host mode and precision, then the speed-goal figures and how far 
 Parts (--parts picks some):
   graphs  the shipped API graphs (workflows/api: demo, fast, ntire, ntire_full, osdface, id_preserve, adapt) plus one graph
           of the nodes no preset uses (IQA score, ID similarity with ArcFace and AdaFace, best-of, authenticity, pseudo targets, adaptive ID
-          scale), run with the pack's own node functions as ComfyUI runs them (inference mode, one node after the
-          other) in each mode: standalone (no ComfyUI), ComfyUI's normal, lowvram and novram model management (the
-          real ComfyUI from --comfyui / $COMFYUI_DIR imported in-process), in fp16 and bf16, with tiny random
+          scale), one node after the other in inference mode, in each mode: standalone (no ComfyUI: the nodes' plain
+          functions, facemend.ops.node_ops()), ComfyUI's normal, lowvram and novram model management (the real
+          ComfyUI from --comfyui / $COMFYUI_DIR imported in-process; the V3 node classes' execute as ComfyUI's
+          executor calls it, in the node's executing context), in fp16 and bf16, with tiny random
           weights and, on a GPU, real-size random GFPGAN weights. Per run: ok or the error, seconds, faces/s, peak
           memory, host syncs (torch.cuda.set_sync_debug_mode) per run and per face, FaceMend models ComfyUI holds
           after the run and after free_memory (0 = evictable).
@@ -244,11 +245,60 @@ def adjust(graph: dict, size: str, dtype: str, tag: str = "") -> dict:
     return g
 
 
-def run_graph(graph: dict, image: torch.Tensor) -> dict:
-    """Execute an API graph with the pack's node functions, as ComfyUI does (each node in inference mode, inputs
-    from the outputs of the nodes it is wired to). LoadImage gives `image`; SaveImage keeps what it is given."""
-    import facemend
+def node_functions(hosted: bool, temp_dir: Path | None = None, models_root: Path | None = None) -> dict:
+    """Node id -> callable(**inputs) returning the node's outputs as a tuple. Standalone: the plain functions of
+    facemend.ops (no ComfyUI imported); hosted: the node classes run as ComfyUI's executor runs them (a V3 class's
+    clone and its execute, inside the node's executing context so progress goes through the execution API; the
+    NodeOutput's result; a node still on the dictionary API during the migration: FUNCTION on an instance)."""
+    if not hosted:
+        from facemend.ops import node_ops
 
+        return node_ops()
+    comfy_dir = os.environ.get("COMFYUI_DIR", "")
+    if comfy_dir and comfy_dir not in sys.path:
+        sys.path.append(comfy_dir)  # comfy_api, comfy_execution: the node API the classes import
+    from comfy_execution import progress as comfy_progress
+    from comfy_execution.utils import CurrentNodeContext
+
+    from facemend.nodes import NODE_CLASSES
+
+    # ComfyUI's executor gives each prompt a progress registry (reset_progress_state); here one without handlers,
+    # made directly: the default one imports ComfyUI's top-level `nodes`, which this checkout's nodes/ shadows when
+    # the repository root is on sys.path (python -m pytest).
+    comfy_progress.global_progress_registry = comfy_progress.ProgressRegistry("gpu_check", None)
+
+    import folder_paths
+
+    if temp_dir is not None:  # node previews (ui.PreviewImage) are written there, not into the ComfyUI checkout
+        folder_paths.set_temp_directory(str(temp_dir))
+    if models_root is not None:  # hosted, models resolve through folder_paths: a ComfyUI whose models/ is this root
+        from facemend.host import model_paths
+
+        model_paths.register_comfy_folders()
+        for name in list(folder_paths.folder_names_and_paths):
+            folder_paths.add_model_folder_path(name, str(models_root / name), is_default=True)
+        folder_paths.filename_list_cache.clear()
+
+    def run(node_id, cls):
+        def call(_nid="gpu_check", **inputs):
+            with CurrentNodeContext("gpu_check", _nid, None):
+                if hasattr(cls, "EXECUTE_NORMALIZED"):  # V3 (io.ComfyNode)
+                    cls.VALIDATE_CLASS()
+                    return tuple(cls.PREPARE_CLASS_CLONE({}).EXECUTE_NORMALIZED(**inputs).result or ())
+                res = getattr(cls(), cls.FUNCTION)(**inputs)
+                return res["result"] if isinstance(res, dict) else res
+        return call
+
+    return {node_id: run(node_id, cls) for node_id, cls in NODE_CLASSES.items()}
+
+
+def run_graph(graph: dict, image: torch.Tensor, hosted: bool = False, overrides: dict | None = None,
+              temp_dir: Path | None = None, models_root: Path | None = None) -> dict:
+    """Execute an API graph with the pack's nodes, as ComfyUI does (each node in inference mode, inputs from the
+    outputs of the nodes it is wired to): standalone their ops functions, hosted their node classes
+    (node_functions). LoadImage gives `image`; SaveImage keeps what it is given. overrides: node id -> a function
+    used instead (the real-size one-step loader)."""
+    functions = {**node_functions(hosted, temp_dir, models_root), **(overrides or {})}
     done: dict = {}
     saved: list = []
 
@@ -268,10 +318,10 @@ def run_graph(graph: dict, image: torch.Tensor) -> dict:
                 x = ins["image"].movedim(-1, 1)
                 out = (F.interpolate(x, scale_factor=float(ins["scale_by"]), mode="bicubic",
                                      align_corners=False).clamp(0, 1).movedim(1, -1),)
+            elif hosted and ct not in (overrides or {}):
+                out = functions[ct](_nid=nid, **ins)
             else:
-                cls = facemend.NODE_CLASS_MAPPINGS[ct]
-                res = getattr(cls(), cls.FUNCTION)(**ins)
-                out = res["result"] if isinstance(res, dict) else res
+                out = functions[ct](**ins)
         done[nid] = out
         return out
 
@@ -282,12 +332,20 @@ def run_graph(graph: dict, image: torch.Tensor) -> dict:
 
 
 def clear_caches() -> None:
-    """Forget loaded models between modes (a model keeps the patcher of the ComfyUI that loaded it)."""
-    from facemend.nodes import adapt, diffusion, identity, quality, restore
+    """Forget loaded models between modes (a model keeps the patcher of the ComfyUI that loaded it): every ops
+    module's cache and the detectors'."""
+    import importlib
+
+    from facemend import ops
     from facemend.pipelines.face import detectors
 
-    for c in (adapt._cache, diffusion._cache, identity._cache, quality._cache, restore._cache, detectors._cache):
-        c.clear()
+    for stage in ops.STAGES:
+        try:
+            module = importlib.import_module(f"facemend.ops.{stage}")
+        except ModuleNotFoundError:  # a stage not yet moved to ops/ (migration): nothing cached there
+            continue
+        getattr(module, "_cache", {}).clear()
+    detectors._cache.clear()
 
 
 @contextlib.contextmanager
@@ -380,10 +438,7 @@ class RealOneStep:
 
 
 def part_graphs(args, device, cuda: Cuda, comfy_mods, work: Path) -> list[dict]:
-    import pytest
-
     from facemend.host import model_paths
-    from facemend.nodes import diffusion
 
     rows = []
     sizes = ["tiny"] + (["real"] if device.type == "cuda" and not args.tiny_only else [])
@@ -399,9 +454,10 @@ def part_graphs(args, device, cuda: Cuda, comfy_mods, work: Path) -> list[dict]:
         notes = make_models(root, size, names)
         model_paths.set_models_dirs([str(root)])
         image = test_image(size)
-        patch = pytest.MonkeyPatch()
+        overrides = {}
         if size == "real":  # SD3 / SD2.1 at full size: built in memory (2 B parameters are not written to disk)
-            patch.setattr(diffusion, "load_onestep", RealOneStep(device))
+            real = RealOneStep(device)
+            overrides["FaceMend_OneStepSRLoader"] = lambda **kw: (real(**kw),)
             notes.append("real size: GFPGAN and one-step SR at their published sizes; RestorerID, the prior and "
                          "ArcFace stay tiny (their real-size figures: suite.py identity / adapt)")
         # Real size in ComfyUI's normal and lowvram modes (standalone without ComfyUI): the other modes load the
@@ -421,7 +477,8 @@ def part_graphs(args, device, cuda: Cuda, comfy_mods, work: Path) -> list[dict]:
                             graph = adjust(graphs[name], size, dtype, mode)
                             with cuda.peak() as peak, cuda.count_syncs() as syncs, counting_steps() as steps:
                                 t = time.perf_counter()
-                                out = run_graph(graph, image)
+                                out = run_graph(graph, image, hosted=mm is not None, overrides=overrides,
+                                                temp_dir=work / "comfy-temp", models_root=root)
                                 cuda.synchronize()
                                 row["seconds"] = time.perf_counter() - t
                             n_syncs = len(syncs) if cuda.on else None  # counted on CUDA only
@@ -442,7 +499,6 @@ def part_graphs(args, device, cuda: Cuda, comfy_mods, work: Path) -> list[dict]:
                         row["traceback"] = tb if len(tb) < 6000 else tb[:3000] + "\n...\n" + tb[-3000:]
                         print("FAILED", row["error"], flush=True)
                     rows.append(row)
-        patch.undo()
         rows.append({"part": "graphs", "size": size, "note": "; ".join(notes)})
     model_paths.set_models_dirs([])
     return rows

@@ -512,9 +512,16 @@ class Runner:
                 label = self.graph.get(node, {}).get("class_type", "") if node else ""
                 self.progress.update(job.name, min(len(seen_nodes) - (1 if node else 0), n_nodes) / n_nodes, label)
             elif kind == "progress" and isinstance(data, dict) and "value" in data and "max" in data:
-                done = max(len(seen_nodes) - 1, 0) + data["value"] / max(data["max"], 1)
-                label = self.graph.get(data.get("node"), {}).get("class_type", "")
-                self.progress.update(job.name, min(done / n_nodes, 1.0), label, f"{data['value']}/{data['max']}")
+                # The legacy event: ComfyUI still sends it for nodes on comfy.utils.ProgressBar.
+                self._step(job, seen_nodes, n_nodes, data.get("node"), data["value"], data["max"])
+            elif kind == "progress_state" and isinstance(data, dict) and isinstance(data.get("nodes"), dict):
+                # The execution API's (what V3 nodes report through, ComfyUI >= 0.3.4x): every started node's
+                # state at once; the running one carries the step.
+                running = [s for s in data["nodes"].values() if isinstance(s, dict) and s.get("state") == "running"]
+                if running:
+                    s = running[-1]
+                    node = s.get("display_node_id") or s.get("node_id")
+                    self._step(job, seen_nodes, n_nodes, node, s.get("value", 0), s.get("max", 1))
             finished = kind in ("execution_success", "execution_error", "execution_interrupted")
             now = time.monotonic()
             if finished or now - last_poll >= (self.poll_interval if st.ws_ok else 1.0):
@@ -527,12 +534,21 @@ class Runner:
                 if finished:  # the history entry is written just after the message: poll again shortly
                     last_poll = now - (self.poll_interval - 0.2)
 
+    def _step(self, job: Job, seen_nodes: set, n_nodes: int, node, value, total):
+        done = max(len(seen_nodes) - 1, 0) + float(value) / max(float(total), 1.0)
+        label = self.graph.get(node, {}).get("class_type", "") if node else ""
+        self.progress.update(job.name, min(done / n_nodes, 1.0), label, f"{value:g}/{total:g}")
+
     def _collect(self, server: Server, job: Job, entry: dict):
         images, other = [], {}
         for nid in sorted(entry.get("outputs", {}), key=lambda k: (len(k), k)):
+            # The graph's own preview node (core PreviewImage) is an output the user asked for; every other temp
+            # image is a node's preview in the UI (V3 ui.PreviewImage: restored faces, before/after), not a result.
+            explicit_preview = self.graph.get(nid, {}).get("class_type", "").endswith("PreviewImage")
             for key, value in entry["outputs"][nid].items():
                 if key == "images":
-                    images += [ref for ref in value if ref.get("type", "output") == "output"] or value
+                    images += [ref for ref in value
+                               if ref.get("type", "output") == "output" or explicit_preview]
                 elif key != "animated":
                     other.setdefault(nid, {})[key] = value
         blobs = [(ref, server.view(ref)) for ref in images]  # fetch everything before writing anything

@@ -3,6 +3,7 @@ plain torch otherwise. Nodes and the CLI go through this module only."""
 from __future__ import annotations
 
 import sys
+import time
 import threading
 from typing import Callable, Optional
 
@@ -124,23 +125,59 @@ def check_interrupt() -> None:
         raise Interrupted("Processing was interrupted.")
 
 
+# Where hosted progress goes: set by nodes/ to ComfyUI's execution API (value, total, preview IMAGE or None);
+# None standalone. host/ never imports ComfyUI's node API itself, so the CLI and tests run without it.
+_reporter: Optional[Callable[[int, int, Optional[torch.Tensor]], None]] = None
+PREVIEW_INTERVAL_S = 1.0  # previews cost a device->host copy and a PNG: at most one a second per node
+
+
+def set_progress_reporter(fn: Optional[Callable[[int, int, Optional[torch.Tensor]], None]]) -> None:
+    global _reporter
+    _reporter = fn
+
+
 class Progress:
-    """ComfyUI's progress bar when hosted; an optional callback standalone."""
+    """ComfyUI's progress (the execution API, with preview images) when hosted; an optional callback standalone."""
 
     def __init__(self, total: int, callback: Optional[Callable[[int, int], None]] = None):
         self.total = max(int(total), 1)
         self.done = 0
         self.callback = callback
-        self._bar = None
-        if "comfy.utils" in sys.modules:
-            self._bar = sys.modules["comfy.utils"].ProgressBar(self.total)
+        self._report = _reporter if is_hosted() else None
+        self._last_preview = 0.0
 
-    def update(self, n: int = 1) -> None:
+    def update(self, n: int = 1, preview: Optional[torch.Tensor] = None) -> None:
+        """Advance by n; `preview` (IMAGE [B,H,W,3] or [B,3,H,W] in 0..1, any device) is shown on the node when
+        hosted, at most once per PREVIEW_INTERVAL_S (the copy to the host is skipped otherwise)."""
         self.done = min(self.done + n, self.total)
-        if self._bar is not None:
-            self._bar.update_absolute(self.done, self.total)
+        if self._report is not None:
+            image = None
+            if preview is not None and (time.monotonic() - self._last_preview >= PREVIEW_INTERVAL_S
+                                        or self.done == self.total):
+                image = preview_image(preview)
+                self._last_preview = time.monotonic()
+            self._report(self.done, self.total, image)
         if self.callback is not None:
             self.callback(self.done, self.total)
+
+    def wants_preview(self) -> bool:
+        """True when an update now would show a preview: callers skip making one (a decode, say) otherwise."""
+        return self._report is not None and time.monotonic() - self._last_preview >= PREVIEW_INTERVAL_S
+
+
+def preview_image(x: torch.Tensor, max_side: int = 512) -> torch.Tensor:
+    """The first image of a batch as a small IMAGE [1,H,W,3] float on the CPU, for a progress preview."""
+    if x.ndim == 3:
+        x = x[None]
+    if x.shape[-1] not in (1, 3, 4) and x.shape[1] in (1, 3, 4):  # [B,C,H,W] -> [B,H,W,C]
+        x = x.movedim(1, -1)
+    img = x[:1, ..., :3].detach().float()
+    h, w = img.shape[1:3]
+    if max(h, w) > max_side:
+        s = max_side / max(h, w)
+        img = torch.nn.functional.interpolate(img.movedim(-1, 1), size=(max(1, round(h * s)), max(1, round(w * s))),
+                                              mode="bilinear", antialias=True, align_corners=False).movedim(1, -1)
+    return img.clamp(0, 1).cpu()
 
 
 def step_hook(progress: Optional[Progress] = None) -> Callable[[int], None]:

@@ -167,7 +167,9 @@ def _folder_paths():
     import sys
 
     fp = sys.modules.get("folder_paths")
-    if fp is not None and hasattr(fp, "folder_names_and_paths"):
+    # Hosted means ComfyUI runs this process (its model management is loaded); importing its node API alone, as
+    # the node tests do, leaves the standalone search path in charge.
+    if fp is not None and hasattr(fp, "folder_names_and_paths") and "comfy.model_management" in sys.modules:
         return fp
     return None
 

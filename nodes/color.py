@@ -1,40 +1,42 @@
-"""Node: colour fix of a restored image against a reference."""
+"""V3 node: colour fix of a restored image against a reference. What it computes is ops/color.py."""
 from __future__ import annotations
 
-from ..host import device as dev
-from ..pipelines.color.fix import METHODS, color_fix
-from .common import CATEGORY, bchw_to_image, empty_faces, image_to_bchw, no_faces
+from ..ops import color as op
+from ..pipelines.color.fix import METHODS
+from .api import PREVIEW_MAX, CATEGORY, combo_problem, io, preview
 
 
-class ColorFix:
-    DESCRIPTION = ("Gives a restored image the colours of a reference (e.g. the input, or an earlier stage) while "
-                   "keeping its details: wavelet (low frequencies from the reference) or AdaIN (channel statistics).")
-    CATEGORY = CATEGORY
-    FUNCTION = "run"
-    RETURN_TYPES = ("IMAGE",)
-    RETURN_NAMES = ("image",)
+class ColorFix(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FaceMend_ColorFix", display_name="FaceMend Color Fix", category=CATEGORY,
+            description=("Gives a restored image the colours of a reference (e.g. the input, or an earlier stage) "
+                         "while keeping its details: wavelet (low frequencies from the reference) or AdaIN (channel "
+                         "statistics)."),
+            inputs=[
+                io.Image.Input("image", tooltip="Restored images to correct."),
+                io.Image.Input("reference", tooltip=(
+                    "Colour reference: one image for all, or one per image; resized to each image's size when "
+                    "sizes differ.")),
+                io.Combo.Input("method", options=list(METHODS), default="wavelet", tooltip=(
+                    "wavelet: 5-level wavelet low-frequency transfer (NTIRE 2025 AIIA); adain: mean/std "
+                    "per channel; none: pass through.")),
+                io.Float.Input("strength", default=1.0, min=0.0, max=1.0, step=0.05, tooltip=(
+                    "Blend between the uncorrected (0) and corrected (1) image.")),
+            ],
+            outputs=[io.Image.Output(display_name="image")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "image": ("IMAGE", {"tooltip": "Restored images to correct."}),
-            "reference": ("IMAGE", {"tooltip": "Colour reference: one image for all, or one per image; resized "
-                                               "to each image's size when sizes differ."}),
-            "method": (list(METHODS), {"default": "wavelet", "tooltip":
-                       "wavelet: 5-level wavelet low-frequency transfer (NTIRE 2025 AIIA); adain: mean/std "
-                       "per channel; none: pass through."}),
-            "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip":
-                         "Blend between the uncorrected (0) and corrected (1) image."}),
-        }}
+    def validate_inputs(cls, method=None):
+        # A value that is not a choice (a stale saved workflow) is refused when queued, not in the middle of the run.
+        return combo_problem(cls, method=method) or True
 
-    def run(self, image, reference, method="wavelet", strength=1.0):
-        if no_faces(image):  # no face crops to correct
-            return (empty_faces(image),)
-        device = dev.compute_device()
-        x = image_to_bchw(image, device)
-        ref = image_to_bchw(reference, device, "colour reference")
-        dev.check_interrupt()
-        return (bchw_to_image(color_fix(x, ref, method, strength)),)
+    @classmethod
+    def execute(cls, image, reference, method="wavelet", strength=1.0) -> io.NodeOutput:
+        (out,) = op.fix_colors(image, reference, method, strength)
+        return io.NodeOutput(out, ui=preview(out[:PREVIEW_MAX], cls))
 
 
-NODES = {"FaceMend_ColorFix": (ColorFix, "FaceMend Color Fix")}
+NODES = [ColorFix]

@@ -51,6 +51,13 @@ def host(monkeypatch, mods: dict, vram: str = "normal", fake_device: bool = True
     Returns comfy.model_management."""
     for k, v in mods.items():
         monkeypatch.setitem(sys.modules, k, v)
+    # The node API (node_class) imports ComfyUI's folder_paths for good; with model management loaded here it would
+    # make the model search ComfyUI's, which has none of the tests' folders: these tests use the standalone search.
+    monkeypatch.delitem(sys.modules, "folder_paths", raising=False)
+    # Progress goes to ComfyUI's execution API only inside a running server's prompt (the API is a stub here).
+    from facemend.host import device as dev
+
+    monkeypatch.setattr(dev, "_reporter", None)
     mm = mods["comfy.model_management"]
     state = {"normal": mm.VRAMState.NORMAL_VRAM, "lowvram": mm.VRAMState.LOW_VRAM,
              "novram": mm.VRAMState.NO_VRAM}[vram]

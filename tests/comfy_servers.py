@@ -11,15 +11,15 @@ import time
 import urllib.request
 from pathlib import Path
 
-from conftest import ROOT
+from conftest import ROOT, comfyui_dir, comfyui_skip_reason
 
-COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+COMFYUI_DIR = str(comfyui_dir() or "") or None  # $COMFYUI_DIR, else the pinned cache
 PACK_FOLDER = "ComfyUI-FaceMend"
 
 
 def comfyui_missing() -> str | None:
     if not COMFYUI_DIR or not Path(COMFYUI_DIR, "main.py").is_file():
-        return "set COMFYUI_DIR to a ComfyUI checkout (with its requirements installed) to run this test"
+        return comfyui_skip_reason()
     return None
 
 

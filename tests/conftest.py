@@ -185,3 +185,58 @@ def float_casts_follow(dtype, *modules):
         yield
     finally:
         torch.Tensor.float = orig
+
+
+COMFYUI_PIN = "Comfy-Org/ComfyUI"
+
+
+def comfyui_dir() -> Path | None:
+    """The ComfyUI the node tests use: $COMFYUI_DIR, else the pinned checkout in the official-code cache."""
+    env = os.environ.get("COMFYUI_DIR")
+    if env:
+        return Path(env) if Path(env, "main.py").is_file() else None
+    from fetch_official import checkout_dir, is_fetched
+
+    return checkout_dir(COMFYUI_PIN) if is_fetched(COMFYUI_PIN) else None
+
+
+def comfyui_skip_reason() -> str:
+    return (f"needs ComfyUI (V3 nodes import its node API): run `python tests/fetch_official.py {COMFYUI_PIN}` "
+            "(add `--from <a local clone>` offline) and `python tests/setup_comfyui.py`, or set COMFYUI_DIR to a "
+            "ComfyUI checkout with its requirements installed")
+
+
+def facemend_nodes():
+    """facemend.nodes (the V3 node classes), importing ComfyUI's node API from comfyui_dir(); skips the calling test
+    with what to run when ComfyUI or its requirements are missing. The standalone model search stays in charge:
+    the node API alone does not make the process 'hosted'."""
+    import importlib
+
+    import pytest
+
+    found = comfyui_dir()
+    if found is None:
+        pytest.skip(comfyui_skip_reason())
+    if str(found) not in sys.path:
+        sys.path.append(str(found))
+    try:
+        importlib.import_module("comfy_api.v0_0_2")
+    except ImportError as exc:
+        pytest.skip(f"ComfyUI at {found} does not import ({exc}): run `python tests/setup_comfyui.py`")
+    return importlib.import_module("facemend.nodes")
+
+
+def node_class(node_id: str):
+    """The V3 class of a FaceMend node (skips without ComfyUI, see facemend_nodes)."""
+    return facemend_nodes().NODE_CLASSES[node_id]
+
+
+@pytest.fixture
+def preview_dir(tmp_path, monkeypatch):
+    """ComfyUI's temp folder, where node previews (ui.PreviewImage) are written, moved to a fresh folder for the test
+    (not the ComfyUI checkout's); skips without ComfyUI. Read a preview back with preview_dir / ref["filename"]."""
+    facemend_nodes()
+    import folder_paths
+
+    monkeypatch.setattr(folder_paths, "temp_directory", str(tmp_path / "comfy_temp"))
+    return tmp_path / "comfy_temp"

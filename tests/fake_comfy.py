@@ -1,8 +1,12 @@
 """An in-process server that speaks ComfyUI's HTTP + websocket protocol (server.py of ComfyUI v0.3.x) for the
 headless client's own logic: /system_stats, /upload/image, /prompt, /queue, /interrupt, /history, /view, /ws.
-No graph runs: a prompt "executes" in a few short steps (websocket executing / progress / execution_success
-messages as ComfyUI sends them) and each SaveImage node's output is the uploaded image's bytes prefixed with
-`node <id>:`, so a test can tell every output file's input and node apart. Faults are switched on by attributes:
+No graph runs: a prompt "executes" in a few short steps (websocket executing / progress_state / execution_success
+messages as ComfyUI 0.3.64 sends them: its execution API reports a node's steps as 'progress_state', the state of
+every started node at once; `legacy_progress` adds the old 'progress' events that comfy.utils.ProgressBar nodes
+still send) and each SaveImage node's output is the uploaded image's bytes prefixed with `node <id>:`, so a test
+can tell every output file's input and node apart. Every other node (not LoadImage) shows a preview in its history
+outputs, as V3 nodes do (ui.PreviewImage: type 'temp', served by /view like the real one); `viewed` records every
+(type, filename) /view served. Faults are switched on by attributes:
 
 - `errors`: {path prefix or 'METHOD path': [HTTP status, ...]}: the next requests there get those statuses, one each;
 - `garbage`: path prefixes answered with a non-JSON 200 body (a proxy's page);
@@ -55,6 +59,9 @@ class FakeComfy:
         self.requests: list = []  # (method, path) of every request, for assertions
         self.executed: list = []  # prompt ids run to completion
         self.on_result = None  # callable(pid) after a prompt's history entry is written
+        self.legacy_progress = False  # also send the pre-execution-API 'progress' events
+        self.viewed: list = []  # (type, filename) of every image /view served
+        self.wait_for_ws = 0.0  # seconds a prompt waits for its client's websocket (a test that reads every event)
         self._httpd = None
         self.start()
 
@@ -98,6 +105,12 @@ class FakeComfy:
         self._worker.join(timeout=5)
 
     # --- execution ------------------------------------------------------------------------------------------
+    @staticmethod
+    def _state(pid, nid, state, value, total) -> dict:
+        """One node's entry of a progress_state message (comfy_execution/progress.py WebUIProgressHandler)."""
+        return {"value": value, "max": total, "state": state, "node_id": nid, "prompt_id": pid,
+                "display_node_id": nid, "parent_node_id": None, "real_node_id": nid}
+
     def send(self, client_id, kind, data):
         sock_lock = self.ws_clients.get(client_id)
         if not sock_lock:
@@ -123,11 +136,24 @@ class FakeComfy:
                 self.running = item
             number, pid, prompt, extra, _ = item
             cid = extra.get("client_id")
+            deadline = time.monotonic() + self.wait_for_ws
+            while cid not in self.ws_clients and time.monotonic() < deadline:
+                time.sleep(0.02)
             self.send(cid, "execution_start", {"prompt_id": pid, "timestamp": 0})
             self.send(cid, "executing", {"node": None, "display_node": None, "prompt_id": pid})
             status, messages = "success", [["execution_start", {"prompt_id": pid}]]
-            for nid in prompt:
+            # The steps belong to the first node that is neither LoadImage nor SaveImage (the one that "works").
+            work = next((n for n, v in prompt.items() if v["class_type"] not in ("LoadImage", "SaveImage")),
+                        next(iter(prompt), None))
+            states: dict = {}
+            order = list(prompt)
+            after = order[order.index(work) + 1:] if work in order else []
+            for nid in order[:len(order) - len(after)]:
                 self.send(cid, "executing", {"node": nid, "display_node": nid, "prompt_id": pid})
+                states[nid] = self._state(pid, nid, "running", 0.0, 1.0)
+                self.send(cid, "progress_state", {"prompt_id": pid, "nodes": dict(states)})
+                if nid != work:
+                    states[nid] = self._state(pid, nid, "finished", 1.0, 1.0)
             for k in range(self.steps):
                 time.sleep(self.step_seconds)
                 if not self.alive:
@@ -137,7 +163,17 @@ class FakeComfy:
                     messages.append(["execution_interrupted", {"prompt_id": pid, "node_id": "1",
                                                                "node_type": "Fake"}])
                     break
-                self.send(cid, "progress", {"value": k + 1, "max": self.steps, "prompt_id": pid, "node": None})
+                states[work] = self._state(pid, work, "running", float(k + 1), float(self.steps))
+                self.send(cid, "progress_state", {"prompt_id": pid, "nodes": dict(states)})
+                if self.legacy_progress:
+                    self.send(cid, "progress", {"value": k + 1, "max": self.steps, "prompt_id": pid, "node": work})
+            if status == "success":
+                states[work] = self._state(pid, work, "finished", float(self.steps), float(self.steps))
+                for nid in after:
+                    self.send(cid, "executing", {"node": nid, "display_node": nid, "prompt_id": pid})
+                    states[nid] = self._state(pid, nid, "running", 0.0, 1.0)
+                    self.send(cid, "progress_state", {"prompt_id": pid, "nodes": dict(states)})
+                    states[nid] = self._state(pid, nid, "finished", 1.0, 1.0)
             outputs = {}
             if status == "success" and self.fail:
                 status = "error"
@@ -152,6 +188,11 @@ class FakeComfy:
                         name = f"out_{uuid.uuid4().hex[:8]}.png"
                         self.uploads["out/" + name] = f"node {nid}:".encode() + data
                         outputs[nid] = {"images": [{"filename": name, "subfolder": "", "type": "output"}]}
+                    elif node["class_type"] != "LoadImage":  # a node's UI preview, as V3 nodes' ui.PreviewImage
+                        name = f"ComfyUI_temp_{uuid.uuid4().hex[:5]}_00001_.png"
+                        self.uploads["temp/" + name] = f"preview {nid}:".encode() + data
+                        outputs[nid] = {"images": [{"filename": name, "subfolder": "", "type": "temp"}],
+                                        "animated": [False]}
                 messages.append(["execution_success", {"prompt_id": pid}])
             with self.lock:
                 if not self.alive:
@@ -237,7 +278,9 @@ class _Handler(BaseHTTPRequestHandler):
             return self._answer(200, fake.history)
         if parts.path == "/view":
             q = parse_qs(parts.query)
-            key = ("out/" if q.get("type", ["output"])[0] == "output" else "") + q["filename"][0]
+            kind = q.get("type", ["output"])[0]
+            key = {"output": "out/", "temp": "temp/"}.get(kind, "") + q["filename"][0]
+            fake.viewed.append((kind, q["filename"][0]))
             if key not in fake.uploads:
                 return self._answer(404, b"404: Not Found", "text/plain")
             return self._answer(200, fake.uploads[key], "image/png")

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import os
 import sys
+from pathlib import Path
 import types
 from argparse import Namespace
 
@@ -107,7 +108,9 @@ def official_modules(odir):
     for k in saved:
         del sys.modules[k]
     path = list(sys.path)  # infer.py and utils/vaehook.py also append the working directory
-    sys.path.insert(0, str(odir))
+    # Its utils/ has no __init__.py (a namespace package): a regular `utils` package anywhere on sys.path wins over
+    # it, e.g. ComfyUI's, which the node tests put there.
+    sys.path[:] = [str(odir)] + [p for p in path if not Path(p, "utils", "__init__.py").is_file()]
     try:
         try:
             import infer

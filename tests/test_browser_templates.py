@@ -9,6 +9,8 @@ the canvas does) and reads the graph back from the app. For every graph:
   extra slot shifts every later value: the classic broken-workflow symptom);
 - the prompt the app would queue (`graphToPrompt`) equals the shipped API twin of the graph;
 - no two nodes overlap as the frontend draws them (it grows nodes to fit their widgets).
+One template (fast) is also queued from the app with a tiny random-weight GFPGAN and a real face photo: when it
+finishes, the app holds RestoreFaces' preview (app.nodeOutputs, node.imgs) and a screenshot shows it on the node.
 It runs with the frontend ComfyUI's requirements.txt pins (the one installed next to ComfyUI) and, when
 $FACEMEND_FRONTEND_ROOT names another comfyui-frontend-package (a `pip install --target` folder or its
 `static/` folder), with that one too, through ComfyUI's --front-end-root.
@@ -33,10 +35,10 @@ import pytest
 
 from cdp_pipe import Browser, find_browser
 from test_comfyui_e2e import _free_port as _port, _get  # the port range and JSON GET the e2e tests use
-from conftest import ROOT
+from conftest import ROOT, comfyui_dir, comfyui_skip_reason
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
-COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+COMFYUI_DIR = str(comfyui_dir() or "") or None  # $COMFYUI_DIR, else the pinned cache
 PACK_FOLDER = "ComfyUI-FaceMend"  # any folder name works; this is the one the test installs under
 APP = "(window.app ?? window.comfyAPI?.app?.app)"  # 1.27 sets window.app; newer ones keep it in comfyAPI too
 TEMPLATE_FOLDERS = ("example_workflows", "workflows")  # the folders ComfyUI's template listing scans, in order
@@ -257,7 +259,7 @@ FRONTENDS = ["pinned", "newest"]
 @pytest.fixture(scope="module", params=FRONTENDS)
 def page(request, tmp_path_factory):
     if not COMFYUI_DIR or not Path(COMFYUI_DIR, "main.py").is_file():
-        pytest.skip("set COMFYUI_DIR to a ComfyUI checkout (with its requirements installed) to run this test")
+        pytest.skip(comfyui_skip_reason())
     exe = find_browser()
     if exe is None:
         pytest.skip("needs Chromium: apt-get install chromium (or set FACEMEND_CHROMIUM to a Chrome/Chromium binary)")
@@ -287,8 +289,11 @@ def page(request, tmp_path_factory):
 
 
 def _fresh(page):
-    """Reopen the page when an earlier load left a dialog open (each graph starts from a clean page)."""
+    """Reopen the page when an earlier load left a dialog open (each graph starts from a clean page). The app
+    restores the last graph it showed from the browser's storage (1.27 reopens the broken graph, and its dialog):
+    that is forgotten first."""
     if page["browser"].evaluate(MODALS):
+        page["browser"].evaluate("(() => { localStorage.clear(); sessionStorage.clear(); return true })()")
         open_app(page["browser"], page["host"].url)
 
 
@@ -373,3 +378,88 @@ def test_template_listing_serves_the_ui_graphs(page):
         report.append(f"{name}: {kind}")
     dupes = sorted({n for n in listing if listing.count(n) > 1})
     print(f"/workflow_templates lists for {PACK_FOLDER}: " + "; ".join(report) + (f"; listed twice: {dupes}" if dupes else ""))
+
+
+# ---------------------------------------------------------------------------------------------- a run in the app
+
+PREVIEW_GRAPH = ROOT / "example_workflows" / "facemend_fast.json"
+
+
+def _tiny_gfpgan(path: Path) -> None:
+    """Random GFPGAN v1.4 weights at the e2e tests' small size, in the official layout, over the empty file."""
+    import torch
+
+    from facemend.pipelines.restore.archs.gfpgan import GFPGANConfig, GFPGANv1Clean
+
+    torch.manual_seed(0)
+    net = GFPGANv1Clean(GFPGANConfig(out_size=64, num_style_feat=64, narrow=0.25))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"params_ema": net.state_dict()}, path)
+
+
+def test_a_template_queued_in_the_app_shows_the_restored_faces_on_its_node(page):
+    """The fast template queued from the app (tiny random GFPGAN, a real face photo): when it finishes, the app holds
+    RestoreFaces' preview images (app.nodeOutputs, node.imgs, what the node draws) and the screenshot shows them;
+    Paste Back shows the photo before | after."""
+    from conftest import need_shared
+
+    browser, host = page["browser"], page["host"]
+    _fresh(page)
+    graph = json.loads(PREVIEW_GRAPH.read_text())
+    restore = next(n for n in graph["nodes"] if n["type"] == "FaceMend_RestoreFaces")
+    loader = next(n for n in graph["nodes"] if n["type"] == "FaceMend_RestorerLoader")
+    _tiny_gfpgan(host.base / "models" / "facerestore_models" / loader["widgets_values"][0])
+    from PIL import Image
+
+    # The template's own input name (a choice the page already lists), now a photo with a face.
+    Image.open(need_shared("faces", "clean", "ffhq_00000000.png")).convert("RGB").resize((256, 256)).save(
+        host.base / "input" / "example.png")
+    for node in graph["nodes"]:
+        if node["type"] == "FaceMend_DetectAlign":  # a CPU-sized crop; the same graph otherwise
+            node["widgets_values"][5] = 128
+    got = load_graph(browser, graph)
+    assert got["missing"] == [] and got["exceptions"] == [], got
+    before = set(_get(host.url + "/history"))
+    browser.evaluate(f"(async () => {{ await {APP}.queuePrompt(0, 1); return true }})()", timeout=60)
+    deadline = time.time() + 300
+    entry = None
+    while time.time() < deadline and entry is None:
+        new = {k: v for k, v in _get(host.url + "/history").items() if k not in before}
+        entry = next((v for v in new.values() if v.get("status", {}).get("completed") is not None), None)
+        time.sleep(1)
+    assert entry is not None, "the queued graph did not finish:\n" + host.log()[-3000:]
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    rid = str(restore["id"])
+    assert [ref["type"] for ref in entry["outputs"][rid]["images"]] == ["temp"]  # one face, its preview
+    shown = browser.wait_for(f"""(() => {{
+        const node = {APP}.graph.getNodeById({rid});
+        const out = ({APP}.nodeOutputs ?? {{}})['{rid}'];
+        const imgs = (node?.imgs ?? []).filter(i => i.complete && i.naturalWidth > 0);
+        return out?.images?.length && imgs.length
+            ? {{outputs: out.images.map(i => i.type + ':' + i.filename), width: imgs[0].naturalWidth,
+               src: imgs[0].src}} : null;
+    }})()""", timeout=60, what="RestoreFaces' preview images in the app")
+    assert shown["outputs"] == [f"temp:{entry['outputs'][rid]['images'][0]['filename']}"]
+    assert shown["width"] == 128 and "type=temp" in shown["src"]
+    # The restored face drawn on its node, the node in view: the screenshot a person would see.
+    browser.evaluate(f"""(() => {{ const c = {APP}.canvas, n = {APP}.graph.getNodeById({rid});
+        c.ds.scale = 1; c.ds.offset[0] = -n.pos[0] + 200; c.ds.offset[1] = -n.pos[1] + 150;
+        c.setDirty(true, true); c.draw(true, true); return true }})()""")
+    time.sleep(1.0)
+    shot = page["shots"] / f"run__{PREVIEW_GRAPH.stem}__frontend-{page['version']}.png"
+    browser.screenshot(shot)
+    print(f"{PREVIEW_GRAPH.name} run in frontend {page['version']}: RestoreFaces shows {shown['outputs']}; "
+          f"screenshot {shot}")
+    # Paste Back shows the photo before | after: one labelled pair of the 256 px input and result, 8 px apart.
+    pid = str(next(n for n in graph["nodes"] if n["type"] == "FaceMend_PasteBack")["id"])
+    assert [ref["type"] for ref in entry["outputs"][pid]["images"]] == ["temp"]
+    pair = browser.wait_for(f"""(() => {{
+        const imgs = ({APP}.graph.getNodeById({pid})?.imgs ?? []).filter(i => i.complete && i.naturalWidth > 0);
+        return imgs.length ? {{width: imgs[0].naturalWidth, height: imgs[0].naturalHeight}} : null;
+    }})()""", timeout=60, what="Paste Back's before/after preview in the app")
+    assert pair == {"width": 2 * 256 + 8, "height": 256}
+    browser.evaluate(f"""(() => {{ const c = {APP}.canvas, n = {APP}.graph.getNodeById({pid});
+        c.ds.scale = 1; c.ds.offset[0] = -n.pos[0] + 200; c.ds.offset[1] = -n.pos[1] + 150;
+        c.setDirty(true, true); c.draw(true, true); return true }})()""")
+    time.sleep(1.0)
+    browser.screenshot(page["shots"] / f"run__{PREVIEW_GRAPH.stem}__pasteback__frontend-{page['version']}.png")

@@ -44,7 +44,7 @@ def test_broken_files_raise_an_error_naming_the_file(tmp_path):
 
 
 def test_node_and_cli_name_the_broken_file(tmp_path, capsys):
-    import facemend
+    from facemend.ops.restore import load_restorer
 
     models = tmp_path / "models"
     (models / "facerestore_models").mkdir(parents=True)
@@ -56,7 +56,7 @@ def test_node_and_cli_name_the_broken_file(tmp_path, capsys):
         for name in ("empty.pth", "empty.safetensors", "truncated.safetensors"):
             (models / "facerestore_models" / name).write_bytes(files[name])
             with pytest.raises(ModelFileInvalid, match=name):
-                facemend.NODE_CLASS_MAPPINGS["FaceMend_RestorerLoader"]().load(name, "fp32")
+                load_restorer(name, "fp32")
             code = main(["--device", "cpu", "restore", str(photo), "-o", str(tmp_path / "out"), "--preset", "fast",
                          "--restorer", name, "--no-progress"])
             err = capsys.readouterr().err

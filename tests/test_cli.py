@@ -62,11 +62,11 @@ def test_missing_restorer_is_an_error_naming_the_file(tmp_path, capsys):
 
 
 def test_interrupt_stops_the_node_and_leaves_no_output():
-    import facemend
+    from facemend.ops import face as op
 
-    detector = facemend.NODE_CLASS_MAPPINGS["FaceMend_DetectorLoader"]().load("mtcnn (embedded)")[0]
+    detector = op.load_face_detector("mtcnn (embedded)")
     dev.request_interrupt()
     with pytest.raises(Interrupted):
-        facemend.NODE_CLASS_MAPPINGS["FaceMend_DetectAlign"]().run(torch.rand(1, 64, 64, 3), detector)
+        op.detect_align(torch.rand(1, 64, 64, 3), detector)
     # The flag is consumed: the next run works.
-    assert facemend.NODE_CLASS_MAPPINGS["FaceMend_DetectAlign"]().run(torch.rand(1, 64, 64, 3), detector)[2] == 0
+    assert op.detect_align(torch.rand(1, 64, 64, 3), detector)[2] == 0

@@ -248,13 +248,13 @@ def test_model_names_cannot_leave_the_models_folders(tmp_path, monkeypatch):
                 model_paths.find_file("facerestore_models", name)
             with pytest.raises(ModelFileNotFound, match="points outside"):
                 model_paths.find_dir("facerestore_models", name)
-        import facemend
+        from node_specs import node_op
 
         with pytest.raises(ModelFileNotFound, match="points outside"):
-            facemend.NODE_CLASS_MAPPINGS["FaceMend_RestorerLoader"]().load("../secret.pth", "fp32")
+            node_op("FaceMend_RestorerLoader")("../secret.pth", "fp32")
         with pytest.raises(ModelFileNotFound, match="points outside"):
-            facemend.NODE_CLASS_MAPPINGS["FaceMend_DetectorLoader"]().load(str(outside))
-        from facemend.nodes.diffusion import base_model_path
+            node_op("FaceMend_DetectorLoader")(str(outside))
+        from facemend.ops.diffusion import base_model_path
 
         (tmp_path / "sd3.safetensors").write_bytes(b"x")
         for name in (str(tmp_path / "sd3.safetensors"), "../../sd3.safetensors"):

@@ -2,7 +2,8 @@
 
 - every shipped API graph (workflows/api/) runs end to end through the client, with small random-weight model
   files in the official layouts in a temporary models folder (random weights: the outputs prove the graphs
-  run, not that they restore anything);
+  run, not that they restore anything); every node of it that shows a preview showed one on the server, and
+  the client wrote only the saved images;
 - /workflow_templates lists the UI graphs and serves each one;
 - a folder of 3 images across two servers on two local ports, one killed in the middle of the run: every
   output arrives exactly once and the report names the retry;
@@ -165,10 +166,89 @@ def test_every_shipped_api_graph_runs_with_random_weight_files(servers, photos, 
     runner, report = _run([servers["steady"].url], preset, one, tmp_path / "out", overrides)
     job = report["jobs"][0]
     assert job["status"] == "done", job["error"]
+    # Every node of the graph that shows a preview showed it on the server (/history), and none reached the client.
+    from conftest import facemend_nodes
+    from test_host_previews import shows_preview
+
+    classes = facemend_nodes().NODE_CLASSES
+    client_id = runner.servers[0].client_id
+    (entry,) = [h for h in get_json(servers["steady"].url + "/history").values()
+                if h["prompt"][3].get("client_id") == client_id]
+    showing = [nid for nid, node in runner.graph.items()
+               if node["class_type"] in classes and shows_preview(classes[node["class_type"]])]
+    for nid in showing:
+        refs = entry["outputs"].get(nid, {}).get("images", [])
+        assert refs and all(r["type"] == "temp" for r in refs), f"{preset}: node {nid} showed no preview"
+    saved = [r for out in entry["outputs"].values() for r in out.get("images", []) if r["type"] == "output"]
+    assert len([p for p in (tmp_path / "out").iterdir() if p.suffix == ".png"]) == len(saved)
     out = Image.open(tmp_path / "out" / "a.png")
     scale = 2 if preset == "demo" else 1
     assert out.size == (192 * scale, 192 * scale)
     assert [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")] == []
+
+
+def _queue(url, graph):
+    """POST a graph to /prompt: (HTTP status, the JSON answer): 200 and a prompt_id, or 400 and node_errors."""
+    req = urllib.request.Request(url + "/prompt", data=json.dumps({"prompt": graph}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_adapt_node_refuses_before_the_run_and_shows_its_results(servers):
+    """In a real ComfyUI: the adapt graph's AdaptRestorer (loaders + the output node) runs and shows the loss curve
+    and the first face before / after adapting, with where the model went; an existing name, a missing folder and
+    a refused respacing come back from /prompt at once (validate_inputs, in ComfyUI's own validation), nothing run."""
+    url = servers["steady"].url
+    shipped = json.loads((ROOT / "workflows" / "api" / "facemend_adapt.json").read_text())
+    adapt = {**shipped["6"]["inputs"], "folder": str(servers["album"]), "steps": 1, "micro_batch": 1,
+             "accumulate": 1, "checkpoint_every": 1, "start_step": 1, "reg_end_step": 1, "down_factor": 16,
+             "lpips_weight": 0.0, "name": f"shown_{os.getpid()}"}
+    graph = {k: shipped[k] for k in ("4", "5")} | {"6": {"class_type": "FaceMend_AdaptRestorer", "inputs": adapt}}
+
+    def run(graph):
+        status, answer = _queue(url, graph)
+        assert status == 200, answer
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            entry = get_json(f"{url}/history/{answer['prompt_id']}").get(answer["prompt_id"])
+            if entry and entry.get("status", {}).get("completed") is not None:
+                break
+            time.sleep(1)
+        assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+        return entry
+
+    shown = run(graph)["outputs"]["6"]
+    assert [im["type"] for im in shown["images"]] == ["temp", "temp"]  # the loss curve, the face before | after
+    curve, pair = (Image.open(servers["steady"].base / "temp" / im["subfolder"] / im["filename"])
+                   for im in shown["images"])
+    assert pair.size[0] > pair.size[1]  # two faces side by side
+    (saved,) = shown["text"]
+    path = saved.removeprefix("saved ")
+    assert os.path.basename(path) == f"shown_{os.getpid()}.safetensors" and os.path.isfile(path)
+
+    taken = os.path.join(os.path.dirname(path), f"taken_{os.getpid()}.safetensors")
+    with open(taken, "wb") as fh:
+        fh.write(b"someone else's model")
+    try:
+        for change, says in (({"name": f"taken_{os.getpid()}"}, "exists; FaceMend never overwrites"),
+                             ({"folder": str(servers["album"]) + "_missing"}, "face folder not found"),
+                             ({"respacing": "ddim25"}, "ddim")):
+            bad = {**graph, "6": {**graph["6"], "inputs": {**adapt, **change}}}
+            status, answer = _queue(url, bad)
+            assert status == 400, answer
+            details = [e["details"] for e in answer["node_errors"]["6"]["errors"]]
+            assert any(says in d for d in details), details
+    finally:
+        os.remove(taken)
+    # face_crops connected: the folder (here a stale one) is not read, so not checked either
+    linked = {"7": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
+              "6": {**graph["6"], "inputs": {**adapt, "name": f"linked_{os.getpid()}", "face_crops": ["7", 0],
+                                             "folder": str(servers["album"]) + "_missing"}}}
+    run({**graph, **linked})
 
 
 def test_string_outputs_are_written_beside_the_image(servers, photos, tmp_path):

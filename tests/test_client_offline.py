@@ -299,3 +299,53 @@ def test_a_second_run_into_a_claimed_folder_is_refused(fakes, tmp_path):
     assert not [r for r in fake.requests if r[1] == "/upload/image"]
     assert _run(_runner([fake.url], ONE, out), [tmp_path / "p"])["counts"] == {"done": 1}
     assert not (out / ".facemend.lock").exists()
+
+
+# ComfyUI's execution API (what V3 nodes report through) sends 'progress_state', not 'progress'.
+WORK = {**ONE, "3": {"class_type": "FaceMend_RestoreFaces", "inputs": {"face_crops": ["1", 0]}}}
+
+
+class _Recorder(Progress):
+    def __init__(self):
+        super().__init__(1, live=False)
+        self.steps: list = []
+
+    def update(self, name, fraction, node="", step=""):
+        self.steps.append((fraction, node, step))
+        super().update(name, fraction, node, step)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["progress_state", "progress_state+progress"])
+def test_node_steps_reach_the_progress_line_from_progress_state(fakes, tmp_path, legacy):
+    fake = fakes(steps=4, step_seconds=0.05)
+    fake.wait_for_ws, fake.legacy_progress = 10.0, legacy
+    progress = _Recorder()
+    report = _run(_runner([fake.url], WORK, tmp_path / "out", progress=progress), [_photos(tmp_path / "in", ["a.png"])])
+    assert report["counts"] == {"done": 1}
+    steps = [(f, s) for f, node, s in progress.steps if node == "FaceMend_RestoreFaces" and s]
+    shown = [s for i, (_, s) in enumerate(steps) if s != "0/1" and (i == 0 or steps[i - 1][1] != s)]
+    assert shown == ["1/4", "2/4", "3/4", "4/4"], progress.steps  # each step once, in order (both events agree)
+    fractions = [f for f, _, s in progress.steps if s]
+    assert fractions == sorted(fractions) and 0 < fractions[-1] <= 1  # it moves forward, never past the end
+    if not legacy:  # without 'progress' events the steps can only have come from progress_state
+        assert all(f < 1 for f, _ in steps[:-1])
+
+
+def test_node_previews_are_never_downloaded_or_counted_as_outputs(fakes, tmp_path):
+    """Nodes show previews (temp images in /history outputs): only SaveImage's outputs and a core PreviewImage node
+    the graph itself asks for arrive; the FaceMend node's preview is neither fetched nor written."""
+    fake = fakes()
+    graph = {**WORK, "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}}}
+    out = tmp_path / "out"
+    report = _run(_runner([fake.url], graph, out), [_photos(tmp_path / "in", ["a.png"])])
+    assert report["counts"] == {"done": 1}
+    entry = next(iter(fake.history.values()))
+    assert entry["outputs"]["3"]["images"][0]["type"] == "temp"  # the node's preview is there to be skipped
+    assert _outputs(out) == {"a.png": b"node 2:photo a.png", "a_2.png": b"preview 4:photo a.png"}
+    assert [kind for kind, _ in fake.viewed] == ["output", "temp"]  # the graph's PreviewImage only
+    assert report["jobs"][0]["outputs"] == [str(out / "a.png"), str(out / "a_2.png")]
+    # Without the PreviewImage node: the SaveImage output alone.
+    fake.viewed.clear()
+    report = _run(_runner([fake.url], WORK, tmp_path / "out2"), [_photos(tmp_path / "in", ["a.png"])])
+    assert _outputs(tmp_path / "out2") == {"a.png": b"node 2:photo a.png"}
+    assert [kind for kind, _ in fake.viewed] == ["output"]

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, need_shared
+from conftest import ROOT, comfyui_dir, comfyui_skip_reason, need_shared
 
 pytestmark = pytest.mark.comfyui
-COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+COMFYUI_DIR = str(comfyui_dir() or "") or None  # $COMFYUI_DIR, else the pinned cache
 
 
 def _free_port():
@@ -69,7 +69,7 @@ def run_prompt(url, graph, client_id="facemend-test", timeout=300) -> dict:
 @pytest.fixture(scope="module")
 def comfyui(tmp_path_factory):
     if not COMFYUI_DIR or not Path(COMFYUI_DIR, "main.py").is_file():
-        pytest.skip("set COMFYUI_DIR to a ComfyUI checkout (with its requirements installed) to run this test")
+        pytest.skip(comfyui_skip_reason())
     base = tmp_path_factory.mktemp("comfy_base")
     for sub in ("custom_nodes", "input", "output", "models", "user", "temp"):
         (base / sub).mkdir()
@@ -106,8 +106,9 @@ def test_pack_nodes_are_listed_with_tooltips(comfyui):
     ours = {k: v for k, v in info.items() if k.startswith("FaceMend_")}
     log = (base / "server.log").read_text()
     assert ours, "FaceMend nodes missing from /object_info; server log:\n" + log[-4000:]
-    import facemend
-    assert set(ours) == set(facemend.NODE_CLASS_MAPPINGS)
+    from conftest import facemend_nodes
+
+    assert set(ours) == set(facemend_nodes().NODE_CLASSES)
     tips = ours["FaceMend_DetectAlign"]["input"]["required"]["selection"][1]
     assert tips.get("tooltip")
     assert "IMPORT FAILED" not in log or "ComfyUI-FaceMend" not in log.split("IMPORT FAILED")[1][:300]
@@ -122,8 +123,11 @@ def test_demo_api_workflow_runs(comfyui):
     assert len(tune) == 1
     tune[0]["inputs"]["steps"] = 10  # a CPU-sized run of the same graph
     entry = run_prompt(url, graph)
-    images = [img for out in entry["outputs"].values() for img in out.get("images", [])]
+    # SaveImage's file; the nodes' previews (type "temp") are beside it
+    images = [img for out in entry["outputs"].values() for img in out.get("images", []) if img["type"] == "output"]
     assert len(images) == 1
+    tune_id = next(k for k, v in graph.items() if v["class_type"] == "FaceMend_PerImageTune")
+    assert entry["outputs"][tune_id]["images"][0]["type"] == "temp"  # the tuned faces show on the node
     result = np.asarray(Image.open(base / "output" / images[0]["subfolder"] / images[0]["filename"]).convert("RGB"))
     source = Image.open(base / "input" / "example.png")
     assert result.shape == (2 * source.height, 2 * source.width, 3)  # the demo is an x2 face super-resolution

@@ -5,18 +5,15 @@ each node with --novram; standalone nothing changes. Out of memory reaches Comfy
 import pytest
 import torch
 
-import facemend
 from facemend.host import models as hm
 from facemend.host import model_paths
 from facemend.pipelines.restore.archs.gfpgan import GFPGANConfig, GFPGANv1Clean
 
 from comfy_inprocess import COMPUTE, OFFLOAD, host, import_comfy, loaded_entry
+from conftest import node_class
+from node_specs import node_op, stage_module
 
 torch.set_num_threads(1)
-
-
-def _node(nid):
-    return facemend.NODE_CLASS_MAPPINGS[nid]()
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +37,24 @@ def models_dir(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
+def no_comfyui_server(monkeypatch):
+    # Importing the node API (node_class) brings ComfyUI's folder_paths, where a hosted process looks models up, and
+    # installs the progress reporter of ComfyUI's execution API. Neither works without ComfyUI's server (the pack was
+    # not loaded by it: its folders are not registered, no prompt is executing), and these tests are about model
+    # management: models are found on the standalone search path (models_dir) and progress goes nowhere, as before.
+    import sys
+
+    from facemend.host import device
+
+    monkeypatch.delitem(sys.modules, "folder_paths", raising=False)
+    monkeypatch.setattr(device, "_reporter", None)
+
+
+@pytest.fixture(autouse=True)
 def fresh_caches():
-    from facemend.nodes import adapt, diffusion, restore
     from facemend.pipelines.face import detectors
 
-    caches = (restore._cache, diffusion._cache, detectors._cache, adapt._cache)
+    caches = tuple(stage_module(s)._cache for s in ("restore", "diffusion", "adapt")) + (detectors._cache,)
     for c in caches:
         c.clear()
     yield
@@ -59,13 +69,13 @@ def _weights_device(model):
 @pytest.mark.parametrize("vram", ["normal", "lowvram", "novram"])
 def test_restorer_and_detector_load_keep_and_evict_like_comfy_models(comfy, models_dir, monkeypatch, vram):
     mm = host(monkeypatch, comfy, vram)
-    restorer = _node("FaceMend_RestorerLoader").load("tiny_gfpgan.pth", "fp32")[0]
+    restorer = node_op("FaceMend_RestorerLoader")("tiny_gfpgan.pth", "fp32")[0]
     p = hm.patcher_of(restorer)
     assert p is not None and p.load_device == COMPUTE and p.offload_device == OFFLOAD != COMPUTE
     whole = []  # while the network runs, ComfyUI holds it loaded whole, whatever the VRAM mode
     restorer.net.register_forward_pre_hook(lambda *_: whole.append(p.loaded_size() == p.model_size() > 0))
     faces = torch.rand(2, 64, 64, 3)
-    out = _node("FaceMend_RestoreFaces").run(faces, restorer, 1.0, 0.5, 2, 0)[0]
+    out = node_op("FaceMend_RestoreFaces")(faces, restorer, 1.0, 0.5, 2, 0)[0]
     assert whole == [True]
     if vram == "novram":  # unloaded again as soon as the node is done
         assert loaded_entry(mm, restorer) is None and p.loaded_size() == 0
@@ -74,11 +84,11 @@ def test_restorer_and_detector_load_keep_and_evict_like_comfy_models(comfy, mode
         assert entry is not None and entry.device == COMPUTE and p.loaded_size() == p.model_size()
         mm.free_memory(1e30, COMPUTE)  # what ComfyUI does when another model needs the memory
         assert loaded_entry(mm, restorer) is None and p.loaded_size() == 0 and _weights_device(restorer) == {OFFLOAD}
-    again = _node("FaceMend_RestoreFaces").run(faces, restorer, 1.0, 0.5, 2, 0)[0]
+    again = node_op("FaceMend_RestoreFaces")(faces, restorer, 1.0, 0.5, 2, 0)[0]
     assert torch.equal(out, again) and whole == [True, True]
 
-    detector = _node("FaceMend_DetectorLoader").load("mtcnn (embedded)", "fp32")[0]
-    _node("FaceMend_DetectAlign").run(torch.rand(1, 64, 64, 3), detector)
+    detector = node_op("FaceMend_DetectorLoader")("mtcnn (embedded)", "fp32")[0]
+    node_op("FaceMend_DetectAlign")(torch.rand(1, 64, 64, 3), detector)
     assert (loaded_entry(mm, detector) is None) == (vram == "novram")
     assert hm.patcher_of(detector).model_size() == sum(
         t.numel() * t.element_size() for net in (detector.pnet, detector.rnet, detector.onet)
@@ -92,12 +102,12 @@ def test_retinaface_drops_its_inference_copy_when_evicted(comfy, models_dir, mon
     model_paths.set_models_dirs([str(models_dir), str(path.parent.parent)])
     try:
         mm = host(monkeypatch, comfy)
-        detector = _node("FaceMend_DetectorLoader").load(path.name, "fp32")[0]
-        _node("FaceMend_DetectAlign").run(torch.rand(1, 96, 96, 3), detector)
+        detector = node_op("FaceMend_DetectorLoader")(path.name, "fp32")[0]
+        node_op("FaceMend_DetectAlign")(torch.rand(1, 96, 96, 3), detector)
         assert detector._fast is not None and loaded_entry(mm, detector) is not None
         mm.free_memory(1e30, COMPUTE)
         assert detector._fast is None and detector.device == OFFLOAD  # no copy left behind on the compute device
-        _node("FaceMend_DetectAlign").run(torch.rand(1, 96, 96, 3), detector)
+        node_op("FaceMend_DetectAlign")(torch.rand(1, 96, 96, 3), detector)
         assert detector.device == COMPUTE and loaded_entry(mm, detector) is not None
     finally:
         model_paths.set_models_dirs([str(models_dir)])
@@ -109,29 +119,30 @@ def test_onestep_model_stays_loaded_between_runs(comfy, models_dir, monkeypatch)
     from facemend.pipelines.diffusion.refiner import OneStepSR
 
     mm = host(monkeypatch, comfy)
-    model = _node("FaceMend_OneStepSRLoader").load("tsdsr", "sd3-tiny", "tsdsr", "fp32")[0]
+    model = node_op("FaceMend_OneStepSRLoader")("tsdsr", "sd3-tiny", "tsdsr", "fp32")[0]
     assert loaded_entry(mm, model) is None  # loaded on the offload device, not counted before use
     moves = []
     monkeypatch.setattr(OneStepSR, "to", lambda self, d: moves.append(d) or self)
     image = torch.rand(1, 32, 32, 3)
-    out = _node("FaceMend_OneStepSR").run(image, model, scale=1, tile_size=0, tile_overlap=-1, seed=1)[0]
+    out = node_op("FaceMend_OneStepSR")(image, model, scale=1, tile_size=0, tile_overlap=-1, seed=1)[0]
     entry = loaded_entry(mm, model)
     assert entry is not None and hm.patcher_of(model).loaded_size() == hm.patcher_of(model).model_size()
-    again = _node("FaceMend_OneStepSR").run(image, model, scale=1, tile_size=0, tile_overlap=-1, seed=1)[0]
+    again = node_op("FaceMend_OneStepSR")(image, model, scale=1, tile_size=0, tile_overlap=-1, seed=1)[0]
     assert torch.equal(out, again) and moves == [] and loaded_entry(mm, model) is entry
     mm.free_memory(1e30, COMPUTE)
     assert loaded_entry(mm, model) is None
 
 
 def test_tune_node_frees_memory_for_one_group_not_the_batch(comfy, monkeypatch):
+    from facemend.ops.tune import per_image_tune
     from facemend.pipelines.tune.zssr import ZSSR, ZSSRConfig
 
     mm = host(monkeypatch, comfy)
     asked = []
     monkeypatch.setattr(mm, "free_memory", lambda b, d, keep_loaded=(): asked.append((b, d)) or [])
     n, side = 4, 24
-    _node("FaceMend_PerImageTune").run(torch.rand(n, side, side, 3), "zssr", 2, steps=2, crop_size=16,
-                                       back_projection_iters=0, self_ensemble=False)
+    per_image_tune(torch.rand(n, side, side, 3), "zssr", 2, steps=2, crop_size=16, back_projection_iters=0,
+                   self_ensemble=False)
     cfg = ZSSRConfig(scale=2, crop_size=16, back_projection_iters=0, self_ensemble=False).scaled_policy(2)
     cost = ZSSR(cfg).face_cost(side, side, COMPUTE)
     assert (cost.group + n * cost.batch, COMPUTE) in asked
@@ -144,22 +155,23 @@ def test_out_of_memory_reaches_comfy_as_its_own_exception(comfy, models_dir, mon
     def alloc_failed(self, *a, **k):
         raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
 
-    restorer = _node("FaceMend_RestorerLoader").load("tiny_gfpgan.pth", "fp32")[0]  # standalone
+    restorer = node_op("FaceMend_RestorerLoader")("tiny_gfpgan.pth", "fp32")[0]  # standalone
+    node = node_class("FaceMend_RestoreFaces")  # the node as ComfyUI runs it: nodes/__init__ wraps its execute
     monkeypatch.setattr(FaceRestorer, "_restore_chunk", alloc_failed)
     with pytest.raises(RuntimeError, match="ALLOC_FAILED") as standalone:
-        _node("FaceMend_RestoreFaces").run(torch.rand(1, 64, 64, 3), restorer, 1.0, 0.5, 1, 0)
+        node.execute(torch.rand(1, 64, 64, 3), restorer, 1.0, 0.5, 1, 0)
     assert not isinstance(standalone.value, torch.OutOfMemoryError)
     mm = host(monkeypatch, comfy)
     with pytest.raises(mm.OOM_EXCEPTION, match="ALLOC_FAILED"):  # ComfyUI then unloads its models
-        _node("FaceMend_RestoreFaces").run(torch.rand(1, 64, 64, 3), restorer, 1.0, 0.5, 1, 0)
+        node.execute(torch.rand(1, 64, 64, 3), restorer, 1.0, 0.5, 1, 0)
     with pytest.raises(ValueError):  # other errors pass unchanged
-        _node("FaceMend_RestoreFaces").run(torch.rand(1, 64, 64, 3), restorer, 2.0, 0.5, 1, 0)
+        node.execute(torch.rand(1, 64, 64, 3), restorer, 2.0, 0.5, 1, 0)
 
 
 def test_standalone_models_are_not_wrapped(models_dir):
-    restorer = _node("FaceMend_RestorerLoader").load("tiny_gfpgan.pth", "fp32")[0]
+    restorer = node_op("FaceMend_RestorerLoader")("tiny_gfpgan.pth", "fp32")[0]
     assert hm.patcher_of(restorer) is None
-    out, = _node("FaceMend_RestoreFaces").run(torch.rand(1, 64, 64, 3), restorer, 1.0, 0.5, 1, 0)
+    out, = node_op("FaceMend_RestoreFaces")(torch.rand(1, 64, 64, 3), restorer, 1.0, 0.5, 1, 0)
     assert out.shape == (1, 64, 64, 3)
 
 
@@ -176,14 +188,21 @@ def test_adapt_node_under_comfy_inference_mode(comfy, models_dir, monkeypatch, t
     monkeypatch.chdir(tmp_path)
     mm = host(monkeypatch, comfy, "lowvram")
     with torch.inference_mode():
-        restorer = _node("FaceMend_RestorerLoader").load("tiny_gfpgan.pth", "bf16")[0]
-        prior = _node("FaceMend_DiffusionPriorLoader").load("prior_tiny.pth")[0]
-        res = _node("FaceMend_AdaptRestorer").run(restorer, prior, "hosted_adapt", steps=1, lpips_weight=0.0,
+        restorer = node_op("FaceMend_RestorerLoader")("tiny_gfpgan.pth", "bf16")[0]
+        prior = node_op("FaceMend_DiffusionPriorLoader")("prior_tiny.pth")[0]
+        res = node_op("FaceMend_AdaptRestorer")(restorer, prior, "hosted_adapt", steps=1, lpips_weight=0.0,
                                                   micro_batch=1, accumulate=1, start_step=1, reg_end_step=1,
                                                   down_factor=16, face_crops=torch.rand(1, 48, 48, 3))
-    name, _, adapted = res["result"]
+    name, _, adapted = res
     assert name == "hosted_adapt.safetensors" and hm.patcher_of(adapted) is not None
     assert loaded_entry(mm, restorer) is not None and loaded_entry(mm, prior) is not None
+    # Queued again with another name, on the same loaded models: the first run's training (outside inference
+    # mode) must not have left them unreadable (the prior's layout switch did: a second run failed in ComfyUI).
+    with torch.inference_mode():
+        again, _, _ = node_op("FaceMend_AdaptRestorer")(restorer, prior, "hosted_again", steps=1, lpips_weight=0.0,
+                                                        micro_batch=1, accumulate=1, start_step=1, reg_end_step=1,
+                                                        down_factor=16, face_crops=torch.rand(1, 48, 48, 3))
+    assert again == "hosted_again.safetensors"
 
 
 def test_restorerid_stays_loaded_between_runs(comfy, monkeypatch, tmp_path):
@@ -191,9 +210,9 @@ def test_restorerid_stays_loaded_between_runs(comfy, monkeypatch, tmp_path):
     moves no weights (before, it went to the GPU and back on every run)."""
     pytest.importorskip("onnxruntime")
     from restorerid_models import export_tiny_arcface, make_restorerid_files
-    from test_identity_nodes import _inputs
+    from conftest import load_image, need_shared
 
-    from facemend.nodes import identity
+    from facemend.ops import identity
     from facemend.pipelines.identity.restorer import RestorerID
 
     root = tmp_path
@@ -204,15 +223,20 @@ def test_restorerid_stays_loaded_between_runs(comfy, monkeypatch, tmp_path):
     identity._cache.clear()
     try:
         mm = host(monkeypatch, comfy)
-        rid, det, idm, ref, crops = _inputs(root)
+        rid = node_op("FaceMend_RestorerIDLoader")("RestorerIDFull.ckpt", "ip-adapter-faceid-plus_sd15.bin",
+                                                   "CLIP-ViT-H-14-laion2B-s32B-b79K", "stable-diffusion-v1-5", "fp32")[0]
+        det = node_op("FaceMend_DetectorLoader")("mtcnn (embedded)", "fp32")[0]
+        idm = node_op("FaceMend_IDModelLoader")("models/buffalo_l/w600k_r50.onnx")[0]
+        ref = load_image(need_shared("faces", "clean", "ffhq_00000000.png")).permute(0, 2, 3, 1)
+        lq = load_image(need_shared("faces", "aligned_lq_real", "0143.png"))
+        crops = torch.nn.functional.interpolate(lq, size=(32, 32), mode="area").repeat(2, 1, 1, 1).permute(0, 2, 3, 1)
         assert loaded_entry(mm, rid) is None  # on the offload device until the restore node needs it
         moves = []
         monkeypatch.setattr(RestorerID, "to", lambda self, d: moves.append(d) or self)
-        node = _node("FaceMend_RestorerIDRestore")
-        out, _ = node.run(crops, rid, ref, det, idm, id_scale=0.4, seed=3, steps=1)
+        out, _ = identity.restore_with_reference(crops, rid, ref, det, idm, id_scale=0.4, seed=3, steps=1)
         entry = loaded_entry(mm, rid)
         assert entry is not None and entry.device == COMPUTE and moves == [COMPUTE]  # loaded once, whole
-        again, _ = node.run(crops, rid, ref, det, idm, id_scale=0.4, seed=3, steps=1)
+        again, _ = identity.restore_with_reference(crops, rid, ref, det, idm, id_scale=0.4, seed=3, steps=1)
         assert torch.equal(out, again) and moves == [COMPUTE] and loaded_entry(mm, rid) is entry
         mm.free_memory(1e30, COMPUTE)
         assert loaded_entry(mm, rid) is None and moves == [COMPUTE, OFFLOAD]
@@ -225,7 +249,7 @@ def test_adaface_id_model_is_loaded_and_evicted_like_comfy_models(comfy, monkeyp
     """The NTIRE gate's AdaFace IR-50 (a torch network, unlike the ArcFace ONNX session) is under ComfyUI's model
     management: loaded on the offload device, moved to the compute device by the ID similarity node, evicted by
     free_memory, and the same similarities after it comes back."""
-    from facemend.nodes import quality
+    from facemend.ops import quality
     from facemend.pipelines.quality.adaface import AdaFaceIRNet
 
     torch.manual_seed(0)
@@ -237,14 +261,14 @@ def test_adaface_id_model_is_loaded_and_evicted_like_comfy_models(comfy, monkeyp
     quality._cache.clear()
     try:
         mm = host(monkeypatch, comfy)
-        id_model = _node("FaceMend_IDModelLoader").load("adaface_ir50_ms1mv2.ckpt")[0]
+        id_model = quality.load_id_model("adaface_ir50_ms1mv2.ckpt")[0]
         assert hm.patcher_of(id_model) is not None and id_model.device == OFFLOAD
         faces = torch.rand(2, 112, 112, 3)
-        first = _node("FaceMend_IDSimilarity").run(faces, faces.flip(2), id_model)[0]
+        first = quality.id_similarity(faces, faces.flip(2), id_model)[0]
         assert loaded_entry(mm, id_model) is not None and id_model.device == COMPUTE
         mm.free_memory(1e30, COMPUTE)
         assert loaded_entry(mm, id_model) is None and id_model.device == OFFLOAD and _weights_device(id_model) == {OFFLOAD}
-        assert _node("FaceMend_IDSimilarity").run(faces, faces.flip(2), id_model)[0] == first
+        assert quality.id_similarity(faces, faces.flip(2), id_model)[0] == first
     finally:
         quality._cache.clear()
         model_paths.set_models_dirs([])

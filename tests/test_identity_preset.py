@@ -70,7 +70,7 @@ def test_cli_runs_with_a_fixed_scale(models_dir, tmp_path):
 def test_cli_without_musiq_weights_says_which_fixed_scale_it_uses(models_dir, tmp_path, capsys):
     """No --id-scale and no MUSIQ weights: RestorerID's training scale 0.75, said on stderr and in the report
     (before, a missing MUSIQ file stopped the run)."""
-    from facemend.nodes import quality
+    from facemend.ops import quality
     from facemend.pipelines.quality import metrics as M
 
     musiq = models_dir / "facemend_iqa" / M.SPECS["musiq"].file

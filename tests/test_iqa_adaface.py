@@ -126,7 +126,7 @@ def test_nodes_load_adaface_and_gate_faces_by_the_protocol_subset(official_net, 
     import shutil
 
     from facemend.host import model_paths
-    from facemend.nodes import quality as N
+    from facemend.ops import quality as N
     from facemend.pipelines.face.geometry import face_template
 
     (tmp_path / "adaface").mkdir()
@@ -134,15 +134,14 @@ def test_nodes_load_adaface_and_gate_faces_by_the_protocol_subset(official_net, 
     model_paths.set_models_dirs([str(tmp_path)])
     N._cache.clear()
     try:
-        choices = N.IDModelLoader.INPUT_TYPES()["required"]["model"][0]
-        assert AF.CHECKPOINT_FILE in choices
-        idm = N.IDModelLoader().load(AF.CHECKPOINT_FILE)[0]
+        assert AF.CHECKPOINT_FILE in N.id_model_files()  # the loader node's choices
+        idm = N.load_id_model(AF.CHECKPOINT_FILE)[0]
         img, u8 = _photo()
         blurred = torch.nn.functional.avg_pool2d(img[None], 9, stride=1, padding=4, count_include_pad=False)
         blurred_u8 = AF.to_uint8_hwc(blurred[0])
         pair = torch.stack([img, torch.from_numpy(blurred_u8).permute(2, 0, 1).float() / 255])
         faces = pair.permute(0, 2, 3, 1).contiguous()
-        mean, low, report = N.IDSimilarity().run(faces[:1], faces[1:], idm, protocol="ntire2026", subset="Wider-Test")
+        mean, low, report = N.id_similarity(faces[:1], faces[1:], idm, protocol="ntire2026", subset="Wider-Test")
         report = json.loads(report)
         pts = face_template(512).double().numpy()
         ref = organisers_similarity(official_net, u8, blurred_u8, pts)
@@ -150,7 +149,7 @@ def test_nodes_load_adaface_and_gate_faces_by_the_protocol_subset(official_net, 
         assert report["model_kind"] == "AdaFace IR-50" and report["as_the_challenge"]
         assert report["threshold"] == 0.2 and report["protocol"] == "ntire2026" and report["passed"] == (low <= 10)
         assert low == int(mean < 0.2)
-        _, _, custom = N.IDSimilarity().run(faces[:1], faces[1:], idm, threshold=0.7)
+        _, _, custom = N.id_similarity(faces[:1], faces[1:], idm, threshold=0.7)
         assert json.loads(custom)["threshold"] == 0.7 and "protocol" not in json.loads(custom)
     finally:
         model_paths.set_models_dirs([])

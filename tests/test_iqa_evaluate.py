@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from facemend.cli import main
-from facemend.nodes import quality as N
+from facemend.ops import quality as N
 from facemend.pipelines.io.images import write_image
 from facemend.pipelines.quality.niqe import NIQE
 from facemend.pipelines.quality.ntire_score import score_terms

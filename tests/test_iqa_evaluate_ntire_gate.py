@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from facemend.cli import main
-from facemend.nodes import quality as N
+from facemend.ops import quality as N
 from facemend.pipelines.quality import adaface as AF
 from facemend.pipelines.quality.ntire_score import PROTOCOLS
 

@@ -8,13 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-import facemend
-
 from conftest import ROOT
-
-
-def _node(name):
-    return facemend.NODE_CLASS_MAPPINGS[name]()
+from node_specs import node_op
 
 
 class NeverRun:
@@ -34,35 +29,36 @@ class NeverRun:
 @pytest.mark.parametrize("geometry", ["ffhq", "native"])
 def test_no_face_costs_nothing_and_passes_through(size, geometry):
     image = torch.rand(1, *size, 3)
-    detector = _node("FaceMend_DetectorLoader").load("mtcnn (embedded)")[0]
-    crops, alignment, count, _ = _node("FaceMend_DetectAlign").run(image, detector, crop_geometry=geometry)
+    detector = node_op("FaceMend_DetectorLoader")("mtcnn (embedded)")[0]
+    crops, alignment, count, _ = node_op("FaceMend_DetectAlign")(image, detector, crop_geometry=geometry)
     assert count == 0 and crops.shape[0] == 0 and crops.ndim == 4 and crops.shape[-1] == 3
     never = NeverRun()
-    restored, = _node("FaceMend_RestoreFaces").run(crops, never)
-    tuned, report = _node("FaceMend_PerImageTune").run(crops, "zssr", 2, steps=5)
+    restored, = node_op("FaceMend_RestoreFaces")(crops, never)
+    tuned, report = node_op("FaceMend_PerImageTune")(crops, "zssr", 2, steps=5)
     assert tuned.shape[0] == 0 and json.loads(report)["faces"] == 0
-    refined, = _node("FaceMend_OneStepSR").run(restored, never, scale=1)
-    fixed, = _node("FaceMend_ColorFix").run(refined, crops)
+    refined, = node_op("FaceMend_OneStepSR")(restored, never, scale=1)
+    fixed, = node_op("FaceMend_ColorFix")(refined, crops)
     assert restored.shape[0] == refined.shape[0] == fixed.shape[0] == 0
-    out, mask = _node("FaceMend_PasteBack").run(image, fixed, alignment)
+    out, mask = node_op("FaceMend_PasteBack")(image, fixed, alignment)
     assert torch.equal(out, image) and mask.shape == image.shape[:3] and not mask.any()
     # The quality nodes on no faces: no work, outputs of the right types.
-    score, _ = _node("FaceMend_IQAScore").run(crops, never)
-    sim, low, _ = _node("FaceMend_IDSimilarity").run(crops, restored, never)
-    best, _ = _node("FaceMend_BestOf").run(crops, restored, never)
-    fx, ffx, gain, drift, _ = _node("FaceMend_Authenticity").run(crops, never, never)
+    score, _ = node_op("FaceMend_IQAScore")(crops, never)
+    sim, low, _ = node_op("FaceMend_IDSimilarity")(crops, restored, never)
+    best, _ = node_op("FaceMend_BestOf")(crops, restored, never)
+    fx, ffx, gain, drift, _ = node_op("FaceMend_Authenticity")(crops, never, never)
     assert (score, sim, low, gain, drift) == (0.0, 0.0, 0, 0.0, 0.0)
     assert best.shape[0] == fx.shape[0] == ffx.shape[0] == 0
     # The identity and adaptation nodes too.
-    restored_id, report = _node("FaceMend_RestorerIDRestore").run(crops, never, image, detector, never)
-    targets, plain = _node("FaceMend_PseudoTargets").run(crops, never, never)
+    restored_id, report = node_op("FaceMend_RestorerIDRestore")(crops, never, image, detector, never)
+    targets, plain = node_op("FaceMend_PseudoTargets")(crops, never, never)
     assert restored_id.shape[0] == targets.shape[0] == plain.shape[0] == 0 and json.loads(report)["faces"] == 0
 
 
 @pytest.mark.comfyui
 def test_fast_workflow_with_no_face_in_comfyui(comfyui):
     """The shipped fast workflow (unchanged) on a photo without a face and on a 1x1 image: both succeed and the
-    saved picture is the input itself (the 1x1 image used to fail in Restore Faces)."""
+    saved picture is the input itself (the 1x1 image used to fail in Restore Faces); the node previews reach the
+    host's history."""
     from facemend.pipelines.restore.archs.gfpgan import GFPGANConfig, GFPGANv1Clean
     from test_comfyui_e2e import run_prompt
 
@@ -79,9 +75,16 @@ def test_fast_workflow_with_no_face_in_comfyui(comfyui):
         graph = json.loads(shipped)
         graph["1"]["inputs"]["image"] = name
         entry = run_prompt(url, graph, client_id="facemend-noface")
-        (img,) = [i for out in entry["outputs"].values() for i in out.get("images", [])]
+        # The saved picture (the nodes' own previews are temp images beside it).
+        (img,) = [i for out in entry["outputs"].values() for i in out.get("images", []) if i["type"] == "output"]
         result = np.asarray(Image.open(base / "output" / img["subfolder"] / img["filename"]).convert("RGB"))
         assert np.array_equal(result, pixels), name
+        # On the nodes: Paste Back's before | after (the same photo twice here); Detect + Align has no crop to show.
+        ids = {n["class_type"]: nid for nid, n in graph.items()}
+        (pair,) = entry["outputs"][ids["FaceMend_PasteBack"]]["images"]
+        shown = np.asarray(Image.open(base / "temp" / pair["subfolder"] / pair["filename"]).convert("RGB"))
+        assert pair["type"] == "temp" and shown.shape == (pixels.shape[0], 2 * pixels.shape[1] + 8, 3), name
+        assert ids["FaceMend_DetectAlign"] not in entry["outputs"]
 
 
 from test_comfyui_e2e import comfyui  # noqa: E402,F401  (the server fixture, for the test above)

@@ -146,6 +146,36 @@ def test_progress_counts_every_tile_and_interrupt_stops():
         ref(x, scale=1, tiles=SMALL_TILES, hook=hook)
 
 
+def test_tiled_apply_previews_the_blended_canvas_only_for_a_hook_that_wants_one():
+    x = torch.rand(2, 3, 40, 56, generator=torch.Generator().manual_seed(0))
+    made, shown = [], []
+
+    class Hook:  # what ops/diffusion hands the pipeline: progress per tile, previews when hosted
+        def __init__(self, wants):
+            self.wants = wants
+
+        def __call__(self, n=1):
+            pass
+
+        def wants_preview(self):
+            return self.wants
+
+        def preview(self, image):
+            shown.append(image.clone())
+
+    def to_image(canvas):
+        made.append(1)
+        return canvas / 2
+
+    out = tiled_apply(lambda t: t * 2, x, 16, 4, blend="linear", hook=Hook(False), preview=to_image)
+    assert not made and not shown  # standalone: no preview is even computed
+    again = tiled_apply(lambda t: t * 2, x, 16, 4, blend="linear", hook=Hook(True), preview=to_image)
+    assert torch.equal(again, out)
+    assert len(shown) == tile_count(40, 56, 16, 4)  # one per tile (the hook's own rate limit decides what shows)
+    assert torch.equal(shown[-1], out / 2)  # after the last tile the canvas is the result
+    assert (shown[0] == 0).any() and not (shown[-1] == 0).any()  # earlier ones: tiles still missing
+
+
 def test_out_of_memory_retries_with_smaller_batches_and_tiles_then_fails_clearly():
     seen = []
 

@@ -21,9 +21,9 @@ def test_osdface_workflow_runs_in_comfyui(comfyui):  # noqa: F811
     photo = Image.open(need_shared("faces", "clean", "ffhq_00000000.png")).convert("RGB").resize((256, 256))
     photo.save(base / "input" / "example.png")
     info = _get(url + "/object_info/FaceMend_OSDFaceLoader", timeout=60)["FaceMend_OSDFaceLoader"]
-    assert "osdface" in info["input"]["required"]["osdface_folder"][0]
+    assert "osdface" in info["input"]["required"]["osdface_folder"][1]["options"]  # a V3 combo
     graph = json.loads((ROOT / "workflows" / "api" / "facemend_osdface.json").read_text())
     entry = run_prompt(url, graph, client_id="facemend-osdface")
-    (img,) = [i for out in entry["outputs"].values() for i in out.get("images", [])]
+    (img,) = [i for out in entry["outputs"].values() for i in out.get("images", []) if i["type"] == "output"]
     out = Image.open(base / "output" / img["subfolder"] / img["filename"])
     assert out.size == (256, 256)

@@ -12,8 +12,8 @@ pytest.importorskip("diffusers")
 from onestep_models import make_tsdsr  # noqa: E402
 from sd3_original_layout import (TRANSFORMER_PREFIX, VAE_PREFIX, mmdit_original_shapes,  # noqa: E402
                                  sd3_transformer_to_original, single_file_state, vae_to_original)
-import facemend  # noqa: E402
 from facemend.host import model_paths  # noqa: E402
+from facemend.ops import diffusion as op  # noqa: E402
 from facemend.pipelines.diffusion import sd3_single_file  # noqa: E402
 from facemend.pipelines.io.errors import ModelFileInvalid, ModelFileNotFound  # noqa: E402
 from facemend.pipelines.diffusion.backends import load_osediff, load_tsdsr  # noqa: E402
@@ -109,19 +109,17 @@ def test_loader_node_lists_and_loads_checkpoints_files(models, monkeypatch):
     root, base, lora, single, _, _ = models
     model_paths.set_models_dirs([root])
     try:
-        spec = facemend.NODE_CLASS_MAPPINGS["FaceMend_OneStepSRLoader"].INPUT_TYPES()["required"]["base_model"][0]
-        assert "sd3-tiny_incl_clips.safetensors" in spec and "sd3-tiny" in spec
-        loader = facemend.NODE_CLASS_MAPPINGS["FaceMend_OneStepSRLoader"]()
+        choices = op.onestep_base_choices()
+        assert "sd3-tiny_incl_clips.safetensors" in choices and "sd3-tiny" in choices
         # With the shipped SD3-medium configs the tiny file is refused, naming what it holds and what was expected.
         with pytest.raises(ModelFileInvalid) as err:
-            loader.load("tsdsr", "sd3-tiny_incl_clips.safetensors", "tsdsr", "fp32")
+            op.load_onestep("tsdsr", "sd3-tiny_incl_clips.safetensors", "tsdsr", "fp32")
         msg = str(err.value)
         assert "shipped SD3-medium config" in msg and "2 blocks of width 16" in msg and "sd3_medium.safetensors" in msg
         # With the tiny configs in place of the shipped ones the node loads it.
         monkeypatch.setattr(sd3_single_file, "CONFIG_DIR", base)
-        model = loader.load("tsdsr", "sd3-tiny_incl_clips.safetensors", "tsdsr", "fp32")[0]
-        out = facemend.NODE_CLASS_MAPPINGS["FaceMend_OneStepSR"]().run(torch.rand(1, 32, 48, 3), model, scale=1,
-                                                                       tile_size=0, tile_overlap=-1, seed=0)[0]
+        model = op.load_onestep("tsdsr", "sd3-tiny_incl_clips.safetensors", "tsdsr", "fp32")
+        out = op.one_step_sr(torch.rand(1, 32, 48, 3), model, scale=1, tile_size=0, tile_overlap=-1, seed=0)[0]
         assert out.shape == (1, 32, 48, 3)
     finally:
         model_paths.set_models_dirs([])
@@ -223,8 +221,22 @@ def test_missing_single_file_names_both_options(models, tmp_path):
     model_paths.set_models_dirs([str(tmp_path)])
     try:
         with pytest.raises(ModelFileNotFound) as err:
-            facemend.NODE_CLASS_MAPPINGS["FaceMend_OneStepSRLoader"]().load("tsdsr", "sd3_medium.safetensors",
-                                                                            "tsdsr", "auto")
+            op.load_onestep("tsdsr", "sd3_medium.safetensors", "tsdsr", "auto")
     finally:
         model_paths.set_models_dirs([])
     assert missing in str(err.value) and "stable-diffusion-3-medium-diffusers" in str(err.value)
+
+
+def test_loader_validation_refuses_a_single_file_for_osediff(models):
+    from conftest import node_class
+
+    loader = node_class("FaceMend_OneStepSRLoader")
+    model_paths.set_models_dirs([models[0]])
+    try:
+        msg = loader.validate_inputs(backend="osediff", base_model="sd3-tiny_incl_clips.safetensors",
+                                     lora="osediff.pkl", precision="fp32")
+        assert loader.validate_inputs(backend="tsdsr", base_model="sd3-tiny_incl_clips.safetensors", lora="tsdsr",
+                                      precision="fp32") is True
+    finally:
+        model_paths.set_models_dirs([])
+    assert "OSEDiff reads the SD2.1-base diffusers folder only" in msg

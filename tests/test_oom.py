@@ -180,13 +180,12 @@ def test_restorerid_node_halves_its_batch_and_says_so(models_dir, monkeypatch): 
     import json
 
     pytest.importorskip("onnxruntime")
-    import facemend
+    from facemend.ops.identity import restore_with_reference
     from facemend.pipelines.identity.restorer import RestorerID
     from test_identity_nodes import _inputs
 
     rid, det, idm, ref, crops = _inputs(models_dir)
-    node = facemend.NODE_CLASS_MAPPINGS["FaceMend_RestorerIDRestore"]()
-    expected, _ = node.run(crops, rid, ref, det, idm, id_scale=0.4, seed=3, steps=1, batch_size=1)
+    expected, _ = restore_with_reference(crops, rid, ref, det, idm, id_scale=0.4, seed=3, steps=1, batch_size=1)
     real = RestorerID.restore
 
     def restore(self, faces, *a, **k):  # two faces with CFG (a UNet batch of 4) do not fit
@@ -195,7 +194,7 @@ def test_restorerid_node_halves_its_batch_and_says_so(models_dir, monkeypatch): 
         return real(self, faces, *a, **k)
 
     monkeypatch.setattr(RestorerID, "restore", restore)
-    out, report = node.run(crops, rid, ref, det, idm, id_scale=0.4, seed=3, steps=1, batch_size=2)
+    out, report = restore_with_reference(crops, rid, ref, det, idm, id_scale=0.4, seed=3, steps=1, batch_size=2)
     assert torch.equal(out, expected)
     assert "retried with 1 face per batch" in json.loads(report)["notes"][0]
 

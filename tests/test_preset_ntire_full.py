@@ -46,7 +46,7 @@ class _ID:
 
 @pytest.fixture
 def stand_ins(monkeypatch):
-    from facemend.nodes import quality as iqa
+    from facemend.ops import quality as iqa
     from facemend.pipelines.restore import restorer as restore
 
     torch.set_num_threads(1)

@@ -194,7 +194,7 @@ def test_ntire_metric_networks_measured_into_the_cost():
 
 def test_node_reports_groups_and_counts_progress(monkeypatch):
     from facemend.host import device as dev
-    from facemend.nodes.tune import PerImageTune
+    from facemend.ops.tune import per_image_tune
 
     image = torch.rand(2, 24, 24, 3, generator=torch.Generator().manual_seed(2))
     probe = Z.ZSSR(Z.ZSSRConfig(crop_size=16, self_ensemble=False).scaled_policy(3))
@@ -209,7 +209,7 @@ def test_node_reports_groups_and_counts_progress(monkeypatch):
     monkeypatch.setattr(dev.Progress, "__init__", init)
     dev.set_device("cpu")
     try:
-        out, report = PerImageTune().run(image, mode="zssr", steps=3, crop_size=16, self_ensemble=False)
+        out, report = per_image_tune(image, mode="zssr", steps=3, crop_size=16, self_ensemble=False)
     finally:
         dev.set_device(None)
     rep = json.loads(report)

@@ -1,5 +1,5 @@
-"""Per-image tuning (pipelines/tune/zssr.py, nodes/tune.py): classic ZSSR on real faces beats bicubic, interruption,
-determinism, grouped batching == one face alone, the NTIRE mode's report, quality losses and ID guard.
+"""Per-image tuning (pipelines/tune/zssr.py, ops/tune.py, nodes/tune.py): classic ZSSR on real faces beats bicubic,
+interruption, determinism, grouped batching == one face alone, the NTIRE mode's report, quality losses and ID guard.
 
 Kept small for the CPU CI (two real faces at 96 px, a few dozen steps, one torch thread): about 35 s on 2 idle
 cores, under 2 minutes on a heavily shared machine. The full set at 512 is benchmarks/bench_zssr.py.
@@ -204,43 +204,103 @@ def test_tiled_full_image_pass_is_exact():
                                E.GroupedCNN.apply_full(net.weights, x, tile=512), atol=tol, rtol=0)
 
 
-def test_node_contract_and_run(faces, monkeypatch):
-    from facemend.host import device as dev
-    from facemend.nodes.tune import NODES, PerImageTune
+def test_node_schema_has_a_tooltip_on_every_input():
+    from conftest import node_class
 
-    assert "FaceMend_PerImageTune" in NODES
-    spec = PerImageTune.INPUT_TYPES()
-    for section in spec.values():
+    info = node_class("FaceMend_PerImageTune").GET_NODE_INFO_V1()
+    for section in info["input"].values():
         for name, (kind, opts) in section.items():
             assert opts.get("tooltip"), name
+
+
+def test_node_run_and_interruption(faces, monkeypatch):
+    from facemend.host import device as dev
+    from facemend.ops.tune import per_image_tune
+
     image = _lr(faces).permute(0, 2, 3, 1).contiguous()                   # IMAGE [2,48,48,3]
     dev.set_device("cpu")
     try:
-        node = PerImageTune()
-        out, report = node.run(image, mode="zssr", scale=2, steps=4, crop_size=32, self_ensemble=False)
+        out, report = per_image_tune(image, mode="zssr", scale=2, steps=4, crop_size=32, self_ensemble=False)
         assert out.shape == (2, 96, 96, 3)
         assert json.loads(report)["stages"][0]["iterations"] == [4, 4]
-        out, report = node.run(faces.permute(0, 2, 3, 1), mode="ntire_tune", steps=4, crop_size=32,
-                               validation_interval=2)
+        out, report = per_image_tune(faces.permute(0, 2, 3, 1), mode="ntire_tune", steps=4, crop_size=32,
+                                     validation_interval=2)
         rep = json.loads(report)
         assert out.shape == (2, 96, 96, 3) and rep["losses"] == "L1 only" and "no IQA metric" in rep["note"]
         # Cancel pressed while step 2 finishes: the node stops at the next step's check, with no output
         updates = []
         original_update = dev.Progress.update
 
-        def update(self, n=1):
+        def update(self, n=1, preview=None):
             updates.append(n)
-            original_update(self, n)
+            original_update(self, n, preview)
             if len(updates) == 2:
                 dev.request_interrupt()
 
         monkeypatch.setattr(dev.Progress, "update", update)
         with pytest.raises(Interrupted):
-            node.run(image, mode="zssr", steps=50, crop_size=32)
+            per_image_tune(image, mode="zssr", steps=50, crop_size=32)
         assert updates == [1, 1]
     finally:
         dev.clear_interrupt()
         dev.set_device(None)
+
+
+def test_node_refuses_zssr_x3_before_the_run():
+    """scale 3 passes ComfyUI's range check (2..4) but zssr upscales by 2 or 4 only: refused at validation, before
+    any other node runs (it used to fail in the middle of the run). Naming mode/scale in validate_inputs turns off
+    ComfyUI's own checks of them, so the node redoes them."""
+    from conftest import node_class
+
+    node = node_class("FaceMend_PerImageTune")
+    assert node.validate_inputs(mode="zssr", scale=2) is True and node.validate_inputs(mode="zssr", scale=4) is True
+    assert node.validate_inputs(mode="ntire_tune", scale=3) is True          # ignored by ntire_tune
+    assert "zssr scale must be 2 or 4, got 3" in node.validate_inputs(mode="zssr", scale=3)
+    assert "between 2 and 4" in node.validate_inputs(mode="ntire_tune", scale=8)
+    assert "mode must be one of zssr, ntire_tune" in node.validate_inputs(mode="sr", scale=2)
+    from facemend.ops.tune import per_image_tune
+
+    with pytest.raises(ValueError, match="zssr scale must be 2 or 4"):    # the same rule where it runs
+        per_image_tune(torch.rand(1, 16, 16, 3), mode="zssr", scale=3, steps=1)
+
+
+def test_node_shows_its_output_and_live_previews(tmp_path, monkeypatch):
+    """The output on the node (ui images in ComfyUI's temp folder) and, hosted, a live preview at each
+    validation: ntire_tune shows its best validated output, the last one is the output itself."""
+    from conftest import node_class
+
+    from facemend.host import device as dev
+
+    node = node_class("FaceMend_PerImageTune")
+    import folder_paths
+
+    monkeypatch.setattr(folder_paths, "get_temp_directory", lambda: str(tmp_path))
+    shown = []
+    monkeypatch.setattr(dev, "is_hosted", lambda: True)
+    monkeypatch.setattr(dev, "_reporter", lambda done, total, image: shown.append((done, total, image)))
+    monkeypatch.setattr(dev, "PREVIEW_INTERVAL_S", 0.0)    # every validation may show one (1/s when hosted)
+    image = torch.rand(1, 24, 24, 3, generator=torch.Generator().manual_seed(1))
+    dev.set_device("cpu")
+    try:
+        res = node.execute(image, mode="ntire_tune", steps=4, crop_size=16, validation_interval=2)
+    finally:
+        dev.set_device(None)
+    out = res.result[0]
+    files = res.ui.as_dict()["images"]
+    assert len(files) == 1 and (tmp_path / files[0]["subfolder"] / files[0]["filename"]).is_file()
+    previews = [(done, img) for done, total, img in shown if img is not None]
+    assert [done for done, _ in previews] == [2, 4]                       # steps 2 and 4 validate
+    assert torch.equal(previews[-1][1], dev.preview_image(out))
+    shown.clear()
+    dev.set_device("cpu")
+    try:
+        res = node.execute(image, mode="zssr", steps=4, crop_size=16, self_ensemble=False)
+    finally:
+        dev.set_device(None)
+    previews = [img for _, _, img in shown if img is not None]
+    # the network's reconstructions at its tests, then the x2 result
+    assert len(previews) >= 2 and previews[-1].shape == (1, 48, 48, 3)
+    assert torch.equal(previews[-1], dev.preview_image(res.result[0]))
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1, 3), (1, 7, 5, 3), (1, 20, 14, 1), (1, 20, 14, 4), (20, 14, 3)])
@@ -249,13 +309,13 @@ def test_node_tiny_gray_rgba_and_unbatched_images(shape, mode):
     """Defined behaviours: tiny images (< 8 px) come back bicubic-upscaled (zssr) or unchanged (ntire_tune);
     gray is replicated to RGB, alpha dropped, a missing batch dimension added."""
     from facemend.host import device as dev
-    from facemend.nodes.tune import PerImageTune
+    from facemend.ops.tune import per_image_tune
 
     dev.set_device("cpu")
     try:
         image = torch.rand(shape)
-        out, report = PerImageTune().run(image, mode=mode, steps=2, crop_size=16, self_ensemble=False,
-                                         validation_interval=1)
+        out, report = per_image_tune(image, mode=mode, steps=2, crop_size=16, self_ensemble=False,
+                                     validation_interval=1)
     finally:
         dev.set_device(None)
     h, w = (shape[-3], shape[-2])

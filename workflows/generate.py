@@ -12,6 +12,10 @@ To add a graph, add an entry to WORKFLOWS (node ids, widgets by name, links) and
 does not know, a row in NOTE_MODELS. Positions, groups and the Note are computed.
 
     python workflows/generate.py      # rewrite every file after changing a graph below
+
+It reads the node schemas from FaceMend's V3 node classes, which import ComfyUI's node API: it runs only where
+ComfyUI is importable ($COMFYUI_DIR, or the pinned checkout fetched by tests/fetch_official.py, with its
+requirements installed by tests/setup_comfyui.py); elsewhere it exits with the command to run.
 """
 from __future__ import annotations
 
@@ -204,34 +208,42 @@ WORKFLOWS = {
 }
 
 
-def _node_classes():
-    try:
-        import facemend
-    except ImportError:  # run from a checkout without installing: load it like the tests do
+def _node_classes() -> dict:
+    """node id -> the node's schema as ComfyUI serves it (/object_info: a V3 class's GET_NODE_INFO_V1(); during the
+    migration, a dictionary-API class's as ComfyUI's server builds it). FaceMend's nodes are V3 nodes that import
+    ComfyUI's node API, so this runs only where ComfyUI is importable: $COMFYUI_DIR or the pinned checkout
+    (`python tests/fetch_official.py Comfy-Org/ComfyUI`) with its requirements (`python tests/setup_comfyui.py`)."""
+    if str(HERE.parent / "tests") not in sys.path:
         sys.path.insert(0, str(HERE.parent / "tests"))
-        import conftest  # noqa: F401  (registers the checkout as `facemend`)
-        import facemend
-    return facemend.NODE_CLASS_MAPPINGS
+    import conftest  # registers this checkout as `facemend` (and finds ComfyUI as the tests do)
+    from node_specs import node_infos
+
+    found = conftest.comfyui_dir()
+    if found is None:
+        raise SystemExit("workflows/generate.py " + conftest.comfyui_skip_reason())
+    if str(found) not in sys.path:
+        sys.path.append(str(found))
+    import facemend.nodes
+
+    return node_infos(facemend.nodes)
+
+
+def _specs(info) -> dict:
+    return {**info["input"].get("required", {}), **info["input"].get("optional", {})}
 
 
 def _schema(class_type, classes):
     """(widgets [(name, type)], link inputs [(name, type)], outputs [(name, type)]) in ComfyUI's order."""
+    from node_specs import kind
+
     if class_type in CORE_WIDGETS:
         return CORE_WIDGETS[class_type], CORE_LINK_INPUTS[class_type], CORE_OUTPUTS[class_type]
-    cls = classes[class_type]
-    spec = cls.INPUT_TYPES()
+    info = classes[class_type]
     widgets, links = [], []
-    for section in ("required", "optional"):
-        for name, s in spec.get(section, {}).items():
-            kind = s[0]
-            if isinstance(kind, list):
-                widgets.append((name, "COMBO"))
-            elif kind in ("INT", "FLOAT", "STRING", "BOOLEAN"):
-                widgets.append((name, kind))
-            else:
-                links.append((name, kind))
-    names = getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES)
-    return widgets, links, list(zip(names, cls.RETURN_TYPES))
+    for name, s in _specs(info).items():
+        k = kind(s)  # V1 writes a combo as its list of choices, V3 as "COMBO"
+        (widgets if k in ("COMBO", "INT", "FLOAT", "STRING", "BOOLEAN") else links).append((name, k))
+    return widgets, links, list(zip(info["output_name"], info["output"]))
 
 
 def _has_control_widget(class_type, name, kind, classes) -> bool:
@@ -240,8 +252,7 @@ def _has_control_widget(class_type, name, kind, classes) -> bool:
     value loads with every later widget shifted by one)."""
     if kind != "INT" or class_type not in classes:
         return False
-    spec = classes[class_type].INPUT_TYPES()
-    opts = {**spec.get("required", {}), **spec.get("optional", {})}[name]
+    opts = _specs(classes[class_type])[name]
     return bool(len(opts) > 1 and opts[1].get("control_after_generate")) or name in ("seed", "noise_seed")
 
 

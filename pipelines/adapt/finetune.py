@@ -229,14 +229,31 @@ class Finetuner:
             terms["output"] = out
         return terms
 
+    def render(self, faces: torch.Tensor) -> torch.Tensor:
+        """What the network being trained restores now on `faces` ([B,3,H,W] in [0,1]): the restorer's own inference
+        (eval mode, seed 0) with the current weights, as the saved model will run. Training is left as it was: its
+        random streams are its own generators, and the network goes back to train mode."""
+        import copy
+
+        current = copy.copy(self.restorer)  # the restorer's call with the trained float32 network in it
+        current.net, current._compiled, current.dtype = self.net, None, torch.float32
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            return current(faces.to(self.device), seed=0)
+        finally:
+            self.net.train(was_training)
+
     # ---------------------------------------------------------------- training
     def run(self, inputs: torch.Tensor, targets: torch.Tensor, name: str, output_path: str, work_dir: str,
             hook: Optional[Callable[[int], None]] = None, log: Callable[[str], None] = lambda s: None,
-            gan_real: Optional[torch.Tensor] = None) -> FinetuneResult:
+            gan_real: Optional[torch.Tensor] = None,
+            on_checkpoint: Optional[Callable[[int, Callable], None]] = None) -> FinetuneResult:
         """Train on inputs[i] -> targets[i] ([N,3,H,W] in [0,1]); resume from the newest checkpoint in work_dir.
         gan_real: clean faces for the discriminator's "real" side (default: the pseudo targets).
         hook(1) is called after every optimiser step (progress; raise there to interrupt: the newest checkpoint
-        stays and a later call resumes from it)."""
+        stays and a later call resumes from it). on_checkpoint(step, render) after each checkpoint is saved:
+        render(faces) is what the network restores at that step (self.render), e.g. for a live preview."""
         c = self.config
         if inputs.shape != targets.shape or inputs.ndim != 4 or inputs.shape[0] == 0:
             raise ValueError(f"need matching non-empty [N,3,H,W] inputs and targets, got {tuple(inputs.shape)} "
@@ -329,6 +346,8 @@ class Finetuner:
                 if self.disc is not None:
                     state.update(disc=self.disc.state_dict(), optimizer_d=opt_d.state_dict())
                 _atomic_save(state, os.path.join(work_dir, f"step_{done:06d}.pt"))
+                if on_checkpoint is not None:
+                    on_checkpoint(done, self.render)
             if hook is not None:
                 hook(1)
         elapsed = time.perf_counter() - t0

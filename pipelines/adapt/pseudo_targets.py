@@ -55,6 +55,23 @@ class PseudoTargetConfig:
             raise ValueError(f"down_factor {self.down_factor} must divide the image size {self.image_size}")
 
 
+def checked_schedule(config: PseudoTargetConfig) -> SpacedSchedule:
+    """The respaced schedule of `config`, or ValueError saying which setting is refused (the nodes check this
+    before a run; the generator again when it is made)."""
+    if config.respacing.strip().lower().startswith("ddim"):
+        # The official sampler runs its deterministic DDIM loop for "ddimN" and leaves out the low-frequency
+        # constraint there: not the paper's pseudo targets, so not offered rather than run differently.
+        raise ValueError(f"respacing {config.respacing!r}: the official generator switches to DDIM without the "
+                         "low-frequency constraint for ddimN, which FaceMend does not offer; use a plain step "
+                         "count such as \"250\" (official) or sections such as \"10,15,20\"")
+    try:
+        schedule = SpacedSchedule(config.respacing)
+    except ValueError as exc:
+        raise ValueError(f"respacing {config.respacing!r}: {exc} (expected e.g. \"250\" or \"10,15,20\")") from exc
+    config.validate(schedule.num_steps)
+    return schedule
+
+
 class PseudoTargetGenerator:
     """channels_last: the prior's weights and inputs in NHWC memory. Default: on the CPU only, where oneDNN's
     convolutions then run without reordering every input and output (measured 20-25% faster at 512 px); CUDA's
@@ -70,17 +87,7 @@ class PseudoTargetGenerator:
         self.config = config
         self.channels_last = channels_last
         self.prior_batch = prior_batch
-        if config.respacing.strip().lower().startswith("ddim"):
-            # The official sampler runs its deterministic DDIM loop for "ddimN" and leaves out the low-frequency
-            # constraint there: not the paper's pseudo targets, so not offered rather than run differently.
-            raise ValueError(f"respacing {config.respacing!r}: the official generator switches to DDIM without the "
-                             "low-frequency constraint for ddimN, which FaceMend does not offer; use a plain step "
-                             "count such as \"250\" (official) or sections such as \"10,15,20\"")
-        try:
-            self.schedule = SpacedSchedule(config.respacing)
-        except ValueError as exc:
-            raise ValueError(f"respacing {config.respacing!r}: {exc} (expected e.g. \"250\" or \"10,15,20\")") from exc
-        config.validate(self.schedule.num_steps)
+        self.schedule = checked_schedule(config)
         self._lowpass: dict = {}
 
     @property
@@ -94,12 +101,14 @@ class PseudoTargetGenerator:
     @torch.no_grad()
     def __call__(self, restored: torch.Tensor, batch_size: int = 1, seed: Optional[int] = None,
                  callback: Optional[Callable[[int], None]] = None,
-                 on_step: Optional[Callable[..., None]] = None) -> torch.Tensor:
+                 on_step: Optional[Callable[..., None]] = None,
+                 on_batch: Optional[Callable[[torch.Tensor], None]] = None) -> torch.Tensor:
         """restored: [N,3,H,W] RGB in [0,1] (the restorer's outputs on the user's faces). Returns targets of the
         same shape in [0,1], float32, on the input's device.
         batch_size: faces sampled together (their network calls grouped by `prior_batch`).
         callback(n): after every denoising step (n = faces in the batch), for progress and interruption.
-        on_step(i, x_before, x_after, noised_ref): after every constrained step (the constraint test uses it)."""
+        on_step(i, x_before, x_after, noised_ref): after every constrained step (the constraint test uses it).
+        on_batch(targets): each finished batch's targets ([b,3,H,W] in [0,1]), e.g. for a live preview."""
         seed = self.config.seed if seed is None else int(seed)
         n, _, h, w = restored.shape
         out = torch.empty((n, 3, h, w), dtype=torch.float32, device=restored.device)
@@ -112,15 +121,21 @@ class PseudoTargetGenerator:
         for start in range(0, n, bs):
             chunk = restored[start:start + bs].to(device, torch.float32)
             gens = [torch.Generator(device=device).manual_seed(seed + start + k) for k in range(chunk.shape[0])]
-            out[start:start + chunk.shape[0]] = self._run(chunk, gens, channels_last, prior_batch, callback,
-                                                          on_step).to(out.device)
+            done = self._run(chunk, gens, channels_last, prior_batch, callback, on_step)
+            out[start:start + chunk.shape[0]] = done.to(out.device)
+            if on_batch is not None:
+                on_batch(done)
         return out
 
     def _set_layout(self, channels_last: bool) -> None:
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         w = self.unet.input_blocks[0][0].weight
         if not w.is_contiguous(memory_format=fmt):
-            self.unet.to(memory_format=fmt)
+            # In the weights' own mode: ComfyUI loads models in inference mode, and a layout change made outside it
+            # (the adapt node trains outside it) left inference storage under normal tensors, which the next
+            # adapt run could not read (found in a real ComfyUI: a second run failed).
+            with torch.inference_mode(w.is_inference()):
+                self.unet.to(memory_format=fmt)
 
     def _filter(self, size: int, device: torch.device) -> LowPass:
         key = (size, self.config.down_factor, str(device))

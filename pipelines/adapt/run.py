@@ -28,7 +28,8 @@ def targets_key(faces: torch.Tensor, restorer, generator: PseudoTargetGenerator)
 
 def make_or_load_targets(faces: torch.Tensor, restorer, generator: PseudoTargetGenerator, work_dir: str,
                          batch_size: int = 1, hook: Optional[Callable[[int], None]] = None,
-                         log: Callable[[str], None] = lambda s: None) -> torch.Tensor:
+                         log: Callable[[str], None] = lambda s: None,
+                         on_batch: Optional[Callable[[torch.Tensor], None]] = None) -> torch.Tensor:
     """Pseudo targets of `faces` ([N,3,H,W] in [0,1]) in "general" mode: the reference is the restorer's output.
     Cached in work_dir/targets.pt, reused only for the same photos, restorer weights, prior weights and generator
     settings (targets_key); other inputs are refused, naming what changed."""
@@ -50,7 +51,7 @@ def make_or_load_targets(faces: torch.Tensor, restorer, generator: PseudoTargetG
         raise FaceMendError(f"{path} holds pseudo targets made from other inputs (not the same: "
                             f"{', '.join(differ)}); use another work folder, or delete this one to start over.")
     restored = restorer(faces, seed=0)
-    targets = generator(restored, batch_size=batch_size, callback=hook)
+    targets = generator(restored, batch_size=batch_size, callback=hook, on_batch=on_batch)
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save({"key": json.dumps(key, sort_keys=True), "targets": targets.cpu(), "restored": restored.cpu()}, tmp)
     os.replace(tmp, path)
@@ -60,14 +61,18 @@ def make_or_load_targets(faces: torch.Tensor, restorer, generator: PseudoTargetG
 def adapt_restorer(faces: torch.Tensor, restorer, generator: PseudoTargetGenerator, lpips_net,
                    config: FinetuneConfig, name: str, output_path: str, work_dir: str, batch_size: int = 1,
                    hook: Optional[Callable[[int], None]] = None, log: Callable[[str], None] = lambda s: None,
-                   gan_real: Optional[torch.Tensor] = None) -> tuple[FinetuneResult, torch.Tensor]:
+                   gan_real: Optional[torch.Tensor] = None,
+                   on_batch: Optional[Callable[[torch.Tensor], None]] = None,
+                   on_checkpoint: Optional[Callable[[int, Callable], None]] = None
+                   ) -> tuple[FinetuneResult, torch.Tensor]:
     """Returns (the fine-tuning result, the pseudo targets). hook(1) after every prior step per face batch and
-    every optimiser step (progress + interruption)."""
+    every optimiser step (progress + interruption); on_batch(targets) after each batch of pseudo targets is made
+    (PseudoTargetGenerator), on_checkpoint(step, render) after each training checkpoint (Finetuner.run)."""
     if os.path.exists(output_path):
         raise FaceMendError(f"{output_path} exists; FaceMend never overwrites a model file. Choose another name.")
-    targets = make_or_load_targets(faces, restorer, generator, work_dir, batch_size, hook, log)
+    targets = make_or_load_targets(faces, restorer, generator, work_dir, batch_size, hook, log, on_batch)
     result = Finetuner(restorer, lpips_net, config).run(faces, targets, name, output_path, work_dir, hook=hook,
-                                                        log=log, gan_real=gan_real)
+                                                        log=log, gan_real=gan_real, on_checkpoint=on_checkpoint)
     return result, targets
 
 

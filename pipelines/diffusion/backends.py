@@ -135,6 +135,30 @@ def _prepare(modules, device, dtype):
 
 
 # --- TSD-SR ------------------------------------------------------------------------------------------------
+def check_tsdsr_files(base_dir: str, lora_dir: str) -> None:
+    """ModelFileNotFound listing every file TSD-SR needs that is absent (no weights are read): what load_tsdsr
+    raises, and what the loader node's validation reports before a run."""
+    if is_single_file(base_dir):
+        base_missing = [] if os.path.isfile(base_dir) else [os.path.basename(base_dir)]
+    else:
+        base_missing = missing_base_parts(base_dir, SD3_PARTS)
+    lora_missing = [os.path.join(lora_dir, f) for f in TSDSR_FILES if not os.path.isfile(os.path.join(lora_dir, f))]
+    if base_missing or lora_missing:
+        raise missing_files_error("TSD-SR", base_dir, base_missing, lora_missing, SD3_SOURCE, TSDSR_SOURCE)
+
+
+def check_osediff_files(base_dir: str, pkl_path: str) -> None:
+    """ModelFileInvalid for a single-file base, ModelFileNotFound listing the absent files (no weights are read)."""
+    if is_single_file(base_dir):
+        raise ModelFileInvalid(
+            f"OSEDiff reads the SD2.1-base diffusers folder only, not a single-file checkpoint ({base_dir}): its "
+            f"prompt needs the tokenizer files a single file lacks. Get the folder from {SD21_SOURCE}")
+    base_missing = missing_base_parts(base_dir, SD21_PARTS)
+    lora_missing = [] if os.path.isfile(pkl_path) else [pkl_path]
+    if base_missing or lora_missing:
+        raise missing_files_error("OSEDiff", base_dir, base_missing, lora_missing, SD21_SOURCE, OSEDIFF_SOURCE)
+
+
 def load_tsdsr(base_dir: str, lora_dir: str, device="cpu", dtype=torch.float32, transformer_config=None,
                vae_config=None) -> OneStepSR:
     """base_dir: an SD3-medium diffusers folder or a single-file checkpoint (sd3_medium*.safetensors). For single
@@ -142,14 +166,8 @@ def load_tsdsr(base_dir: str, lora_dir: str, device="cpu", dtype=torch.float32, 
     configs (tests use tiny ones)."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel
 
+    check_tsdsr_files(base_dir, lora_dir)
     single = is_single_file(base_dir)
-    if single:
-        base_missing = [] if os.path.isfile(base_dir) else [os.path.basename(base_dir)]
-    else:
-        base_missing = missing_base_parts(base_dir, SD3_PARTS)
-    lora_missing = [os.path.join(lora_dir, f) for f in TSDSR_FILES if not os.path.isfile(os.path.join(lora_dir, f))]
-    if base_missing or lora_missing:
-        raise missing_files_error("TSD-SR", base_dir, base_missing, lora_missing, SD3_SOURCE, TSDSR_SOURCE)
     # Merge in float32, then cast: LoRA deltas are small against fp16 weights.
     if single:
         from .sd3_single_file import load_sd3_single_file
@@ -268,14 +286,7 @@ def load_osediff(base_dir: str, pkl_path: str, device="cpu", dtype=torch.float32
                  prompt: str = OSEDIFF_DEFAULT_PROMPT) -> OneStepSR:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-    if is_single_file(base_dir):
-        raise ModelFileInvalid(
-            f"OSEDiff reads the SD2.1-base diffusers folder only, not a single-file checkpoint ({base_dir}): its "
-            f"prompt needs the tokenizer files a single file lacks. Get the folder from {SD21_SOURCE}")
-    base_missing = missing_base_parts(base_dir, SD21_PARTS)
-    lora_missing = [] if os.path.isfile(pkl_path) else [pkl_path]
-    if base_missing or lora_missing:
-        raise missing_files_error("OSEDiff", base_dir, base_missing, lora_missing, SD21_SOURCE, OSEDIFF_SOURCE)
+    check_osediff_files(base_dir, pkl_path)
     ckpt = read_osediff_pkl(pkl_path)
     unet = _from_pretrained(UNet2DConditionModel, base_dir, "unet", torch.float32)
     vae = _from_pretrained(AutoencoderKL, base_dir, "vae", torch.float32)

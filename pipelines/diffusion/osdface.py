@@ -32,6 +32,7 @@ from ..io.checkpoints import load_weights
 from ..io.errors import InvalidImage, ModelFileInvalid
 from .lora import apply_lora, lora_pairs, lora_rank, merge_lora
 from .refiner import TileSettings, default_is_oom, run_shrinking
+from .tiling import show_preview
 
 OSDFACE_TIMESTEP = 399
 OSDFACE_SIZE = 512
@@ -428,9 +429,11 @@ class OSDFace(nn.Module):
         a = torch.tensor(self.alpha_t, dtype=torch.float64, device=z.device)
         x0 = ((z.double() - (1 - a) ** 0.5 * eps.double()) / a ** 0.5).float()
         out = vae.decode(x0.to(z.dtype) / self.scaling_factor, return_dict=False)[0].clamp(-1, 1)
+        out = (out * 0.5 + 0.5).clamp(0.0, 1.0)
+        show_preview(hook, lambda: out)  # this group's restored faces, live on the node
         if hook is not None:
             hook(1)
-        return (out * 0.5 + 0.5).clamp(0.0, 1.0)
+        return out
 
     @torch.no_grad()
     def run(self, images: torch.Tensor, scale: int = 1, seed: int = 0, tiles: TileSettings | None = None,
@@ -502,6 +505,21 @@ def missing_files(base_dir: str, osdface_dir: str) -> tuple[list, list]:
     return base, own
 
 
+def check_osdface_files(base_dir: str, osdface_dir: str, embedding: str = "change") -> None:
+    """ModelFileNotFound listing every file OSDFace needs that is absent (no weights are read): what load_osdface
+    raises, and what the loader nodes' validation reports before a run."""
+    from .backends import SD21_SOURCE, is_single_file, missing_files_error
+
+    base_missing, own_missing = missing_files(base_dir, osdface_dir)
+    if is_single_file(base_dir):
+        base_missing = [] if os.path.isfile(base_dir) else [os.path.basename(base_dir)]
+    if embedding == "concat":
+        own_missing = [p for p in own_missing if not p.endswith(EMBED_CHANGE_FILE)]
+    if base_missing or own_missing:
+        raise missing_files_error("OSDFace", base_dir, base_missing, own_missing, SD21_SOURCE + SD21_FILE_SOURCE,
+                                  OSDFACE_SOURCE)
+
+
 def load_osdface(base_dir: str, osdface_dir: str, device="cpu", dtype=torch.float32, lora_mode: str = "merged",
                  embedding: str = "change", pos_embedding: bool = False, latent: str = "sample",
                  embedder_config: EmbedderConfig | None = None, base_configs: tuple = (None, None)) -> OSDFace:
@@ -513,7 +531,7 @@ def load_osdface(base_dir: str, osdface_dir: str, device="cpu", dtype=torch.floa
     off associate_2.ckpt)."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
-    from .backends import SD21_SOURCE, _from_pretrained, is_single_file, missing_files_error
+    from .backends import _from_pretrained, is_single_file
 
     if lora_mode not in LORA_MODES or embedding not in EMBEDDINGS or latent not in LATENTS:
         raise ValueError(f"lora_mode in {LORA_MODES}, embedding in {EMBEDDINGS}, latent in {LATENTS}; got "
@@ -522,14 +540,7 @@ def load_osdface(base_dir: str, osdface_dir: str, device="cpu", dtype=torch.floa
         raise ValueError("OSDFace adds its position table only in the concatenated-embedding path "
                          "(--use_pos_embedding with --cat_prompt_embedding); the default path ignores it")
     single = is_single_file(base_dir)
-    base_missing, own_missing = missing_files(base_dir, osdface_dir)
-    if single:
-        base_missing = [] if os.path.isfile(base_dir) else [os.path.basename(base_dir)]
-    if embedding == "concat":
-        own_missing = [p for p in own_missing if not p.endswith(EMBED_CHANGE_FILE)]
-    if base_missing or own_missing:
-        raise missing_files_error("OSDFace", base_dir, base_missing, own_missing, SD21_SOURCE + SD21_FILE_SOURCE,
-                                  OSDFACE_SOURCE)
+    check_osdface_files(base_dir, osdface_dir, embedding)
     cfg = None if embedder_config is None else replace(embedder_config, concat=embedding == "concat",
                                                        pos_embedding=pos_embedding)
     embedder = load_embedder(os.path.join(osdface_dir, ENCODER_FILE), cfg, embedding == "concat", pos_embedding)

@@ -139,7 +139,8 @@ class OneStepSR:
             return vae.decode(t / self.scaling_factor, return_dict=False)[0]
 
         return tiled_apply(dec, z0, tiles.decoder_tile, tiles.vae_overlap // self.vae_factor,
-                           scale=self.vae_factor, blend="linear", max_batch=tiles.max_batch, hook=hook, even=True)
+                           scale=self.vae_factor, blend="linear", max_batch=tiles.max_batch, hook=hook, even=True,
+                           preview=lambda y: (y.float().clamp(-1, 1) + 1) / 2)
 
     # --- planning -----------------------------------------------------------------------------------------
     def output_size(self, h: int, w: int, scale: int) -> tuple[int, int]:

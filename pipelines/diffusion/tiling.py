@@ -19,6 +19,14 @@ import torch
 BLENDS = ("gaussian", "linear", "none")
 
 
+def show_preview(hook, image: Callable[[], torch.Tensor]) -> None:
+    """Hand the hook a live preview (image() -> [N,3,H,W] in 0..1) when it wants one now (a hosted node, at most
+    once a second, see host/device.Progress); otherwise image() is never called, so nothing is computed or copied."""
+    wants = getattr(hook, "wants_preview", None)
+    if wants is not None and wants():
+        hook.preview(image())
+
+
 def tile_starts(length: int, tile: int, overlap: int, align: int = 1, even: bool = False) -> list[int]:
     """Start offsets covering [0, length) with tiles of min(tile, length); starts are multiples of `align`
     except possibly the last one (flush with the border), which must then be aligned by the caller's sizes.
@@ -82,22 +90,26 @@ def tile_count(h: int, w: int, tile: int, overlap: int, align: int = 1) -> int:
 
 def tiled_apply(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int, overlap: int,
                 scale: float = 1.0, blend: str = "gaussian", align: int = 1, max_batch: int = 0,
-                hook: Optional[Callable[[int], None]] = None, even: bool = False) -> torch.Tensor:
+                hook: Optional[Callable[[int], None]] = None, even: bool = False,
+                preview: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
     """Apply `fn` ([n,C,th,tw] -> [n,C',th*scale,tw*scale]) over overlapping tiles of x [N,C,H,W].
 
     Tiles of all N images go through `fn` together, at most `max_batch` items per call (0: all tiles of one
     row of the grid at once). `align` keeps tile starts on multiples (8 for a VAE, the patch size for a
     transformer) so input and output grids line up exactly. `hook(1)` runs after each tile (progress and
-    interruption). With one tile the function sees the whole input unchanged.
+    interruption). With one tile the function sees the whole input unchanged. `preview` (the output so far ->
+    an image in 0..1) makes a live preview of the blended canvas for a hook that wants one (show_preview).
     """
     n, _, h, w = x.shape
     if max_batch and n > max_batch:  # more images than one call may take: one group of images at a time
         return torch.cat([tiled_apply(fn, x[i:i + max_batch], tile, overlap, scale, blend, align, max_batch, hook,
-                                      even) for i in range(0, n, max_batch)], dim=0)
+                                      even, preview) for i in range(0, n, max_batch)], dim=0)
     ys, xs = tile_starts(h, tile, overlap, align, even), tile_starts(w, tile, overlap, align, even)
     th, tw = min(tile, h), min(tile, w)
     if len(ys) == 1 and len(xs) == 1:
         out = fn(x)
+        if preview is not None:
+            show_preview(hook, lambda: preview(out))
         if hook is not None:
             hook(1)
         return out
@@ -127,6 +139,8 @@ def tiled_apply(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, til
             wt = weights_at(y, x0)
             out[:, :, oy:oy + oth, ox:ox + otw] += res[j * n:(j + 1) * n].float() * wt
             wsum[:, :, oy:oy + oth, ox:ox + otw] += wt
+            if preview is not None:  # the tiles blended so far (the rest stays at 0 until its tiles arrive)
+                show_preview(hook, lambda: preview(out / wsum.clamp_min(1e-6)))
             if hook is not None:
                 hook(1)
         del res, batch

@@ -30,10 +30,16 @@ def restore_in_batches(model, faces: torch.Tensor, reference: Reference, scales:
                        seed: int, notes: Optional[list] = None, **restore_kw) -> torch.Tensor:
     """model.restore over batches of `batch_size` faces (8 faces are a UNet batch of 16 with CFG); face k draws
     from its own generator seeded seed + k, so a batch that runs out of memory and runs again with half as many
-    faces gives the same result. `notes` collects what was retried."""
+    faces gives the same result. `notes` collects what was retried. A hook with a `preview(images)` method (a
+    host's live preview) is shown each finished batch."""
+    show = getattr(restore_kw.get("hook"), "preview", None)
+
     def run(start: int, stop: int) -> torch.Tensor:
-        return model.restore(faces[start:stop], reference, ip_scale=scales[start:stop], seed=int(seed), first=start,
-                             **restore_kw)
+        out = model.restore(faces[start:stop], reference, ip_scale=scales[start:stop], seed=int(seed), first=start,
+                            **restore_kw)
+        if show is not None:
+            show(out)
+        return out
 
     def retried(k: int, why: str) -> None:
         if notes is not None:

@@ -16,6 +16,9 @@ Interruption: ``hook(n)`` is called after every training step (n = 1, plus the s
 its learning-rate policy ends early) and with n = 0 between test-time passes; whatever it raises propagates at
 once and nothing is returned.
 
+Previews: a hook may also have ``wants_preview()`` and ``preview(images)`` (a host's live preview on the node);
+offer_preview gives it the current output at validation points, made only when one would be shown.
+
 Pure torch: no ComfyUI or host imports.
 """
 from __future__ import annotations
@@ -31,6 +34,14 @@ from ..io.memory import empty_cache, is_oom
 
 Hook = Optional[Callable[[int], None]]
 MIN_SIDE = 8  # smaller images have nothing to learn from: defined fallbacks below
+
+
+def offer_preview(hook, images: Callable[[], torch.Tensor]) -> None:
+    """Show images() on a hook that previews (see above), only when it wants one now: a preview costs a copy to
+    the host, so a hot loop pays nothing between previews and nothing at all standalone."""
+    preview = getattr(hook, "preview", None)
+    if preview is not None and hook.wants_preview():
+        preview(images())
 
 
 def _trains(method):

@@ -27,7 +27,7 @@ import torch
 
 from ..io.images import check_images
 from .engine import (MIN_SIDE, GroupedCNN, Hook, _Adam, _batch_to_faces, _faces_to_batch, _generators, _train_step,
-                     _trains, merge_face_lists, resize, run_in_groups)
+                     _trains, merge_face_lists, offer_preview, resize, run_in_groups)
 from .memory import FaceCost, GroupPlan, cached_plan, cuda_peak_bytes, ntire_face_cost
 
 log = logging.getLogger("facemend")
@@ -295,6 +295,7 @@ class NTIRETune:
                 history.append({"step": step, "loss": losses.tolist(), "score": score.tolist(),
                                 **({"id_similarity": sim.tolist()} if sim is not None else {}),
                                 "accepted": ok.tolist()})
+                offer_preview(hook, lambda: best)  # the best validated output so far
                 hook(0)
         return best, dict(
             steps_run=steps, best_step=best_step,

@@ -41,7 +41,8 @@ import torch.nn.functional as F
 
 from ..io.images import check_images
 from .engine import (MIN_SIDE, GroupedCNN, Hook, _Adam, _dihedral, _dihedral_inv, _generators, _train_step,
-                     _trains, back_projection, bicubic_upscale, downscale, merge_face_lists, resize, run_in_groups)
+                     _trains, back_projection, bicubic_upscale, downscale, merge_face_lists, offer_preview, resize,
+                     run_in_groups)
 from .memory import FaceCost, GroupPlan, cached_plan, zssr_face_cost
 
 log = logging.getLogger("facemend")
@@ -282,6 +283,7 @@ class ZSSR:
         for stage in range(self.stages):
             stage_reports.append(self._train(net, adam, sources, base_scales, current, gens, hook))
             current = self._final_test(net, current, hook)
+            offer_preview(hook, lambda current=current: current)
             sources.append(current)
             base_scales.append(base_scales[-1] * 2)
         return current, net, stage_reports
@@ -377,6 +379,7 @@ class ZSSR:
                 for j, i in enumerate(idx_cpu.tolist()):
                     test_steps[i].append(it)
                     test_mse[i].append(mse[j])
+                offer_preview(hook, lambda rec=rec: rec)  # the network's reconstruction of the stage input
             if (it + 1) % cfg.lr_policy_check_every == 0:
                 for i in idx_cpu.tolist():
                     if it - last_change[i] > cfg.min_iters:

@@ -1,4 +1,4 @@
-"""Glue shared by the node modules: IMAGE/MASK layout conversion and device placement."""
+"""Shared by the ops modules: IMAGE/MASK layout conversion and device placement (ComfyUI-free)."""
 from __future__ import annotations
 
 import torch
@@ -47,3 +47,19 @@ def mask_in(mask: torch.Tensor | None, device: torch.device) -> torch.Tensor | N
     if mask.ndim == 2:
         mask = mask[None]
     return mask.to(device).float()
+
+
+def model_file_problem(folder: str, name: str, choices) -> str | None:
+    """What a loader's validate_inputs reports for its model name before a run: None when `name` is one of the files
+    found (`choices`, the loader's list: naming the input in validate_inputs skips ComfyUI's own list check, so this
+    is that check too), else the message naming the file, the folders searched and where to get it."""
+    from ..host.model_paths import check_model_name, find_optional_file, missing_file_message
+    from ..pipelines.io.errors import ModelFileNotFound
+
+    try:
+        check_model_name(folder, name)  # a name outside the model folders ('../x.pth') is refused, not searched
+    except ModelFileNotFound as exc:
+        return str(exc)
+    if name in choices and find_optional_file(folder, name):
+        return None
+    return missing_file_message(folder, name)
