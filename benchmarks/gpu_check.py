@@ -383,9 +383,9 @@ def counting_steps():
 
     count, update = [0], dev.Progress.update
 
-    def counted(self, n=1):
+    def counted(self, n=1, **kw):  # kw: the live preview a node may pass along
         count[0] += n
-        return update(self, n)
+        return update(self, n, **kw)
 
     dev.Progress.update = counted
     try:

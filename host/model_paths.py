@@ -194,6 +194,10 @@ def search_dirs(folder: str) -> list[str]:
     """The directories searched for files of `folder`, in order."""
     fp = _folder_paths()
     if fp is not None:
+        if folder in FOLDERS and folder not in fp.folder_names_and_paths:
+            # A host that imported the node classes before the pack registered its folders (their schemas list
+            # files): register them now rather than fail on ComfyUI's KeyError (found by gpu_check on a GPU).
+            register_comfy_folders()
         return list(fp.get_folder_paths(folder))
     roots = list(_standalone_dirs)
     env = os.environ.get(ENV_VAR, "")

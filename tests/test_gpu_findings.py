@@ -91,3 +91,39 @@ def test_restorer_splits_a_batch_too_large_for_a_kernel(monkeypatch):
 
     monkeypatch.setattr(R.FaceRestorer, "_restore_chunk", chunk_or_refuse)
     assert torch.equal(fr(faces, batch_size=4, seed=5), expected)
+
+
+def test_hosted_model_search_registers_our_folders_when_the_host_has_not_yet(monkeypatch, tmp_path):
+    """gpu_check imported the node classes (whose schemas list model files) into a ComfyUI whose folder_paths did
+    not know our folders yet: ComfyUI's KeyError 'onestep_sr'. The search now registers them first."""
+    import sys
+    import types
+
+    from facemend.host import model_paths
+
+    fake = types.ModuleType("folder_paths")
+    fake.models_dir = str(tmp_path)
+    fake.folder_names_and_paths = {"checkpoints": ([str(tmp_path / "checkpoints")], {".safetensors"})}
+    fake.get_folder_paths = lambda name: fake.folder_names_and_paths[name][0][:]
+    monkeypatch.setitem(sys.modules, "folder_paths", fake)
+    monkeypatch.setitem(sys.modules, "comfy.model_management", types.ModuleType("comfy.model_management"))
+    assert model_paths.search_dirs("onestep_sr") == [str(tmp_path / "onestep_sr")]
+    assert model_paths.search_dirs("checkpoints") == [str(tmp_path / "checkpoints")]
+
+
+def test_gpu_check_step_counter_passes_live_previews_on():
+    """gpu_check counts progress steps by wrapping Progress.update; the wrapper dropped the preview keyword the
+    nodes now pass, and every id_preserve run failed on the H200."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import gpu_check
+
+    from facemend.host import device as dev
+
+    with gpu_check.counting_steps() as count:
+        progress = dev.Progress(3)
+        progress.update(1, preview=torch.zeros(1, 4, 4, 3))
+        progress.update(2)
+    assert count == [3] and progress.done == 3
