@@ -4,11 +4,10 @@ with ComfyUI 0.3.48; MIN_COMFYUI is the oldest version we test. Node modules imp
 a newer numbered version is a change of this file only. Nothing here computes: that is ops/ (plain functions)."""
 from __future__ import annotations
 
-import os
-
 from comfy_api.v0_0_2 import ComfyAPI, ComfyAPISync, ComfyExtension, io, ui  # noqa: F401  (re-exported)
 
 from ..host import device as dev
+from ..ops.common import content_stamp as file_fingerprint  # noqa: F401  (re-exported: loaders' fingerprints)
 
 API_VERSION = "v0_0_2"
 MIN_COMFYUI = "0.3.64"
@@ -42,17 +41,6 @@ def preview(images, cls=None, max_side: int = 512):
     same = all(s.shape == small[0].shape for s in small)
     batch = torch.cat(small) if same else small[0]
     return ui.PreviewImage(batch, cls=cls)
-
-
-def file_fingerprint(path: str | None) -> tuple:
-    """What identifies a model file's content cheaply: a file replaced under the same name re-runs its loader."""
-    if not path:
-        return ("missing",)
-    try:
-        st = os.stat(path)
-    except OSError:
-        return ("missing", path)
-    return (os.path.abspath(path), st.st_mtime_ns, st.st_size)
 
 
 _execution = None

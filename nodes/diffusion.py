@@ -6,11 +6,9 @@ dynamic combo: ComfyUI 0.3.64's ComboDynamic is a placeholder, and the DynamicCo
 inputs under it `backend.<name>` in prompts, which would break every saved API workflow."""
 from __future__ import annotations
 
-import os
-
 from ..ops import diffusion as op
 from ..pipelines.io.errors import FaceMendError
-from .api import CATEGORY, OneStepSR, io, preview
+from .api import CATEGORY, OneStepSR, file_fingerprint, io, preview
 
 
 def _not_in(name: str, value, options) -> str | None:
@@ -42,7 +40,7 @@ def _files_fingerprint(backend, base_model, lora) -> tuple:
         paths = op.model_files(backend, base_model, lora)
     except (FaceMendError, KeyError):  # a name outside the model folders, an unknown backend: validation says so
         return ("unresolved", backend, base_model, lora)
-    return tuple((os.path.abspath(p), op.path_stamp(p)) for p in paths)
+    return tuple(file_fingerprint(p) for p in paths)
 
 
 class OneStepSRLoader(io.ComfyNode):

@@ -2,28 +2,8 @@
 compute is ops/identity.py."""
 from __future__ import annotations
 
-import os
-
 from ..ops import identity as op
 from .api import CATEGORY, combo_problem, FaceDetector, FaceID, IQAMetric, RestorerID, file_fingerprint, io, preview
-
-
-def _source_fingerprint(path: str | None) -> tuple:
-    """A file's fingerprint, or a folder's listing (names, sizes, mtimes): a replaced text encoder or CLIP model
-    inside a diffusers/transformers folder loads again."""
-    if path is None or not os.path.isdir(path):
-        return file_fingerprint(path)
-    entries = []
-    for root, dirs, files in os.walk(path):
-        dirs.sort()
-        for name in sorted(files):
-            full = os.path.join(root, name)
-            try:
-                st = os.stat(full)
-            except OSError:
-                continue
-            entries.append((os.path.relpath(full, path), st.st_size, st.st_mtime_ns))
-    return (os.path.abspath(path), tuple(entries))
 
 
 class RestorerIDLoader(io.ComfyNode):
@@ -63,7 +43,7 @@ class RestorerIDLoader(io.ComfyNode):
                            clip_vision=op.DEFAULT_CLIP_VISION, text_encoder=op.DEFAULT_TEXT_ENCODER, precision="auto"):
         # Replaced weights under the same names load again; unchanged files are not re-read.
         sources = op.locate_sources(checkpoint, ip_adapter, clip_vision, text_encoder)
-        return tuple(_source_fingerprint(path) for *_, path in sources) + (precision,)
+        return tuple(file_fingerprint(path) for *_, path in sources) + (precision,)
 
     @classmethod
     def validate_inputs(cls, checkpoint=op.DEFAULT_CKPT, ip_adapter=op.DEFAULT_IP_ADAPTER,

@@ -10,7 +10,7 @@ from typing import Any, Optional
 from ..host import device as dev
 from ..host import models as hm
 from ..host import model_paths
-from .common import bchw_to_image, empty_faces, image_to_bchw, no_faces
+from .common import bchw_to_image, content_stamp, empty_faces, image_to_bchw, no_faces
 
 PRIOR_FOLDER = "facemend_priors"
 PRIOR_DEFAULT = "iddpm_ffhq512_ema500000.pth"
@@ -104,18 +104,7 @@ def folder_listing(folder: str) -> tuple:
     folder = str(folder or "").strip()  # None: a linked input, whose value is not known before the run
     if not folder:
         return ()
-    try:
-        entries = sorted(os.scandir(folder), key=lambda e: e.name)
-    except OSError:
-        return ("missing", folder)
-    out = [os.path.abspath(folder)]
-    for e in entries:
-        try:
-            st = e.stat()
-        except OSError:
-            continue
-        out.append((e.name, st.st_size, st.st_mtime_ns))
-    return tuple(out)
+    return content_stamp(folder)
 
 
 def _stat(path: str) -> tuple:

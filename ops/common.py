@@ -1,6 +1,8 @@
 """Shared by the ops modules: IMAGE/MASK layout conversion and device placement (ComfyUI-free)."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..host import device as dev
@@ -63,3 +65,27 @@ def model_file_problem(folder: str, name: str, choices) -> str | None:
     if name in choices and find_optional_file(folder, name):
         return None
     return missing_file_message(folder, name)
+
+
+def content_stamp(path) -> tuple:
+    """What identifies a model file's or a folder's content cheaply, for loader caches and ComfyUI's fingerprints:
+    the file's path, size and mtime; for a folder (diffusers models, photo albums) every file's relative name, size
+    and mtime, so a file replaced, added or removed inside it counts as a change. ("missing", path) when absent."""
+    if not path:
+        return ("missing",)
+    if os.path.isfile(path):
+        st = os.stat(path)
+        return (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if not os.path.isdir(path):
+        return ("missing", path)
+    listing = []
+    for root, dirs, files in os.walk(path, followlinks=True):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            try:
+                st = os.stat(full)
+            except OSError:  # a dangling link
+                continue
+            listing.append((os.path.relpath(full, path), st.st_size, st.st_mtime_ns))
+    return (os.path.abspath(path), tuple(listing))

@@ -8,7 +8,7 @@ from dataclasses import replace
 from ..host import device as dev
 from ..host import models as hm
 from ..host.model_paths import expected_path, find_dir, find_optional_file, list_dirs, list_files
-from .common import bchw_to_image, empty_faces, image_to_bchw, no_faces
+from .common import bchw_to_image, content_stamp, empty_faces, image_to_bchw, no_faces
 
 BACKENDS = ("tsdsr", "osediff", "osdface")
 BASE_DEFAULTS = {"tsdsr": "stable-diffusion-3-medium-diffusers", "osediff": "stable-diffusion-2-1-base",
@@ -106,27 +106,6 @@ def check_files(backend: str, base_model: str = "", lora: str = "", tokens: str 
         check_osdface_files(base_dir, own, "concat" if tokens.startswith("concat") else "change")
 
 
-def path_stamp(path: str) -> tuple:
-    """What identifies a model file's or folder's content cheaply: size and mtime of the file, or of every file in
-    the folder (names included), so a file replaced inside a diffusers or LoRA folder counts as a change."""
-    if os.path.isfile(path):
-        st = os.stat(path)
-        return (st.st_size, st.st_mtime_ns)
-    if not os.path.isdir(path):
-        return ("missing",)
-    listing = []
-    for root, dirs, files in os.walk(path, followlinks=True):
-        dirs.sort()
-        for f in sorted(files):
-            full = os.path.join(root, f)
-            try:
-                st = os.stat(full)
-            except OSError:  # a dangling link
-                continue
-            listing.append((os.path.relpath(full, path), st.st_size, st.st_mtime_ns))
-    return tuple(listing)
-
-
 def load_onestep(backend: str, base_model: str = "", lora: str = "", precision: str = "auto", prompt: str = ""):
     """Resolve the folders/files and load the backend (cached: one one-step model resident at a time)."""
     from ..pipelines.diffusion.backends import BACKENDS as SD_BACKENDS
@@ -154,7 +133,7 @@ def _cached(key: tuple, build):
     sizes, times) and settings. Hosted, it is loaded on the offload device and put under ComfyUI's model
     management, which moves it to the GPU for the SR node and keeps it there while it fits (host/models.py)."""
     backend, base_dir, files, device = key[:4]
-    stamp = (path_stamp(base_dir), path_stamp(files))
+    stamp = (content_stamp(base_dir), content_stamp(files))
     key = (backend, os.path.abspath(base_dir), os.path.abspath(files), stamp, str(device)) + key[4:]
     if key not in _cache:
         hm.unload(*_cache.values())
